@@ -1,0 +1,430 @@
+//! Map keys, values and constants shared by the XDP program (`guard-ebpf`)
+//! and the daemon (`guard`).
+//!
+//! Every type here is `#[repr(C)]`, has no implicit padding (sizes are
+//! asserted at compile time) and uses `u32`/`u64` instead of `bool`, because
+//! the kernel and user space read the same bytes. With the `user` feature the
+//! types implement `aya::Pod` so the daemon can put them in maps.
+#![no_std]
+
+/// Layout version of the maps below. Pins live under a directory named after
+/// it, so a daemon with a different layout never adopts maps it would misread.
+pub const LAYOUT_VERSION: u32 = 1;
+
+/// Names of the maps, as the XDP object declares them and as they are pinned.
+pub mod maps {
+    /// `Array<GuardConfig>`, one entry.
+    pub const CONFIG: &str = "GUARD_CONFIG";
+    /// `HashMap<ListenerKey, ListenerValue>`: the protected listeners.
+    pub const LISTENERS: &str = "GUARD_LISTENERS";
+    /// `LpmTrie<[u8; 4], CidrRule>`: IPv4 sources whose SYNs are dropped.
+    pub const DENY_V4: &str = "GUARD_DENY_V4";
+    /// `LpmTrie<[u8; 16], CidrRule>`: IPv6 sources whose SYNs are dropped.
+    pub const DENY_V6: &str = "GUARD_DENY_V6";
+    /// `LpmTrie<[u8; 4], CidrRule>`: IPv4 sources passed without charge.
+    pub const ALLOW_V4: &str = "GUARD_ALLOW_V4";
+    /// `LpmTrie<[u8; 16], CidrRule>`: IPv6 sources passed without charge.
+    pub const ALLOW_V6: &str = "GUARD_ALLOW_V6";
+    /// `LruHashMap<SourceKey, BucketState>`: one SYN bucket per source.
+    pub const SOURCE_BUCKETS: &str = "GUARD_SRC_BUCKETS";
+    /// `LruHashMap<SourceKey, u32>`: tenant of a source, learnt by the proxy.
+    pub const SOURCE_TENANT: &str = "GUARD_SRC_TENANT";
+    /// `HashMap<u32, RateLimit>`: SYN budget per tenant id (0 = no tenant).
+    pub const TENANT_LIMITS: &str = "GUARD_TENANT_LIMITS";
+    /// `HashMap<u32, BucketState>`: SYN bucket state per tenant id.
+    pub const TENANT_BUCKETS: &str = "GUARD_TENANT_BUCKETS";
+    /// `Array<BucketState>`, one entry: the host-wide SYN bucket.
+    pub const GLOBAL_BUCKET: &str = "GUARD_GLOBAL_BUCKET";
+    /// `PerCpuArray<u64>`, indexed by [`super::Counter`].
+    pub const COUNTERS: &str = "GUARD_COUNTERS";
+    /// `RingBuf` of [`super::LimitEvent`].
+    pub const EVENTS: &str = "GUARD_EVENTS";
+    /// Every map, for pin management.
+    pub const ALL: [&str; 13] = [
+        CONFIG,
+        LISTENERS,
+        DENY_V4,
+        DENY_V6,
+        ALLOW_V4,
+        ALLOW_V6,
+        SOURCE_BUCKETS,
+        SOURCE_TENANT,
+        TENANT_LIMITS,
+        TENANT_BUCKETS,
+        GLOBAL_BUCKET,
+        COUNTERS,
+        EVENTS,
+    ];
+}
+
+/// Name of the XDP program that guards SYNs.
+pub const PROGRAM_GUARD: &str = "guard";
+/// Name of an empty `XDP_PASS` program, the baseline for benchmarks.
+pub const PROGRAM_PASS: &str = "guard_pass";
+
+/// Capacity of the per-source bucket map: a spoofed flood recycles the least
+/// recently used entries instead of growing memory.
+pub const SOURCE_BUCKETS_CAPACITY: u32 = 65_536;
+/// Capacity of the source → tenant map.
+pub const SOURCE_TENANT_CAPACITY: u32 = 65_536;
+/// Capacity of each deny/allow trie.
+pub const CIDR_CAPACITY: u32 = 16_384;
+/// Capacity of the protected-listener map.
+pub const LISTENERS_CAPACITY: u32 = 256;
+/// Capacity of the tenant maps.
+pub const TENANTS_CAPACITY: u32 = 4_096;
+/// Size of the event ring buffer in bytes (a power of two, page multiple).
+pub const EVENTS_BYTES: u32 = 256 * 1024;
+
+/// Tenant id for sources no tenant claims: they share one default budget.
+pub const DEFAULT_TENANT: u32 = 0;
+
+/// Address family tags used in keys (values of `AF_INET`/`AF_INET6`).
+pub const FAMILY_V4: u32 = 2;
+/// See [`FAMILY_V4`].
+pub const FAMILY_V6: u32 = 10;
+
+/// Minimum interval between two [`LimitEvent`]s for one source.
+pub const EVENT_INTERVAL_NS: u64 = 1_000_000_000;
+
+/// `GuardConfig::flags`: pass UDP to protected ports instead of dropping it.
+pub const CONFIG_ALLOW_UDP: u32 = 1;
+
+/// Host-wide settings, the single entry of [`maps::CONFIG`].
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct GuardConfig {
+    /// SYN budget of each source.
+    pub source: RateLimit,
+    /// SYN budget of the whole host.
+    pub global: RateLimit,
+    /// IPv6 sources are bucketed by this prefix length (0..=128).
+    pub ipv6_prefix_len: u32,
+    /// `CONFIG_*` bits.
+    pub flags: u32,
+}
+
+/// A token bucket's parameters, in the form the generic cell rate algorithm
+/// (GCRA) uses: one token every `interval_ns`, and a burst of
+/// `burst_ns / interval_ns + 1` tokens. `interval_ns == 0` means unlimited.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct RateLimit {
+    /// Nanoseconds per admitted SYN (1e9 / rate), 0 for no limit.
+    pub interval_ns: u64,
+    /// How far ahead of now the bucket may run: `(burst - 1) * interval_ns`.
+    pub burst_ns: u64,
+}
+
+impl RateLimit {
+    /// No limit at all.
+    pub const UNLIMITED: Self = Self {
+        interval_ns: 0,
+        burst_ns: 0,
+    };
+
+    /// A limit of `rate` SYNs per second with bursts of `burst` SYNs. A rate
+    /// of 0 means unlimited; a burst below 1 is taken as 1.
+    pub const fn per_second(rate: u64, burst: u64) -> Self {
+        if rate == 0 {
+            return Self::UNLIMITED;
+        }
+        let interval_ns = if rate >= 1_000_000_000 {
+            1
+        } else {
+            1_000_000_000 / rate
+        };
+        let burst = if burst == 0 { 1 } else { burst };
+        Self {
+            interval_ns,
+            burst_ns: (burst - 1).saturating_mul(interval_ns),
+        }
+    }
+
+    /// Whether this limit admits everything.
+    pub const fn is_unlimited(&self) -> bool {
+        self.interval_ns == 0
+    }
+
+    /// The rate in SYNs per second this limit admits (0 = unlimited).
+    pub const fn rate(&self) -> u64 {
+        if self.interval_ns == 0 {
+            0
+        } else {
+            1_000_000_000 / self.interval_ns
+        }
+    }
+
+    /// The burst in SYNs this limit admits.
+    pub const fn burst(&self) -> u64 {
+        if self.interval_ns == 0 {
+            0
+        } else {
+            self.burst_ns / self.interval_ns + 1
+        }
+    }
+}
+
+/// State of one token bucket, shared by every CPU and updated with
+/// compare-and-swap.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct BucketState {
+    /// GCRA's theoretical arrival time: when the bucket will be full again.
+    pub tat_ns: u64,
+    /// When the last [`LimitEvent`] for this bucket was sent.
+    pub last_event_ns: u64,
+}
+
+/// The GCRA decision: given the stored arrival time `tat` and `now`, returns
+/// the new arrival time if the SYN is admitted, `None` if it must be dropped.
+/// The kernel and the tests share this arithmetic.
+#[inline(always)]
+pub const fn gcra_admit(limit: &RateLimit, tat: u64, now: u64) -> Option<u64> {
+    // An idle bucket's arrival time lies in the past: it refills to full.
+    let start = if tat > now { tat } else { now };
+    if start - now > limit.burst_ns {
+        return None;
+    }
+    Some(start + limit.interval_ns)
+}
+
+/// Key of [`maps::LISTENERS`]: a protected destination. A zero address is the
+/// family's wildcard.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ListenerKey {
+    /// IPv4 (first 4 bytes) or IPv6 address, network byte order.
+    pub addr: [u8; 16],
+    /// [`FAMILY_V4`] or [`FAMILY_V6`].
+    pub family: u32,
+    /// Destination port, host byte order.
+    pub port: u32,
+}
+
+/// Value of [`maps::LISTENERS`].
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct ListenerValue {
+    /// Tenant that owns this listener, or [`DEFAULT_TENANT`].
+    pub tenant: u32,
+    /// Reserved, zero.
+    pub flags: u32,
+}
+
+/// Key of the per-source maps: the address a SYN came from (IPv6 masked to
+/// the configured prefix).
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SourceKey {
+    /// IPv4 (first 4 bytes) or masked IPv6 address, network byte order.
+    pub addr: [u8; 16],
+    /// [`FAMILY_V4`] or [`FAMILY_V6`].
+    pub family: u32,
+}
+
+/// Value of the deny and allow tries.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct CidrRule {
+    /// `CLOCK_MONOTONIC` nanoseconds after which the rule no longer applies;
+    /// 0 for a rule that never expires.
+    pub expires_ns: u64,
+}
+
+impl CidrRule {
+    /// Whether the rule is in force at `now` (monotonic nanoseconds).
+    #[inline(always)]
+    pub const fn active(&self, now: u64) -> bool {
+        self.expires_ns == 0 || now < self.expires_ns
+    }
+}
+
+/// Why a [`LimitEvent`] was sent: which budget the source exhausted.
+pub const EVENT_SOURCE_LIMIT: u32 = 1;
+/// See [`EVENT_SOURCE_LIMIT`].
+pub const EVENT_TENANT_LIMIT: u32 = 2;
+/// See [`EVENT_SOURCE_LIMIT`].
+pub const EVENT_GLOBAL_LIMIT: u32 = 3;
+
+/// Sent on [`maps::EVENTS`] when a source first crosses a limit, at most once
+/// per source per [`EVENT_INTERVAL_NS`].
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct LimitEvent {
+    /// The source (see [`SourceKey`]).
+    pub source: SourceKey,
+    /// One of the `EVENT_*_LIMIT` constants.
+    pub reason: u32,
+    /// Tenant the SYN was charged to.
+    pub tenant: u32,
+    /// Destination port, host byte order.
+    pub port: u32,
+    /// Monotonic time of the drop.
+    pub time_ns: u64,
+}
+
+macro_rules! counters {
+    ($( $(#[$doc:meta])* $name:ident = $label:literal, )*) => {
+        /// Index of a per-CPU counter in [`maps::COUNTERS`].
+        #[repr(u32)]
+        #[derive(Copy, Clone, Debug, PartialEq, Eq)]
+        pub enum Counter {
+            $( $(#[$doc])* $name, )*
+        }
+
+        impl Counter {
+            /// Every counter, in index order.
+            pub const ALL: &'static [Counter] = &[$(Counter::$name,)*];
+
+            /// A stable snake-case name for tables, JSON and metrics.
+            pub const fn label(self) -> &'static str {
+                match self { $(Counter::$name => $label,)* }
+            }
+        }
+    };
+}
+
+counters! {
+    /// Frames seen.
+    Frames = "frames",
+    /// Frames passed without judgement (not a SYN to a protected listener).
+    Passed = "passed",
+    /// SYNs to a protected listener that were judged.
+    Judged = "judged",
+    /// Judged SYNs admitted after charging every bucket.
+    Admitted = "admitted",
+    /// Judged SYNs passed uncharged because the source is allowed.
+    Allowed = "allowed",
+    /// SYNs dropped because the source is denied.
+    DropDeny = "drop_deny",
+    /// SYNs dropped by the source's bucket.
+    DropSource = "drop_source",
+    /// SYNs dropped by the tenant's bucket.
+    DropTenant = "drop_tenant",
+    /// SYNs dropped by the host-wide bucket.
+    DropGlobal = "drop_global",
+    /// UDP datagrams to a protected port dropped.
+    DropUdp = "drop_udp",
+    /// Non-IP frames (ARP, LLDP…), passed.
+    NotIp = "not_ip",
+    /// Non-first IP fragments, passed: they carry no TCP header.
+    Fragment = "fragment",
+    /// Frames shorter than an Ethernet header, passed.
+    ParseEthernet = "parse_ethernet",
+    /// Truncated or over-deep VLAN tags, passed.
+    ParseVlan = "parse_vlan",
+    /// Truncated IPv4 header or bad IHL, passed.
+    ParseIpv4 = "parse_ipv4",
+    /// Truncated IPv6 header, passed.
+    ParseIpv6 = "parse_ipv6",
+    /// Truncated or too many IPv6 extension headers, passed.
+    ParseIpv6Ext = "parse_ipv6_ext",
+    /// Truncated TCP header, passed.
+    ParseTcp = "parse_tcp",
+    /// Truncated UDP header, passed.
+    ParseUdp = "parse_udp",
+    /// Limit events lost because the ring buffer was full.
+    EventsLost = "events_lost",
+}
+
+/// Number of counters.
+pub const COUNTER_COUNT: u32 = Counter::ALL.len() as u32;
+
+const _: () = {
+    assert!(core::mem::size_of::<RateLimit>() == 16);
+    assert!(core::mem::size_of::<GuardConfig>() == 40);
+    assert!(core::mem::size_of::<BucketState>() == 16);
+    assert!(core::mem::size_of::<ListenerKey>() == 24);
+    assert!(core::mem::size_of::<ListenerValue>() == 8);
+    assert!(core::mem::size_of::<SourceKey>() == 20);
+    assert!(core::mem::size_of::<CidrRule>() == 8);
+    assert!(core::mem::size_of::<LimitEvent>() == 40);
+};
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+
+    // SAFETY: all of these are `repr(C)`, contain only integers and arrays of
+    // integers, and have no padding (sizes asserted above).
+    unsafe impl aya::Pod for GuardConfig {}
+    unsafe impl aya::Pod for RateLimit {}
+    unsafe impl aya::Pod for BucketState {}
+    unsafe impl aya::Pod for ListenerKey {}
+    unsafe impl aya::Pod for ListenerValue {}
+    unsafe impl aya::Pod for SourceKey {}
+    unsafe impl aya::Pod for CidrRule {}
+    unsafe impl aya::Pod for LimitEvent {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn per_second_computes_interval_and_burst() {
+        let l = RateLimit::per_second(100, 10);
+        assert_eq!(l.interval_ns, 10_000_000);
+        assert_eq!(l.burst_ns, 90_000_000);
+        assert_eq!(l.rate(), 100);
+        assert_eq!(l.burst(), 10);
+        assert!(RateLimit::per_second(0, 5).is_unlimited());
+        assert_eq!(RateLimit::per_second(10, 0).burst(), 1);
+    }
+
+    #[test]
+    fn gcra_admits_burst_then_drops_then_refills() {
+        let l = RateLimit::per_second(10, 3);
+        let mut tat = 0;
+        let now = 5_000_000_000;
+        for _ in 0..3 {
+            tat = gcra_admit(&l, tat, now).expect("burst admitted");
+        }
+        assert_eq!(gcra_admit(&l, tat, now), None, "fourth SYN dropped");
+        // One interval later exactly one more token has arrived.
+        let later = now + l.interval_ns;
+        tat = gcra_admit(&l, tat, later).expect("refilled one");
+        assert_eq!(gcra_admit(&l, tat, later), None);
+        // Long idle: back to a full burst, never more.
+        let idle = later + 60_000_000_000;
+        let mut admitted = 0;
+        while let Some(t) = gcra_admit(&l, tat, idle) {
+            tat = t;
+            admitted += 1;
+        }
+        assert_eq!(admitted, 3);
+    }
+
+    #[test]
+    fn gcra_long_run_rate_is_exact() {
+        // Offer 1,000 SYNs per second for 10 s to a 100/s bucket with burst 20.
+        let l = RateLimit::per_second(100, 20);
+        let (mut tat, mut admitted) = (0u64, 0u64);
+        for i in 0..10_000u64 {
+            let now = 1_000_000_000 + i * 1_000_000;
+            if let Some(t) = gcra_admit(&l, tat, now) {
+                tat = t;
+                admitted += 1;
+            }
+        }
+        assert!((1000..=1020).contains(&admitted), "admitted {admitted}");
+    }
+
+    #[test]
+    fn cidr_rule_expiry() {
+        assert!(CidrRule { expires_ns: 0 }.active(u64::MAX));
+        assert!(CidrRule { expires_ns: 10 }.active(9));
+        assert!(!CidrRule { expires_ns: 10 }.active(10));
+    }
+
+    #[test]
+    fn counter_labels_are_unique_and_indexed() {
+        for (i, c) in Counter::ALL.iter().enumerate() {
+            assert_eq!(*c as usize, i);
+            for d in &Counter::ALL[i + 1..] {
+                assert_ne!(c.label(), d.label());
+            }
+        }
+    }
+}

@@ -1,0 +1,525 @@
+//! guard's XDP program: judges every TCP SYN to a protected listener before
+//! the kernel allocates anything for it, and drops UDP to protected ports.
+//!
+//! Per frame: parse Ethernet (up to two VLAN tags), IPv4 or IPv6 (extension
+//! headers skipped), then TCP or UDP. A pure SYN (SYN set, ACK clear) to a
+//! protected listener is checked against the deny and allow tries, then
+//! charged to its source's, its tenant's and the host's token buckets, in
+//! that order; any empty bucket drops it. Everything else passes untouched.
+//! Counters are per CPU; nothing is logged per packet.
+#![no_std]
+#![no_main]
+// The BPF target has no `AtomicU64::compare_exchange` (it declares no CAS),
+// but the kernel has BPF_CMPXCHG: reach it through the intrinsic.
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
+
+use core::{
+    intrinsics::{AtomicOrdering, atomic_cxchg},
+    mem::size_of,
+};
+
+use aya_ebpf::{
+    bindings::xdp_action,
+    helpers::bpf_ktime_get_ns,
+    macros::{map, xdp},
+    maps::{
+        Array, HashMap, LruHashMap, PerCpuArray, RingBuf,
+        lpm_trie::{Key, LpmTrie},
+    },
+    programs::XdpContext,
+};
+use guard_common::{
+    BucketState, CIDR_CAPACITY, CONFIG_ALLOW_UDP, COUNTER_COUNT, CidrRule, Counter, DEFAULT_TENANT,
+    EVENT_GLOBAL_LIMIT, EVENT_INTERVAL_NS, EVENT_SOURCE_LIMIT, EVENT_TENANT_LIMIT, EVENTS_BYTES,
+    FAMILY_V4, FAMILY_V6, GuardConfig, LISTENERS_CAPACITY, LimitEvent, ListenerKey, ListenerValue,
+    RateLimit, SOURCE_BUCKETS_CAPACITY, SOURCE_TENANT_CAPACITY, SourceKey, TENANTS_CAPACITY,
+    gcra_admit,
+};
+
+#[map(name = "GUARD_CONFIG")]
+static CONFIG: Array<GuardConfig> = Array::pinned(1, 0);
+#[map(name = "GUARD_LISTENERS")]
+static LISTENERS: HashMap<ListenerKey, ListenerValue> = HashMap::pinned(LISTENERS_CAPACITY, 0);
+#[map(name = "GUARD_DENY_V4")]
+static DENY_V4: LpmTrie<[u8; 4], CidrRule> = LpmTrie::pinned(CIDR_CAPACITY, 0);
+#[map(name = "GUARD_DENY_V6")]
+static DENY_V6: LpmTrie<[u8; 16], CidrRule> = LpmTrie::pinned(CIDR_CAPACITY, 0);
+#[map(name = "GUARD_ALLOW_V4")]
+static ALLOW_V4: LpmTrie<[u8; 4], CidrRule> = LpmTrie::pinned(CIDR_CAPACITY, 0);
+#[map(name = "GUARD_ALLOW_V6")]
+static ALLOW_V6: LpmTrie<[u8; 16], CidrRule> = LpmTrie::pinned(CIDR_CAPACITY, 0);
+#[map(name = "GUARD_SRC_BUCKETS")]
+static SOURCE_BUCKETS: LruHashMap<SourceKey, BucketState> =
+    LruHashMap::pinned(SOURCE_BUCKETS_CAPACITY, 0);
+#[map(name = "GUARD_SRC_TENANT")]
+static SOURCE_TENANT: LruHashMap<SourceKey, u32> = LruHashMap::pinned(SOURCE_TENANT_CAPACITY, 0);
+#[map(name = "GUARD_TENANT_LIMITS")]
+static TENANT_LIMITS: HashMap<u32, RateLimit> = HashMap::pinned(TENANTS_CAPACITY, 0);
+#[map(name = "GUARD_TENANT_BUCKETS")]
+static TENANT_BUCKETS: HashMap<u32, BucketState> = HashMap::pinned(TENANTS_CAPACITY, 0);
+#[map(name = "GUARD_GLOBAL_BUCKET")]
+static GLOBAL_BUCKET: Array<BucketState> = Array::pinned(1, 0);
+#[map(name = "GUARD_COUNTERS")]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTER_COUNT, 0);
+#[map(name = "GUARD_EVENTS")]
+static EVENTS: RingBuf = RingBuf::pinned(EVENTS_BYTES, 0);
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86DD;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88A8;
+const VLAN_HLEN: usize = 4;
+const IPV6_HLEN: usize = 40;
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
+const IPV6_HOPOPTS: u8 = 0;
+const IPV6_ROUTING: u8 = 43;
+const IPV6_FRAGMENT: u8 = 44;
+const IPV6_AH: u8 = 51;
+const IPV6_DSTOPTS: u8 = 60;
+/// Extension headers walked before giving up: real traffic has one or two.
+const IPV6_MAX_EXT: usize = 6;
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
+/// Compare-and-swap attempts on a contended bucket before the SYN is dropped.
+/// Losing that many races means the bucket is being hammered from every CPU.
+const CAS_RETRIES: usize = 8;
+const BPF_NOEXIST: u64 = 1;
+
+/// The guard. Errors never escape: a frame it cannot read is passed.
+#[xdp]
+pub fn guard(ctx: XdpContext) -> u32 {
+    count(Counter::Frames);
+    match try_guard(&ctx) {
+        Ok(action) => action,
+        Err(reason) => {
+            count(reason);
+            xdp_action::XDP_PASS
+        }
+    }
+}
+
+/// An empty program: the baseline the benchmarks compare the guard against.
+#[xdp]
+pub fn guard_pass(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
+}
+
+#[inline(always)]
+fn count(counter: Counter) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
+        // SAFETY: a per-CPU slot is only written by this CPU.
+        unsafe { *slot += 1 };
+    }
+}
+
+/// Returns a pointer to a `T` at `offset` if the whole `T` lies in the frame.
+#[inline(always)]
+fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*const T> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + offset + size_of::<T>() > end {
+        return None;
+    }
+    Some((start + offset) as *const T)
+}
+
+#[inline(always)]
+fn read<T: Copy>(ctx: &XdpContext, offset: usize) -> Option<T> {
+    // SAFETY: `ptr_at` checked the bounds; frames are not aligned, so read unaligned.
+    ptr_at::<T>(ctx, offset).map(|p| unsafe { p.read_unaligned() })
+}
+
+#[inline(always)]
+fn read_be16(ctx: &XdpContext, offset: usize) -> Option<u16> {
+    read::<[u8; 2]>(ctx, offset).map(u16::from_be_bytes)
+}
+
+/// What the network layer said about the transport header.
+struct L3 {
+    family: u32,
+    src: [u8; 16],
+    dst: [u8; 16],
+    protocol: u8,
+    l4: usize,
+}
+
+#[inline(always)]
+fn try_guard(ctx: &XdpContext) -> Result<u32, Counter> {
+    let mut ethertype = read_be16(ctx, 12).ok_or(Counter::ParseEthernet)?;
+    let mut l3 = ETH_HLEN;
+    // 802.1Q, and QinQ's outer 802.1ad tag: at most two tags.
+    if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
+        ethertype = read_be16(ctx, l3 + 2).ok_or(Counter::ParseVlan)?;
+        l3 += VLAN_HLEN;
+        if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
+            ethertype = read_be16(ctx, l3 + 2).ok_or(Counter::ParseVlan)?;
+            l3 += VLAN_HLEN;
+            if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
+                return Err(Counter::ParseVlan);
+            }
+        }
+    }
+
+    let l3 = match ethertype {
+        ETH_P_IP => parse_ipv4(ctx, l3)?,
+        ETH_P_IPV6 => parse_ipv6(ctx, l3)?,
+        _ => return Err(Counter::NotIp),
+    };
+
+    match l3.protocol {
+        IPPROTO_TCP => judge_tcp(ctx, &l3),
+        IPPROTO_UDP => judge_udp(ctx, &l3),
+        _ => {
+            count(Counter::Passed);
+            Ok(xdp_action::XDP_PASS)
+        }
+    }
+}
+
+// Each header is copied out with one bounds check covering all of it: the
+// verifier tracks packet ranges per pointer, so several small reads at a
+// variable offset would each need their own proof.
+
+#[inline(always)]
+fn parse_ipv4(ctx: &XdpContext, off: usize) -> Result<L3, Counter> {
+    let h: [u8; 20] = read(ctx, off).ok_or(Counter::ParseIpv4)?;
+    let ihl = (h[0] & 0x0f) as usize * 4;
+    if h[0] >> 4 != 4 || ihl < 20 {
+        return Err(Counter::ParseIpv4);
+    }
+    // The whole header, options included, must be in the frame.
+    let _: u8 = read(ctx, off + ihl - 1).ok_or(Counter::ParseIpv4)?;
+    if u16::from_be_bytes([h[6], h[7]]) & 0x1fff != 0 {
+        return Err(Counter::Fragment);
+    }
+    Ok(L3 {
+        family: FAMILY_V4,
+        src: widen([h[12], h[13], h[14], h[15]]),
+        dst: widen([h[16], h[17], h[18], h[19]]),
+        protocol: h[9],
+        l4: off + ihl,
+    })
+}
+
+#[inline(always)]
+fn widen(v4: [u8; 4]) -> [u8; 16] {
+    let mut a = [0u8; 16];
+    a[0] = v4[0];
+    a[1] = v4[1];
+    a[2] = v4[2];
+    a[3] = v4[3];
+    a
+}
+
+#[inline(always)]
+fn parse_ipv6(ctx: &XdpContext, off: usize) -> Result<L3, Counter> {
+    let h: [u8; IPV6_HLEN] = read(ctx, off).ok_or(Counter::ParseIpv6)?;
+    if h[0] >> 4 != 6 {
+        return Err(Counter::ParseIpv6);
+    }
+    let mut next = h[6];
+    let mut src = [0u8; 16];
+    let mut dst = [0u8; 16];
+    src.copy_from_slice(&h[8..24]);
+    dst.copy_from_slice(&h[24..40]);
+    let mut l4 = off + IPV6_HLEN;
+    for _ in 0..IPV6_MAX_EXT {
+        match next {
+            IPV6_HOPOPTS | IPV6_ROUTING | IPV6_DSTOPTS => {
+                let e: [u8; 8] = read(ctx, l4).ok_or(Counter::ParseIpv6Ext)?;
+                next = e[0];
+                l4 += (e[1] as usize + 1) * 8;
+            }
+            IPV6_AH => {
+                let e: [u8; 8] = read(ctx, l4).ok_or(Counter::ParseIpv6Ext)?;
+                next = e[0];
+                l4 += (e[1] as usize + 2) * 4;
+            }
+            IPV6_FRAGMENT => {
+                let e: [u8; 8] = read(ctx, l4).ok_or(Counter::ParseIpv6Ext)?;
+                if u16::from_be_bytes([e[2], e[3]]) & 0xfff8 != 0 {
+                    return Err(Counter::Fragment);
+                }
+                next = e[0];
+                l4 += 8;
+            }
+            _ => break,
+        }
+    }
+    if matches!(
+        next,
+        IPV6_HOPOPTS | IPV6_ROUTING | IPV6_DSTOPTS | IPV6_AH | IPV6_FRAGMENT
+    ) {
+        return Err(Counter::ParseIpv6Ext);
+    }
+    Ok(L3 {
+        family: FAMILY_V6,
+        src,
+        dst,
+        protocol: next,
+        l4,
+    })
+}
+
+/// The protected listener a packet is addressed to: exact address first,
+/// then the family's wildcard.
+#[inline(always)]
+fn protected(l3: &L3, port: u16) -> Option<ListenerValue> {
+    let mut key = ListenerKey {
+        addr: l3.dst,
+        family: l3.family,
+        port: port as u32,
+    };
+    // SAFETY: values are plain data copied out at once.
+    if let Some(v) = unsafe { LISTENERS.get(&key) } {
+        return Some(*v);
+    }
+    key.addr = [0; 16];
+    unsafe { LISTENERS.get(&key) }.copied()
+}
+
+#[inline(always)]
+fn judge_udp(ctx: &XdpContext, l3: &L3) -> Result<u32, Counter> {
+    let h: [u8; 8] = read(ctx, l3.l4).ok_or(Counter::ParseUdp)?;
+    let port = u16::from_be_bytes([h[2], h[3]]);
+    let allow_udp = CONFIG
+        .get(0)
+        .is_some_and(|c| c.flags & CONFIG_ALLOW_UDP != 0);
+    if !allow_udp && protected(l3, port).is_some() {
+        count(Counter::DropUdp);
+        return Ok(xdp_action::XDP_DROP);
+    }
+    count(Counter::Passed);
+    Ok(xdp_action::XDP_PASS)
+}
+
+#[inline(always)]
+fn judge_tcp(ctx: &XdpContext, l3: &L3) -> Result<u32, Counter> {
+    let h: [u8; 20] = read(ctx, l3.l4).ok_or(Counter::ParseTcp)?;
+    let port = u16::from_be_bytes([h[2], h[3]]);
+    let flags = h[13];
+    if flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
+        count(Counter::Passed);
+        return Ok(xdp_action::XDP_PASS);
+    }
+    let Some(listener) = protected(l3, port) else {
+        count(Counter::Passed);
+        return Ok(xdp_action::XDP_PASS);
+    };
+    count(Counter::Judged);
+    let verdict = judge_syn(l3, port, listener);
+    count(verdict);
+    Ok(match verdict {
+        Counter::Admitted | Counter::Allowed => xdp_action::XDP_PASS,
+        _ => xdp_action::XDP_DROP,
+    })
+}
+
+/// Decides a SYN's fate; the returned counter names the verdict.
+#[inline(always)]
+fn judge_syn(l3: &L3, port: u16, listener: ListenerValue) -> Counter {
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let Some(config) = CONFIG.get(0) else {
+        return Counter::Admitted;
+    };
+
+    if l3.family == FAMILY_V4 {
+        let key = Key::new(32, [l3.src[0], l3.src[1], l3.src[2], l3.src[3]]);
+        if DENY_V4.get(&key).is_some_and(|r| r.active(now)) {
+            return Counter::DropDeny;
+        }
+        if ALLOW_V4.get(&key).is_some_and(|r| r.active(now)) {
+            return Counter::Allowed;
+        }
+    } else {
+        let key = Key::new(128, l3.src);
+        if DENY_V6.get(&key).is_some_and(|r| r.active(now)) {
+            return Counter::DropDeny;
+        }
+        if ALLOW_V6.get(&key).is_some_and(|r| r.active(now)) {
+            return Counter::Allowed;
+        }
+    }
+
+    let source = SourceKey {
+        addr: if l3.family == FAMILY_V6 {
+            mask_v6(l3.src, config.ipv6_prefix_len)
+        } else {
+            l3.src
+        },
+        family: l3.family,
+    };
+    // The source's bucket also remembers when it last raised an event, so it
+    // exists even when sources are unlimited.
+    let Some(bucket) = bucket_for(&source) else {
+        return Counter::Admitted;
+    };
+
+    let tenant = if listener.tenant != DEFAULT_TENANT {
+        listener.tenant
+    } else {
+        // SAFETY: plain data copied out at once.
+        unsafe { SOURCE_TENANT.get(&source) }
+            .copied()
+            .unwrap_or(DEFAULT_TENANT)
+    };
+
+    let verdict = if !charge(bucket, &config.source, now) {
+        Some((Counter::DropSource, EVENT_SOURCE_LIMIT))
+    } else if !charge_tenant(tenant, now) {
+        Some((Counter::DropTenant, EVENT_TENANT_LIMIT))
+    } else if !charge_global(&config.global, now) {
+        Some((Counter::DropGlobal, EVENT_GLOBAL_LIMIT))
+    } else {
+        None
+    };
+    match verdict {
+        None => Counter::Admitted,
+        Some((counter, reason)) => {
+            notify(bucket, &source, reason, tenant, port, now);
+            counter
+        }
+    }
+}
+
+#[inline(always)]
+fn mask_v6(addr: [u8; 16], prefix_len: u32) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    let mut i = 0;
+    while i < 16 {
+        let bits = prefix_len as i64 - (i as i64) * 8;
+        out[i] = if bits >= 8 {
+            addr[i]
+        } else if bits <= 0 {
+            0
+        } else {
+            addr[i] & (0xffu8 << (8 - bits as u32))
+        };
+        i += 1;
+    }
+    out
+}
+
+#[inline(always)]
+fn bucket_for(source: &SourceKey) -> Option<*mut BucketState> {
+    if let Some(p) = SOURCE_BUCKETS.get_ptr_mut(source) {
+        return Some(p);
+    }
+    // Another CPU may insert the same source first; NOEXIST keeps its state.
+    let _ = SOURCE_BUCKETS.insert(source, BucketState::default(), BPF_NOEXIST);
+    SOURCE_BUCKETS.get_ptr_mut(source)
+}
+
+#[inline(always)]
+fn charge_tenant(tenant: u32, now: u64) -> bool {
+    // SAFETY: plain data copied out at once.
+    let Some(limit) = (unsafe { TENANT_LIMITS.get(&tenant) }).copied() else {
+        return true;
+    };
+    if limit.is_unlimited() {
+        return true;
+    }
+    let state = match TENANT_BUCKETS.get_ptr_mut(tenant) {
+        Some(p) => p,
+        None => {
+            let _ = TENANT_BUCKETS.insert(tenant, BucketState::default(), BPF_NOEXIST);
+            match TENANT_BUCKETS.get_ptr_mut(tenant) {
+                Some(p) => p,
+                None => return true,
+            }
+        }
+    };
+    charge(state, &limit, now)
+}
+
+#[inline(always)]
+fn charge_global(limit: &RateLimit, now: u64) -> bool {
+    if limit.is_unlimited() {
+        return true;
+    }
+    match GLOBAL_BUCKET.get_ptr_mut(0) {
+        Some(state) => charge(state, limit, now),
+        None => true,
+    }
+}
+
+/// Takes one token from a bucket shared by every CPU. The arrival time is
+/// advanced with compare-and-swap, so concurrent SYNs from several CPUs can
+/// never both spend the same token.
+#[inline(always)]
+fn charge(state: *mut BucketState, limit: &RateLimit, now: u64) -> bool {
+    if limit.is_unlimited() {
+        return true;
+    }
+    // SAFETY: `state` points into a map value that lives as long as the
+    // program runs; u64 fields of map values are 8-byte aligned.
+    let tat = unsafe { &raw mut (*state).tat_ns };
+    let mut current = unsafe { tat.read_volatile() };
+    for _ in 0..CAS_RETRIES {
+        let Some(next) = gcra_admit(limit, current, now) else {
+            return false;
+        };
+        match cas(tat, current, next) {
+            Ok(()) => return true,
+            Err(actual) => current = actual,
+        }
+    }
+    false
+}
+
+/// Compare-and-swap on a u64 in a map value: `Err` carries the value found.
+#[inline(always)]
+fn cas(dst: *mut u64, old: u64, new: u64) -> Result<(), u64> {
+    // SAFETY: callers pass pointers to aligned u64 fields of live map values.
+    let (found, ok) = unsafe {
+        atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::Relaxed }>(dst, old, new)
+    };
+    if ok { Ok(()) } else { Err(found) }
+}
+
+/// Sends a limit event unless this source sent one within the last second.
+#[inline(always)]
+fn notify(
+    bucket: *mut BucketState,
+    source: &SourceKey,
+    reason: u32,
+    tenant: u32,
+    port: u16,
+    now: u64,
+) {
+    // SAFETY: as in `charge`.
+    let last = unsafe { &raw mut (*bucket).last_event_ns };
+    // SAFETY: as in `charge`.
+    let seen = unsafe { last.read_volatile() };
+    if now.wrapping_sub(seen) < EVENT_INTERVAL_NS && seen != 0 {
+        return;
+    }
+    // Only the CPU that wins the swap reports: one event per interval.
+    if cas(last, seen, now).is_err() {
+        return;
+    }
+    let event = LimitEvent {
+        source: *source,
+        reason,
+        tenant,
+        port: port as u32,
+        time_ns: now,
+    };
+    if EVENTS.output::<LimitEvent>(&event, 0).is_err() {
+        count(Counter::EventsLost);
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,273 @@
+//! Command-line interface: `guard run`, `guard xdp …`, `guard deny|allow …`.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::{
+    cidr::Cidr,
+    config::{Config, Listener, XdpModeSetting},
+    paths::{DEFAULT_PIN_ROOT, DEFAULT_STATE_ROOT, Paths},
+};
+
+/// guard: an XDP connection guard in front of a multi-tenant memcache proxy.
+#[derive(Debug, Parser)]
+#[command(name = "guard", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Root of guard's pins in bpffs.
+    #[arg(long, global = true, env = "GUARD_PIN_ROOT", default_value = DEFAULT_PIN_ROOT, hide_short_help = true)]
+    pub pin_root: PathBuf,
+    /// Directory for guard's runtime state.
+    #[arg(long, global = true, env = "GUARD_STATE_ROOT", default_value = DEFAULT_STATE_ROOT, hide_short_help = true)]
+    pub state_root: PathBuf,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+impl Cli {
+    /// The pin and state locations chosen.
+    pub fn paths(&self) -> Paths {
+        Paths::new(&self.pin_root, &self.state_root)
+    }
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Load and attach the guard, keep its maps in step, run until SIGINT or
+    /// SIGTERM. SIGHUP re-reads the config file.
+    Run(RunArgs),
+    /// Inspect or remove the pinned XDP program.
+    #[command(subcommand)]
+    Xdp(XdpCommand),
+    /// Sources whose SYNs are dropped.
+    #[command(subcommand)]
+    Deny(CidrCommand),
+    /// Sources whose SYNs pass without being charged.
+    #[command(subcommand)]
+    Allow(CidrCommand),
+}
+
+/// `guard xdp …`.
+#[derive(Debug, Subcommand)]
+pub enum XdpCommand {
+    /// Counters, mode and interfaces of the pinned guard.
+    Status {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Detach from every interface and remove every pin.
+    Detach,
+}
+
+/// `guard deny|allow …`.
+#[derive(Debug, Subcommand)]
+pub enum CidrCommand {
+    /// Add (or replace) a prefix.
+    Add {
+        /// An address or prefix, e.g. 192.0.2.0/24 or 2001:db8::/48.
+        cidr: Cidr,
+        /// Remove the entry after this many seconds.
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        ttl: Option<u64>,
+    },
+    /// Remove a prefix.
+    Del {
+        /// The prefix as added.
+        cidr: Cidr,
+    },
+    /// List the prefixes.
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Flags of `guard run`. Each overrides the config file's value.
+#[derive(Debug, Args, Default)]
+pub struct RunArgs {
+    /// TOML config file; SIGHUP re-reads it.
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+    /// Check the configuration, print it, and exit.
+    #[arg(long)]
+    pub check: bool,
+    /// Interface to attach the XDP guard to (repeatable).
+    #[arg(long = "iface", value_name = "IF")]
+    pub interfaces: Vec<String>,
+    /// XDP mode: auto (driver, else skb), drv, or skb.
+    #[arg(long)]
+    pub xdp_mode: Option<XdpModeSetting>,
+    /// Protected listener, ADDR:PORT or *:PORT (repeatable).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub protect: Vec<Listener>,
+    /// SYNs per second per source (0 = unlimited).
+    #[arg(long)]
+    pub syn_rate: Option<u64>,
+    /// SYN burst per source.
+    #[arg(long)]
+    pub syn_burst: Option<u64>,
+    /// SYNs per second per tenant and for sources with no tenant.
+    #[arg(long)]
+    pub tenant_syn_rate: Option<u64>,
+    /// SYN burst per tenant.
+    #[arg(long)]
+    pub tenant_syn_burst: Option<u64>,
+    /// SYNs per second for the whole host (0 = unlimited).
+    #[arg(long)]
+    pub global_syn_rate: Option<u64>,
+    /// SYN burst for the whole host.
+    #[arg(long)]
+    pub global_syn_burst: Option<u64>,
+    /// IPv6 sources share a bucket per prefix of this length.
+    #[arg(long, value_parser = clap::value_parser!(u8).range(1..=128))]
+    pub ipv6_prefix: Option<u8>,
+    /// Pass UDP to protected ports instead of dropping it.
+    #[arg(long)]
+    pub allow_udp: bool,
+    /// Deny a source prefix (repeatable; added to the config file's).
+    #[arg(long, value_name = "CIDR")]
+    pub deny: Vec<Cidr>,
+    /// Allow a source prefix (repeatable; added to the config file's).
+    #[arg(long, value_name = "CIDR")]
+    pub allow: Vec<Cidr>,
+}
+
+impl RunArgs {
+    /// Reads the config file (if any), applies the flags, validates.
+    pub fn resolve(&self) -> anyhow::Result<Config> {
+        let mut config = match &self.config {
+            Some(path) => Config::load(path)?,
+            None => Config::default(),
+        };
+        self.apply(&mut config);
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn apply(&self, c: &mut Config) {
+        let x = &mut c.xdp;
+        if !self.interfaces.is_empty() {
+            x.interfaces = self.interfaces.clone();
+        }
+        if let Some(m) = self.xdp_mode {
+            x.mode = m;
+        }
+        if !self.protect.is_empty() {
+            x.protect = self.protect.clone();
+        }
+        let set = |dst: &mut u64, v: Option<u64>| {
+            if let Some(v) = v {
+                *dst = v;
+            }
+        };
+        set(&mut x.syn_rate, self.syn_rate);
+        set(&mut x.syn_burst, self.syn_burst);
+        set(&mut x.tenant_syn_rate, self.tenant_syn_rate);
+        set(&mut x.tenant_syn_burst, self.tenant_syn_burst);
+        set(&mut x.global_syn_rate, self.global_syn_rate);
+        set(&mut x.global_syn_burst, self.global_syn_burst);
+        if let Some(p) = self.ipv6_prefix {
+            x.ipv6_prefix = p;
+        }
+        if self.allow_udp {
+            x.allow_udp = true;
+        }
+        x.deny.extend(self.deny.iter().copied());
+        x.allow.extend(self.allow.iter().copied());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("guard").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn run_flags_override_defaults() {
+        let cli = parse(&[
+            "run",
+            "--iface",
+            "eth0",
+            "--iface",
+            "eth1",
+            "--xdp-mode",
+            "skb",
+            "--protect",
+            "*:11211",
+            "--syn-rate",
+            "7",
+            "--syn-burst",
+            "9",
+            "--ipv6-prefix",
+            "48",
+        ])
+        .unwrap();
+        let Command::Run(args) = cli.command else {
+            panic!("not run")
+        };
+        let c = args.resolve().unwrap();
+        assert_eq!(c.xdp.interfaces, ["eth0", "eth1"]);
+        assert_eq!(c.xdp.mode, XdpModeSetting::Skb);
+        assert_eq!(c.xdp.syn_rate, 7);
+        assert_eq!(c.xdp.syn_burst, 9);
+        assert_eq!(c.xdp.ipv6_prefix, 48);
+    }
+
+    #[test]
+    fn bad_flags_are_rejected_with_the_reason() {
+        let e = parse(&["run", "--xdp-mode", "turbo"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown XDP mode"), "{e}");
+        let e = parse(&["run", "--protect", "11211"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("ADDR:PORT"), "{e}");
+        let e = parse(&["run", "--ipv6-prefix", "200"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("200"), "{e}");
+        let e = parse(&["deny", "add", "10.0.0.0/99"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("prefix length"), "{e}");
+        let e = parse(&["deny", "add", "10.0.0.1", "--ttl", "0"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("0"), "{e}");
+        let cli = parse(&["run", "--iface", "eth0"]).unwrap();
+        let Command::Run(args) = cli.command else {
+            panic!("not run")
+        };
+        let e = args.resolve().unwrap_err().to_string();
+        assert!(e.contains("--protect"), "{e}");
+    }
+
+    #[test]
+    fn config_file_errors_name_the_file() {
+        let dir = std::env::temp_dir().join(format!("guard-cli-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("bad.toml");
+        std::fs::write(&path, "[xdp]\nsyn_rate = \"fast\"\n").unwrap();
+        let args = RunArgs {
+            config: Some(path.clone()),
+            ..Default::default()
+        };
+        let e = format!("{:#}", args.resolve().unwrap_err());
+        assert!(e.contains("bad.toml"), "{e}");
+        assert!(e.contains("syn_rate"), "{e}");
+        let missing = RunArgs {
+            config: Some(dir.join("missing.toml")),
+            ..Default::default()
+        };
+        assert!(format!("{:#}", missing.resolve().unwrap_err()).contains("cannot read"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

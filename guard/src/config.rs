@@ -1,0 +1,552 @@
+//! The configuration file (TOML) and its validation.
+//!
+//! Flags given on the command line override the file (see `cli`); the result
+//! is checked once by [`Config::validate`] before anything is attached.
+
+use std::{
+    collections::BTreeSet,
+    fmt,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::Path,
+    str::FromStr,
+};
+
+use anyhow::{Context as _, bail};
+use guard_common::{
+    CONFIG_ALLOW_UDP, DEFAULT_TENANT, FAMILY_V4, FAMILY_V6, GuardConfig, ListenerKey,
+    ListenerValue, RateLimit,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::cidr::Cidr;
+
+/// The whole configuration.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// The XDP SYN guard.
+    pub xdp: XdpConfig,
+    /// Tenants, each with its own budgets (`[[tenant]]` tables).
+    #[serde(rename = "tenant")]
+    pub tenants: Vec<TenantConfig>,
+}
+
+/// How to attach the XDP program.
+#[derive(Copy, Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpModeSetting {
+    /// Driver mode where the driver supports it, else generic (skb) mode.
+    #[default]
+    Auto,
+    /// Native (driver) mode only.
+    Drv,
+    /// Generic (skb) mode, which every driver supports.
+    Skb,
+}
+
+impl FromStr for XdpModeSetting {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "drv" | "driver" | "native" => Ok(Self::Drv),
+            "skb" | "generic" => Ok(Self::Skb),
+            other => Err(format!("unknown XDP mode `{other}`: use auto, drv or skb")),
+        }
+    }
+}
+
+impl fmt::Display for XdpModeSetting {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Auto => "auto",
+            Self::Drv => "drv",
+            Self::Skb => "skb",
+        })
+    }
+}
+
+/// The XDP SYN guard's settings.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct XdpConfig {
+    /// Interfaces to attach to. Empty: no XDP (the proxy runs alone).
+    pub interfaces: Vec<String>,
+    /// Attachment mode.
+    pub mode: XdpModeSetting,
+    /// Protected listeners: only SYNs to these are judged.
+    pub protect: Vec<Listener>,
+    /// SYNs per second each source may open (0 = unlimited).
+    pub syn_rate: u64,
+    /// Burst of SYNs each source may open at once.
+    pub syn_burst: u64,
+    /// SYNs per second each tenant may receive, unless the tenant sets its
+    /// own; also the shared budget of sources with no tenant.
+    pub tenant_syn_rate: u64,
+    /// Burst for [`Self::tenant_syn_rate`].
+    pub tenant_syn_burst: u64,
+    /// SYNs per second the whole host admits (0 = unlimited).
+    pub global_syn_rate: u64,
+    /// Burst for [`Self::global_syn_rate`].
+    pub global_syn_burst: u64,
+    /// IPv6 sources share one bucket per prefix of this length.
+    pub ipv6_prefix: u8,
+    /// Pass UDP to protected ports (memcached's UDP is a reflection vector).
+    pub allow_udp: bool,
+    /// Sources whose SYNs are always dropped.
+    pub deny: Vec<Cidr>,
+    /// Sources whose SYNs pass without being charged.
+    pub allow: Vec<Cidr>,
+}
+
+impl Default for XdpConfig {
+    fn default() -> Self {
+        Self {
+            interfaces: Vec::new(),
+            mode: XdpModeSetting::Auto,
+            protect: Vec::new(),
+            // A healthy client reconnects a handful of times a second at most;
+            // a storm is hundreds.
+            syn_rate: 50,
+            syn_burst: 100,
+            // Room for a tenant's whole fleet restarting at once.
+            tenant_syn_rate: 2_000,
+            tenant_syn_burst: 4_000,
+            // Below what one host's accept path absorbs without queueing.
+            global_syn_rate: 20_000,
+            global_syn_burst: 40_000,
+            // One customer site or host usually owns a /64.
+            ipv6_prefix: 64,
+            allow_udp: false,
+            deny: Vec::new(),
+            allow: Vec::new(),
+        }
+    }
+}
+
+/// One tenant.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TenantConfig {
+    /// Unique name: letters, digits, `-` and `_`.
+    pub name: String,
+    /// The tenant's own SYN rate (default: `xdp.tenant_syn_rate`).
+    pub syn_rate: Option<u64>,
+    /// The tenant's own SYN burst (default: `xdp.tenant_syn_burst`).
+    pub syn_burst: Option<u64>,
+    /// Listeners dedicated to this tenant: their SYNs charge its budget.
+    pub listen: Vec<Listener>,
+}
+
+/// A listening address: `IP:PORT`, `[IPv6]:PORT`, or `*:PORT` for every
+/// address of both families.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Listener {
+    /// `None` for the wildcard.
+    pub ip: Option<IpAddr>,
+    /// The port.
+    pub port: u16,
+}
+
+impl FromStr for Listener {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || format!("`{s}` is not ADDR:PORT (e.g. 0.0.0.0:11211, [::]:11211, *:11211)");
+        if let Some(port) = s.strip_prefix("*:") {
+            let port = port.parse::<u16>().map_err(|_| bad())?;
+            return Ok(Self { ip: None, port });
+        }
+        let addr: SocketAddr = s.parse().map_err(|_| bad())?;
+        Ok(Self {
+            ip: Some(addr.ip()),
+            port: addr.port(),
+        })
+    }
+}
+
+impl fmt::Display for Listener {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.ip {
+            None => write!(f, "*:{}", self.port),
+            Some(ip) => write!(f, "{}", SocketAddr::new(ip, self.port)),
+        }
+    }
+}
+
+impl Serialize for Listener {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Listener {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+impl Listener {
+    /// The listener-map keys this listener stands for (two for `*`).
+    pub fn keys(&self) -> Vec<ListenerKey> {
+        let port = u32::from(self.port);
+        let key = |ip: IpAddr| match ip {
+            IpAddr::V4(a) => {
+                let mut addr = [0u8; 16];
+                addr[..4].copy_from_slice(&a.octets());
+                ListenerKey {
+                    addr,
+                    family: FAMILY_V4,
+                    port,
+                }
+            }
+            IpAddr::V6(a) => ListenerKey {
+                addr: a.octets(),
+                family: FAMILY_V6,
+                port,
+            },
+        };
+        match self.ip {
+            Some(ip) => vec![key(ip)],
+            None => vec![
+                key(Ipv4Addr::UNSPECIFIED.into()),
+                key(Ipv6Addr::UNSPECIFIED.into()),
+            ],
+        }
+    }
+}
+
+impl Config {
+    /// Reads and parses a config file; the error names the file and the
+    /// offending line.
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config file {}", path.display()))?;
+        Self::parse(&text).with_context(|| format!("bad config file {}", path.display()))
+    }
+
+    /// Parses TOML text.
+    pub fn parse(text: &str) -> anyhow::Result<Self> {
+        toml::from_str(text).map_err(|e| anyhow::anyhow!("{}", e.to_string().trim_end()))
+    }
+
+    /// Checks every rule the file format cannot express. Called once, after
+    /// command-line overrides, before anything is attached.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let x = &self.xdp;
+        let mut seen = BTreeSet::new();
+        for iface in &x.interfaces {
+            if iface.is_empty() || iface.len() > 15 || iface.contains(['/', ' ']) {
+                bail!("bad interface name `{iface}`: 1 to 15 characters, no `/` or spaces");
+            }
+            if !seen.insert(iface) {
+                bail!("interface `{iface}` is listed twice");
+            }
+        }
+        if !x.interfaces.is_empty() && self.protected().is_empty() {
+            bail!("XDP needs at least one protected listener: add --protect ADDR:PORT");
+        }
+        check_budget("syn", x.syn_rate, x.syn_burst)?;
+        check_budget("tenant-syn", x.tenant_syn_rate, x.tenant_syn_burst)?;
+        check_budget("global-syn", x.global_syn_rate, x.global_syn_burst)?;
+        if !(1..=128).contains(&x.ipv6_prefix) {
+            bail!("ipv6-prefix must be 1..=128, got {}", x.ipv6_prefix);
+        }
+        for protect in &x.protect {
+            if protect.port == 0 {
+                bail!("protected listener `{protect}` has port 0");
+            }
+        }
+        let mut names = BTreeSet::new();
+        let mut ids = BTreeSet::new();
+        let mut owned = std::collections::HashSet::new();
+        for t in &self.tenants {
+            if t.name.is_empty()
+                || t.name.len() > 64
+                || !t
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                bail!(
+                    "bad tenant name `{}`: 1 to 64 letters, digits, `-` or `_`",
+                    t.name
+                );
+            }
+            if !names.insert(&t.name) {
+                bail!("tenant `{}` is defined twice", t.name);
+            }
+            if !ids.insert(tenant_id(&t.name)) {
+                bail!(
+                    "tenant `{}` collides with another tenant's id: rename it",
+                    t.name
+                );
+            }
+            check_budget(
+                &format!("tenant `{}` syn", t.name),
+                t.syn_rate.unwrap_or(x.tenant_syn_rate),
+                t.syn_burst.unwrap_or(x.tenant_syn_burst),
+            )?;
+            for l in &t.listen {
+                if l.port == 0 {
+                    bail!("tenant `{}` listener `{l}` has port 0", t.name);
+                }
+                for key in l.keys() {
+                    if !owned.insert(key) {
+                        bail!("listener `{l}` belongs to more than one tenant");
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Every protected listener with its owning tenant: `protect` entries
+    /// belong to no tenant, tenants' own listeners are protected too.
+    pub fn protected(&self) -> Vec<(ListenerKey, ListenerValue)> {
+        let mut out: std::collections::BTreeMap<ListenerKeyOrd, ListenerValue> = Default::default();
+        for l in &self.xdp.protect {
+            for key in l.keys() {
+                out.insert(ListenerKeyOrd(key), ListenerValue::default());
+            }
+        }
+        for t in &self.tenants {
+            for l in &t.listen {
+                for key in l.keys() {
+                    out.insert(
+                        ListenerKeyOrd(key),
+                        ListenerValue {
+                            tenant: tenant_id(&t.name),
+                            flags: 0,
+                        },
+                    );
+                }
+            }
+        }
+        out.into_iter().map(|(k, v)| (k.0, v)).collect()
+    }
+
+    /// The host-wide entry of the XDP config map.
+    pub fn guard_config(&self) -> GuardConfig {
+        let x = &self.xdp;
+        GuardConfig {
+            source: RateLimit::per_second(x.syn_rate, x.syn_burst),
+            global: RateLimit::per_second(x.global_syn_rate, x.global_syn_burst),
+            ipv6_prefix_len: u32::from(x.ipv6_prefix),
+            flags: if x.allow_udp { CONFIG_ALLOW_UDP } else { 0 },
+        }
+    }
+
+    /// SYN budgets by tenant id, the default tenant's included.
+    pub fn tenant_limits(&self) -> Vec<(u32, RateLimit)> {
+        let x = &self.xdp;
+        let mut out = vec![(
+            DEFAULT_TENANT,
+            RateLimit::per_second(x.tenant_syn_rate, x.tenant_syn_burst),
+        )];
+        for t in &self.tenants {
+            out.push((
+                tenant_id(&t.name),
+                RateLimit::per_second(
+                    t.syn_rate.unwrap_or(x.tenant_syn_rate),
+                    t.syn_burst.unwrap_or(x.tenant_syn_burst),
+                ),
+            ));
+        }
+        out
+    }
+}
+
+/// Orders listener keys so the protected set is deterministic.
+#[derive(PartialEq, Eq)]
+struct ListenerKeyOrd(ListenerKey);
+
+impl PartialOrd for ListenerKeyOrd {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for ListenerKeyOrd {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.0.family, self.0.addr, self.0.port).cmp(&(other.0.family, other.0.addr, other.0.port))
+    }
+}
+
+fn check_budget(what: &str, rate: u64, burst: u64) -> anyhow::Result<()> {
+    if rate > 0 && burst == 0 {
+        bail!("{what}-burst must be at least 1 when {what}-rate is {rate}");
+    }
+    if rate > 1_000_000_000 {
+        bail!("{what}-rate {rate} is above one per nanosecond");
+    }
+    Ok(())
+}
+
+/// A tenant's id in the XDP maps: a hash of its name, so it stays the same
+/// across reloads and restarts however the config file is reordered. Never
+/// [`DEFAULT_TENANT`].
+pub fn tenant_id(name: &str) -> u32 {
+    // FNV-1a: stable, tiny, and collisions are rejected by `validate`.
+    let mut h: u32 = 0x811c_9dc5;
+    for b in name.bytes() {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    if h == DEFAULT_TENANT { 1 } else { h }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_validate_without_interfaces() {
+        Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn parses_full_file() {
+        let c = Config::parse(
+            r#"
+            [xdp]
+            interfaces = ["eth0", "eth1"]
+            mode = "skb"
+            protect = ["0.0.0.0:11211", "[::]:11211", "*:11300"]
+            syn_rate = 10
+            syn_burst = 20
+            ipv6_prefix = 56
+            deny = ["192.0.2.0/24"]
+            allow = ["10.0.0.0/8", "2001:db8::/32"]
+
+            [[tenant]]
+            name = "acme"
+            syn_rate = 500
+            syn_burst = 600
+            listen = ["10.0.0.1:11212"]
+
+            [[tenant]]
+            name = "globex"
+            "#,
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.xdp.mode, XdpModeSetting::Skb);
+        assert_eq!(c.xdp.protect.len(), 3);
+        assert_eq!(c.tenants.len(), 2);
+        // 2 explicit + 2 for the wildcard + 1 tenant listener.
+        let protected = c.protected();
+        assert_eq!(protected.len(), 5);
+        let acme = protected
+            .iter()
+            .find(|(k, _)| k.port == 11212)
+            .expect("tenant listener protected");
+        assert_eq!(acme.1.tenant, tenant_id("acme"));
+        let limits = c.tenant_limits();
+        assert_eq!(limits[0].0, DEFAULT_TENANT);
+        assert_eq!(limits[1].1, RateLimit::per_second(500, 600));
+        assert_eq!(limits[2].1, RateLimit::per_second(2_000, 4_000));
+        let g = c.guard_config();
+        assert_eq!(g.source, RateLimit::per_second(10, 20));
+        assert_eq!(g.ipv6_prefix_len, 56);
+    }
+
+    #[test]
+    fn rejects_unknown_keys_and_bad_values() {
+        let e = Config::parse("[xdp]\nsyn_rat = 5\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown field `syn_rat`"), "{e}");
+        let e = Config::parse("[xdp]\nprotect = [\"11211\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("is not ADDR:PORT"), "{e}");
+        let e = Config::parse("[xdp]\ndeny = [\"10.0.0.0/40\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("bad prefix length"), "{e}");
+        let e = Config::parse("[xdp]\nmode = \"fast\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown variant"), "{e}");
+    }
+
+    #[test]
+    fn validate_names_the_problem() {
+        let mut c = Config::default();
+        c.xdp.interfaces = vec!["eth0".into()];
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("--protect"), "{e}");
+
+        c.xdp.protect = vec!["*:11211".parse().unwrap()];
+        c.validate().unwrap();
+
+        c.xdp.syn_burst = 0;
+        assert!(c.validate().unwrap_err().to_string().contains("syn-burst"));
+        c.xdp.syn_burst = 1;
+
+        c.xdp.ipv6_prefix = 0;
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("ipv6-prefix")
+        );
+        c.xdp.ipv6_prefix = 64;
+
+        c.xdp.interfaces = vec!["a-very-long-interface-name".into()];
+        assert!(c.validate().unwrap_err().to_string().contains("interface"));
+        c.xdp.interfaces = vec!["eth0".into(), "eth0".into()];
+        assert!(c.validate().unwrap_err().to_string().contains("twice"));
+        c.xdp.interfaces = vec!["eth0".into()];
+
+        c.tenants = vec![
+            TenantConfig {
+                name: "a".into(),
+                listen: vec!["10.0.0.1:1".parse().unwrap()],
+                ..Default::default()
+            },
+            TenantConfig {
+                name: "b".into(),
+                listen: vec!["10.0.0.1:1".parse().unwrap()],
+                ..Default::default()
+            },
+        ];
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("more than one tenant")
+        );
+        c.tenants[1].name = "a".into();
+        assert!(c.validate().unwrap_err().to_string().contains("twice"));
+        c.tenants[1].name = "bad name".into();
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("bad tenant name")
+        );
+    }
+
+    #[test]
+    fn listener_parsing() {
+        let l: Listener = "*:11211".parse().unwrap();
+        assert_eq!(l.keys().len(), 2);
+        let l: Listener = "[2001:db8::1]:11211".parse().unwrap();
+        assert_eq!(l.keys()[0].family, FAMILY_V6);
+        assert_eq!(l.to_string(), "[2001:db8::1]:11211");
+        assert!("10.0.0.1".parse::<Listener>().is_err());
+        assert!("10.0.0.1:99999".parse::<Listener>().is_err());
+    }
+
+    #[test]
+    fn tenant_ids_are_stable_and_nonzero() {
+        assert_eq!(tenant_id("acme"), tenant_id("acme"));
+        assert_ne!(tenant_id("acme"), tenant_id("globex"));
+        assert_ne!(tenant_id(""), DEFAULT_TENANT);
+    }
+}

@@ -1,0 +1,385 @@
+//! Loading, attaching and pinning the XDP program, and adopting what an
+//! earlier `guard run` left pinned.
+//!
+//! Everything lives under a versioned bpffs directory (see [`Paths`]): the
+//! maps by name and one link per interface. A link pinned there keeps the
+//! program attached while the daemon is down; a new daemon swaps its freshly
+//! loaded program into the existing link atomically (`bpf_link_update`), so
+//! protection never lapses across a restart. Only `guard xdp detach`
+//! removes it.
+
+pub mod control;
+pub mod maps;
+
+use std::{
+    fs,
+    path::Path,
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{Context as _, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{
+        Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+        xdp::XdpLink,
+    },
+};
+use guard_common::PROGRAM_GUARD;
+use log::{info, warn};
+use serde::{Deserialize, Serialize};
+
+use crate::{config::XdpModeSetting, paths::Paths};
+
+/// The compiled XDP object, built by `build.rs` from `guard-ebpf`.
+pub static GUARD_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/guard"));
+
+/// The mode an interface's program actually runs in.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AttachedMode {
+    /// Native, in the driver.
+    Drv,
+    /// Generic, in the kernel's receive path.
+    Skb,
+}
+
+impl std::fmt::Display for AttachedMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Drv => "drv",
+            Self::Skb => "skb",
+        })
+    }
+}
+
+/// One interface the guard is attached to, as recorded in the state file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttachedInterface {
+    /// Interface name.
+    pub name: String,
+    /// Mode in force.
+    pub mode: AttachedMode,
+    /// Unix time of the first attachment.
+    pub since_unix: u64,
+}
+
+/// The state file: which interfaces carry the guard, in which mode.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttachState {
+    /// Attached interfaces.
+    pub interfaces: Vec<AttachedInterface>,
+}
+
+impl AttachState {
+    /// Reads the state file; a missing file is an empty state.
+    pub fn load(paths: &Paths) -> anyhow::Result<Self> {
+        let path = paths.state_file();
+        match fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .with_context(|| format!("corrupt state file {}", path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
+            Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+        }
+    }
+
+    fn save(&self, paths: &Paths) -> anyhow::Result<()> {
+        let path = paths.state_file();
+        if let Some(dir) = path.parent() {
+            fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        }
+        // Write then rename, so a reader never sees half a file.
+        let tmp = path.with_extension("json.tmp");
+        fs::write(&tmp, serde_json::to_vec_pretty(self)?)
+            .with_context(|| format!("cannot write {}", tmp.display()))?;
+        fs::rename(&tmp, &path).with_context(|| format!("cannot write {}", path.display()))?;
+        Ok(())
+    }
+
+    fn mode_of(&self, iface: &str) -> Option<&AttachedInterface> {
+        self.interfaces.iter().find(|i| i.name == iface)
+    }
+}
+
+/// The loaded, attached guard. Dropping it leaves the program attached.
+pub struct XdpGuard {
+    // Holds the program (and its maps) loaded by this process.
+    _ebpf: Ebpf,
+    state: AttachState,
+}
+
+impl XdpGuard {
+    /// Loads the program and attaches it to `interfaces`, adopting pinned
+    /// maps and links of an earlier run. Interfaces pinned by an earlier run
+    /// but no longer wanted are detached. On error nothing new stays
+    /// attached or pinned.
+    pub fn attach(
+        paths: &Paths,
+        interfaces: &[String],
+        mode: XdpModeSetting,
+    ) -> anyhow::Result<Self> {
+        ensure_bpffs()?;
+        maps::check_pinned_layout(paths)?;
+        let pin_dir = paths.pin_dir();
+        let fresh = !pin_dir.join(guard_common::maps::CONFIG).exists();
+        fs::create_dir_all(paths.link_dir()).with_context(|| {
+            format!("cannot create pin directory {}", paths.link_dir().display())
+        })?;
+
+        let mut attempt = Attempt {
+            paths,
+            fresh,
+            new_links: Vec::new(),
+        };
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&pin_dir)
+            .load(GUARD_OBJECT)
+            .context("the kernel refused the XDP object (needs BPF, BTF and CAP_BPF/root)")?;
+        let program: &mut Xdp = ebpf
+            .program_mut(PROGRAM_GUARD)
+            .context("the XDP object has no `guard` program")?
+            .try_into()?;
+        program
+            .load()
+            .context("the verifier rejected the XDP program")?;
+
+        let old = AttachState::load(paths).unwrap_or_default();
+        let mut state = AttachState::default();
+        for iface in interfaces {
+            let pin = paths.link_pin(iface);
+            let adopted = if pin.exists() {
+                adopt(program, &pin, iface)?
+            } else {
+                false
+            };
+            let entry = if adopted {
+                let prev = old.mode_of(iface);
+                let mode_now = prev.map_or(AttachedMode::Skb, |p| p.mode);
+                if !mode_matches(mode, mode_now) {
+                    warn!(
+                        "{iface}: keeping the pinned link's {mode_now} mode rather than detaching; \
+                         run `guard xdp detach` first to change it to {mode}"
+                    );
+                }
+                info!(
+                    "{iface}: adopted the pinned XDP link ({mode_now} mode), program replaced atomically"
+                );
+                AttachedInterface {
+                    name: iface.clone(),
+                    mode: mode_now,
+                    since_unix: prev.map_or_else(unix_now, |p| p.since_unix),
+                }
+            } else {
+                let used = attach_new(program, iface, mode, &pin)?;
+                attempt.new_links.push(pin);
+                AttachedInterface {
+                    name: iface.clone(),
+                    mode: used,
+                    since_unix: unix_now(),
+                }
+            };
+            state.interfaces.push(entry);
+        }
+
+        // Interfaces an earlier run attached that this run does not want.
+        for stale in &old.interfaces {
+            if !interfaces.contains(&stale.name) {
+                detach_link(&paths.link_pin(&stale.name))?;
+                info!("{}: detached (no longer configured)", stale.name);
+            }
+        }
+        for entry in fs::read_dir(paths.link_dir())? {
+            let entry = entry?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !interfaces.contains(&name) {
+                detach_link(&entry.path())?;
+                info!("{name}: detached (no longer configured)");
+            }
+        }
+        state.save(paths)?;
+        attempt.commit();
+        Ok(Self { _ebpf: ebpf, state })
+    }
+
+    /// What is attached where.
+    pub fn state(&self) -> &AttachState {
+        &self.state
+    }
+}
+
+/// Undoes a half-finished attach: links pinned by this attempt, and the map
+/// pins if there were none before it.
+struct Attempt<'a> {
+    paths: &'a Paths,
+    fresh: bool,
+    new_links: Vec<std::path::PathBuf>,
+}
+
+impl Attempt<'_> {
+    fn commit(mut self) {
+        self.new_links.clear();
+        self.fresh = false;
+    }
+}
+
+impl Drop for Attempt<'_> {
+    fn drop(&mut self) {
+        for pin in &self.new_links {
+            let _ = detach_link(pin);
+        }
+        if self.fresh {
+            remove_map_pins(self.paths);
+        }
+    }
+}
+
+fn mode_matches(wanted: XdpModeSetting, actual: AttachedMode) -> bool {
+    matches!(
+        (wanted, actual),
+        (XdpModeSetting::Auto, _)
+            | (XdpModeSetting::Drv, AttachedMode::Drv)
+            | (XdpModeSetting::Skb, AttachedMode::Skb)
+    )
+}
+
+/// Swaps this process's program into a pinned link. `Ok(false)` if the pin
+/// is stale (its interface went away), in which case it is removed.
+fn adopt(program: &mut Xdp, pin: &Path, iface: &str) -> anyhow::Result<bool> {
+    let link = PinnedLink::from_pin(pin)
+        .with_context(|| format!("cannot open pinned link {}", pin.display()))?;
+    let fd_link: FdLink = link.into();
+    let xdp_link = XdpLink::try_from(fd_link)
+        .with_context(|| format!("{} is not an XDP link", pin.display()))?;
+    match program.attach_to_link(xdp_link) {
+        Ok(_) => Ok(true),
+        Err(e) => {
+            warn!("{iface}: pinned link is defunct ({e}); attaching afresh");
+            let _ = fs::remove_file(pin);
+            Ok(false)
+        }
+    }
+}
+
+fn attach_new(
+    program: &mut Xdp,
+    iface: &str,
+    mode: XdpModeSetting,
+    pin: &Path,
+) -> anyhow::Result<AttachedMode> {
+    let (id, used) = match mode {
+        XdpModeSetting::Drv => (
+            program.attach(iface, XdpMode::Driver).with_context(|| {
+                format!("failed to attach the XDP program to {iface} in driver mode — try --xdp-mode skb")
+            })?,
+            AttachedMode::Drv,
+        ),
+        XdpModeSetting::Skb => (
+            program
+                .attach(iface, XdpMode::Skb)
+                .with_context(|| format!("failed to attach the XDP program to {iface} in skb mode"))?,
+            AttachedMode::Skb,
+        ),
+        XdpModeSetting::Auto => match program.attach(iface, XdpMode::Driver) {
+            Ok(id) => (id, AttachedMode::Drv),
+            Err(e) => {
+                warn!("{iface}: driver mode unavailable ({e}); falling back to skb mode");
+                (
+                    program.attach(iface, XdpMode::Skb).with_context(|| {
+                        format!("failed to attach the XDP program to {iface} in driver or skb mode")
+                    })?,
+                    AttachedMode::Skb,
+                )
+            }
+        },
+    };
+    info!("{iface}: XDP program attached in {used} mode");
+    let link = program.take_link(id)?;
+    let fd_link = FdLink::try_from(link)
+        .context("the kernel attached XDP without a bpf_link (needs Linux ≥ 5.9)")?;
+    fd_link
+        .pin(pin)
+        .with_context(|| format!("cannot pin the XDP link at {}", pin.display()))?;
+    Ok(used)
+}
+
+/// Detaches the link pinned at `pin` (if any) by removing its last reference.
+fn detach_link(pin: &Path) -> anyhow::Result<()> {
+    if !pin.exists() {
+        return Ok(());
+    }
+    match PinnedLink::from_pin(pin) {
+        Ok(link) => {
+            // Dropping the unpinned fd releases the link, which detaches it.
+            drop(link.unpin()?);
+        }
+        Err(_) => fs::remove_file(pin)?,
+    }
+    Ok(())
+}
+
+fn remove_map_pins(paths: &Paths) {
+    for name in guard_common::maps::ALL {
+        let _ = fs::remove_file(paths.map_pin(name));
+    }
+}
+
+/// Detaches the guard from every interface and removes every pin and the
+/// state file. Idempotent.
+pub fn detach_all(paths: &Paths) -> anyhow::Result<Vec<String>> {
+    let mut detached = Vec::new();
+    let link_dir = paths.link_dir();
+    if link_dir.exists() {
+        for entry in fs::read_dir(&link_dir)? {
+            let entry = entry?;
+            detach_link(&entry.path())?;
+            detached.push(entry.file_name().to_string_lossy().into_owned());
+        }
+        let _ = fs::remove_dir(&link_dir);
+    }
+    remove_map_pins(paths);
+    let _ = fs::remove_dir(paths.pin_dir());
+    let _ = fs::remove_dir(paths.pin_root());
+    let _ = fs::remove_file(paths.state_file());
+    detached.sort();
+    Ok(detached)
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Mounts bpffs at /sys/fs/bpf unless it already is.
+pub fn ensure_bpffs() -> anyhow::Result<()> {
+    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+    let path = std::ffi::CString::new(crate::paths::BPFFS).expect("no NUL");
+    // SAFETY: statfs with a valid C string and an out pointer.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::statfs(path.as_ptr(), &mut st) };
+    if rc == 0 && st.f_type as i64 == BPF_FS_MAGIC {
+        return Ok(());
+    }
+    fs::create_dir_all(crate::paths::BPFFS)?;
+    let fstype = std::ffi::CString::new("bpf").expect("no NUL");
+    // SAFETY: valid C strings; no data argument.
+    let rc = unsafe {
+        libc::mount(
+            fstype.as_ptr(),
+            path.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        bail!(
+            "cannot mount bpffs at {}: {} (run as root, or `mount -t bpf bpf /sys/fs/bpf`)",
+            crate::paths::BPFFS,
+            std::io::Error::last_os_error()
+        );
+    }
+    info!("mounted bpffs at {}", crate::paths::BPFFS);
+    Ok(())
+}

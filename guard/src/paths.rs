@@ -1,0 +1,69 @@
+//! Every filesystem location guard uses, in one place.
+
+use std::path::{Path, PathBuf};
+
+use guard_common::LAYOUT_VERSION;
+
+/// Where bpffs is mounted.
+pub const BPFFS: &str = "/sys/fs/bpf";
+/// Default root of guard's pins inside bpffs.
+pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/guard";
+/// Default directory for guard's runtime state (tmpfs: gone after a reboot,
+/// like the pins it describes).
+pub const DEFAULT_STATE_ROOT: &str = "/run/guard";
+
+/// The pin and state locations of one guard installation.
+#[derive(Clone, Debug)]
+pub struct Paths {
+    pin_root: PathBuf,
+    state_root: PathBuf,
+}
+
+impl Default for Paths {
+    fn default() -> Self {
+        Self::new(DEFAULT_PIN_ROOT, DEFAULT_STATE_ROOT)
+    }
+}
+
+impl Paths {
+    /// Locations under the given roots.
+    pub fn new(pin_root: impl Into<PathBuf>, state_root: impl Into<PathBuf>) -> Self {
+        Self {
+            pin_root: pin_root.into(),
+            state_root: state_root.into(),
+        }
+    }
+
+    /// The root that holds every layout version's pins.
+    pub fn pin_root(&self) -> &Path {
+        &self.pin_root
+    }
+
+    /// Pins of the current layout: maps by name, links under `links/`.
+    /// Versioned so that a daemon never adopts maps of another layout.
+    pub fn pin_dir(&self) -> PathBuf {
+        self.pin_root.join(format!("v{LAYOUT_VERSION}"))
+    }
+
+    /// Directory of pinned XDP links, one per interface.
+    pub fn link_dir(&self) -> PathBuf {
+        self.pin_dir().join("links")
+    }
+
+    /// The pinned link of one interface.
+    pub fn link_pin(&self, iface: &str) -> PathBuf {
+        self.link_dir().join(iface)
+    }
+
+    /// A pinned map.
+    pub fn map_pin(&self, name: &str) -> PathBuf {
+        self.pin_dir().join(name)
+    }
+
+    /// JSON description of the attachment (interfaces, modes).
+    pub fn state_file(&self) -> PathBuf {
+        self.state_root
+            .join(format!("v{LAYOUT_VERSION}"))
+            .join("xdp.json")
+    }
+}
