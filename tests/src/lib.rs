@@ -1,1 +1,85 @@
-//! Helpers for the privileged end-to-end tests.
+//! Privileged end-to-end test harness for guard.
+//!
+//! Everything here needs root: it creates network namespaces, veth pairs and
+//! raw sockets. All traffic stays inside namespaces the harness creates (or on
+//! loopback), every resource is removed on `Drop` (including during a panic's
+//! unwinding), and every load loop is bounded both in count and in time.
+//!
+//! Tests using it must run one at a time (`--test-threads=1`): floods and
+//! kernel counters are only meaningful when nothing else runs beside them.
+//!
+//! Drop order matters: declare guards of processes (`ChildGuard`, `Memcached`)
+//! *after* the `Topology`/`NetNs` they run in, so they are dropped first.
+
+pub mod counters;
+pub mod daemon;
+pub mod flood;
+pub mod frames;
+pub mod net;
+pub mod netns;
+pub mod process;
+mod sys;
+pub mod topology;
+pub mod veth;
+pub mod xdp;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+pub use counters::{AcceptCounter, Counters, FrameCounter, FrameCounterStats, LinkStats};
+pub use flood::{FloodStats, SourceAddr, SynFlood, SynFloodConfig, send_frames};
+pub use net::{connect_from, connect_in, listen_in};
+pub use netns::{NetNs, NsHandle};
+pub use process::{ChildGuard, Memcached};
+pub use topology::{Topology, TopologyOptions};
+pub use veth::{EndAddrs, VethEnd, VethPair};
+
+/// Longest interface name the kernel accepts (IFNAMSIZ - 1).
+pub const IFNAME_MAX: usize = 15;
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+fn next_counter() -> u32 {
+    COUNTER.fetch_add(1, Ordering::Relaxed)
+}
+
+/// Panics with an explanation unless the process runs as root.
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    assert!(
+        euid == 0,
+        "guard end-to-end tests need root (euid 0, got {euid}): they create network \
+         namespaces, veth pairs, raw AF_PACKET sockets and attach XDP programs; \
+         run them as root, one at a time (`cargo test -- --test-threads=1`)"
+    );
+}
+
+/// A process-unique name `gt-<tag>-<pid>-<n>` for namespaces and other objects.
+///
+/// The pid keeps concurrent test processes apart; the counter keeps objects of
+/// one process apart. The `gt-` prefix makes leftovers recognisable.
+pub fn unique_name(tag: &str) -> String {
+    format!("gt-{tag}-{}-{}", std::process::id(), next_counter())
+}
+
+/// A process-unique interface name `<tag><pid>_<n>` of at most [`IFNAME_MAX`] chars.
+///
+/// The tag is shortened as needed; the pid and counter never are, since they
+/// are what makes the name unique.
+pub fn unique_ifname(tag: &str) -> String {
+    ifname_with_reserve(tag, 0)
+}
+
+/// Like [`unique_ifname`] but leaves `reserve` characters free for a suffix.
+pub(crate) fn ifname_with_reserve(tag: &str, reserve: usize) -> String {
+    let unique = format!("{}_{}", std::process::id(), next_counter());
+    let room = IFNAME_MAX
+        .checked_sub(unique.len() + reserve)
+        .unwrap_or_else(|| panic!("interface name {unique:?} leaves no room for a tag"));
+    let tag: String = tag
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .take(room)
+        .collect();
+    format!("{tag}{unique}")
+}

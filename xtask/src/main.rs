@@ -1,1 +1,366 @@
-fn main() {}
+//! `cargo xtask`: guard's developer and CI entry point.
+//!
+//! - `setup`: installs what building and testing need on a fresh Debian
+//!   machine (nightly `rust-src`, `bpf-linker` against the nightly's LLVM,
+//!   Debian packages). Every other command runs it first; it is quick when
+//!   everything is present.
+//! - `test`: every test tier — unprivileged unit tests, then (as root) the
+//!   kernel and end-to-end tests one at a time.
+//! - `run`: builds guard and runs it on the given interface, or on a demo
+//!   veth pair it creates and removes.
+//! - `bench`: benchmarks (`bench xdp`).
+
+use std::{
+    env,
+    path::{Path, PathBuf},
+    process::{Command, ExitStatus},
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+/// Debian packages the tests use.
+const DEBIAN_PACKAGES: &[&str] = &[
+    "memcached",
+    "nutcracker",
+    "libmemcached-tools",
+    "iproute2",
+    "hping3",
+    "netsniff-ng",
+    "tcpdump",
+    "ethtool",
+];
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "guard's developer and CI tasks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install build and test prerequisites.
+    Setup,
+    /// Run every test tier (privileged tiers need root).
+    Test {
+        /// Skip the privileged kernel and end-to-end tests.
+        #[arg(long)]
+        unprivileged: bool,
+        /// Only run tests whose name contains this.
+        filter: Option<String>,
+    },
+    /// Build and run `guard run`; without --iface, on a demo veth pair.
+    Run {
+        /// Arguments for `guard run`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Run a benchmark.
+    Bench {
+        /// Which: `xdp`.
+        which: String,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root();
+    env::set_current_dir(&root)?;
+    prepend_cargo_bin_to_path();
+    match cli.command {
+        Task::Setup => setup(),
+        Task::Test {
+            unprivileged,
+            filter,
+        } => {
+            setup()?;
+            test(unprivileged, filter.as_deref())
+        }
+        Task::Run { args } => {
+            setup()?;
+            run(&args)
+        }
+        Task::Bench { which } => {
+            setup()?;
+            bench(&which)
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+/// aya-build runs `rustup run nightly cargo`, so both must be on PATH.
+fn prepend_cargo_bin_to_path() {
+    if let Some(home) = env::var_os("HOME") {
+        let bin = Path::new(&home).join(".cargo/bin");
+        let path = env::var_os("PATH").unwrap_or_default();
+        let mut parts: Vec<PathBuf> = env::split_paths(&path).collect();
+        if !parts.contains(&bin) {
+            parts.insert(0, bin);
+            // SAFETY: single-threaded at this point.
+            unsafe { env::set_var("PATH", env::join_paths(parts).expect("valid PATH")) };
+        }
+    }
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn status(cmd: &mut Command) -> anyhow::Result<ExitStatus> {
+    eprintln!("xtask: {cmd:?}");
+    cmd.status()
+        .with_context(|| format!("cannot run {:?}", cmd.get_program()))
+}
+
+fn check(cmd: &mut Command) -> anyhow::Result<()> {
+    let st = status(cmd)?;
+    if !st.success() {
+        bail!("{cmd:?} failed: {st}");
+    }
+    Ok(())
+}
+
+fn quiet_ok(cmd: &mut Command) -> bool {
+    cmd.stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn setup() -> anyhow::Result<()> {
+    // The nightly toolchain builds the XDP program.
+    if !quiet_ok(Command::new("rustup").args(["run", "nightly", "rustc", "--version"])) {
+        check(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+        ]))?;
+    }
+    let sysroot = capture(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))?;
+    let sysroot = PathBuf::from(sysroot.trim());
+    if !sysroot.join("lib/rustlib/src/rust/library/core").exists() {
+        check(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
+    }
+    if !quiet_ok(Command::new("bpf-linker").arg("--version")) {
+        install_bpf_linker(&sysroot)?;
+    }
+    let missing: Vec<&str> = DEBIAN_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            !capture(Command::new("dpkg-query").args(["-W", "-f=${Status}", p]))
+                .is_ok_and(|s| s.contains("install ok installed"))
+        })
+        .collect();
+    if !missing.is_empty() {
+        if !is_root() {
+            bail!(
+                "missing Debian packages {}: run `cargo xtask setup` as root",
+                missing.join(" ")
+            );
+        }
+        check(Command::new("apt-get").args(["update", "-qq"]))?;
+        check(
+            Command::new("apt-get")
+                .args(["install", "-y", "-qq", "--no-install-recommends"])
+                .args(&missing)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )?;
+        // The packaged services are started by the tests themselves.
+        for svc in ["memcached", "nutcracker"] {
+            let _ = Command::new("systemctl")
+                .args(["disable", "--now", svc])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
+    }
+    Ok(())
+}
+
+/// bpf-linker must use the very LLVM that rustc nightly emits bitcode for.
+/// No prebuilt binary can be fetched, so build it against the libLLVM that
+/// ships inside the nightly toolchain.
+fn install_bpf_linker(sysroot: &Path) -> anyhow::Result<()> {
+    let lib = sysroot.join("lib");
+    let llvm = std::fs::read_dir(&lib)?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("libLLVM.so."))
+        })
+        .with_context(|| format!("no libLLVM.so.* in {}", lib.display()))?;
+    let version = capture(Command::new("rustc").args(["+nightly", "-vV"]))?;
+    let major = version
+        .lines()
+        .find_map(|l| l.strip_prefix("LLVM version: "))
+        .and_then(|v| v.split('.').next())
+        .context("rustc +nightly -vV prints no LLVM version")?
+        .to_string();
+    let prefix = env::temp_dir().join(format!("guard-llvm-prefix-{}", std::process::id()));
+    let prefix_lib = prefix.join("lib");
+    std::fs::create_dir_all(&prefix_lib)?;
+    let file_name = llvm.file_name().expect("file name");
+    for link in [prefix_lib.join("libLLVM.so"), prefix_lib.join(file_name)] {
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&llvm, &link)?;
+    }
+    let result = check(
+        Command::new("cargo")
+            .args([
+                "install",
+                "bpf-linker",
+                "--locked",
+                "--no-default-features",
+                "--features",
+            ])
+            .arg(format!("llvm-{major}"))
+            .env("LLVM_PREFIX", &prefix),
+    );
+    let _ = std::fs::remove_dir_all(&prefix);
+    result.context("building bpf-linker against the nightly toolchain's LLVM failed")
+}
+
+fn capture(cmd: &mut Command) -> anyhow::Result<String> {
+    let out = cmd
+        .output()
+        .with_context(|| format!("cannot run {:?}", cmd.get_program()))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+fn test(unprivileged: bool, filter: Option<&str>) -> anyhow::Result<()> {
+    // Tier 1: everything that needs no privileges.
+    let mut unit = Command::new("cargo");
+    unit.args(["test", "--workspace", "--exclude", "guard-tests"]);
+    if let Some(f) = filter {
+        unit.arg(f);
+    }
+    check(&mut unit)?;
+    if unprivileged {
+        return Ok(());
+    }
+    if !is_root() {
+        bail!(
+            "the kernel and end-to-end tests need root (BPF, XDP, network namespaces): \
+             run as root, or pass --unprivileged"
+        );
+    }
+    // Tiers 2 and 3: one test at a time, since they share the kernel. The
+    // release build keeps flood generators fast enough to matter.
+    let mut privileged = Command::new("cargo");
+    privileged.args(["test", "--release", "-p", "guard-tests"]);
+    privileged.arg("--");
+    if let Some(f) = filter {
+        privileged.arg(f);
+    }
+    privileged.arg("--test-threads=1");
+    check(&mut privileged)
+}
+
+fn run(args: &[String]) -> anyhow::Result<()> {
+    check(Command::new("cargo").args(["build", "--release", "-p", "guard"]))?;
+    let guard = workspace_root().join("target/release/guard");
+    if args
+        .iter()
+        .any(|a| a == "--iface" || a.starts_with("--iface="))
+    {
+        check(Command::new(&guard).arg("run").args(args))?;
+        return Ok(());
+    }
+    if !is_root() {
+        bail!("the demo creates a veth pair and attaches XDP: run as root");
+    }
+    // A demo veth pair whose far end sits in its own namespace.
+    let pid = std::process::id();
+    let ns = format!("guard-demo-{pid}");
+    let iface = format!("gdemo{}", pid % 100_000);
+    let peer = format!("gdpeer{}", pid % 100_000);
+    let cleanup = Cleanup {
+        ns: ns.clone(),
+        iface: iface.clone(),
+    };
+    check(Command::new("ip").args(["netns", "add", &ns]))?;
+    check(Command::new("ip").args([
+        "link", "add", &iface, "type", "veth", "peer", "name", &peer, "netns", &ns,
+    ]))?;
+    check(Command::new("ip").args(["addr", "add", "10.211.0.1/24", "dev", &iface]))?;
+    check(Command::new("ip").args(["link", "set", &iface, "up"]))?;
+    check(Command::new("ip").args(["-n", &ns, "addr", "add", "10.211.0.2/24", "dev", &peer]))?;
+    check(Command::new("ip").args(["-n", &ns, "link", "set", &peer, "up"]))?;
+    eprintln!(
+        "xtask: demo interface {iface} (10.211.0.1) ↔ namespace {ns} (10.211.0.2); \
+         try `nsenter --net=/run/netns/{ns} hping3 -S -p 11211 --flood 10.211.0.1` \
+         and `target/release/guard xdp status`; Ctrl-C stops"
+    );
+    // Ctrl-C reaches the whole process group: let guard handle it while
+    // xtask lives on to remove the demo interface.
+    // SAFETY: installing SIG_IGN has no preconditions.
+    unsafe { libc::signal(libc::SIGINT, libc::SIG_IGN) };
+    let mut cmd = Command::new(&guard);
+    cmd.args(["run", "--iface", &iface, "--protect", "*:11211"])
+        .args(args);
+    let st = status(&mut cmd)?;
+    let _ = Command::new(&guard).args(["xdp", "detach"]).status();
+    drop(cleanup);
+    if !st.success() {
+        bail!("guard exited with {st}");
+    }
+    Ok(())
+}
+
+struct Cleanup {
+    ns: String,
+    iface: String,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.iface])
+            .status();
+        let _ = Command::new("ip").args(["netns", "del", &self.ns]).status();
+    }
+}
+
+fn bench(which: &str) -> anyhow::Result<()> {
+    match which {
+        "xdp" => {
+            if !is_root() {
+                bail!("the XDP benchmark uses BPF_PROG_TEST_RUN: run as root");
+            }
+            check(Command::new("cargo").args([
+                "run",
+                "--release",
+                "-p",
+                "guard-tests",
+                "--bin",
+                "bench-xdp",
+            ]))
+        }
+        other => bail!("unknown benchmark `{other}`: try `xdp`"),
+    }
+}

@@ -1,0 +1,121 @@
+//! Sockets opened inside namespaces.
+
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+
+use crate::netns::NsHandle;
+use crate::sys;
+
+/// A TCP listener on `addr` inside `ns`, with an explicit backlog (capped by
+/// the namespace's `net.core.somaxconn`). `SO_REUSEADDR` is set.
+pub fn listen_in(ns: &NsHandle, addr: SocketAddr, backlog: i32) -> Result<TcpListener> {
+    ns.run_in(move || -> Result<TcpListener> {
+        let fd = sys::socket(sys::family(&addr.ip()), libc::SOCK_STREAM, 0)?;
+        let one: libc::c_int = 1;
+        sys::setsockopt(&fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, &one)?;
+        if addr.is_ipv6() {
+            sys::setsockopt(&fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, &one)?;
+        }
+        let (ss, len) = sys::sockaddr(&addr);
+        // SAFETY: ss/len describe a valid socket address.
+        sys::cvt(unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                (&ss as *const libc::sockaddr_storage).cast(),
+                len,
+            )
+        })
+        .with_context(|| format!("bind {addr}"))?;
+        // SAFETY: plain syscall on a socket we own.
+        sys::cvt(unsafe { libc::listen(fd.as_raw_fd(), backlog) })
+            .with_context(|| format!("listen {addr}"))?;
+        // SAFETY: fd is a listening TCP socket whose ownership moves into the TcpListener.
+        Ok(unsafe { TcpListener::from_raw_fd(fd.into_raw_fd()) })
+    })?
+    .with_context(|| format!("listening on {addr} in netns {}", ns.name()))
+}
+
+/// Connects to `dst` from inside `ns`, bound to source address `src`.
+pub fn connect_from(
+    ns: &NsHandle,
+    src: IpAddr,
+    dst: SocketAddr,
+    timeout: Duration,
+) -> Result<TcpStream> {
+    connect_inner(ns, Some(src), dst, timeout)
+}
+
+/// Connects to `dst` from inside `ns`, letting the kernel pick the source.
+pub fn connect_in(ns: &NsHandle, dst: SocketAddr, timeout: Duration) -> Result<TcpStream> {
+    connect_inner(ns, None, dst, timeout)
+}
+
+fn connect_inner(
+    ns: &NsHandle,
+    src: Option<IpAddr>,
+    dst: SocketAddr,
+    timeout: Duration,
+) -> Result<TcpStream> {
+    ns.run_in(move || connect_here(src, dst, timeout))?
+        .with_context(|| format!("connecting {src:?} -> {dst} in netns {}", ns.name()))
+}
+
+/// Non-blocking connect + poll, because std has no way to bind before a
+/// timed connect.
+fn connect_here(src: Option<IpAddr>, dst: SocketAddr, timeout: Duration) -> Result<TcpStream> {
+    let fd: OwnedFd = sys::socket(
+        sys::family(&dst.ip()),
+        libc::SOCK_STREAM | libc::SOCK_NONBLOCK,
+        0,
+    )?;
+    if let Some(src) = src {
+        if src.is_ipv4() != dst.is_ipv4() {
+            bail!("source {src} and destination {dst} differ in family");
+        }
+        let (ss, len) = sys::sockaddr(&SocketAddr::new(src, 0));
+        // SAFETY: ss/len describe a valid socket address.
+        sys::cvt(unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                (&ss as *const libc::sockaddr_storage).cast(),
+                len,
+            )
+        })
+        .with_context(|| format!("bind {src}"))?;
+    }
+    let (ss, len) = sys::sockaddr(&dst);
+    // SAFETY: ss/len describe a valid socket address.
+    let r = unsafe {
+        libc::connect(
+            fd.as_raw_fd(),
+            (&ss as *const libc::sockaddr_storage).cast(),
+            len,
+        )
+    };
+    if r < 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINPROGRESS) {
+            return Err(e.into());
+        }
+        if !sys::poll_one(&fd, libc::POLLOUT, timeout)? {
+            bail!("timed out after {timeout:?}");
+        }
+        let err: libc::c_int = sys::getsockopt(&fd, libc::SOL_SOCKET, libc::SO_ERROR, 0)?;
+        if err != 0 {
+            return Err(std::io::Error::from_raw_os_error(err).into());
+        }
+    }
+    // SAFETY: fd is a connected TCP socket whose ownership moves into the TcpStream.
+    let s = unsafe { TcpStream::from_raw_fd(fd.into_raw_fd()) };
+    s.set_nonblocking(false)?;
+    Ok(s)
+}
+
+/// A TCP port on loopback of the current namespace that was free a moment ago.
+pub fn free_loopback_port() -> Result<u16> {
+    let l = TcpListener::bind(("127.0.0.1", 0))?;
+    Ok(l.local_addr()?.port())
+}

@@ -1,0 +1,135 @@
+//! The XDP program loaded for `BPF_PROG_TEST_RUN`: real verifier, real maps,
+//! pinned under a unique bpffs directory that is removed on drop.
+
+use std::{collections::BTreeMap, path::PathBuf};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{TestRun, TestRunOptions, Xdp},
+};
+use guard::{
+    ebpf::{GUARD_OBJECT, ensure_bpffs, maps::GuardMaps},
+    paths::Paths,
+};
+use guard_common::{GuardConfig, PROGRAM_GUARD, PROGRAM_PASS, RateLimit};
+
+/// XDP verdicts as the kernel returns them.
+pub mod verdict {
+    /// `XDP_ABORTED`.
+    pub const ABORTED: u32 = 0;
+    /// `XDP_DROP`.
+    pub const DROP: u32 = 1;
+    /// `XDP_PASS`.
+    pub const PASS: u32 = 2;
+}
+
+/// The guard program and the empty baseline program, loaded and verified,
+/// with typed access to their maps.
+pub struct XdpUnderTest {
+    ebpf: Ebpf,
+    /// Handles on the maps (opened from this instance's pins).
+    pub maps: GuardMaps,
+    paths: Paths,
+}
+
+impl XdpUnderTest {
+    /// Loads both programs with maps pinned under a fresh directory, and a
+    /// configuration that admits everything (no limits) until a test sets one.
+    pub fn load() -> Self {
+        crate::require_root();
+        ensure_bpffs().expect("bpffs");
+        let root = PathBuf::from(format!("/sys/fs/bpf/{}", crate::unique_name("xdp")));
+        let paths = Paths::new(
+            &root,
+            std::env::temp_dir().join(crate::unique_name("state")),
+        );
+        std::fs::create_dir_all(paths.pin_dir()).expect("create pin dir");
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(paths.pin_dir())
+            .load(GUARD_OBJECT)
+            .expect("load the XDP object");
+        for name in [PROGRAM_GUARD, PROGRAM_PASS] {
+            let prog: &mut Xdp = ebpf
+                .program_mut(name)
+                .expect("program present")
+                .try_into()
+                .expect("an XDP program");
+            prog.load()
+                .unwrap_or_else(|e| panic!("verifier rejected {name}: {e:#}"));
+        }
+        let mut maps = GuardMaps::open(&paths).expect("open pinned maps");
+        maps.set_config(&GuardConfig {
+            source: RateLimit::UNLIMITED,
+            global: RateLimit::UNLIMITED,
+            ipv6_prefix_len: 64,
+            flags: 0,
+        })
+        .expect("config");
+        Self { ebpf, maps, paths }
+    }
+
+    /// Where this instance's pins live.
+    pub fn paths(&self) -> &Paths {
+        &self.paths
+    }
+
+    fn program(&self, name: &str) -> &Xdp {
+        self.ebpf
+            .program(name)
+            .expect("program present")
+            .try_into()
+            .expect("an XDP program")
+    }
+
+    /// Runs the guard once over `frame` and returns its verdict.
+    pub fn run(&self, frame: &[u8]) -> u32 {
+        self.run_program(PROGRAM_GUARD, frame, 1).0
+    }
+
+    /// Runs a program `repeat` times over `frame`: (verdict, ns per run).
+    pub fn run_program(&self, name: &str, frame: &[u8], repeat: u32) -> (u32, u64) {
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            repeat,
+            ..TestRunOptions::default()
+        };
+        let r = self
+            .program(name)
+            .test_run(opts)
+            .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN of {name} failed: {e:#}"));
+        (r.return_value, r.duration.as_nanos() as u64)
+    }
+
+    /// Every counter, summed over CPUs.
+    pub fn counters(&self) -> BTreeMap<&'static str, u64> {
+        self.maps.counters().expect("read counters")
+    }
+
+    /// Runs the guard once and returns (verdict, counters that moved).
+    pub fn judge(&self, frame: &[u8]) -> (u32, BTreeMap<&'static str, u64>) {
+        let before = self.counters();
+        let v = self.run(frame);
+        let after = self.counters();
+        let moved = after
+            .into_iter()
+            .filter_map(|(k, a)| {
+                let d = a - before.get(k).copied().unwrap_or(0);
+                (d != 0).then_some((k, d))
+            })
+            .collect();
+        (v, moved)
+    }
+}
+
+impl Drop for XdpUnderTest {
+    fn drop(&mut self) {
+        let dir = self.paths.pin_dir();
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            for e in entries.flatten() {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+        let _ = std::fs::remove_dir(&dir);
+        let _ = std::fs::remove_dir(self.paths.pin_root());
+    }
+}

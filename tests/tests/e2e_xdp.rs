@@ -1,0 +1,370 @@
+//! Tier 3: the real `guard` binary attached to a veth inside a network
+//! namespace, real SYN floods from a client namespace, real connections.
+//! Needs root; run with `--test-threads=1`.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{IpAddr, SocketAddr, TcpStream},
+    time::{Duration, Instant},
+};
+
+use guard_tests::{
+    FrameCounter, SourceAddr, SynFlood, Topology, connect_from, daemon::GuardDaemon, listen_in,
+};
+
+const PORT: u16 = 11211;
+const RATE: u64 = 200;
+const BURST: u64 = 50;
+
+/// An echo server on the server side: proves established connections keep
+/// working while a flood is being dropped.
+fn echo_server(topo: &Topology, addr: SocketAddr) -> std::thread::JoinHandle<()> {
+    let listener = listen_in(&topo.server, addr, 4096).expect("listen");
+    listener.set_nonblocking(true).unwrap();
+    std::thread::spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while Instant::now() < deadline {
+            match listener.accept() {
+                Ok((mut s, _)) => {
+                    s.set_nonblocking(false).unwrap();
+                    std::thread::spawn(move || {
+                        let mut buf = [0u8; 1024];
+                        while let Ok(n) = s.read(&mut buf) {
+                            if n == 0 || s.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                    });
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(_) => break,
+            }
+        }
+    })
+}
+
+fn ping_pong(s: &mut TcpStream, i: u32) {
+    let msg = format!("ping {i}\n");
+    s.write_all(msg.as_bytes())
+        .expect("write on established connection");
+    let mut buf = vec![0u8; msg.len()];
+    s.read_exact(&mut buf)
+        .expect("read on established connection");
+    assert_eq!(buf, msg.as_bytes());
+}
+
+fn start_guard(topo: &Topology, mode: &str) -> GuardDaemon {
+    let rate = RATE.to_string();
+    let burst = BURST.to_string();
+    GuardDaemon::start(
+        &topo.server,
+        &[
+            "--iface",
+            &topo.server_if().ifname,
+            "--xdp-mode",
+            mode,
+            "--protect",
+            &format!("*:{PORT}"),
+            "--syn-rate",
+            &rate,
+            "--syn-burst",
+            &burst,
+            "--tenant-syn-rate",
+            "0",
+            "--global-syn-rate",
+            "0",
+        ],
+    )
+    .expect("start guard")
+}
+
+/// Floods from the client's own address while a second address connects and
+/// an established connection exchanges data; asserts what got through.
+fn flood_is_cut_to_rate(mode: &str) {
+    let topo = Topology::new().expect("topology");
+    topo.flush_tcp_metrics().unwrap();
+    let server: SocketAddr = (IpAddr::V4(topo.server_v4()), PORT).into();
+    let _echo = echo_server(&topo, server);
+    let guard = start_guard(&topo, mode);
+    let status = guard.cli(&["xdp", "status", "--json"]).unwrap();
+    let status = String::from_utf8_lossy(&status.stdout).into_owned();
+    assert!(
+        status.contains(&format!("\"mode\": \"{mode}\"")),
+        "mode in status: {status}"
+    );
+
+    // An established connection from the second address, before the flood.
+    let mut established = connect_from(
+        &topo.client,
+        topo.client2_v4.into(),
+        server,
+        Duration::from_secs(2),
+    )
+    .expect("connect before the flood");
+    ping_pong(&mut established, 0);
+
+    let syn_acks = FrameCounter::syn_acks(&topo.client, &topo.client_if().ifname).unwrap();
+    let before = guard.counters().unwrap();
+    let mut cfg = topo.syn_flood(SourceAddr::Fixed(topo.client_v4().into()), server, 400_000);
+    cfg.max_duration = Duration::from_secs(4);
+    let flood = SynFlood::start(&topo.client, cfg).expect("flood");
+
+    // During the flood: the other address connects, the old connection talks.
+    let mut connects = 0;
+    for i in 1..=10 {
+        std::thread::sleep(Duration::from_millis(200));
+        let mut s = connect_from(
+            &topo.client,
+            topo.client2_v4.into(),
+            server,
+            Duration::from_secs(2),
+        )
+        .unwrap_or_else(|e| panic!("connect {i} during the flood: {e:#}"));
+        ping_pong(&mut s, i);
+        ping_pong(&mut established, i);
+        connects += 1;
+    }
+    let stats = flood.join().expect("flood ran");
+    std::thread::sleep(Duration::from_millis(300));
+    let after = guard.counters().unwrap();
+    let acks = syn_acks.stop().unwrap();
+
+    let d = |k: &str| after[k] - before[k];
+    let secs = stats.elapsed.as_secs_f64();
+    let allowed = RATE as f64 * secs * 1.10 + BURST as f64;
+    println!(
+        "{mode}: flood sent {} SYNs in {secs:.2}s ({:.0}/s); guard admitted {}, dropped {}; \
+         client saw {} SYN-ACKs ({} kernel drops); {connects} clean connects",
+        stats.sent,
+        stats.pps(),
+        d("admitted"),
+        d("drop_source"),
+        acks.matched,
+        acks.kernel_drops
+    );
+    assert!(
+        stats.sent > 20 * allowed as u64,
+        "the flood must be a flood"
+    );
+    assert!(
+        d("drop_source") >= stats.sent - allowed as u64 - 20,
+        "the flood was dropped"
+    );
+    // Admitted: the flood's share plus the second address's 10 connects.
+    assert!(
+        (d("admitted") as f64) <= allowed + 10.0,
+        "admitted {} > {allowed:.0} + 10",
+        d("admitted")
+    );
+    // What the server answered: no more than what was admitted.
+    assert!(
+        (acks.matched as f64) <= allowed + 10.0 + acks.kernel_drops as f64,
+        "SYN-ACKs {} > {allowed:.0}",
+        acks.matched
+    );
+    assert!(
+        acks.matched >= (RATE as f64 * secs * 0.5) as u64,
+        "the server answered the admitted SYNs ({} SYN-ACKs)",
+        acks.matched
+    );
+}
+
+#[test]
+fn flood_is_cut_to_rate_in_skb_mode() {
+    flood_is_cut_to_rate("skb");
+}
+
+#[test]
+fn flood_is_cut_to_rate_in_drv_mode() {
+    flood_is_cut_to_rate("drv");
+}
+
+/// Restarting the daemon mid-flood must not open a gap: the pinned program
+/// keeps judging, and its buckets keep their state.
+#[test]
+fn restart_during_flood_lets_nothing_through() {
+    let topo = Topology::new().expect("topology");
+    topo.flush_tcp_metrics().unwrap();
+    let server: SocketAddr = (IpAddr::V4(topo.server_v4()), PORT).into();
+    let _echo = echo_server(&topo, server);
+    let mut guard = start_guard(&topo, "skb");
+    let syn_acks = FrameCounter::syn_acks(&topo.client, &topo.client_if().ifname).unwrap();
+    let before = guard.counters().unwrap();
+    let mut cfg = topo.syn_flood(SourceAddr::Fixed(topo.client_v4().into()), server, 600_000);
+    cfg.max_duration = Duration::from_secs(5);
+    let flood = SynFlood::start(&topo.client, cfg).expect("flood");
+    std::thread::sleep(Duration::from_millis(1000));
+    let mut downtime = Duration::ZERO;
+    for _ in 0..3 {
+        downtime += guard.restart().expect("restart");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let stats = flood.join().expect("flood ran");
+    std::thread::sleep(Duration::from_millis(300));
+    let after = guard.counters().unwrap();
+    let acks = syn_acks.stop().unwrap();
+    let log = guard.log_text();
+    assert_eq!(
+        log.matches("adopted the pinned XDP link").count(),
+        3,
+        "every restart adopted the pinned link:\n{log}"
+    );
+    let secs = stats.elapsed.as_secs_f64();
+    let allowed = RATE as f64 * secs * 1.10 + BURST as f64;
+    let admitted = after["admitted"] - before["admitted"];
+    let dropped = after["drop_source"] - before["drop_source"];
+    println!(
+        "3 restarts ({:.0} ms total) during a {secs:.2}s flood of {} SYNs: admitted {admitted}, \
+         dropped {dropped}, SYN-ACKs {}",
+        downtime.as_secs_f64() * 1000.0,
+        stats.sent,
+        acks.matched
+    );
+    // Every SYN of the flood was judged: none slipped past while restarting.
+    assert!(
+        admitted + dropped >= stats.sent,
+        "all {} SYNs judged",
+        stats.sent
+    );
+    assert!(
+        (admitted as f64) <= allowed,
+        "admitted {admitted} > {allowed:.0}"
+    );
+    assert!(
+        (acks.matched as f64) <= allowed + acks.kernel_drops as f64,
+        "SYN-ACKs {} > {allowed:.0}",
+        acks.matched
+    );
+}
+
+#[test]
+fn deny_and_allow_update_live_and_expire() {
+    let topo = Topology::new().expect("topology");
+    let server: SocketAddr = (IpAddr::V4(topo.server_v4()), PORT).into();
+    let _echo = echo_server(&topo, server);
+    let guard = start_guard(&topo, "skb");
+    let connect = |src: IpAddr| connect_from(&topo.client, src, server, Duration::from_millis(700));
+    connect(topo.client_v4().into()).expect("connects before deny");
+
+    let deny = format!("{}/32", topo.client_v4());
+    let out = guard.cli(&["deny", "add", &deny, "--ttl", "2"]).unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let listed =
+        String::from_utf8_lossy(&guard.cli(&["deny", "list"]).unwrap().stdout).into_owned();
+    assert!(listed.contains(&deny), "{listed}");
+    let before = guard.counters().unwrap();
+    assert!(
+        connect(topo.client_v4().into()).is_err(),
+        "denied source cannot connect"
+    );
+    assert!(guard.counters().unwrap()["drop_deny"] > before["drop_deny"]);
+    // The other address is unaffected.
+    connect(topo.client2_v4.into()).expect("other source connects");
+
+    // The daemon removes the entry once it expires.
+    let deadline = Instant::now() + Duration::from_secs(6);
+    loop {
+        let out = guard.cli(&["deny", "list", "--json"]).unwrap();
+        if String::from_utf8_lossy(&out.stdout).trim() == "[]" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "expired entry not removed");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    connect(topo.client_v4().into()).expect("connects after expiry");
+
+    // Allowed sources bypass the buckets entirely.
+    let allow = format!("{}", topo.client2_v4);
+    assert!(
+        guard
+            .cli(&["allow", "add", &allow])
+            .unwrap()
+            .status
+            .success()
+    );
+    let before = guard.counters().unwrap();
+    for _ in 0..5 {
+        connect(topo.client2_v4.into()).expect("allowed source connects");
+    }
+    assert!(guard.counters().unwrap()["allowed"] >= before["allowed"] + 5);
+    assert!(
+        guard
+            .cli(&["allow", "del", &allow])
+            .unwrap()
+            .status
+            .success()
+    );
+    let out = guard.cli(&["allow", "del", &allow]).unwrap();
+    assert!(!out.status.success(), "deleting twice is an error");
+}
+
+#[test]
+fn sighup_reloads_the_config_file_in_place() {
+    let topo = Topology::new().expect("topology");
+    let dir = std::env::temp_dir().join(guard_tests::unique_name("conf"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let conf = dir.join("guard.toml");
+    let write = |rate: u64| {
+        std::fs::write(
+            &conf,
+            format!(
+                "[xdp]\ninterfaces = [\"{}\"]\nmode = \"skb\"\nprotect = [\"*:{PORT}\"]\nsyn_rate = {rate}\nsyn_burst = 10\n",
+                topo.server_if().ifname
+            ),
+        )
+        .unwrap()
+    };
+    write(100);
+    let mut guard =
+        GuardDaemon::start(&topo.server, &["--config", conf.to_str().unwrap()]).unwrap();
+    let rate = |g: &GuardDaemon| g.maps().unwrap().config().unwrap().source.rate();
+    assert_eq!(rate(&guard), 100);
+    write(7);
+    guard.signal(libc::SIGHUP).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while rate(&guard) != 7 {
+        assert!(
+            Instant::now() < deadline,
+            "reload not applied:\n{}",
+            guard.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // A broken file is refused and the running configuration kept.
+    std::fs::write(&conf, "[xdp]\nsyn_rate = \"lots\"\n").unwrap();
+    guard.signal(libc::SIGHUP).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !guard.log_text().contains("reload failed") {
+        assert!(Instant::now() < deadline, "bad reload not reported");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(rate(&guard), 7);
+    drop(guard);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn detach_removes_program_and_pins() {
+    let topo = Topology::new().expect("topology");
+    let mut guard = start_guard(&topo, "skb");
+    guard.stop().unwrap();
+    let link = |t: &Topology| {
+        String::from_utf8_lossy(
+            &t.server
+                .exec("ip", &["link", "show", &t.server_if().ifname])
+                .unwrap()
+                .stdout,
+        )
+        .into_owned()
+    };
+    assert!(
+        link(&topo).contains("xdp"),
+        "stays attached after the daemon stops"
+    );
+    let out = guard.cli(&["xdp", "detach"]).unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(!link(&topo).contains("xdp"), "detached");
+    assert!(!guard.paths().pin_dir().exists(), "pins removed");
+}
