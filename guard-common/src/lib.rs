@@ -148,19 +148,17 @@ impl RateLimit {
 
     /// The rate in SYNs per second this limit admits (0 = unlimited).
     pub const fn rate(&self) -> u64 {
-        if self.interval_ns == 0 {
-            0
-        } else {
-            1_000_000_000 / self.interval_ns
+        match 1_000_000_000u64.checked_div(self.interval_ns) {
+            Some(r) => r,
+            None => 0,
         }
     }
 
     /// The burst in SYNs this limit admits.
     pub const fn burst(&self) -> u64 {
-        if self.interval_ns == 0 {
-            0
-        } else {
-            self.burst_ns / self.interval_ns + 1
+        match self.burst_ns.checked_div(self.interval_ns) {
+            Some(b) => b + 1,
+            None => 0,
         }
     }
 }

@@ -353,7 +353,7 @@ fn detach_removes_program_and_pins() {
     let link = |t: &Topology| {
         String::from_utf8_lossy(
             &t.server
-                .exec("ip", &["link", "show", &t.server_if().ifname])
+                .exec("ip", ["link", "show", &t.server_if().ifname])
                 .unwrap()
                 .stdout,
         )

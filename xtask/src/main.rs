@@ -270,7 +270,9 @@ fn test(unprivileged: bool, filter: Option<&str>) -> anyhow::Result<()> {
         );
     }
     // Tiers 2 and 3: one test at a time, since they share the kernel. The
-    // release build keeps flood generators fast enough to matter.
+    // release build keeps flood generators fast enough to matter; the
+    // end-to-end tests run the real binary.
+    check(Command::new("cargo").args(["build", "--release", "-p", "guard"]))?;
     let mut privileged = Command::new("cargo");
     privileged.args(["test", "--release", "-p", "guard-tests"]);
     privileged.arg("--");
