@@ -17,6 +17,9 @@ pub mod maps {
     pub const CONFIG: &str = "GUARD_CONFIG";
     /// `HashMap<ListenerKey, ListenerValue>`: the protected listeners.
     pub const LISTENERS: &str = "GUARD_LISTENERS";
+    /// `Array<PortEntry>` indexed by port: which ports have protected
+    /// listeners, so most frames need no hash lookup.
+    pub const PORTS: &str = "GUARD_PORTS";
     /// `LpmTrie<[u8; 4], CidrRule>`: IPv4 sources whose SYNs are dropped.
     pub const DENY_V4: &str = "GUARD_DENY_V4";
     /// `LpmTrie<[u8; 16], CidrRule>`: IPv6 sources whose SYNs are dropped.
@@ -29,13 +32,13 @@ pub mod maps {
     pub const SOURCE_BUCKETS: &str = "GUARD_SRC_BUCKETS";
     /// `LruHashMap<SourceKey, u32>`: tenant of a source, learnt by the proxy.
     pub const SOURCE_TENANT: &str = "GUARD_SRC_TENANT";
-    /// `HashMap<u32, RateLimit>`: SYN budget per tenant id (0 = no tenant).
-    pub const TENANT_LIMITS: &str = "GUARD_TENANT_LIMITS";
-    /// `HashMap<u32, BucketState>`: SYN bucket state per tenant id.
+    /// `HashMap<u32, TenantBucket>`: SYN budget and bucket per tenant id
+    /// (0 = sources with no tenant).
     pub const TENANT_BUCKETS: &str = "GUARD_TENANT_BUCKETS";
     /// `Array<BucketState>`, one entry: the host-wide SYN bucket.
     pub const GLOBAL_BUCKET: &str = "GUARD_GLOBAL_BUCKET";
-    /// `PerCpuArray<u64>`, indexed by [`super::Counter`].
+    /// `PerCpuArray<CounterBlock>`, one entry: every counter of a CPU in one
+    /// value, so a frame costs one lookup however many counters it moves.
     pub const COUNTERS: &str = "GUARD_COUNTERS";
     /// `RingBuf` of [`super::LimitEvent`].
     pub const EVENTS: &str = "GUARD_EVENTS";
@@ -43,13 +46,13 @@ pub mod maps {
     pub const ALL: [&str; 13] = [
         CONFIG,
         LISTENERS,
+        PORTS,
         DENY_V4,
         DENY_V6,
         ALLOW_V4,
         ALLOW_V6,
         SOURCE_BUCKETS,
         SOURCE_TENANT,
-        TENANT_LIMITS,
         TENANT_BUCKETS,
         GLOBAL_BUCKET,
         COUNTERS,
@@ -89,6 +92,69 @@ pub const EVENT_INTERVAL_NS: u64 = 1_000_000_000;
 
 /// `GuardConfig::flags`: pass UDP to protected ports instead of dropping it.
 pub const CONFIG_ALLOW_UDP: u32 = 1;
+/// `GuardConfig::flags`: the IPv4 deny trie may hold entries. The `HAS_*`
+/// flags let the program skip tries that are empty; they are set before an
+/// entry is added and cleared only after the trie is seen empty.
+pub const CONFIG_HAS_DENY_V4: u32 = 1 << 1;
+/// See [`CONFIG_HAS_DENY_V4`].
+pub const CONFIG_HAS_DENY_V6: u32 = 1 << 2;
+/// See [`CONFIG_HAS_DENY_V4`].
+pub const CONFIG_HAS_ALLOW_V4: u32 = 1 << 3;
+/// See [`CONFIG_HAS_DENY_V4`].
+pub const CONFIG_HAS_ALLOW_V6: u32 = 1 << 4;
+/// See [`CONFIG_HAS_DENY_V4`]: the source → tenant map may hold entries.
+pub const CONFIG_HAS_SOURCE_TENANTS: u32 = 1 << 5;
+/// The `HAS_*` flags together.
+pub const CONFIG_HAS_MASK: u32 = CONFIG_HAS_DENY_V4
+    | CONFIG_HAS_DENY_V6
+    | CONFIG_HAS_ALLOW_V4
+    | CONFIG_HAS_ALLOW_V6
+    | CONFIG_HAS_SOURCE_TENANTS;
+
+/// Number of entries of [`maps::PORTS`].
+pub const PORT_COUNT: u32 = 65_536;
+/// `PortEntry::flags`: every IPv4 address of the port is protected.
+pub const PORT_WILDCARD_V4: u32 = 1;
+/// `PortEntry::flags`: every IPv6 address of the port is protected.
+pub const PORT_WILDCARD_V6: u32 = 1 << 1;
+/// `PortEntry::flags`: some IPv4 addresses of the port are protected
+/// (look them up in [`maps::LISTENERS`]).
+pub const PORT_SPECIFIC_V4: u32 = 1 << 2;
+/// `PortEntry::flags`: as [`PORT_SPECIFIC_V4`], for IPv6.
+pub const PORT_SPECIFIC_V6: u32 = 1 << 3;
+
+/// One port's protection, the value of [`maps::PORTS`].
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct PortEntry {
+    /// `PORT_*` bits.
+    pub flags: u32,
+    /// Tenant of the IPv4 wildcard listener.
+    pub tenant_v4: u32,
+    /// Tenant of the IPv6 wildcard listener.
+    pub tenant_v6: u32,
+    /// Reserved, zero.
+    pub reserved: u32,
+}
+
+/// A tenant's SYN budget and its bucket, the value of
+/// [`maps::TENANT_BUCKETS`]: one lookup serves both.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct TenantBucket {
+    /// The budget (written by the daemon).
+    pub limit: RateLimit,
+    /// The bucket (written by the program).
+    pub state: BucketState,
+}
+
+/// Every counter of one CPU: the value of [`maps::COUNTERS`].
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct CounterBlock {
+    /// Indexed by [`Counter`].
+    pub values: [u64; COUNTER_COUNT as usize],
+}
 
 /// Host-wide settings, the single entry of [`maps::CONFIG`].
 #[repr(C)]
@@ -338,6 +404,9 @@ const _: () = {
     assert!(core::mem::size_of::<SourceKey>() == 20);
     assert!(core::mem::size_of::<CidrRule>() == 8);
     assert!(core::mem::size_of::<LimitEvent>() == 40);
+    assert!(core::mem::size_of::<PortEntry>() == 16);
+    assert!(core::mem::size_of::<TenantBucket>() == 32);
+    assert!(core::mem::size_of::<CounterBlock>() == 8 * COUNTER_COUNT as usize);
 };
 
 #[cfg(feature = "user")]
@@ -354,6 +423,9 @@ mod pod {
     unsafe impl aya::Pod for SourceKey {}
     unsafe impl aya::Pod for CidrRule {}
     unsafe impl aya::Pod for LimitEvent {}
+    unsafe impl aya::Pod for PortEntry {}
+    unsafe impl aya::Pod for TenantBucket {}
+    unsafe impl aya::Pod for CounterBlock {}
 }
 
 #[cfg(test)]

@@ -30,17 +30,21 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use guard_common::{
-    BucketState, CIDR_CAPACITY, CONFIG_ALLOW_UDP, COUNTER_COUNT, CidrRule, Counter, DEFAULT_TENANT,
-    EVENT_GLOBAL_LIMIT, EVENT_INTERVAL_NS, EVENT_SOURCE_LIMIT, EVENT_TENANT_LIMIT, EVENTS_BYTES,
-    FAMILY_V4, FAMILY_V6, GuardConfig, LISTENERS_CAPACITY, LimitEvent, ListenerKey, ListenerValue,
-    RateLimit, SOURCE_BUCKETS_CAPACITY, SOURCE_TENANT_CAPACITY, SourceKey, TENANTS_CAPACITY,
-    gcra_admit,
+    BucketState, CIDR_CAPACITY, CONFIG_ALLOW_UDP, CONFIG_HAS_ALLOW_V4, CONFIG_HAS_ALLOW_V6,
+    CONFIG_HAS_DENY_V4, CONFIG_HAS_DENY_V6, CONFIG_HAS_SOURCE_TENANTS, CidrRule, Counter,
+    CounterBlock, DEFAULT_TENANT, EVENT_GLOBAL_LIMIT, EVENT_INTERVAL_NS, EVENT_SOURCE_LIMIT,
+    EVENT_TENANT_LIMIT, EVENTS_BYTES, FAMILY_V4, FAMILY_V6, GuardConfig, LISTENERS_CAPACITY,
+    LimitEvent, ListenerKey, ListenerValue, PORT_COUNT, PORT_SPECIFIC_V4, PORT_SPECIFIC_V6,
+    PORT_WILDCARD_V4, PORT_WILDCARD_V6, PortEntry, RateLimit, SOURCE_BUCKETS_CAPACITY,
+    SOURCE_TENANT_CAPACITY, SourceKey, TENANTS_CAPACITY, TenantBucket, gcra_admit,
 };
 
 #[map(name = "GUARD_CONFIG")]
 static CONFIG: Array<GuardConfig> = Array::pinned(1, 0);
 #[map(name = "GUARD_LISTENERS")]
 static LISTENERS: HashMap<ListenerKey, ListenerValue> = HashMap::pinned(LISTENERS_CAPACITY, 0);
+#[map(name = "GUARD_PORTS")]
+static PORTS: Array<PortEntry> = Array::pinned(PORT_COUNT, 0);
 #[map(name = "GUARD_DENY_V4")]
 static DENY_V4: LpmTrie<[u8; 4], CidrRule> = LpmTrie::pinned(CIDR_CAPACITY, 0);
 #[map(name = "GUARD_DENY_V6")]
@@ -54,14 +58,12 @@ static SOURCE_BUCKETS: LruHashMap<SourceKey, BucketState> =
     LruHashMap::pinned(SOURCE_BUCKETS_CAPACITY, 0);
 #[map(name = "GUARD_SRC_TENANT")]
 static SOURCE_TENANT: LruHashMap<SourceKey, u32> = LruHashMap::pinned(SOURCE_TENANT_CAPACITY, 0);
-#[map(name = "GUARD_TENANT_LIMITS")]
-static TENANT_LIMITS: HashMap<u32, RateLimit> = HashMap::pinned(TENANTS_CAPACITY, 0);
 #[map(name = "GUARD_TENANT_BUCKETS")]
-static TENANT_BUCKETS: HashMap<u32, BucketState> = HashMap::pinned(TENANTS_CAPACITY, 0);
+static TENANT_BUCKETS: HashMap<u32, TenantBucket> = HashMap::pinned(TENANTS_CAPACITY, 0);
 #[map(name = "GUARD_GLOBAL_BUCKET")]
 static GLOBAL_BUCKET: Array<BucketState> = Array::pinned(1, 0);
 #[map(name = "GUARD_COUNTERS")]
-static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTER_COUNT, 0);
+static COUNTERS: PerCpuArray<CounterBlock> = PerCpuArray::pinned(1, 0);
 #[map(name = "GUARD_EVENTS")]
 static EVENTS: RingBuf = RingBuf::pinned(EVENTS_BYTES, 0);
 
@@ -91,14 +93,35 @@ const BPF_NOEXIST: u64 = 1;
 /// The guard. Errors never escape: a frame it cannot read is passed.
 #[xdp]
 pub fn guard(ctx: XdpContext) -> u32 {
-    count(Counter::Frames);
-    match try_guard(&ctx) {
-        Ok(action) => action,
-        Err(reason) => {
-            count(reason);
-            xdp_action::XDP_PASS
+    let (action, verdict) = match try_guard(&ctx) {
+        Ok(judged) => judged,
+        Err(reason) => (xdp_action::XDP_PASS, reason),
+    };
+    if let Some(block) = COUNTERS.get_ptr_mut(0) {
+        // SAFETY: a per-CPU value is only written by this CPU, and every
+        // counter index is within the block.
+        let values = unsafe { &mut (*block).values };
+        bump(values, Counter::Frames);
+        bump(values, verdict);
+        if is_judgement(verdict) {
+            bump(values, Counter::Judged);
         }
     }
+    action
+}
+
+/// Verdicts given to SYNs that reached judgement.
+#[inline(always)]
+fn is_judgement(verdict: Counter) -> bool {
+    matches!(
+        verdict,
+        Counter::Admitted
+            | Counter::Allowed
+            | Counter::DropDeny
+            | Counter::DropSource
+            | Counter::DropTenant
+            | Counter::DropGlobal
+    )
 }
 
 /// An empty program: the baseline the benchmarks compare the guard against.
@@ -107,11 +130,21 @@ pub fn guard_pass(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
 }
 
+/// Counts outside the per-frame verdict (rare events).
 #[inline(always)]
 fn count(counter: Counter) {
-    if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
-        // SAFETY: a per-CPU slot is only written by this CPU.
-        unsafe { *slot += 1 };
+    if let Some(block) = COUNTERS.get_ptr_mut(0) {
+        // SAFETY: a per-CPU value is only written by this CPU.
+        bump(unsafe { &mut (*block).values }, counter);
+    }
+}
+
+/// `get_mut` rather than indexing: a panicking bounds check would leave the
+/// verifier an unterminated path.
+#[inline(always)]
+fn bump(values: &mut [u64], counter: Counter) {
+    if let Some(v) = values.get_mut(counter as usize) {
+        *v += 1;
     }
 }
 
@@ -126,36 +159,75 @@ fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*const T> {
     Some((start + offset) as *const T)
 }
 
+/// One byte at `i` of a bounds-checked header.
 #[inline(always)]
-fn read<T: Copy>(ctx: &XdpContext, offset: usize) -> Option<T> {
-    // SAFETY: `ptr_at` checked the bounds; frames are not aligned, so read unaligned.
-    ptr_at::<T>(ctx, offset).map(|p| unsafe { p.read_unaligned() })
+fn byte<const N: usize>(h: *const [u8; N], i: usize) -> u8 {
+    // SAFETY: callers pass constant indices below N into a header whose
+    // N bytes `ptr_at` proved to be inside the frame.
+    unsafe { *h.cast::<u8>().add(i) }
 }
 
+/// A big-endian u16 at `i` of a bounds-checked header.
 #[inline(always)]
-fn read_be16(ctx: &XdpContext, offset: usize) -> Option<u16> {
-    read::<[u8; 2]>(ctx, offset).map(u16::from_be_bytes)
+fn be16<const N: usize>(h: *const [u8; N], i: usize) -> u16 {
+    (u16::from(byte(h, i)) << 8) | u16::from(byte(h, i + 1))
 }
 
-/// What the network layer said about the transport header.
+/// What the network layer said about the transport header. Addresses are
+/// read from the frame only when a SYN needs judging.
 struct L3 {
     family: u32,
-    src: [u8; 16],
-    dst: [u8; 16],
+    /// The IP header: 20 (IPv4) or 40 (IPv6) bytes proven inside the frame.
+    ip: *const [u8; IPV6_HLEN],
     protocol: u8,
     l4: usize,
 }
 
+impl L3 {
+    #[inline(always)]
+    fn addr(&self, v4_at: usize, v6_at: usize) -> [u8; 16] {
+        let mut a = [0u8; 16];
+        if self.family == FAMILY_V4 {
+            a[0] = byte(self.ip, v4_at);
+            a[1] = byte(self.ip, v4_at + 1);
+            a[2] = byte(self.ip, v4_at + 2);
+            a[3] = byte(self.ip, v4_at + 3);
+        } else {
+            let mut i = 0;
+            while i < 16 {
+                a[i] = byte(self.ip, v6_at + i);
+                i += 1;
+            }
+        }
+        a
+    }
+
+    #[inline(always)]
+    fn src(&self) -> [u8; 16] {
+        self.addr(12, 8)
+    }
+
+    #[inline(always)]
+    fn dst(&self) -> [u8; 16] {
+        self.addr(16, 24)
+    }
+}
+
+/// Returns the action and the counter that names the verdict; `Err` carries
+/// the reason a frame could not be parsed (it is passed).
 #[inline(always)]
-fn try_guard(ctx: &XdpContext) -> Result<u32, Counter> {
-    let mut ethertype = read_be16(ctx, 12).ok_or(Counter::ParseEthernet)?;
+fn try_guard(ctx: &XdpContext) -> Result<(u32, Counter), Counter> {
+    let eth = ptr_at::<[u8; ETH_HLEN]>(ctx, 0).ok_or(Counter::ParseEthernet)?;
+    let mut ethertype = be16(eth, 12);
     let mut l3 = ETH_HLEN;
     // 802.1Q, and QinQ's outer 802.1ad tag: at most two tags.
     if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
-        ethertype = read_be16(ctx, l3 + 2).ok_or(Counter::ParseVlan)?;
+        let tag = ptr_at::<[u8; VLAN_HLEN]>(ctx, l3).ok_or(Counter::ParseVlan)?;
+        ethertype = be16(tag, 2);
         l3 += VLAN_HLEN;
         if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
-            ethertype = read_be16(ctx, l3 + 2).ok_or(Counter::ParseVlan)?;
+            let tag = ptr_at::<[u8; VLAN_HLEN]>(ctx, l3).ok_or(Counter::ParseVlan)?;
+            ethertype = be16(tag, 2);
             l3 += VLAN_HLEN;
             if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
                 return Err(Counter::ParseVlan);
@@ -172,78 +244,61 @@ fn try_guard(ctx: &XdpContext) -> Result<u32, Counter> {
     match l3.protocol {
         IPPROTO_TCP => judge_tcp(ctx, &l3),
         IPPROTO_UDP => judge_udp(ctx, &l3),
-        _ => {
-            count(Counter::Passed);
-            Ok(xdp_action::XDP_PASS)
-        }
+        _ => Ok((xdp_action::XDP_PASS, Counter::Passed)),
     }
 }
 
-// Each header is copied out with one bounds check covering all of it: the
-// verifier tracks packet ranges per pointer, so several small reads at a
-// variable offset would each need their own proof.
+// Each header is bounds-checked once as a whole and its fields read through
+// that pointer: the verifier tracks proven ranges per pointer, and single
+// field loads are cheaper than copying whole headers out.
 
 #[inline(always)]
 fn parse_ipv4(ctx: &XdpContext, off: usize) -> Result<L3, Counter> {
-    let h: [u8; 20] = read(ctx, off).ok_or(Counter::ParseIpv4)?;
-    let ihl = (h[0] & 0x0f) as usize * 4;
-    if h[0] >> 4 != 4 || ihl < 20 {
+    let h = ptr_at::<[u8; 20]>(ctx, off).ok_or(Counter::ParseIpv4)?;
+    let first = byte(h, 0);
+    let ihl = (first & 0x0f) as usize * 4;
+    if first >> 4 != 4 || ihl < 20 {
         return Err(Counter::ParseIpv4);
     }
     // The whole header, options included, must be in the frame.
-    let _: u8 = read(ctx, off + ihl - 1).ok_or(Counter::ParseIpv4)?;
-    if u16::from_be_bytes([h[6], h[7]]) & 0x1fff != 0 {
+    ptr_at::<u8>(ctx, off + ihl - 1).ok_or(Counter::ParseIpv4)?;
+    if be16(h, 6) & 0x1fff != 0 {
         return Err(Counter::Fragment);
     }
     Ok(L3 {
         family: FAMILY_V4,
-        src: widen([h[12], h[13], h[14], h[15]]),
-        dst: widen([h[16], h[17], h[18], h[19]]),
-        protocol: h[9],
+        ip: h.cast(),
+        protocol: byte(h, 9),
         l4: off + ihl,
     })
 }
 
 #[inline(always)]
-fn widen(v4: [u8; 4]) -> [u8; 16] {
-    let mut a = [0u8; 16];
-    a[0] = v4[0];
-    a[1] = v4[1];
-    a[2] = v4[2];
-    a[3] = v4[3];
-    a
-}
-
-#[inline(always)]
 fn parse_ipv6(ctx: &XdpContext, off: usize) -> Result<L3, Counter> {
-    let h: [u8; IPV6_HLEN] = read(ctx, off).ok_or(Counter::ParseIpv6)?;
-    if h[0] >> 4 != 6 {
+    let h = ptr_at::<[u8; IPV6_HLEN]>(ctx, off).ok_or(Counter::ParseIpv6)?;
+    if byte(h, 0) >> 4 != 6 {
         return Err(Counter::ParseIpv6);
     }
-    let mut next = h[6];
-    let mut src = [0u8; 16];
-    let mut dst = [0u8; 16];
-    src.copy_from_slice(&h[8..24]);
-    dst.copy_from_slice(&h[24..40]);
+    let mut next = byte(h, 6);
     let mut l4 = off + IPV6_HLEN;
     for _ in 0..IPV6_MAX_EXT {
         match next {
             IPV6_HOPOPTS | IPV6_ROUTING | IPV6_DSTOPTS => {
-                let e: [u8; 8] = read(ctx, l4).ok_or(Counter::ParseIpv6Ext)?;
-                next = e[0];
-                l4 += (e[1] as usize + 1) * 8;
+                let e = ptr_at::<[u8; 8]>(ctx, l4).ok_or(Counter::ParseIpv6Ext)?;
+                next = byte(e, 0);
+                l4 += (byte(e, 1) as usize + 1) * 8;
             }
             IPV6_AH => {
-                let e: [u8; 8] = read(ctx, l4).ok_or(Counter::ParseIpv6Ext)?;
-                next = e[0];
-                l4 += (e[1] as usize + 2) * 4;
+                let e = ptr_at::<[u8; 8]>(ctx, l4).ok_or(Counter::ParseIpv6Ext)?;
+                next = byte(e, 0);
+                l4 += (byte(e, 1) as usize + 2) * 4;
             }
             IPV6_FRAGMENT => {
-                let e: [u8; 8] = read(ctx, l4).ok_or(Counter::ParseIpv6Ext)?;
-                if u16::from_be_bytes([e[2], e[3]]) & 0xfff8 != 0 {
+                let e = ptr_at::<[u8; 8]>(ctx, l4).ok_or(Counter::ParseIpv6Ext)?;
+                if be16(e, 2) & 0xfff8 != 0 {
                     return Err(Counter::Fragment);
                 }
-                next = e[0];
+                next = byte(e, 0);
                 l4 += 8;
             }
             _ => break,
@@ -257,65 +312,67 @@ fn parse_ipv6(ctx: &XdpContext, off: usize) -> Result<L3, Counter> {
     }
     Ok(L3 {
         family: FAMILY_V6,
-        src,
-        dst,
+        ip: h,
         protocol: next,
         l4,
     })
 }
 
 /// The protected listener a packet is addressed to: exact address first,
-/// then the family's wildcard.
+/// then the family's wildcard. The port table answers for most frames
+/// without touching the hash map.
 #[inline(always)]
 fn protected(l3: &L3, port: u16) -> Option<ListenerValue> {
-    let mut key = ListenerKey {
-        addr: l3.dst,
-        family: l3.family,
-        port: port as u32,
+    let entry = PORTS.get(port as u32)?;
+    let (wildcard, specific, tenant) = if l3.family == FAMILY_V4 {
+        (PORT_WILDCARD_V4, PORT_SPECIFIC_V4, entry.tenant_v4)
+    } else {
+        (PORT_WILDCARD_V6, PORT_SPECIFIC_V6, entry.tenant_v6)
     };
-    // SAFETY: values are plain data copied out at once.
-    if let Some(v) = unsafe { LISTENERS.get(&key) } {
-        return Some(*v);
+    if entry.flags & specific != 0 {
+        let key = ListenerKey {
+            addr: l3.dst(),
+            family: l3.family,
+            port: port as u32,
+        };
+        // SAFETY: values are plain data copied out at once.
+        if let Some(v) = unsafe { LISTENERS.get(&key) } {
+            return Some(*v);
+        }
     }
-    key.addr = [0; 16];
-    unsafe { LISTENERS.get(&key) }.copied()
+    (entry.flags & wildcard != 0).then_some(ListenerValue { tenant, flags: 0 })
 }
 
 #[inline(always)]
-fn judge_udp(ctx: &XdpContext, l3: &L3) -> Result<u32, Counter> {
-    let h: [u8; 8] = read(ctx, l3.l4).ok_or(Counter::ParseUdp)?;
-    let port = u16::from_be_bytes([h[2], h[3]]);
+fn judge_udp(ctx: &XdpContext, l3: &L3) -> Result<(u32, Counter), Counter> {
+    let h = ptr_at::<[u8; 8]>(ctx, l3.l4).ok_or(Counter::ParseUdp)?;
+    let port = be16(h, 2);
     let allow_udp = CONFIG
         .get(0)
         .is_some_and(|c| c.flags & CONFIG_ALLOW_UDP != 0);
     if !allow_udp && protected(l3, port).is_some() {
-        count(Counter::DropUdp);
-        return Ok(xdp_action::XDP_DROP);
+        return Ok((xdp_action::XDP_DROP, Counter::DropUdp));
     }
-    count(Counter::Passed);
-    Ok(xdp_action::XDP_PASS)
+    Ok((xdp_action::XDP_PASS, Counter::Passed))
 }
 
 #[inline(always)]
-fn judge_tcp(ctx: &XdpContext, l3: &L3) -> Result<u32, Counter> {
-    let h: [u8; 20] = read(ctx, l3.l4).ok_or(Counter::ParseTcp)?;
-    let port = u16::from_be_bytes([h[2], h[3]]);
-    let flags = h[13];
+fn judge_tcp(ctx: &XdpContext, l3: &L3) -> Result<(u32, Counter), Counter> {
+    let h = ptr_at::<[u8; 20]>(ctx, l3.l4).ok_or(Counter::ParseTcp)?;
+    let port = be16(h, 2);
+    let flags = byte(h, 13);
     if flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
-        count(Counter::Passed);
-        return Ok(xdp_action::XDP_PASS);
+        return Ok((xdp_action::XDP_PASS, Counter::Passed));
     }
     let Some(listener) = protected(l3, port) else {
-        count(Counter::Passed);
-        return Ok(xdp_action::XDP_PASS);
+        return Ok((xdp_action::XDP_PASS, Counter::Passed));
     };
-    count(Counter::Judged);
     let verdict = judge_syn(l3, port, listener);
-    count(verdict);
-    Ok(match verdict {
+    let action = match verdict {
         Counter::Admitted | Counter::Allowed => xdp_action::XDP_PASS,
         _ => xdp_action::XDP_DROP,
-    })
+    };
+    Ok((action, verdict))
 }
 
 /// Decides a SYN's fate; the returned counter names the verdict.
@@ -327,29 +384,34 @@ fn judge_syn(l3: &L3, port: u16, listener: ListenerValue) -> Counter {
         return Counter::Admitted;
     };
 
+    let src = l3.src();
+    // Tries are slow to search; the flags say which may hold anything.
+    let flags = config.flags;
     if l3.family == FAMILY_V4 {
-        let key = Key::new(32, [l3.src[0], l3.src[1], l3.src[2], l3.src[3]]);
-        if DENY_V4.get(&key).is_some_and(|r| r.active(now)) {
+        let key = Key::new(32, [src[0], src[1], src[2], src[3]]);
+        if flags & CONFIG_HAS_DENY_V4 != 0 && DENY_V4.get(&key).is_some_and(|r| r.active(now)) {
             return Counter::DropDeny;
         }
-        if ALLOW_V4.get(&key).is_some_and(|r| r.active(now)) {
+        if flags & CONFIG_HAS_ALLOW_V4 != 0 && ALLOW_V4.get(&key).is_some_and(|r| r.active(now))
+        {
             return Counter::Allowed;
         }
     } else {
-        let key = Key::new(128, l3.src);
-        if DENY_V6.get(&key).is_some_and(|r| r.active(now)) {
+        let key = Key::new(128, src);
+        if flags & CONFIG_HAS_DENY_V6 != 0 && DENY_V6.get(&key).is_some_and(|r| r.active(now)) {
             return Counter::DropDeny;
         }
-        if ALLOW_V6.get(&key).is_some_and(|r| r.active(now)) {
+        if flags & CONFIG_HAS_ALLOW_V6 != 0 && ALLOW_V6.get(&key).is_some_and(|r| r.active(now))
+        {
             return Counter::Allowed;
         }
     }
 
     let source = SourceKey {
         addr: if l3.family == FAMILY_V6 {
-            mask_v6(l3.src, config.ipv6_prefix_len)
+            mask_v6(src, config.ipv6_prefix_len)
         } else {
-            l3.src
+            src
         },
         family: l3.family,
     };
@@ -361,6 +423,8 @@ fn judge_syn(l3: &L3, port: u16, listener: ListenerValue) -> Counter {
 
     let tenant = if listener.tenant != DEFAULT_TENANT {
         listener.tenant
+    } else if flags & CONFIG_HAS_SOURCE_TENANTS == 0 {
+        DEFAULT_TENANT
     } else {
         // SAFETY: plain data copied out at once.
         unsafe { SOURCE_TENANT.get(&source) }
@@ -414,26 +478,16 @@ fn bucket_for(source: &SourceKey) -> Option<*mut BucketState> {
     SOURCE_BUCKETS.get_ptr_mut(source)
 }
 
+/// A tenant without an entry has no SYN budget of its own.
 #[inline(always)]
 fn charge_tenant(tenant: u32, now: u64) -> bool {
-    // SAFETY: plain data copied out at once.
-    let Some(limit) = (unsafe { TENANT_LIMITS.get(&tenant) }).copied() else {
+    let Some(bucket) = TENANT_BUCKETS.get_ptr_mut(tenant) else {
         return true;
     };
-    if limit.is_unlimited() {
-        return true;
-    }
-    let state = match TENANT_BUCKETS.get_ptr_mut(tenant) {
-        Some(p) => p,
-        None => {
-            let _ = TENANT_BUCKETS.insert(tenant, BucketState::default(), BPF_NOEXIST);
-            match TENANT_BUCKETS.get_ptr_mut(tenant) {
-                Some(p) => p,
-                None => return true,
-            }
-        }
-    };
-    charge(state, &limit, now)
+    // SAFETY: `bucket` points into a live map value; the limit is plain
+    // data the daemon replaces whole.
+    let limit = unsafe { (*bucket).limit };
+    charge(unsafe { &raw mut (*bucket).state }, &limit, now)
 }
 
 #[inline(always)]

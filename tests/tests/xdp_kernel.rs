@@ -642,3 +642,34 @@ fn pin_to_cpu(cpu: usize) {
         libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
     }
 }
+
+#[test]
+fn listener_changes_update_the_port_table() {
+    let mut x = XdpUnderTest::load();
+    let wild: Listener = "*:11211".parse().unwrap();
+    let specific: Listener = "203.0.113.1:11300".parse().unwrap();
+    let mut wanted: Vec<_> = wild
+        .keys()
+        .into_iter()
+        .map(|k| (k, ListenerValue::default()))
+        .collect();
+    wanted.push((specific.keys()[0], ListenerValue { tenant: 5, flags: 0 }));
+    x.maps.sync_listeners(&wanted).unwrap();
+    x.maps
+        .sync_tenant_limits(&[(5, RateLimit::per_second(1, 1))])
+        .unwrap();
+    expect(&x, &syn4(v4(1)), verdict::PASS, admitted());
+    // The specific listener charges its tenant: burst 1.
+    expect(&x, &tcp4(v4(1), 11300, tcp_flags::SYN), verdict::PASS, admitted());
+    expect(
+        &x,
+        &tcp4(v4(2), 11300, tcp_flags::SYN),
+        verdict::DROP,
+        moved(&[("frames", 1), ("judged", 1), ("drop_tenant", 1)]),
+    );
+    // Unprotecting both ports: their SYNs pass unjudged again.
+    x.maps.sync_listeners(&[]).unwrap();
+    expect(&x, &syn4(v4(1)), verdict::PASS, passed());
+    expect(&x, &tcp4(v4(3), 11300, tcp_flags::SYN), verdict::PASS, passed());
+    assert!(x.maps.listeners().unwrap().is_empty());
+}

@@ -12,9 +12,12 @@ use aya::maps::{
     Array, HashMap, LpmTrie, Map, MapData, MapInfo, PerCpuArray, lpm_trie::Key as LpmKey,
 };
 use guard_common::{
-    BucketState, CIDR_CAPACITY, COUNTER_COUNT, CidrRule, Counter, GuardConfig, LISTENERS_CAPACITY,
-    ListenerKey, ListenerValue, RateLimit, SOURCE_BUCKETS_CAPACITY, SOURCE_TENANT_CAPACITY,
-    SourceKey, TENANTS_CAPACITY, maps,
+    BucketState, CIDR_CAPACITY, CONFIG_HAS_ALLOW_V4, CONFIG_HAS_ALLOW_V6, CONFIG_HAS_DENY_V4,
+    CONFIG_HAS_DENY_V6, CONFIG_HAS_MASK, CONFIG_HAS_SOURCE_TENANTS, CidrRule, Counter,
+    CounterBlock, FAMILY_V4, GuardConfig, LISTENERS_CAPACITY, ListenerKey, ListenerValue,
+    PORT_COUNT, PORT_SPECIFIC_V4, PORT_SPECIFIC_V6, PORT_WILDCARD_V4, PORT_WILDCARD_V6, PortEntry,
+    RateLimit, SOURCE_BUCKETS_CAPACITY, SOURCE_TENANT_CAPACITY, SourceKey, TENANTS_CAPACITY,
+    TenantBucket, maps,
 };
 
 use crate::{cidr::Cidr, paths::Paths};
@@ -29,10 +32,13 @@ pub enum CidrList {
 }
 
 impl CidrList {
-    fn names(self) -> (&'static str, &'static str) {
-        match self {
-            Self::Deny => (maps::DENY_V4, maps::DENY_V6),
-            Self::Allow => (maps::ALLOW_V4, maps::ALLOW_V6),
+    /// The config flag announcing entries of this list for a family.
+    fn flag(self, v4: bool) -> u32 {
+        match (self, v4) {
+            (Self::Deny, true) => CONFIG_HAS_DENY_V4,
+            (Self::Deny, false) => CONFIG_HAS_DENY_V6,
+            (Self::Allow, true) => CONFIG_HAS_ALLOW_V4,
+            (Self::Allow, false) => CONFIG_HAS_ALLOW_V6,
         }
     }
 }
@@ -63,6 +69,7 @@ pub fn expected_layout() -> [(&'static str, u32, u32, u32); 12] {
             s(size_of::<ListenerValue>()),
             LISTENERS_CAPACITY,
         ),
+        (maps::PORTS, 4, s(size_of::<PortEntry>()), PORT_COUNT),
         (maps::DENY_V4, 8, s(size_of::<CidrRule>()), CIDR_CAPACITY),
         (maps::DENY_V6, 20, s(size_of::<CidrRule>()), CIDR_CAPACITY),
         (maps::ALLOW_V4, 8, s(size_of::<CidrRule>()), CIDR_CAPACITY),
@@ -80,19 +87,13 @@ pub fn expected_layout() -> [(&'static str, u32, u32, u32); 12] {
             SOURCE_TENANT_CAPACITY,
         ),
         (
-            maps::TENANT_LIMITS,
-            4,
-            s(size_of::<RateLimit>()),
-            TENANTS_CAPACITY,
-        ),
-        (
             maps::TENANT_BUCKETS,
             4,
-            s(size_of::<BucketState>()),
+            s(size_of::<TenantBucket>()),
             TENANTS_CAPACITY,
         ),
         (maps::GLOBAL_BUCKET, 4, s(size_of::<BucketState>()), 1),
-        (maps::COUNTERS, 4, 8, COUNTER_COUNT),
+        (maps::COUNTERS, 4, s(size_of::<CounterBlock>()), 1),
     ]
 }
 
@@ -146,13 +147,14 @@ pub fn monotonic_ns() -> u64 {
 pub struct GuardMaps {
     config: Array<MapData, GuardConfig>,
     listeners: HashMap<MapData, ListenerKey, ListenerValue>,
+    ports: Array<MapData, PortEntry>,
     deny_v4: LpmTrie<MapData, [u8; 4], CidrRule>,
     deny_v6: LpmTrie<MapData, [u8; 16], CidrRule>,
     allow_v4: LpmTrie<MapData, [u8; 4], CidrRule>,
     allow_v6: LpmTrie<MapData, [u8; 16], CidrRule>,
     source_tenant: HashMap<MapData, SourceKey, u32>,
-    tenant_limits: HashMap<MapData, u32, RateLimit>,
-    counters: PerCpuArray<MapData, u64>,
+    tenant_buckets: HashMap<MapData, u32, TenantBucket>,
+    counters: PerCpuArray<MapData, CounterBlock>,
 }
 
 impl GuardMaps {
@@ -162,12 +164,13 @@ impl GuardMaps {
         Ok(Self {
             config: open(paths, maps::CONFIG)?.try_into()?,
             listeners: open(paths, maps::LISTENERS)?.try_into()?,
+            ports: open(paths, maps::PORTS)?.try_into()?,
             deny_v4: open(paths, maps::DENY_V4)?.try_into()?,
             deny_v6: open(paths, maps::DENY_V6)?.try_into()?,
             allow_v4: open(paths, maps::ALLOW_V4)?.try_into()?,
             allow_v6: open(paths, maps::ALLOW_V6)?.try_into()?,
             source_tenant: open(paths, maps::SOURCE_TENANT)?.try_into()?,
-            tenant_limits: open(paths, maps::TENANT_LIMITS)?.try_into()?,
+            tenant_buckets: open(paths, maps::TENANT_BUCKETS)?.try_into()?,
             counters: open(paths, maps::COUNTERS)?.try_into()?,
         })
     }
@@ -177,28 +180,91 @@ impl GuardMaps {
         Ok(self.config.get(&0, 0)?)
     }
 
-    /// Replaces the host-wide settings.
+    /// Replaces the host-wide settings. The `CONFIG_HAS_*` flags describe
+    /// the maps rather than the configuration, so they are kept as they are.
     pub fn set_config(&mut self, config: &GuardConfig) -> anyhow::Result<()> {
+        let has = self.config()?.flags & CONFIG_HAS_MASK;
+        let mut config = *config;
+        config.flags = (config.flags & !CONFIG_HAS_MASK) | has;
         self.config.set(0, config, 0)?;
         Ok(())
     }
 
-    /// Makes the protected-listener map hold exactly `wanted`.
+    /// Announces entries in a map before they are added, so the program
+    /// never skips a map that holds something.
+    fn raise_flag(&mut self, flag: u32) -> anyhow::Result<()> {
+        let mut c = self.config()?;
+        if c.flags & flag == 0 {
+            c.flags |= flag;
+            self.config.set(0, c, 0)?;
+        }
+        Ok(())
+    }
+
+    /// Clears the `CONFIG_HAS_*` flag of every map found empty, so the
+    /// program stops searching it.
+    pub fn refresh_flags(&mut self) -> anyhow::Result<()> {
+        let mut has = 0;
+        if self.deny_v4.keys().next().is_some() {
+            has |= CONFIG_HAS_DENY_V4;
+        }
+        if self.deny_v6.keys().next().is_some() {
+            has |= CONFIG_HAS_DENY_V6;
+        }
+        if self.allow_v4.keys().next().is_some() {
+            has |= CONFIG_HAS_ALLOW_V4;
+        }
+        if self.allow_v6.keys().next().is_some() {
+            has |= CONFIG_HAS_ALLOW_V6;
+        }
+        if self.source_tenant.keys().next().is_some() {
+            has |= CONFIG_HAS_SOURCE_TENANTS;
+        }
+        let mut c = self.config()?;
+        // Only clear: a flag raised meanwhile by another writer stays.
+        let cleared = c.flags & CONFIG_HAS_MASK & !has;
+        if cleared != 0 {
+            c.flags &= !cleared;
+            self.config.set(0, c, 0)?;
+        }
+        Ok(())
+    }
+
+    /// Makes the protected-listener map and the port table hold exactly
+    /// `wanted`.
     pub fn sync_listeners(
         &mut self,
         wanted: &[(ListenerKey, ListenerValue)],
     ) -> anyhow::Result<()> {
+        let old: Vec<ListenerKey> = self.listeners.keys().filter_map(Result::ok).collect();
+        let mut ports: BTreeMap<u16, PortEntry> = BTreeMap::new();
+        for k in &old {
+            ports.entry(k.port as u16).or_default();
+        }
+        for (k, v) in wanted {
+            let e = ports.entry(k.port as u16).or_default();
+            let v4 = k.family == FAMILY_V4;
+            if k.addr == [0; 16] {
+                if v4 {
+                    e.flags |= PORT_WILDCARD_V4;
+                    e.tenant_v4 = v.tenant;
+                } else {
+                    e.flags |= PORT_WILDCARD_V6;
+                    e.tenant_v6 = v.tenant;
+                }
+            } else {
+                e.flags |= if v4 { PORT_SPECIFIC_V4 } else { PORT_SPECIFIC_V6 };
+            }
+        }
+        // Listeners first, then the table that points at them.
         for (k, v) in wanted {
             self.listeners.insert(k, v, 0)?;
         }
+        for (port, entry) in &ports {
+            self.ports.set(u32::from(*port), entry, 0)?;
+        }
         let keep: HashSet<ListenerKey> = wanted.iter().map(|(k, _)| *k).collect();
-        let stale: Vec<ListenerKey> = self
-            .listeners
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| !keep.contains(k))
-            .collect();
-        for k in stale {
+        for k in old.into_iter().filter(|k| !keep.contains(k)) {
             self.listeners.remove(&k)?;
         }
         Ok(())
@@ -209,20 +275,33 @@ impl GuardMaps {
         Ok(self.listeners.iter().collect::<Result<_, _>>()?)
     }
 
-    /// Makes the tenant-limit map hold exactly `wanted`.
+    /// Makes the tenant budgets exactly `wanted`. An unchanged budget is
+    /// left alone, so its bucket keeps its state across reloads and restarts.
     pub fn sync_tenant_limits(&mut self, wanted: &[(u32, RateLimit)]) -> anyhow::Result<()> {
-        for (k, v) in wanted {
-            self.tenant_limits.insert(k, v, 0)?;
+        for (id, limit) in wanted {
+            let state = match self.tenant_buckets.get(id, 0) {
+                Ok(b) if b.limit == *limit => continue,
+                Ok(b) => b.state,
+                Err(_) => BucketState::default(),
+            };
+            self.tenant_buckets.insert(
+                id,
+                TenantBucket {
+                    limit: *limit,
+                    state,
+                },
+                0,
+            )?;
         }
         let keep: HashSet<u32> = wanted.iter().map(|(k, _)| *k).collect();
         let stale: Vec<u32> = self
-            .tenant_limits
+            .tenant_buckets
             .keys()
             .filter_map(Result::ok)
             .filter(|k| !keep.contains(k))
             .collect();
         for k in stale {
-            self.tenant_limits.remove(&k)?;
+            self.tenant_buckets.remove(&k)?;
         }
         Ok(())
     }
@@ -231,6 +310,7 @@ impl GuardMaps {
     /// tenant's budget.
     pub fn set_source_tenant(&mut self, source: IpAddr, tenant: u32) -> anyhow::Result<()> {
         let prefix = self.config()?.ipv6_prefix_len as u8;
+        self.raise_flag(CONFIG_HAS_SOURCE_TENANTS)?;
         self.source_tenant
             .insert(source_key(source, prefix), tenant, 0)?;
         Ok(())
@@ -249,6 +329,7 @@ impl GuardMaps {
             }),
         };
         let len = u32::from(cidr.prefix_len());
+        self.raise_flag(list.flag(cidr.addr().is_ipv4()))?;
         match (cidr.addr(), list) {
             (IpAddr::V4(a), CidrList::Deny) => {
                 self.deny_v4
@@ -343,22 +424,21 @@ impl GuardMaps {
                 }
             }
         }
+        self.refresh_flags()?;
         Ok(removed)
     }
 
     /// Every counter, summed over CPUs.
     pub fn counters(&self) -> anyhow::Result<BTreeMap<&'static str, u64>> {
+        let per_cpu = self.counters.get(&0, 0)?;
         let mut out = BTreeMap::new();
         for c in Counter::ALL {
-            let values = self.counters.get(&(*c as u32), 0)?;
-            out.insert(c.label(), values.iter().sum());
+            out.insert(
+                c.label(),
+                per_cpu.iter().map(|b| b.values[*c as usize]).sum(),
+            );
         }
         Ok(out)
-    }
-
-    /// Names of the maps of one list, for messages.
-    pub fn list_maps(list: CidrList) -> (&'static str, &'static str) {
-        list.names()
     }
 }
 
@@ -370,7 +450,7 @@ pub fn source_key(ip: IpAddr, ipv6_prefix: u8) -> SourceKey {
             addr[..4].copy_from_slice(&a.octets());
             SourceKey {
                 addr,
-                family: guard_common::FAMILY_V4,
+                family: FAMILY_V4,
             }
         }
         IpAddr::V6(_) => {
