@@ -392,8 +392,7 @@ fn judge_syn(l3: &L3, port: u16, listener: ListenerValue) -> Counter {
         if flags & CONFIG_HAS_DENY_V4 != 0 && DENY_V4.get(&key).is_some_and(|r| r.active(now)) {
             return Counter::DropDeny;
         }
-        if flags & CONFIG_HAS_ALLOW_V4 != 0 && ALLOW_V4.get(&key).is_some_and(|r| r.active(now))
-        {
+        if flags & CONFIG_HAS_ALLOW_V4 != 0 && ALLOW_V4.get(&key).is_some_and(|r| r.active(now)) {
             return Counter::Allowed;
         }
     } else {
@@ -401,8 +400,7 @@ fn judge_syn(l3: &L3, port: u16, listener: ListenerValue) -> Counter {
         if flags & CONFIG_HAS_DENY_V6 != 0 && DENY_V6.get(&key).is_some_and(|r| r.active(now)) {
             return Counter::DropDeny;
         }
-        if flags & CONFIG_HAS_ALLOW_V6 != 0 && ALLOW_V6.get(&key).is_some_and(|r| r.active(now))
-        {
+        if flags & CONFIG_HAS_ALLOW_V6 != 0 && ALLOW_V6.get(&key).is_some_and(|r| r.active(now)) {
             return Counter::Allowed;
         }
     }

@@ -230,7 +230,20 @@ impl Config {
 
     /// Parses TOML text.
     pub fn parse(text: &str) -> anyhow::Result<Self> {
-        toml::from_str(text).map_err(|e| anyhow::anyhow!("{}", e.to_string().trim_end()))
+        toml::from_str(text).map_err(|e| {
+            // One line, for logs and terminals alike: where, then what.
+            let message = e.message().trim_end().replace('\n', "; ");
+            match e.span() {
+                Some(span) => {
+                    let before = &text[..span.start.min(text.len())];
+                    let line = before.matches('\n').count() + 1;
+                    let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+                    let source = text.lines().nth(line - 1).unwrap_or("").trim();
+                    anyhow::anyhow!("line {line}, column {column} (`{source}`): {message}")
+                }
+                None => anyhow::anyhow!("{message}"),
+            }
+        })
     }
 
     /// Checks every rule the file format cannot express. Called once, after

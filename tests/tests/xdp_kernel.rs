@@ -653,14 +653,25 @@ fn listener_changes_update_the_port_table() {
         .into_iter()
         .map(|k| (k, ListenerValue::default()))
         .collect();
-    wanted.push((specific.keys()[0], ListenerValue { tenant: 5, flags: 0 }));
+    wanted.push((
+        specific.keys()[0],
+        ListenerValue {
+            tenant: 5,
+            flags: 0,
+        },
+    ));
     x.maps.sync_listeners(&wanted).unwrap();
     x.maps
         .sync_tenant_limits(&[(5, RateLimit::per_second(1, 1))])
         .unwrap();
     expect(&x, &syn4(v4(1)), verdict::PASS, admitted());
     // The specific listener charges its tenant: burst 1.
-    expect(&x, &tcp4(v4(1), 11300, tcp_flags::SYN), verdict::PASS, admitted());
+    expect(
+        &x,
+        &tcp4(v4(1), 11300, tcp_flags::SYN),
+        verdict::PASS,
+        admitted(),
+    );
     expect(
         &x,
         &tcp4(v4(2), 11300, tcp_flags::SYN),
@@ -670,6 +681,11 @@ fn listener_changes_update_the_port_table() {
     // Unprotecting both ports: their SYNs pass unjudged again.
     x.maps.sync_listeners(&[]).unwrap();
     expect(&x, &syn4(v4(1)), verdict::PASS, passed());
-    expect(&x, &tcp4(v4(3), 11300, tcp_flags::SYN), verdict::PASS, passed());
+    expect(
+        &x,
+        &tcp4(v4(3), 11300, tcp_flags::SYN),
+        verdict::PASS,
+        passed(),
+    );
     assert!(x.maps.listeners().unwrap().is_empty());
 }

@@ -255,7 +255,14 @@ fn capture(cmd: &mut Command) -> anyhow::Result<String> {
 fn test(unprivileged: bool, filter: Option<&str>) -> anyhow::Result<()> {
     // Tier 1: everything that needs no privileges.
     let mut unit = Command::new("cargo");
-    unit.args(["test", "--workspace", "--exclude", "guard-tests"]);
+    unit.args([
+        "test",
+        "--workspace",
+        "--exclude",
+        "guard-tests",
+        "--exclude",
+        "guard-ebpf",
+    ]);
     if let Some(f) = filter {
         unit.arg(f);
     }

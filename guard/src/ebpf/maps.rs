@@ -253,7 +253,11 @@ impl GuardMaps {
                     e.tenant_v6 = v.tenant;
                 }
             } else {
-                e.flags |= if v4 { PORT_SPECIFIC_V4 } else { PORT_SPECIFIC_V6 };
+                e.flags |= if v4 {
+                    PORT_SPECIFIC_V4
+                } else {
+                    PORT_SPECIFIC_V6
+                };
             }
         }
         // Listeners first, then the table that points at them.

@@ -72,7 +72,9 @@ fn main() {
             flags: 0,
         })
         .unwrap();
-    x.maps.sync_tenant_limits(&[(DEFAULT_TENANT, huge)]).unwrap();
+    x.maps
+        .sync_tenant_limits(&[(DEFAULT_TENANT, huge)])
+        .unwrap();
 
     let admitted = tcp(Ipv4Addr::new(198, 51, 100, 1), true);
     let dropped = tcp(Ipv4Addr::new(198, 51, 100, 2), true);

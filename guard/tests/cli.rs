@@ -1,0 +1,88 @@
+//! The real binary's answers to bad input: one line naming the problem, a
+//! non-zero exit, nothing attached. Needs no privileges.
+
+use std::process::Command;
+
+fn guard(args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_guard"))
+        .args(args)
+        .env("GUARD_PIN_ROOT", "/nonexistent/guard-cli-test")
+        .output()
+        .expect("run guard");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    (out.status.success(), err)
+}
+
+#[test]
+fn bad_flags_and_configs_fail_with_one_clear_line() {
+    let dir = std::env::temp_dir().join(format!("guard-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad = dir.join("bad.toml");
+    std::fs::write(&bad, "[xdp]\nsyn_burst = -1\n").unwrap();
+    let cases: &[(&[&str], &str)] = &[
+        (&["run", "--iface", "eth0"], "--protect"),
+        (
+            &[
+                "run",
+                "--iface",
+                "eth0",
+                "--protect",
+                "*:11211",
+                "--syn-rate",
+                "5",
+                "--syn-burst",
+                "0",
+            ],
+            "syn-burst",
+        ),
+        (&["run", "--config", bad.to_str().unwrap()], "bad.toml"),
+        (
+            &["run", "--config", "/nonexistent/guard.toml"],
+            "cannot read config file",
+        ),
+        (&["run"], "nothing to run"),
+    ];
+    for (args, needle) in cases {
+        let (ok, err) = guard(args);
+        assert!(!ok, "{args:?} must fail");
+        assert!(err.contains(needle), "{args:?}: {err}");
+        assert_eq!(
+            err.trim_end().lines().count(),
+            1,
+            "{args:?}: one line: {err}"
+        );
+    }
+    // clap's own errors (unknown values) also fail before anything happens.
+    let (ok, err) = guard(&["run", "--xdp-mode", "fast"]);
+    assert!(!ok);
+    assert!(err.contains("unknown XDP mode"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn check_prints_the_resolved_configuration() {
+    let out = Command::new(env!("CARGO_BIN_EXE_guard"))
+        .args([
+            "run",
+            "--check",
+            "--iface",
+            "eth9",
+            "--protect",
+            "*:11211",
+            "--syn-rate",
+            "9",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("syn_rate = 9"), "{text}");
+    assert!(text.contains("\"*:11211\""), "{text}");
+}
+
+#[test]
+fn operator_commands_without_pins_explain_themselves() {
+    let (ok, err) = guard(&["deny", "list"]);
+    assert!(!ok);
+    assert!(err.contains("is guard attached?"), "{err}");
+}
