@@ -14,6 +14,13 @@
 //!   state location, [`shutdown`] the signals.
 //! - [`ctl`] holds the operator commands that act on a running guard's
 //!   pinned state (`guard xdp status`, `guard deny add`, …).
+//!
+//! The memcache proxy's parts, built ahead of the proxy itself:
+//!
+//! - [`protocol`] parses and encodes the text, meta and binary protocols,
+//!   zero-copy, with limits set up front.
+//! - [`proxy::ketama`] routes keys to backends exactly as twemproxy's
+//!   `distribution: ketama` with `hash: md5` does.
 
 pub mod cidr;
 pub mod cli;
@@ -21,6 +28,8 @@ pub mod config;
 pub mod ctl;
 pub mod ebpf;
 pub mod paths;
+pub mod protocol;
+pub mod proxy;
 pub mod shutdown;
 
 use std::time::Duration;

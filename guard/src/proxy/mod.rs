@@ -1,0 +1,3 @@
+//! The memcache proxy that runs behind the XDP guard.
+
+pub mod ketama;
