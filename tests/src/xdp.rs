@@ -29,7 +29,24 @@ pub struct XdpUnderTest {
     ebpf: Ebpf,
     /// Handles on the maps (opened from this instance's pins).
     pub maps: GuardMaps,
-    paths: Paths,
+    pins: PinDir,
+}
+
+/// Removes a pin directory and everything pinned in it, also when loading
+/// fails half-way.
+struct PinDir(Paths);
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        let dir = self.0.pin_dir();
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            for e in entries.flatten() {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+        let _ = std::fs::remove_dir(&dir);
+        let _ = std::fs::remove_dir(self.0.pin_root());
+    }
 }
 
 impl XdpUnderTest {
@@ -44,6 +61,7 @@ impl XdpUnderTest {
             std::env::temp_dir().join(crate::unique_name("state")),
         );
         std::fs::create_dir_all(paths.pin_dir()).expect("create pin dir");
+        let pins = PinDir(paths.clone());
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(paths.pin_dir())
             .load(GUARD_OBJECT)
@@ -65,12 +83,12 @@ impl XdpUnderTest {
             flags: 0,
         })
         .expect("config");
-        Self { ebpf, maps, paths }
+        Self { ebpf, maps, pins }
     }
 
     /// Where this instance's pins live.
     pub fn paths(&self) -> &Paths {
-        &self.paths
+        &self.pins.0
     }
 
     fn program(&self, name: &str) -> &Xdp {
@@ -118,18 +136,5 @@ impl XdpUnderTest {
             })
             .collect();
         (v, moved)
-    }
-}
-
-impl Drop for XdpUnderTest {
-    fn drop(&mut self) {
-        let dir = self.paths.pin_dir();
-        if let Ok(entries) = std::fs::read_dir(&dir) {
-            for e in entries.flatten() {
-                let _ = std::fs::remove_file(e.path());
-            }
-        }
-        let _ = std::fs::remove_dir(&dir);
-        let _ = std::fs::remove_dir(self.paths.pin_root());
     }
 }

@@ -276,6 +276,7 @@ fn test(unprivileged: bool, filter: Option<&str>) -> anyhow::Result<()> {
              run as root, or pass --unprivileged"
         );
     }
+    remove_stale_test_objects();
     // Tiers 2 and 3: one test at a time, since they share the kernel. The
     // release build keeps flood generators fast enough to matter; the
     // end-to-end tests run the real binary.
@@ -288,6 +289,37 @@ fn test(unprivileged: bool, filter: Option<&str>) -> anyhow::Result<()> {
     }
     privileged.arg("--test-threads=1");
     check(&mut privileged)
+}
+
+/// Test namespaces and pin directories are named `gt-<tag>-<pid>-<n>`; a
+/// test process killed outright cannot remove its own, so remove those
+/// whose process is gone before starting.
+fn remove_stale_test_objects() {
+    let dead = |name: &str| -> bool {
+        let mut parts = name.split('-');
+        parts.next() == Some("gt")
+            && parts
+                .nth(1)
+                .and_then(|pid| pid.parse::<u32>().ok())
+                .is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists())
+    };
+    for (dir, is_netns) in [("/run/netns", true), ("/sys/fs/bpf", false)] {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !dead(&name) {
+                continue;
+            }
+            eprintln!("xtask: removing {dir}/{name}, left by a test process that no longer runs");
+            if is_netns {
+                let _ = Command::new("ip").args(["netns", "del", &name]).status();
+            } else {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
 }
 
 fn run(args: &[String]) -> anyhow::Result<()> {
