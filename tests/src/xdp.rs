@@ -86,6 +86,19 @@ impl XdpUnderTest {
         Self { ebpf, maps, pins }
     }
 
+    /// Loads the guard protecting `*:PORT` (both families, no tenant).
+    pub fn protecting(port: u16) -> Self {
+        let mut x = Self::load();
+        let l: guard::config::Listener = format!("*:{port}").parse().expect("listener");
+        let wanted: Vec<_> = l
+            .keys()
+            .into_iter()
+            .map(|k| (k, guard_common::ListenerValue::default()))
+            .collect();
+        x.maps.sync_listeners(&wanted).expect("protect");
+        x
+    }
+
     /// Where this instance's pins live.
     pub fn paths(&self) -> &Paths {
         &self.pins.0

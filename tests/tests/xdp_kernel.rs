@@ -73,15 +73,7 @@ fn moved(pairs: &[(&'static str, u64)]) -> BTreeMap<&'static str, u64> {
 
 /// A guard protecting *:11211 with no limits.
 fn guard() -> XdpUnderTest {
-    let mut x = XdpUnderTest::load();
-    let l: Listener = "*:11211".parse().unwrap();
-    let wanted: Vec<_> = l
-        .keys()
-        .into_iter()
-        .map(|k| (k, ListenerValue::default()))
-        .collect();
-    x.maps.sync_listeners(&wanted).unwrap();
-    x
+    XdpUnderTest::protecting(PORT)
 }
 
 fn set_config(x: &mut XdpUnderTest, f: impl FnOnce(&mut GuardConfig)) {

@@ -4,10 +4,7 @@
 
 use std::net::{IpAddr, Ipv4Addr};
 
-use guard::config::Listener;
-use guard_common::{
-    DEFAULT_TENANT, GuardConfig, ListenerValue, PROGRAM_GUARD, PROGRAM_PASS, RateLimit,
-};
+use guard_common::{DEFAULT_TENANT, GuardConfig, PROGRAM_GUARD, PROGRAM_PASS, RateLimit};
 use guard_tests::{
     frames::{ETHERTYPE_IPV4, Ethernet, Ipv4, Tcp, proto, tcp_flags},
     xdp::{XdpUnderTest, verdict},
@@ -54,14 +51,7 @@ fn machine() -> String {
 }
 
 fn main() {
-    let mut x = XdpUnderTest::load();
-    let l: Listener = "*:11211".parse().unwrap();
-    let wanted: Vec<_> = l
-        .keys()
-        .into_iter()
-        .map(|k| (k, ListenerValue::default()))
-        .collect();
-    x.maps.sync_listeners(&wanted).unwrap();
+    let mut x = XdpUnderTest::protecting(11211);
     // Limits high enough never to drop, so every bucket is charged.
     let huge = RateLimit::per_second(1_000_000_000, 1_000_000_000);
     x.maps
