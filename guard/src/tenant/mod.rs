@@ -140,6 +140,10 @@ pub struct Identity {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum AuthError {
     /// Unknown username or wrong password (not told apart on the wire).
+    /// Unknown usernames are refused without hashing, so response time
+    /// tells a known username from an unknown one: usernames are not
+    /// secrets, and hashing for made-up names would hand a flood of them
+    /// the CPU.
     #[error("authentication failure")]
     InvalidCredentials,
     /// Too many verifications in progress: retry shortly.
