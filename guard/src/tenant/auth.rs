@@ -33,7 +33,9 @@ use std::fmt;
 use bytes::Bytes;
 
 use super::AuthError;
-use crate::protocol::{BinaryRequest, BinaryResponse, Opcode, Status, StoreCommand, TextRequest};
+use crate::protocol::{
+    BinaryRequest, BinaryResponse, Opcode, Request, Status, StoreCommand, TextRequest,
+};
 
 /// The mechanisms offered, as `SASL_LIST_MECHS` returns them.
 pub const SASL_MECHANISMS: &[u8] = b"PLAIN";
@@ -198,6 +200,17 @@ pub fn text_auth_credentials(req: &TextRequest) -> Result<Credentials, TextAuthE
     }
 }
 
+/// [`text_auth_credentials`] for a request of any text-side protocol: a
+/// meta command (`mg`, `ms`, …) before authenticating is answered
+/// [`TEXT_UNAUTHENTICATED`] too. Binary requests authenticate with SASL
+/// instead ([`sasl_auth_credentials`]) and are refused here.
+pub fn request_auth_credentials(req: &Request) -> Result<Credentials, TextAuthError> {
+    match req {
+        Request::Text(t) => text_auth_credentials(t),
+        Request::Meta(_) | Request::Binary(_) => Err(TextAuthError::NotAuthCommand),
+    }
+}
+
 /// Splits an auth data block (without its CRLF) at the first space:
 /// `username password`.
 pub fn parse_text_auth_value(value: &Bytes) -> Result<Credentials, TextAuthError> {
@@ -349,6 +362,21 @@ mod tests {
             TextAuthError::NotAuthCommand.reply(),
             b"CLIENT_ERROR unauthenticated\r\n"
         );
+        // Meta commands are not the auth command either.
+        let mut buf = BytesMut::from(&b"mg foo v\r\n"[..]);
+        let req = crate::protocol::parse_request(&mut buf, &Limits::default())
+            .unwrap()
+            .unwrap();
+        assert!(matches!(req, Request::Meta(_)));
+        assert_eq!(
+            request_auth_credentials(&req),
+            Err(TextAuthError::NotAuthCommand)
+        );
+        let mut buf = BytesMut::from(&b"set k 0 0 4\r\na bc\r\n"[..]);
+        let req = crate::protocol::parse_request(&mut buf, &Limits::default())
+            .unwrap()
+            .unwrap();
+        assert_eq!(request_auth_credentials(&req).unwrap().password, &b"bc"[..]);
         // An empty username is well-formed and simply fails to match.
         let c = parse_text_auth_value(&b(b" pw")).unwrap();
         assert!(c.username.is_empty());
