@@ -47,6 +47,21 @@ pub enum Command {
     /// Sources whose SYNs pass without being charged.
     #[command(subcommand)]
     Allow(CidrCommand),
+    /// Tenant credentials.
+    #[command(subcommand)]
+    Tenant(TenantCommand),
+}
+
+/// `guard tenant …`.
+#[derive(Debug, Subcommand)]
+pub enum TenantCommand {
+    /// Read a password from standard input and print its stored form for a
+    /// tenant's `password_hash` (PBKDF2-HMAC-SHA256, random salt).
+    HashPassword {
+        /// PBKDF2 iterations.
+        #[arg(long, default_value_t = crate::tenant::password::DEFAULT_ITERATIONS)]
+        iterations: u32,
+    },
 }
 
 /// `guard xdp …`.

@@ -137,6 +137,54 @@ pub struct TenantConfig {
     pub syn_burst: Option<u64>,
     /// Listeners dedicated to this tenant: their SYNs charge its budget.
     pub listen: Vec<Listener>,
+    /// Prefix of this tenant's keys on the backends (default: the name).
+    /// No spaces or control characters, at most
+    /// [`MAX_NAMESPACE_LEN`] bytes, and no tenant's namespace may be a
+    /// prefix of another's. See `tenant::KeyNamespace`.
+    pub namespace: Option<String>,
+    /// Who may connect as this tenant. Several at once allow rotation: add
+    /// the new credential, move the clients, remove the old one. A username
+    /// may repeat within this tenant (old and new password of one user) but
+    /// never across tenants.
+    pub credentials: Vec<CredentialConfig>,
+    /// Client connections this tenant may hold at once (0 = unlimited).
+    pub max_connections: u64,
+    /// Requests per second (0 = unlimited).
+    pub max_requests_per_sec: u64,
+    /// Request and reply bytes per second (0 = unlimited).
+    pub max_bytes_per_sec: u64,
+    /// Requests in flight to the backends at once (0 = unlimited).
+    pub max_in_flight: u64,
+}
+
+/// Longest tenant namespace, in bytes.
+pub const MAX_NAMESPACE_LEN: usize = 40;
+
+/// Longest credential username, in bytes.
+pub const MAX_USERNAME_LEN: usize = 255;
+
+/// Most credentials one username may have at once (rotation needs two).
+pub const MAX_CREDENTIALS_PER_USER: usize = 4;
+
+/// One credential of a tenant (`[[tenant.credentials]]`, or inline tables).
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CredentialConfig {
+    /// The name the client authenticates with.
+    pub username: String,
+    /// The stored password, as printed by `guard tenant hash-password`:
+    /// `pbkdf2-sha256$<iterations>$<salt>$<hash>`.
+    pub password_hash: String,
+    /// Whether this credential may only read (get/gets/gat…).
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+impl TenantConfig {
+    /// The key namespace in force: the configured one, else the name.
+    pub fn namespace(&self) -> &str {
+        self.namespace.as_deref().unwrap_or(&self.name)
+    }
 }
 
 /// A listening address: `IP:PORT`, `[IPv6]:PORT`, or `*:PORT` for every
@@ -313,7 +361,10 @@ impl Config {
                     }
                 }
             }
+            check_tenant_budgets(t)?;
         }
+        check_namespaces(&self.tenants)?;
+        check_credentials(&self.tenants)?;
         Ok(())
     }
 
@@ -395,6 +446,117 @@ fn check_budget(what: &str, rate: u64, burst: u64) -> anyhow::Result<()> {
     }
     if rate > 1_000_000_000 {
         bail!("{what}-rate {rate} is above one per nanosecond");
+    }
+    Ok(())
+}
+
+/// Per-tenant proxy budgets: 0 means unlimited; anything else must be
+/// sane.
+fn check_tenant_budgets(t: &TenantConfig) -> anyhow::Result<()> {
+    for (what, value, max) in [
+        ("max_connections", t.max_connections, 10_000_000),
+        (
+            "max_requests_per_sec",
+            t.max_requests_per_sec,
+            1_000_000_000,
+        ),
+        ("max_bytes_per_sec", t.max_bytes_per_sec, 1 << 40),
+        ("max_in_flight", t.max_in_flight, 10_000_000),
+    ] {
+        if value > max {
+            bail!(
+                "tenant `{}` {what} {value} is above {max} (0 means unlimited)",
+                t.name
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Namespaces: valid key bytes, bounded, unique, and prefix-free, so no
+/// tenant's backend key can ever be read as another's.
+fn check_namespaces(tenants: &[TenantConfig]) -> anyhow::Result<()> {
+    for t in tenants {
+        let ns = t.namespace();
+        if ns.is_empty() || ns.len() > MAX_NAMESPACE_LEN {
+            bail!(
+                "tenant `{}` namespace `{ns}` must be 1 to {MAX_NAMESPACE_LEN} bytes",
+                t.name
+            );
+        }
+        if ns.bytes().any(|b| b <= b' ' || b == 0x7f) {
+            bail!(
+                "tenant `{}` namespace `{}` has a space or control character",
+                t.name,
+                ns.escape_debug()
+            );
+        }
+    }
+    for (i, a) in tenants.iter().enumerate() {
+        for b in &tenants[i + 1..] {
+            let (na, nb) = (a.namespace(), b.namespace());
+            if na == nb {
+                bail!(
+                    "tenants `{}` and `{}` share the namespace `{na}`",
+                    a.name,
+                    b.name
+                );
+            }
+            if nb.starts_with(na) || na.starts_with(nb) {
+                bail!(
+                    "tenant `{}` namespace `{na}` and tenant `{}` namespace `{nb}`: one is a prefix of the other",
+                    a.name,
+                    b.name
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Credentials: well-formed hashes, usernames owned by one tenant only.
+fn check_credentials(tenants: &[TenantConfig]) -> anyhow::Result<()> {
+    let mut owner: std::collections::HashMap<&str, (&str, usize)> = Default::default();
+    let mut pairs = std::collections::HashSet::new();
+    for t in tenants {
+        for c in &t.credentials {
+            let u = &c.username;
+            if u.is_empty() || u.len() > MAX_USERNAME_LEN {
+                bail!(
+                    "tenant `{}` has a username of {} bytes: 1 to {MAX_USERNAME_LEN}",
+                    t.name,
+                    u.len()
+                );
+            }
+            if u.bytes().any(|b| b <= b' ' || b == 0x7f) {
+                bail!(
+                    "tenant `{}` username `{}` has a space or control character",
+                    t.name,
+                    u.escape_debug()
+                );
+            }
+            c.password_hash
+                .parse::<crate::tenant::PasswordHash>()
+                .with_context(|| format!("tenant `{}` user `{u}` password_hash", t.name))?;
+            let entry = owner.entry(u.as_str()).or_insert((t.name.as_str(), 0));
+            if entry.0 != t.name {
+                bail!(
+                    "username `{u}` belongs to tenants `{}` and `{}`: usernames are unique across tenants",
+                    entry.0,
+                    t.name
+                );
+            }
+            entry.1 += 1;
+            if entry.1 > MAX_CREDENTIALS_PER_USER {
+                bail!("username `{u}` has more than {MAX_CREDENTIALS_PER_USER} credentials");
+            }
+            if !pairs.insert((u.as_str(), c.password_hash.as_str())) {
+                bail!(
+                    "tenant `{}` lists user `{u}` with the same password_hash twice",
+                    t.name
+                );
+            }
+        }
     }
     Ok(())
 }

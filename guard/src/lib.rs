@@ -21,6 +21,9 @@
 //!   zero-copy, with limits set up front.
 //! - [`proxy::ketama`] routes keys to backends exactly as twemproxy's
 //!   `distribution: ketama` with `hash: md5` does.
+//! - [`tenant`] knows who a client is and what it may touch: credentials
+//!   and their verification, SASL and text authentication, per-tenant key
+//!   namespaces with their own `flush_all`, connection caps and budgets.
 
 pub mod cidr;
 pub mod cli;
@@ -31,6 +34,7 @@ pub mod paths;
 pub mod protocol;
 pub mod proxy;
 pub mod shutdown;
+pub mod tenant;
 
 use std::time::Duration;
 
@@ -62,6 +66,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Xdp(cmd) => ctl::xdp(&paths, cmd),
         Command::Deny(cmd) => ctl::cidr(&paths, ebpf::maps::CidrList::Deny, cmd),
         Command::Allow(cmd) => ctl::cidr(&paths, ebpf::maps::CidrList::Allow, cmd),
+        Command::Tenant(cli::TenantCommand::HashPassword { iterations }) => {
+            let hash = tenant::hash_password_from(&mut std::io::stdin().lock(), iterations)?;
+            println!("{hash}");
+            Ok(())
+        }
     }
 }
 

@@ -1,0 +1,446 @@
+//! Tenants: who a client is, which keys it sees, what it may spend.
+//!
+//! A pure library the proxy sessions call; it does no I/O.
+//!
+//! - [`TenantRegistry`] is built from a validated [`Config`]: one per
+//!   configuration, swapped whole on reload ([`SharedRegistry`]). With no
+//!   credentials configured it is *open*: every connection is the single
+//!   open tenant, whose keys pass unprefixed, and no authentication is
+//!   asked for ([`TenantRegistry::requires_auth`]). Otherwise every
+//!   connection must authenticate before anything else, within
+//!   [`AUTH_DEADLINE`] (the proxy's `[proxy] auth_timeout_ms` defaults to
+//!   it).
+//! - [`TenantRegistry::authenticate`] checks a username and password and
+//!   returns the connection's [`Identity`]: its [`Tenant`] and whether it
+//!   is read-only. Verification is PBKDF2 ([`password`]) behind a cache,
+//!   a concurrency bound and a failure cache ([`verifier`]), so a reconnect
+//!   storm of correct passwords costs one HMAC each, and wrong passwords
+//!   cannot take more than a bounded number of cores.
+//! - [`KeyNamespace`] prefixes every key with the tenant's namespace and
+//!   flush generation; `flush_all` moves only that tenant on.
+//! - [`auth`] has the wire side: SASL PLAIN (binary), memcached's `-Y`
+//!   text authentication, and the replies.
+//! - [`TenantConnections`] caps each tenant's connections.
+//! - [`TenantLimits`] carries the request, byte and in-flight budgets
+//!   (validated here, enforced by the proxy).
+//!
+//! How a session uses it:
+//!
+//! ```ignore
+//! let registry = shared.load();                 // Arc<TenantRegistry>
+//! let identity = match registry.open_identity() {
+//!     Some(open) => open,
+//!     None => {
+//!         // Within AUTH_DEADLINE: read SASL_AUTH or the text `set`, then
+//!         let creds = auth::sasl_auth_credentials(&req)?;  // or text_auth_credentials
+//!         let r = match registry.authenticate_cached(&creds.username, &creds.password) {
+//!             Some(r) => r,                       // no hashing needed
+//!             None => {                           // PBKDF2: off the async threads
+//!                 let reg = registry.clone();
+//!                 tokio::task::spawn_blocking(move || {
+//!                     reg.authenticate(&creds.username, &creds.password)
+//!                 }).await?
+//!             }
+//!         };
+//!         // reply with auth::text_auth_reply(&r) / sasl_auth_ok / sasl_auth_failed
+//!         r?
+//!     }
+//! };
+//! let _permit = connections.try_acquire(&identity.tenant)
+//!     .ok_or("SERVER_ERROR too many connections")?;
+//! let backend_key = identity.tenant.namespace.backend_key(&client_key)?;
+//! ```
+
+pub mod auth;
+pub mod connections;
+pub mod namespace;
+pub mod password;
+pub mod verifier;
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, RwLock},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use guard_common::DEFAULT_TENANT;
+
+pub use connections::{ConnectionPermit, TenantConnections};
+pub use namespace::{KeyNamespace, KeyTooLong};
+pub use password::PasswordHash;
+pub use verifier::{AuthSettings, AuthStats};
+
+use crate::config::{Config, TenantConfig, tenant_id};
+use verifier::{Candidate, Verifier};
+
+/// How long a client has to authenticate after connecting, unless the
+/// proxy's `auth_timeout_ms` says otherwise. Short: a client that cannot
+/// authenticate at once is not going to, and its descriptor is wanted.
+pub const AUTH_DEADLINE: Duration = Duration::from_secs(2);
+
+/// Name of the open tenant (no credentials configured).
+pub const OPEN_TENANT: &str = "default";
+
+/// Per-tenant budgets; 0 means unlimited.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TenantLimits {
+    /// Client connections at once.
+    pub max_connections: u64,
+    /// Requests per second.
+    pub max_requests_per_sec: u64,
+    /// Request and reply bytes per second.
+    pub max_bytes_per_sec: u64,
+    /// Backend requests in flight at once.
+    pub max_in_flight: u64,
+}
+
+impl TenantLimits {
+    /// `None` for unlimited (0), else the limit.
+    pub fn limit(value: u64) -> Option<u64> {
+        (value != 0).then_some(value)
+    }
+
+    fn from_config(t: &TenantConfig) -> Self {
+        Self {
+            max_connections: t.max_connections,
+            max_requests_per_sec: t.max_requests_per_sec,
+            max_bytes_per_sec: t.max_bytes_per_sec,
+            max_in_flight: t.max_in_flight,
+        }
+    }
+}
+
+/// A tenant as the proxy sees it.
+#[derive(Debug)]
+pub struct Tenant {
+    /// Its configured name ([`OPEN_TENANT`] for the open one).
+    pub name: Arc<str>,
+    /// Its id in the XDP maps ([`tenant_id`] of the name; the open tenant
+    /// is [`DEFAULT_TENANT`]).
+    pub id: u32,
+    /// Where its keys live.
+    pub namespace: KeyNamespace,
+    /// Its budgets.
+    pub limits: TenantLimits,
+}
+
+/// Who an authenticated (or open) connection is.
+#[derive(Debug)]
+pub struct Identity {
+    pub tenant: Arc<Tenant>,
+    /// Only reads are allowed (the session refuses writes, deletes,
+    /// arithmetic and flushes).
+    pub read_only: bool,
+    /// The username it authenticated as; `None` on the open tenant.
+    pub username: Option<Arc<str>>,
+}
+
+/// Why an authentication failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    /// Unknown username or wrong password (not told apart on the wire).
+    /// Unknown usernames are refused without hashing, so response time
+    /// tells a known username from an unknown one: usernames are not
+    /// secrets, and hashing for made-up names would hand a flood of them
+    /// the CPU.
+    #[error("authentication failure")]
+    InvalidCredentials,
+    /// Too many verifications in progress: retry shortly.
+    #[error("authentication busy")]
+    Busy,
+}
+
+struct Credential {
+    hash: PasswordHash,
+    text: Arc<str>,
+    identity: Arc<Identity>,
+}
+
+/// Tenants and credentials of one configuration.
+pub struct TenantRegistry {
+    tenants: Vec<Arc<Tenant>>,
+    open: Option<Arc<Identity>>,
+    users: HashMap<Box<[u8]>, Vec<Credential>>,
+    verifier: Arc<Verifier>,
+}
+
+impl std::fmt::Debug for TenantRegistry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TenantRegistry")
+            .field("tenants", &self.tenants)
+            .field("open", &self.open.is_some())
+            .field("users", &self.users.len())
+            .finish()
+    }
+}
+
+impl TenantRegistry {
+    /// The open registry: one tenant, no authentication, keys unprefixed.
+    pub fn open() -> Self {
+        Self::open_with(Arc::new(Verifier::new(AuthSettings::default())))
+    }
+
+    fn open_with(verifier: Arc<Verifier>) -> Self {
+        let tenant = Arc::new(Tenant {
+            name: OPEN_TENANT.into(),
+            id: DEFAULT_TENANT,
+            namespace: KeyNamespace::passthrough(),
+            limits: TenantLimits::default(),
+        });
+        Self {
+            tenants: vec![tenant.clone()],
+            open: Some(Arc::new(Identity {
+                tenant,
+                read_only: false,
+                username: None,
+            })),
+            users: HashMap::new(),
+            verifier,
+        }
+    }
+
+    /// The registry of a validated configuration. Open when no tenant has
+    /// credentials (tenants may exist for their XDP SYN budgets alone).
+    pub fn from_config(config: &Config) -> anyhow::Result<Self> {
+        Self::build(config, None, AuthSettings::default())
+    }
+
+    /// Like [`Self::from_config`] with verifier settings of one's own.
+    pub fn with_settings(config: &Config, settings: AuthSettings) -> anyhow::Result<Self> {
+        Self::build(config, None, settings)
+    }
+
+    /// The registry of a new configuration, keeping what must survive a
+    /// reload: flush generations of unchanged namespaces, and remembered
+    /// correct passwords (an entry only matches while its stored hash is
+    /// still configured). Remembered failures are forgotten.
+    pub fn reload(&self, config: &Config) -> anyhow::Result<Self> {
+        self.verifier.forget_failures();
+        Self::build(config, Some(self), self.verifier.settings().clone())
+    }
+
+    fn build(
+        config: &Config,
+        previous: Option<&TenantRegistry>,
+        settings: AuthSettings,
+    ) -> anyhow::Result<Self> {
+        let verifier = match previous {
+            Some(p) => p.verifier.clone(),
+            None => Arc::new(Verifier::new(settings)),
+        };
+        if config.tenants.iter().all(|t| t.credentials.is_empty()) {
+            return Ok(match previous.and_then(|p| p.open.as_ref()) {
+                // Keep the open tenant itself: nothing about it changed.
+                Some(open) => Self {
+                    tenants: vec![open.tenant.clone()],
+                    open: Some(open.clone()),
+                    users: HashMap::new(),
+                    verifier,
+                },
+                None => Self::open_with(verifier),
+            });
+        }
+        let mut tenants = Vec::new();
+        let mut users: HashMap<Box<[u8]>, Vec<Credential>> = HashMap::new();
+        for t in &config.tenants {
+            let ns = t.namespace();
+            let namespace = previous
+                .and_then(|p| {
+                    p.tenants
+                        .iter()
+                        .find(|old| old.namespace.name() == ns.as_bytes())
+                })
+                .map_or_else(|| KeyNamespace::new(ns), |old| old.namespace.clone());
+            let tenant = Arc::new(Tenant {
+                name: t.name.as_str().into(),
+                id: tenant_id(&t.name),
+                namespace,
+                limits: TenantLimits::from_config(t),
+            });
+            for c in &t.credentials {
+                let hash = c.password_hash.parse::<PasswordHash>().with_context(|| {
+                    format!("tenant `{}` user `{}` password_hash", t.name, c.username)
+                })?;
+                users
+                    .entry(c.username.as_bytes().into())
+                    .or_default()
+                    .push(Credential {
+                        hash,
+                        text: c.password_hash.as_str().into(),
+                        identity: Arc::new(Identity {
+                            tenant: tenant.clone(),
+                            read_only: c.read_only,
+                            username: Some(c.username.as_str().into()),
+                        }),
+                    });
+            }
+            tenants.push(tenant);
+        }
+        Ok(Self {
+            tenants,
+            open: None,
+            users,
+            verifier,
+        })
+    }
+
+    /// Whether connections must authenticate.
+    pub fn requires_auth(&self) -> bool {
+        self.open.is_none()
+    }
+
+    /// The identity of every connection of an open registry.
+    pub fn open_identity(&self) -> Option<Arc<Identity>> {
+        self.open.clone()
+    }
+
+    /// The tenants (the open one alone for an open registry).
+    pub fn tenants(&self) -> &[Arc<Tenant>] {
+        &self.tenants
+    }
+
+    /// A tenant by name.
+    pub fn tenant(&self, name: &str) -> Option<&Arc<Tenant>> {
+        self.tenants.iter().find(|t| &*t.name == name)
+    }
+
+    /// Verification counters (shared across reloads).
+    pub fn auth_stats(&self) -> AuthStats {
+        self.verifier.stats()
+    }
+
+    fn lookup(&self, username: &[u8]) -> Option<(&[Credential], Vec<Candidate<'_>>)> {
+        let creds = self.users.get(username)?;
+        let candidates = creds
+            .iter()
+            .map(|c| Candidate {
+                hash: &c.hash,
+                text: &c.text,
+            })
+            .collect();
+        Some((creds, candidates))
+    }
+
+    /// Checks a username and password. May run PBKDF2 (tens of
+    /// milliseconds) on the calling thread: call it from a blocking thread
+    /// when [`Self::authenticate_cached`] returns `None`. An open registry
+    /// accepts anything as its open identity.
+    pub fn authenticate(
+        &self,
+        username: &[u8],
+        password: &[u8],
+    ) -> Result<Arc<Identity>, AuthError> {
+        if let Some(open) = &self.open {
+            return Ok(open.clone());
+        }
+        let Some((creds, candidates)) = self.lookup(username) else {
+            self.verifier.count_failure();
+            return Err(AuthError::InvalidCredentials);
+        };
+        let tag = self.verifier.tag(username, password);
+        let i = self.verifier.verify(&tag, password, &candidates)?;
+        Ok(creds[i].identity.clone())
+    }
+
+    /// Answers without hashing when it can: a remembered correct or wrong
+    /// password, an unknown user, an open registry. `None`: call
+    /// [`Self::authenticate`] (off the async threads).
+    pub fn authenticate_cached(
+        &self,
+        username: &[u8],
+        password: &[u8],
+    ) -> Option<Result<Arc<Identity>, AuthError>> {
+        if let Some(open) = &self.open {
+            return Some(Ok(open.clone()));
+        }
+        let Some((creds, candidates)) = self.lookup(username) else {
+            self.verifier.count_failure();
+            return Some(Err(AuthError::InvalidCredentials));
+        };
+        let tag = self.verifier.tag(username, password);
+        Some(
+            self.verifier
+                .verify_cached(&tag, &candidates)?
+                .map(|i| creds[i].identity.clone()),
+        )
+    }
+}
+
+/// The registry in force, swapped whole on reload. Sessions take an
+/// `Arc` when they start (or per request) and keep using it; a swap never
+/// blocks them for longer than a pointer copy.
+#[derive(Debug)]
+pub struct SharedRegistry {
+    current: RwLock<Arc<TenantRegistry>>,
+}
+
+impl SharedRegistry {
+    /// Starts with `registry`.
+    pub fn new(registry: TenantRegistry) -> Self {
+        Self {
+            current: RwLock::new(Arc::new(registry)),
+        }
+    }
+
+    /// The registry in force.
+    pub fn load(&self) -> Arc<TenantRegistry> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Replaces it; returns the old one.
+    pub fn store(&self, registry: TenantRegistry) -> Arc<TenantRegistry> {
+        let mut current = self.current.write().unwrap_or_else(|e| e.into_inner());
+        std::mem::replace(&mut *current, Arc::new(registry))
+    }
+
+    /// Builds the registry of `config` from the one in force (see
+    /// [`TenantRegistry::reload`]) and swaps it in. On error the running
+    /// registry stays.
+    pub fn reload(&self, config: &Config) -> anyhow::Result<()> {
+        let next = self.load().reload(config)?;
+        self.store(next);
+        Ok(())
+    }
+}
+
+/// `guard tenant hash-password`: reads one password from `input` (a
+/// trailing newline is not part of it) and returns its stored form.
+pub fn hash_password_from(input: impl std::io::Read, iterations: u32) -> anyhow::Result<String> {
+    use std::io::Read as _;
+    if !(password::MIN_ITERATIONS..=password::MAX_ITERATIONS).contains(&iterations) {
+        anyhow::bail!(
+            "iterations must be {} to {}",
+            password::MIN_ITERATIONS,
+            password::MAX_ITERATIONS
+        );
+    }
+    let mut buf = Vec::new();
+    std::io::Read::take(input, 4096)
+        .read_to_end(&mut buf)
+        .context("cannot read the password from standard input")?;
+    if buf.ends_with(b"\n") {
+        buf.pop();
+        if buf.ends_with(b"\r") {
+            buf.pop();
+        }
+    }
+    if buf.is_empty() {
+        anyhow::bail!("empty password on standard input");
+    }
+    if buf.len() > auth::MAX_SASL_FIELD {
+        anyhow::bail!(
+            "password longer than {} bytes (SASL PLAIN's limit)",
+            auth::MAX_SASL_FIELD
+        );
+    }
+    let hash = PasswordHash::generate(&buf, iterations)
+        .map_err(|e| anyhow::anyhow!("no randomness for the salt: {e}"))?;
+    Ok(hash.to_string())
+}
+
+#[cfg(test)]
+mod tests;
