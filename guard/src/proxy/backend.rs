@@ -147,12 +147,20 @@ impl BackendPool {
         self.conns.iter().any(|c| c.up.load(Ordering::Relaxed))
     }
 
-    /// Sends `count` encoded meta requests as one batch on one connection.
-    /// Fails at once when no connection is up: waiting for a reconnect is
-    /// the slowness that turns into reconnect storms.
-    pub fn call(&self, bytes: Bytes, count: usize) -> Call {
+    /// A connection choice for one client session. A session sends all
+    /// its requests to a backend over the same connection, so memcached
+    /// executes them in the order the client sent them.
+    pub fn affinity(&self) -> usize {
+        self.next.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Sends `count` encoded meta requests as one batch on the connection
+    /// `affinity` picks (the next one up if it is down). Fails at once when
+    /// no connection is up: waiting for a reconnect is the slowness that
+    /// turns into reconnect storms.
+    pub fn call(&self, bytes: Bytes, count: usize, affinity: usize) -> Call {
         let n = self.conns.len();
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let start = affinity % n;
         for i in 0..n {
             let conn = &self.conns[(start + i) % n];
             if !conn.up.load(Ordering::Relaxed) {

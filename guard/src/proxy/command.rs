@@ -45,12 +45,31 @@ fn waiting(f: impl Future<Output = Reply> + Send + 'static) -> Slot {
     Slot::Waiting(Box::pin(f))
 }
 
-/// Starts a request: backend calls are on their way when this returns.
-pub fn dispatch(req: Request, sh: &Arc<Shared>) -> Slot {
+/// Starts a request for a session whose connection affinity is
+/// `affinity`: backend calls are on their way when this returns.
+pub fn dispatch(req: Request, sh: &Arc<Shared>, affinity: usize) -> Slot {
+    let cx = Cx {
+        sh: sh.clone(),
+        affinity,
+    };
     match req {
-        Request::Text(r) => text(r, sh),
-        Request::Meta(r) => meta(r, sh),
-        Request::Binary(r) => binary(r, sh),
+        Request::Text(r) => text(r, &cx),
+        Request::Meta(r) => meta(r, &cx),
+        Request::Binary(r) => binary(r, &cx),
+    }
+}
+
+/// One request's context: the shared state and its session's affinity.
+struct Cx {
+    sh: Arc<Shared>,
+    affinity: usize,
+}
+
+impl std::ops::Deref for Cx {
+    type Target = Arc<Shared>;
+
+    fn deref(&self) -> &Arc<Shared> {
+        &self.sh
     }
 }
 
@@ -94,13 +113,13 @@ fn flag_u64(m: &MetaResponse, f: u8) -> Option<u64> {
 /// Sends one request for one key; `render` turns the reply (or the
 /// backend's failure) into the client's bytes.
 fn forward(
-    sh: &Arc<Shared>,
+    sh: &Cx,
     bkey: &[u8],
     request: BytesMut,
     render: impl FnOnce(&Shared, Result<Response, BackendError>) -> Reply + Send + 'static,
 ) -> Slot {
-    let call = sh.router.call_one(bkey, request.freeze());
-    let sh = sh.clone();
+    let call = sh.router.call_one(bkey, request.freeze(), sh.affinity);
+    let sh = sh.sh.clone();
     waiting(async move {
         let r = match call.wait().await {
             Ok(mut v) if v.len() == 1 => Ok(v.pop().expect("one reply")),
@@ -159,7 +178,7 @@ fn text_status(
     if noreply { Reply::default() } else { reply }
 }
 
-fn text(req: TextRequest, sh: &Arc<Shared>) -> Slot {
+fn text(req: TextRequest, sh: &Cx) -> Slot {
     match req {
         TextRequest::Get(g) => text_get(g, sh),
         TextRequest::Store(s) => text_store(s, sh),
@@ -207,7 +226,7 @@ fn text(req: TextRequest, sh: &Arc<Shared>) -> Slot {
             })
         }
         TextRequest::FlushAll { delay, noreply } => {
-            schedule_flush(sh, i64::from(delay.unwrap_or(0)));
+            schedule_flush(&sh.sh, i64::from(delay.unwrap_or(0)));
             Slot::Ready(if noreply {
                 Reply::default()
             } else {
@@ -237,7 +256,7 @@ fn text(req: TextRequest, sh: &Arc<Shared>) -> Slot {
     }
 }
 
-fn text_get(g: GetRequest, sh: &Arc<Shared>) -> Slot {
+fn text_get(g: GetRequest, sh: &Cx) -> Slot {
     let mut flags = vec![flag(b'v'), flag(b'f')];
     if g.kind.returns_cas() {
         flags.push(flag(b'c'));
@@ -255,8 +274,8 @@ fn text_get(g: GetRequest, sh: &Arc<Shared>) -> Slot {
             (bkey, req)
         })
         .collect();
-    let fan = sh.router.fan_out(requests);
-    let sh = sh.clone();
+    let fan = sh.router.fan_out(requests, sh.affinity);
+    let sh = sh.sh.clone();
     let with_cas = g.kind.returns_cas();
     waiting(async move {
         let results = fan.wait().await;
@@ -300,7 +319,7 @@ fn text_get(g: GetRequest, sh: &Arc<Shared>) -> Slot {
     })
 }
 
-fn text_store(s: StoreRequest, sh: &Arc<Shared>) -> Slot {
+fn text_store(s: StoreRequest, sh: &Cx) -> Slot {
     ProxyStats::add(&sh.stats.cmd_set, 1);
     let bkey = sh.ns.backend_key(&s.key);
     let mut flags = Vec::new();
@@ -333,7 +352,7 @@ fn text_store(s: StoreRequest, sh: &Arc<Shared>) -> Slot {
 }
 
 fn text_arith(
-    sh: &Arc<Shared>,
+    sh: &Cx,
     key: &[u8],
     delta: u64,
     mode: &'static [u8],
@@ -368,7 +387,7 @@ fn text_arith(
 
 // ---------------------------------------------------------------- meta
 
-fn meta(mut req: MetaRequest, sh: &Arc<Shared>) -> Slot {
+fn meta(mut req: MetaRequest, sh: &Cx) -> Slot {
     let command = req.command;
     if command == MetaCommand::Noop {
         return Slot::Ready(Reply::bytes(b"MN\r\n"));
@@ -490,7 +509,7 @@ fn encode_binary(op: Opcode, resp: BinaryResponse) -> Reply {
 /// Forwards a binary request; `render` maps a meta reply to the binary
 /// response, errors are mapped here.
 fn forward_binary(
-    sh: &Arc<Shared>,
+    sh: &Cx,
     req: &BinaryRequest,
     command: MetaCommand,
     flags: Vec<MetaFlag>,
@@ -514,7 +533,7 @@ fn forward_binary(
     })
 }
 
-fn binary(req: BinaryRequest, sh: &Arc<Shared>) -> Slot {
+fn binary(req: BinaryRequest, sh: &Cx) -> Slot {
     use Opcode::*;
     let (op, opaque) = (req.opcode, req.opaque);
     let local = |resp: BinaryResponse| Slot::Ready(encode_binary(op, resp));
@@ -548,7 +567,7 @@ fn binary(req: BinaryRequest, sh: &Arc<Shared>) -> Slot {
                 Extras::Exptime(d) => i64::from(d),
                 _ => 0,
             };
-            schedule_flush(sh, delay);
+            schedule_flush(&sh.sh, delay);
             local(BinaryResponse::new(op as u8, opaque))
         }
         Noop | Verbosity => local(BinaryResponse::new(op as u8, opaque)),
@@ -587,7 +606,7 @@ fn binary(req: BinaryRequest, sh: &Arc<Shared>) -> Slot {
     }
 }
 
-fn binary_get(req: BinaryRequest, sh: &Arc<Shared>) -> Slot {
+fn binary_get(req: BinaryRequest, sh: &Cx) -> Slot {
     use Opcode::*;
     let (op, opaque) = (req.opcode, req.opaque);
     let mut flags = vec![flag(b'f'), flag(b'c')];
@@ -639,7 +658,7 @@ fn binary_get(req: BinaryRequest, sh: &Arc<Shared>) -> Slot {
     )
 }
 
-fn binary_store(req: BinaryRequest, sh: &Arc<Shared>) -> Slot {
+fn binary_store(req: BinaryRequest, sh: &Cx) -> Slot {
     use Opcode::*;
     ProxyStats::add(&sh.stats.cmd_set, 1);
     let (op, opaque) = (req.opcode, req.opaque);
@@ -681,7 +700,7 @@ fn binary_store(req: BinaryRequest, sh: &Arc<Shared>) -> Slot {
     })
 }
 
-fn binary_arith(req: BinaryRequest, sh: &Arc<Shared>) -> Slot {
+fn binary_arith(req: BinaryRequest, sh: &Cx) -> Slot {
     use Opcode::*;
     let (op, opaque) = (req.opcode, req.opaque);
     let Extras::Arith {

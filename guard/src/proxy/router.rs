@@ -59,15 +59,20 @@ impl Router {
         &self.pools
     }
 
+    /// A session's connection affinity (see [`BackendPool::affinity`]).
+    pub fn affinity(&self) -> usize {
+        self.pools.first().map_or(0, BackendPool::affinity)
+    }
+
     /// Sends one encoded request to the owner of `backend_key`.
-    pub fn call_one(&self, backend_key: &[u8], request: Bytes) -> Call {
-        self.pools[self.backend_for(backend_key)].call(request, 1)
+    pub fn call_one(&self, backend_key: &[u8], request: Bytes, affinity: usize) -> Call {
+        self.pools[self.backend_for(backend_key)].call(request, 1, affinity)
     }
 
     /// Sends one request per key, grouped into one batch per backend so the
     /// backends work concurrently, and returns each key's reply in the
     /// caller's order.
-    pub fn fan_out(&self, requests: Vec<(Bytes, BytesMut)>) -> FanOut {
+    pub fn fan_out(&self, requests: Vec<(Bytes, BytesMut)>, affinity: usize) -> FanOut {
         let slots = requests.len();
         let mut groups: Vec<(usize, BytesMut, Vec<usize>)> = Vec::new();
         for (i, (key, encoded)) in requests.into_iter().enumerate() {
@@ -83,7 +88,7 @@ impl Router {
         let calls = groups
             .into_iter()
             .map(|(b, bytes, idx)| {
-                let call = self.pools[b].call(bytes.freeze(), idx.len());
+                let call = self.pools[b].call(bytes.freeze(), idx.len(), affinity);
                 (call, idx)
             })
             .collect();

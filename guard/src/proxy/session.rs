@@ -51,6 +51,7 @@ pub async fn serve(stream: TcpStream, sh: Arc<Shared>, mut phase: watch::Receive
     let mut close_after_flush = false;
     let mut last_read = Instant::now();
     let depth = sh.max_pipeline_depth;
+    let affinity = sh.router.affinity();
 
     loop {
         if !closing {
@@ -70,7 +71,7 @@ pub async fn serve(stream: TcpStream, sh: Arc<Shared>, mut phase: watch::Receive
                 match parse(p, &mut rbuf, &limits) {
                     Ok(None) => break,
                     Ok(Some(req)) => {
-                        let slot = command::dispatch(req, &sh);
+                        let slot = command::dispatch(req, &sh, affinity);
                         if let Slot::Ready(Reply { close: true, .. }) = slot {
                             closing = true;
                         }
