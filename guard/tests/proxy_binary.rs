@@ -55,13 +55,19 @@ fn binary_serves_and_drains_on_sigterm() {
         std::thread::sleep(Duration::from_millis(20));
     }
     c.send(b"get k\r\n");
-    assert_eq!(c.read_until_suffix(b"END\r\n"), b"VALUE k 0 2\r\nhi\r\nEND\r\n");
+    assert_eq!(
+        c.read_until_suffix(b"END\r\n"),
+        b"VALUE k 0 2\r\nhi\r\nEND\r\n"
+    );
 
     // A request sent just before SIGTERM is still answered.
     c.send(b"get k\r\n");
     // SAFETY: signalling our own child.
     assert_eq!(unsafe { libc::kill(guard.0.id() as i32, libc::SIGTERM) }, 0);
-    assert_eq!(c.read_until_suffix(b"END\r\n"), b"VALUE k 0 2\r\nhi\r\nEND\r\n");
+    assert_eq!(
+        c.read_until_suffix(b"END\r\n"),
+        b"VALUE k 0 2\r\nhi\r\nEND\r\n"
+    );
     assert!(c.is_closed(), "drained sessions are closed");
 
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -69,7 +75,10 @@ fn binary_serves_and_drains_on_sigterm() {
         if let Some(s) = guard.0.try_wait().unwrap() {
             break s;
         }
-        assert!(Instant::now() < deadline, "guard did not exit after SIGTERM");
+        assert!(
+            Instant::now() < deadline,
+            "guard did not exit after SIGTERM"
+        );
         std::thread::sleep(Duration::from_millis(20));
     };
     assert!(status.success(), "{status}");

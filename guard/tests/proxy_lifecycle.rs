@@ -95,5 +95,8 @@ fn abrupt_clients_leave_no_close_wait_and_no_descriptors() {
     // And the proxy still serves.
     let mut c = common::Client::connect(guard.addr);
     c.send(b"get k0-0\r\n");
-    assert_eq!(c.read_until_suffix(b"END\r\n"), b"VALUE k0-0 0 1\r\nv\r\nEND\r\n");
+    assert_eq!(
+        c.read_until_suffix(b"END\r\n"),
+        b"VALUE k0-0 0 1\r\nv\r\nEND\r\n"
+    );
 }

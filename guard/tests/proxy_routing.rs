@@ -103,7 +103,10 @@ fn dead_backend_fails_fast_and_recovers() {
         std::thread::sleep(Duration::from_millis(50));
     }
     c.send(b"get k\r\n");
-    assert_eq!(c.read_until_suffix(b"END\r\n"), b"VALUE k 0 1\r\nw\r\nEND\r\n");
+    assert_eq!(
+        c.read_until_suffix(b"END\r\n"),
+        b"VALUE k 0 1\r\nw\r\nEND\r\n"
+    );
 }
 
 #[test]
@@ -142,7 +145,10 @@ fn bad_input_gets_its_error_and_spares_others() {
     bad.send(b"\r\n");
     assert_eq!(bad.read_line(), "SERVER_ERROR object too large for cache");
     bad.send(b"get g\r\n");
-    assert_eq!(bad.read_until_suffix(b"END\r\n"), b"VALUE g 0 2\r\nok\r\nEND\r\n");
+    assert_eq!(
+        bad.read_until_suffix(b"END\r\n"),
+        b"VALUE g 0 2\r\nok\r\nEND\r\n"
+    );
     let mut long = b"get ".to_vec();
     long.extend(vec![b'a'; 70_000]);
     long.extend(b"\r\n");
@@ -161,5 +167,59 @@ fn bad_input_gets_its_error_and_spares_others() {
     assert!(bin_bad.is_closed());
 
     good.send(b"get g\r\n");
-    assert_eq!(good.read_until_suffix(b"END\r\n"), b"VALUE g 0 2\r\nok\r\nEND\r\n");
+    assert_eq!(
+        good.read_until_suffix(b"END\r\n"),
+        b"VALUE g 0 2\r\nok\r\nEND\r\n"
+    );
+}
+
+#[test]
+fn hung_backend_times_out_within_the_request_timeout() {
+    // Accepts (the kernel completes the handshake) but never answers.
+    let hung = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let cfg = guard::config::ProxyConfig {
+        listen: vec!["127.0.0.1:0".parse().unwrap()],
+        backends: vec![guard::config::BackendConfig {
+            addr: hung.local_addr().unwrap(),
+            weight: 1,
+        }],
+        request_timeout_ms: 200,
+        ..Default::default()
+    };
+    let guard = GuardProxy::start_unchecked(cfg);
+    let mut c = Client::connect(guard.addr);
+    for _ in 0..3 {
+        let t = Instant::now();
+        c.send(b"get k\r\n");
+        let line = c.read_line();
+        assert!(line.starts_with("SERVER_ERROR"), "{line}");
+        assert!(
+            t.elapsed() < Duration::from_millis(600),
+            "{:?}",
+            t.elapsed()
+        );
+    }
+}
+
+#[test]
+fn per_source_cap_closes_extra_connections() {
+    let mc = Memcached::start();
+    let mut cfg = config(&[&mc]);
+    cfg.max_connections_per_source = 2;
+    let guard = GuardProxy::start(cfg);
+    // The start-up probe's connection may still be closing.
+    std::thread::sleep(Duration::from_millis(200));
+    let mut a = Client::connect(guard.addr);
+    let mut b = Client::connect(guard.addr);
+    let mut extra = Client::connect(guard.addr);
+    assert!(extra.is_closed());
+    for c in [&mut a, &mut b] {
+        c.send(b"version\r\n");
+        assert!(c.read_line().starts_with("VERSION"));
+    }
+    drop(a);
+    std::thread::sleep(Duration::from_millis(200));
+    let mut again = Client::connect(guard.addr);
+    again.send(b"version\r\n");
+    assert!(again.read_line().starts_with("VERSION"));
 }

@@ -351,13 +351,7 @@ fn text_store(s: StoreRequest, sh: &Cx) -> Slot {
     })
 }
 
-fn text_arith(
-    sh: &Cx,
-    key: &[u8],
-    delta: u64,
-    mode: &'static [u8],
-    noreply: bool,
-) -> Slot {
+fn text_arith(sh: &Cx, key: &[u8], delta: u64, mode: &'static [u8], noreply: bool) -> Slot {
     let bkey = sh.ns.backend_key(key);
     let flags = vec![
         flag(b'v'),

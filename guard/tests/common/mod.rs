@@ -97,7 +97,15 @@ pub struct GuardProxy {
 }
 
 impl GuardProxy {
+    /// Starts the proxy and waits until requests reach the backends.
     pub fn start(config: ProxyConfig) -> Self {
+        let p = Self::start_unchecked(config);
+        p.wait_backends_up();
+        p
+    }
+
+    /// Starts the proxy without waiting for its backends.
+    pub fn start_unchecked(config: ProxyConfig) -> Self {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -115,14 +123,12 @@ impl GuardProxy {
                 let _ = stopped.await;
             },
         ));
-        let p = Self {
+        Self {
             addr,
             stop: Some(stop),
             done: Some(done),
             runtime: Some(runtime),
-        };
-        p.wait_backends_up();
-        p
+        }
     }
 
     /// Waits until a request goes through, so tests start with every
@@ -141,30 +147,16 @@ impl GuardProxy {
         // Give the remaining pooled connections a moment to connect too.
         std::thread::sleep(Duration::from_millis(100));
     }
-
-    /// Drains and waits for `Proxy::run` to return.
-    pub fn stop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let (Some(done), Some(rt)) = (self.done.take(), self.runtime.as_ref()) {
-            rt.block_on(async {
-                tokio::time::timeout(Duration::from_secs(15), done)
-                    .await
-                    .expect("proxy drained in time")
-                    .unwrap()
-                    .unwrap()
-            });
-        }
-    }
 }
 
 impl Drop for GuardProxy {
     fn drop(&mut self) {
+        // Drain as `guard run` does on SIGTERM, then drop the runtime.
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
-        if let Some(rt) = self.runtime.take() {
+        if let (Some(done), Some(rt)) = (self.done.take(), self.runtime.take()) {
+            let _ = rt.block_on(tokio::time::timeout(Duration::from_secs(10), done));
             rt.shutdown_timeout(Duration::from_secs(5));
         }
     }
