@@ -156,7 +156,8 @@ impl Drop for GuardProxy {
             let _ = stop.send(());
         }
         if let (Some(done), Some(rt)) = (self.done.take(), self.runtime.take()) {
-            let _ = rt.block_on(tokio::time::timeout(Duration::from_secs(10), done));
+            let _ =
+                rt.block_on(async { tokio::time::timeout(Duration::from_secs(10), done).await });
             rt.shutdown_timeout(Duration::from_secs(5));
         }
     }
