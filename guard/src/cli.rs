@@ -6,7 +6,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::{
     cidr::Cidr,
-    config::{Config, Listener, XdpModeSetting},
+    config::{BackendConfig, Config, Listener, XdpModeSetting},
     paths::{DEFAULT_PIN_ROOT, DEFAULT_STATE_ROOT, Paths},
 };
 
@@ -37,7 +37,7 @@ impl Cli {
 pub enum Command {
     /// Load and attach the guard, keep its maps in step, run until SIGINT or
     /// SIGTERM. SIGHUP re-reads the config file.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Inspect or remove the pinned XDP program.
     #[command(subcommand)]
     Xdp(XdpCommand),
@@ -149,6 +149,42 @@ pub struct RunArgs {
     /// Allow a source prefix (repeatable; added to the config file's).
     #[arg(long, value_name = "CIDR")]
     pub allow: Vec<Cidr>,
+    /// Address the memcache proxy listens on (repeatable).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub listen: Vec<std::net::SocketAddr>,
+    /// memcached backend, ADDR:PORT[:WEIGHT] (repeatable).
+    #[arg(long, value_name = "ADDR:PORT[:WEIGHT]")]
+    pub backend: Vec<BackendConfig>,
+    /// Backend connect timeout in milliseconds.
+    #[arg(long)]
+    pub connect_timeout_ms: Option<u64>,
+    /// Backend request timeout in milliseconds.
+    #[arg(long)]
+    pub request_timeout_ms: Option<u64>,
+    /// Persistent connections per backend.
+    #[arg(long)]
+    pub backend_connections: Option<usize>,
+    /// Most client connections at once.
+    #[arg(long)]
+    pub max_connections: Option<usize>,
+    /// Most client connections per source address (0 = unlimited).
+    #[arg(long)]
+    pub max_connections_per_source: Option<usize>,
+    /// Close idle client connections after this many seconds (0 = never).
+    #[arg(long)]
+    pub idle_timeout_secs: Option<u64>,
+    /// Largest value a client may store, in bytes.
+    #[arg(long)]
+    pub max_value_size: Option<usize>,
+    /// Most requests in flight per client connection.
+    #[arg(long)]
+    pub max_pipeline_depth: Option<usize>,
+    /// Answer reads with a miss instead of an error when a backend fails.
+    #[arg(long)]
+    pub miss_on_backend_error: bool,
+    /// Seconds in-flight requests get to finish after SIGTERM.
+    #[arg(long)]
+    pub drain_grace_secs: Option<u64>,
 }
 
 impl RunArgs {
@@ -193,6 +229,34 @@ impl RunArgs {
         }
         x.deny.extend(self.deny.iter().copied());
         x.allow.extend(self.allow.iter().copied());
+
+        let p = &mut c.proxy;
+        if !self.listen.is_empty() {
+            p.listen = self.listen.clone();
+        }
+        if !self.backend.is_empty() {
+            p.backends = self.backend.clone();
+        }
+        set(&mut p.connect_timeout_ms, self.connect_timeout_ms);
+        set(&mut p.request_timeout_ms, self.request_timeout_ms);
+        set(&mut p.idle_timeout_secs, self.idle_timeout_secs);
+        set(&mut p.drain_grace_secs, self.drain_grace_secs);
+        let set = |dst: &mut usize, v: Option<usize>| {
+            if let Some(v) = v {
+                *dst = v;
+            }
+        };
+        set(&mut p.backend_connections, self.backend_connections);
+        set(&mut p.max_connections, self.max_connections);
+        set(
+            &mut p.max_connections_per_source,
+            self.max_connections_per_source,
+        );
+        set(&mut p.max_value_size, self.max_value_size);
+        set(&mut p.max_pipeline_depth, self.max_pipeline_depth);
+        if self.miss_on_backend_error {
+            p.miss_on_backend_error = true;
+        }
     }
 }
 
@@ -233,6 +297,32 @@ mod tests {
         assert_eq!(c.xdp.syn_rate, 7);
         assert_eq!(c.xdp.syn_burst, 9);
         assert_eq!(c.xdp.ipv6_prefix, 48);
+    }
+
+    #[test]
+    fn proxy_flags_override_the_file() {
+        let cli = parse(&[
+            "run",
+            "--listen",
+            "127.0.0.1:11311",
+            "--backend",
+            "127.0.0.1:11211:2",
+            "--backend",
+            "127.0.0.1:11212",
+            "--request-timeout-ms",
+            "50",
+            "--miss-on-backend-error",
+        ])
+        .unwrap();
+        let Command::Run(args) = cli.command else {
+            panic!("not run")
+        };
+        let c = args.resolve().unwrap();
+        assert_eq!(c.proxy.listen.len(), 1);
+        assert_eq!(c.proxy.backends[0].weight, 2);
+        assert_eq!(c.proxy.request_timeout_ms, 50);
+        assert!(c.proxy.miss_on_backend_error);
+        assert!(parse(&["run", "--backend", "nohost"]).is_err());
     }
 
     #[test]

@@ -26,6 +26,8 @@ use crate::cidr::Cidr;
 pub struct Config {
     /// The XDP SYN guard.
     pub xdp: XdpConfig,
+    /// The memcache proxy.
+    pub proxy: ProxyConfig,
     /// Tenants, each with its own budgets (`[[tenant]]` tables).
     #[serde(rename = "tenant")]
     pub tenants: Vec<TenantConfig>,
@@ -122,6 +124,165 @@ impl Default for XdpConfig {
             deny: Vec::new(),
             allow: Vec::new(),
         }
+    }
+}
+
+/// The memcache proxy's settings.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxyConfig {
+    /// Addresses the proxy accepts clients on. Empty: no proxy.
+    pub listen: Vec<SocketAddr>,
+    /// memcached servers, hashed with ketama by weight.
+    pub backends: Vec<BackendConfig>,
+    /// Longest wait for a backend TCP connect.
+    pub connect_timeout_ms: u64,
+    /// Longest wait for a backend reply before the request fails.
+    pub request_timeout_ms: u64,
+    /// Persistent connections per backend; requests are pipelined on them.
+    pub backend_connections: usize,
+    /// Most client connections at once (taken before `accept`).
+    pub max_connections: usize,
+    /// Most client connections from one source address (0 = unlimited).
+    pub max_connections_per_source: usize,
+    /// A client connection with nothing in flight is closed after this
+    /// many seconds of silence (0 = never).
+    pub idle_timeout_secs: u64,
+    /// Largest value a client may store, in bytes.
+    pub max_value_size: usize,
+    /// Most requests a client may have in flight; reading pauses beyond it.
+    pub max_pipeline_depth: usize,
+    /// When a backend fails, reads answer a miss instead of an error.
+    pub miss_on_backend_error: bool,
+    /// On SIGTERM, in-flight requests get this long to finish.
+    pub drain_grace_secs: u64,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        Self {
+            listen: Vec::new(),
+            backends: Vec::new(),
+            // A healthy backend on the same network connects in well under a
+            // millisecond; waiting longer only turns an outage into slowness.
+            connect_timeout_ms: 200,
+            // Far above a memcached round trip, below client timeouts, so
+            // clients get an answer instead of timing out and reconnecting.
+            request_timeout_ms: 250,
+            // Pipelining keeps a few connections busy; more only spread load
+            // over memcached's worker threads.
+            backend_connections: 2,
+            // Below a default 64k descriptor limit with room for backends.
+            max_connections: 50_000,
+            // One client host rarely needs more; a reconnect storm does.
+            max_connections_per_source: 1_000,
+            idle_timeout_secs: 300,
+            // memcached's default item size limit.
+            max_value_size: 1024 * 1024,
+            max_pipeline_depth: 256,
+            miss_on_backend_error: false,
+            drain_grace_secs: 5,
+        }
+    }
+}
+
+impl ProxyConfig {
+    fn validate(&self) -> anyhow::Result<()> {
+        if self.listen.is_empty() {
+            return Ok(());
+        }
+        if self.backends.is_empty() {
+            bail!("the proxy needs at least one backend: add --backend ADDR:PORT[:WEIGHT]");
+        }
+        let mut seen = BTreeSet::new();
+        for b in &self.backends {
+            if b.weight == 0 {
+                bail!("backend {} has weight 0: use 1 or more", b.addr);
+            }
+            if !seen.insert(b.addr) {
+                bail!("backend {} is listed twice", b.addr);
+            }
+        }
+        let mut seen = BTreeSet::new();
+        for l in &self.listen {
+            if !seen.insert(l) {
+                bail!("proxy listener {l} is listed twice");
+            }
+        }
+        if !(1..=60_000).contains(&self.connect_timeout_ms) {
+            bail!(
+                "connect-timeout-ms must be 1..=60000, got {}",
+                self.connect_timeout_ms
+            );
+        }
+        if !(1..=60_000).contains(&self.request_timeout_ms) {
+            bail!(
+                "request-timeout-ms must be 1..=60000, got {}",
+                self.request_timeout_ms
+            );
+        }
+        if !(1..=64).contains(&self.backend_connections) {
+            bail!(
+                "backend-connections must be 1..=64, got {}",
+                self.backend_connections
+            );
+        }
+        if !(1..=1_000_000).contains(&self.max_connections) {
+            bail!(
+                "max-connections must be 1..=1000000, got {}",
+                self.max_connections
+            );
+        }
+        if !(1..=128 * 1024 * 1024).contains(&self.max_value_size) {
+            bail!(
+                "max-value-size must be 1..=134217728 bytes, got {}",
+                self.max_value_size
+            );
+        }
+        if !(1..=65_536).contains(&self.max_pipeline_depth) {
+            bail!(
+                "max-pipeline-depth must be 1..=65536, got {}",
+                self.max_pipeline_depth
+            );
+        }
+        if self.drain_grace_secs > 3_600 {
+            bail!(
+                "drain-grace-secs must be at most 3600, got {}",
+                self.drain_grace_secs
+            );
+        }
+        Ok(())
+    }
+}
+
+/// One memcached backend: `ADDR:PORT[:WEIGHT]` on the command line.
+#[derive(Copy, Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct BackendConfig {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Its share of the keys relative to the others.
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+impl FromStr for BackendConfig {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if let Ok(addr) = s.parse::<SocketAddr>() {
+            return Ok(Self { addr, weight: 1 });
+        }
+        let bad = || format!("`{s}` is not ADDR:PORT[:WEIGHT] (e.g. 10.0.0.5:11211:2)");
+        let (addr, weight) = s.rsplit_once(':').ok_or_else(bad)?;
+        Ok(Self {
+            addr: addr.parse().map_err(|_| bad())?,
+            weight: weight.parse().map_err(|_| bad())?,
+        })
     }
 }
 
@@ -297,6 +458,7 @@ impl Config {
     /// Checks every rule the file format cannot express. Called once, after
     /// command-line overrides, before anything is attached.
     pub fn validate(&self) -> anyhow::Result<()> {
+        self.proxy.validate()?;
         let x = &self.xdp;
         let mut seen = BTreeSet::new();
         for iface in &x.interfaces {
@@ -705,6 +867,50 @@ mod tests {
                 .to_string()
                 .contains("bad tenant name")
         );
+    }
+
+    #[test]
+    fn proxy_section() {
+        let c = Config::parse(
+            r#"
+            [proxy]
+            listen = ["127.0.0.1:11311"]
+            backends = [{ addr = "10.0.0.5:11211", weight = 2 }, { addr = "[::1]:11211" }]
+            request_timeout_ms = 100
+            miss_on_backend_error = true
+            "#,
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.proxy.backends[1].weight, 1);
+        assert_eq!(c.proxy.request_timeout_ms, 100);
+        assert_eq!(c.proxy.connect_timeout_ms, 200);
+        assert!(c.proxy.miss_on_backend_error);
+        let e = Config::parse("[proxy]\nlisten_on = []\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown field"), "{e}");
+
+        let mut c = c;
+        c.proxy.backends.clear();
+        assert!(c.validate().unwrap_err().to_string().contains("--backend"));
+        c.proxy.backends = vec!["10.0.0.5:11211:0".parse().unwrap()];
+        assert!(c.validate().unwrap_err().to_string().contains("weight 0"));
+        c.proxy.backends = vec!["10.0.0.5:11211".parse().unwrap()];
+        c.proxy.max_pipeline_depth = 0;
+        assert!(c.validate().unwrap_err().to_string().contains("pipeline"));
+    }
+
+    #[test]
+    fn backend_parsing() {
+        let b: BackendConfig = "10.0.0.5:11211:3".parse().unwrap();
+        assert_eq!((b.addr.port(), b.weight), (11211, 3));
+        let b: BackendConfig = "[::1]:11211:2".parse().unwrap();
+        assert_eq!(b.weight, 2);
+        let b: BackendConfig = "[::1]:11211".parse().unwrap();
+        assert_eq!(b.weight, 1);
+        assert!("10.0.0.5".parse::<BackendConfig>().is_err());
+        assert!("10.0.0.5:1:x".parse::<BackendConfig>().is_err());
     }
 
     #[test]

@@ -15,12 +15,16 @@
 //! - [`ctl`] holds the operator commands that act on a running guard's
 //!   pinned state (`guard xdp status`, `guard deny add`, …).
 //!
-//! The memcache proxy's parts, built ahead of the proxy itself:
+//! Following a memcache request:
 //!
 //! - [`protocol`] parses and encodes the text, meta and binary protocols,
 //!   zero-copy, with limits set up front.
-//! - [`proxy::ketama`] routes keys to backends exactly as twemproxy's
-//!   `distribution: ketama` with `hash: md5` does.
+//! - [`proxy`] is the memcache proxy: [`proxy::listener`] accepts under
+//!   connection caps, [`proxy::session`] serves one client,
+//!   [`proxy::command`] translates requests to backend meta requests,
+//!   [`proxy::namespace`] prefixes keys, [`proxy::router`] routes with
+//!   [`proxy::ketama`] (as twemproxy does), and [`proxy::backend`]
+//!   pipelines over pooled backend connections.
 //! - [`tenant`] knows who a client is and what it may touch: credentials
 //!   and their verification, SASL and text authentication, per-tenant key
 //!   namespaces with their own `flush_all`, connection caps and budgets.
@@ -61,7 +65,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
                 .enable_all()
                 .build()
                 .context("cannot start the async runtime")?;
-            runtime.block_on(run_daemon(paths, args))
+            runtime.block_on(run_daemon(paths, *args))
         }
         Command::Xdp(cmd) => ctl::xdp(&paths, cmd),
         Command::Deny(cmd) => ctl::cidr(&paths, ebpf::maps::CidrList::Deny, cmd),
@@ -74,59 +78,113 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-/// `guard run`: attach (or adopt) the guard, then keep it in step until a
-/// stop signal. The XDP program stays attached after exit.
+/// `guard run`: the memcache proxy when `--listen` is given, the XDP guard
+/// when `--iface` is given, both in one process when both are. SIGINT or
+/// SIGTERM drains the proxy; the XDP program stays attached after exit.
 pub async fn run_daemon(paths: Paths, args: RunArgs) -> anyhow::Result<()> {
     let mut config = args.resolve()?;
     if args.check {
         println!("{}", toml::to_string_pretty(&config)?);
         return Ok(());
     }
-    if config.xdp.interfaces.is_empty() {
-        bail!("nothing to run: give --iface IF (and --protect ADDR:PORT) to attach the XDP guard");
+    if config.xdp.interfaces.is_empty() && config.proxy.listen.is_empty() {
+        bail!(
+            "nothing to run: give --listen ADDR:PORT and --backend ADDR:PORT for the proxy, \
+             or --iface IF (and --protect ADDR:PORT) to attach the XDP guard"
+        );
     }
     // Installed first, so a signal during start-up is not lost.
     let mut signals = Signals::new().context("cannot install signal handlers")?;
 
-    let mut guard = XdpGuard::attach(&paths, &config.xdp.interfaces, config.xdp.mode)?;
-    let mut control = XdpControl::open(&paths)?;
-    control.apply(&config)?;
-    info!(
-        "guarding {} listener(s) on {}; per-source {}/s burst {}, per-tenant {}/s, host {}/s",
-        config.protected().len(),
-        describe_interfaces(&guard),
-        config.xdp.syn_rate,
-        config.xdp.syn_burst,
-        config.xdp.tenant_syn_rate,
-        config.xdp.global_syn_rate,
-    );
-    let events = tokio::spawn(ebpf::control::watch_events(paths.clone()));
+    let mut proxy = None;
+    if !config.proxy.listen.is_empty() {
+        let mut listeners = Vec::new();
+        for addr in &config.proxy.listen {
+            listeners.push(
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot listen on {addr}"))?,
+            );
+        }
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(proxy::Proxy::run(
+            listeners,
+            config.proxy.clone(),
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+        proxy = Some((stop, task));
+    }
+
+    let mut xdp = None;
+    if !config.xdp.interfaces.is_empty() {
+        let guard = XdpGuard::attach(&paths, &config.xdp.interfaces, config.xdp.mode)?;
+        let mut control = XdpControl::open(&paths)?;
+        control.apply(&config)?;
+        info!(
+            "guarding {} listener(s) on {}; per-source {}/s burst {}, per-tenant {}/s, host {}/s",
+            config.protected().len(),
+            describe_interfaces(&guard),
+            config.xdp.syn_rate,
+            config.xdp.syn_burst,
+            config.xdp.tenant_syn_rate,
+            config.xdp.global_syn_rate,
+        );
+        let events = tokio::spawn(ebpf::control::watch_events(paths.clone()));
+        xdp = Some((guard, control, events));
+    }
 
     let mut expiry = tokio::time::interval(EXPIRY_INTERVAL);
     loop {
         tokio::select! {
             signal = signals.recv() => match signal {
                 Signal::Stop => break,
-                Signal::Reload => match reload(&paths, &args, &config, &mut guard, &mut control) {
-                    Ok(new) => {
-                        config = new;
-                        info!("configuration reloaded");
-                    }
-                    Err(e) => error!("reload failed, keeping the running configuration: {e:#}"),
+                Signal::Reload => match &mut xdp {
+                    Some((guard, control, _)) => match reload(&paths, &args, &config, guard, control) {
+                        Ok(new) => {
+                            config = new;
+                            info!("configuration reloaded (proxy settings apply at restart)");
+                        }
+                        Err(e) => error!("reload failed, keeping the running configuration: {e:#}"),
+                    },
+                    None => info!("SIGHUP: proxy settings apply at restart; nothing to reload"),
                 },
             },
-            _ = expiry.tick() => match control.expire() {
-                Ok(0) => {}
-                Ok(n) => info!("removed {n} expired deny/allow entr{}", if n == 1 { "y" } else { "ies" }),
-                Err(e) => error!("cannot remove expired entries: {e:#}"),
+            _ = expiry.tick(), if xdp.is_some() => {
+                let Some((_, control, _)) = &mut xdp else { continue };
+                match control.expire() {
+                    Ok(0) => {}
+                    Ok(n) => info!("removed {n} expired deny/allow entr{}", if n == 1 { "y" } else { "ies" }),
+                    Err(e) => error!("cannot remove expired entries: {e:#}"),
+                }
+            },
+            r = async {
+                match &mut proxy {
+                    Some((_, task)) => task.await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                // The proxy only ends on its own when something broke.
+                match r {
+                    Ok(Ok(())) => bail!("the proxy stopped unexpectedly"),
+                    Ok(Err(e)) => return Err(e.context("the proxy failed")),
+                    Err(e) => bail!("the proxy task failed: {e}"),
+                }
             },
         }
     }
-    events.abort();
-    info!(
-        "stopping; the XDP guard stays attached on {} (`guard xdp detach` removes it)",
-        describe_interfaces(&guard)
-    );
+    if let Some((stop, task)) = proxy {
+        let _ = stop.send(());
+        task.await.context("the proxy task failed")??;
+    }
+    if let Some((guard, _, events)) = xdp {
+        events.abort();
+        info!(
+            "stopping; the XDP guard stays attached on {} (`guard xdp detach` removes it)",
+            describe_interfaces(&guard)
+        );
+    }
     Ok(())
 }
 

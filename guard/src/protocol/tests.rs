@@ -787,9 +787,9 @@ mod meta_requests {
         assert!(!Get.quiet_suppresses(Hd) && !Get.quiet_suppresses(Va));
         assert!(Set.quiet_suppresses(Hd));
         assert!(!Set.quiet_suppresses(Ns) && !Set.quiet_suppresses(Ex));
-        assert!(Delete.quiet_suppresses(Hd) && Delete.quiet_suppresses(Nf));
+        assert!(Delete.quiet_suppresses(Hd) && !Delete.quiet_suppresses(Nf));
         assert!(!Delete.quiet_suppresses(Ex));
-        assert!(Arithmetic.quiet_suppresses(Hd) && Arithmetic.quiet_suppresses(Nf));
+        assert!(Arithmetic.quiet_suppresses(Hd) && !Arithmetic.quiet_suppresses(Nf));
         assert!(!Arithmetic.quiet_suppresses(Va));
         assert!(!Noop.quiet_suppresses(Mn));
     }

@@ -1,3 +1,148 @@
 //! The memcache proxy that runs behind the XDP guard.
+//!
+//! Following a request: [`listener`] accepts the client (global and
+//! per-source caps), [`session`] parses its requests in whichever protocol
+//! it speaks and writes replies in order, [`command`] translates each
+//! request into meta requests for the backends (keys namespaced by
+//! [`namespace`]) and the replies back, [`router`] picks the backend with
+//! [`ketama`] and fans multi-key gets out, and [`backend`] pipelines
+//! everything over a few persistent connections per memcached.
 
+pub mod backend;
+pub mod command;
 pub mod ketama;
+pub mod listener;
+pub mod namespace;
+pub mod router;
+pub mod session;
+pub mod stats;
+
+use std::{future::Future, sync::Arc, time::Duration};
+
+use log::{info, warn};
+use tokio::{
+    net::TcpListener,
+    sync::{Semaphore, watch},
+};
+
+pub use backend::BackendError;
+
+use crate::{config::ProxyConfig, protocol::Limits};
+use backend::BackendSettings;
+use listener::SourceLimits;
+use namespace::KeyNamespace;
+use router::Router;
+use stats::ProxyStats;
+
+/// memcached's key length limit, which backend keys must respect.
+pub const MAX_BACKEND_KEY_LEN: usize = 250;
+
+/// The prefix of the single open tenant's keys on the backends.
+pub const OPEN_TENANT_PREFIX: &str = "_.";
+
+/// What `version` answers.
+pub fn version() -> String {
+    format!("guard-{}", env!("CARGO_PKG_VERSION"))
+}
+
+/// Lifecycle of the proxy, as seen by listeners and sessions.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// Serving.
+    Running,
+    /// No new connections or requests; in-flight requests finish.
+    Draining,
+    /// The grace period is over: close everything now.
+    Stopped,
+}
+
+/// State every session shares.
+pub struct Shared {
+    pub router: Router,
+    pub ns: KeyNamespace,
+    pub stats: Arc<ProxyStats>,
+    pub limits: Limits,
+    pub miss_on_backend_error: bool,
+    pub idle_timeout: Option<Duration>,
+    pub max_pipeline_depth: usize,
+    /// Most bytes buffered from one client before reading pauses.
+    pub read_cap: usize,
+}
+
+/// The memcache proxy.
+pub struct Proxy;
+
+impl Proxy {
+    /// Serves clients on `listeners` until `shutdown` completes, then
+    /// drains: stops accepting, lets in-flight requests finish within
+    /// `drain_grace_secs`, and closes what is left.
+    pub async fn run(
+        listeners: Vec<TcpListener>,
+        config: ProxyConfig,
+        shutdown: impl Future<Output = ()>,
+    ) -> anyhow::Result<()> {
+        let stats = Arc::new(ProxyStats::default());
+        let settings = BackendSettings {
+            connect_timeout: Duration::from_millis(config.connect_timeout_ms),
+            request_timeout: Duration::from_millis(config.request_timeout_ms),
+            connections: config.backend_connections,
+        };
+        let (router, backend_tasks) = Router::start(&config.backends, &settings, &stats);
+        let limits = Limits {
+            max_value_len: config.max_value_size,
+            max_pipeline_depth: config.max_pipeline_depth,
+            ..Limits::default()
+        };
+        let shared = Arc::new(Shared {
+            router,
+            ns: KeyNamespace::new(OPEN_TENANT_PREFIX, MAX_BACKEND_KEY_LEN),
+            stats,
+            read_cap: limits.max_value_len + limits.max_retrieval_line_len + 4096,
+            limits,
+            miss_on_backend_error: config.miss_on_backend_error,
+            idle_timeout: (config.idle_timeout_secs > 0)
+                .then(|| Duration::from_secs(config.idle_timeout_secs)),
+            max_pipeline_depth: config.max_pipeline_depth,
+        });
+        let (phase_tx, phase_rx) = watch::channel(Phase::Running);
+        let permits = Arc::new(Semaphore::new(config.max_connections));
+        let sources = Arc::new(SourceLimits::new(config.max_connections_per_source));
+        let mut accepting = Vec::new();
+        for l in listeners {
+            if let Ok(addr) = l.local_addr() {
+                info!("proxy listening on {addr}");
+            }
+            accepting.push(tokio::spawn(listener::accept_loop(
+                l,
+                shared.clone(),
+                permits.clone(),
+                sources.clone(),
+                phase_rx.clone(),
+            )));
+        }
+
+        shutdown.await;
+        info!("proxy draining");
+        let _ = phase_tx.send(Phase::Draining);
+        for t in accepting {
+            let _ = t.await;
+        }
+        // Every session holds a permit: having them all back means every
+        // session has ended.
+        let all = u32::try_from(config.max_connections).unwrap_or(u32::MAX);
+        let grace = Duration::from_secs(config.drain_grace_secs);
+        if tokio::time::timeout(grace, permits.acquire_many(all))
+            .await
+            .is_err()
+        {
+            warn!("drain grace period of {grace:?} is over; closing remaining connections");
+            let _ = phase_tx.send(Phase::Stopped);
+            let _ = tokio::time::timeout(Duration::from_secs(1), permits.acquire_many(all)).await;
+        }
+        for t in backend_tasks {
+            t.abort();
+        }
+        info!("proxy stopped");
+        Ok(())
+    }
+}

@@ -1,0 +1,755 @@
+//! Client requests in, backend meta requests out, and the replies back in
+//! the client's protocol.
+//!
+//! Every client request, whatever its protocol, becomes non-quiet meta
+//! requests (one per key), so replies on shared backend connections match
+//! by order. Quiet modes (meta `q`, binary quiet opcodes, text `noreply`)
+//! are applied here, on the way back, by suppressing what the client's
+//! protocol would have suppressed. Keys gain the tenant's namespace prefix
+//! on the way out and lose it on the way back.
+
+use std::{future::Future, pin::Pin, sync::Arc, time::Duration};
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use super::{BackendError, Shared, stats::ProxyStats};
+use crate::protocol::{
+    BinaryRequest, BinaryResponse, Extras, GetKind, GetRequest, MetaCode, MetaCommand, MetaFlag,
+    MetaRequest, MetaResponse, Opcode, Request, Response, Status, StoreCommand, StoreRequest,
+    TextRequest, TextResponse, is_valid_text_key,
+};
+
+/// The bytes to send a client for one request, and whether to close after.
+#[derive(Debug, Default)]
+pub struct Reply {
+    pub out: BytesMut,
+    pub close: bool,
+}
+
+impl Reply {
+    fn bytes(b: &[u8]) -> Self {
+        Self {
+            out: BytesMut::from(b),
+            close: false,
+        }
+    }
+}
+
+/// A request's reply slot in the client's pipeline.
+pub enum Slot {
+    Ready(Reply),
+    Waiting(Pin<Box<dyn Future<Output = Reply> + Send>>),
+}
+
+fn waiting(f: impl Future<Output = Reply> + Send + 'static) -> Slot {
+    Slot::Waiting(Box::pin(f))
+}
+
+/// Starts a request for a session whose connection affinity is
+/// `affinity`: backend calls are on their way when this returns.
+pub fn dispatch(req: Request, sh: &Arc<Shared>, affinity: usize) -> Slot {
+    let cx = Cx {
+        sh: sh.clone(),
+        affinity,
+    };
+    match req {
+        Request::Text(r) => text(r, &cx),
+        Request::Meta(r) => meta(r, &cx),
+        Request::Binary(r) => binary(r, &cx),
+    }
+}
+
+/// One request's context: the shared state and its session's affinity.
+struct Cx {
+    sh: Arc<Shared>,
+    affinity: usize,
+}
+
+impl std::ops::Deref for Cx {
+    type Target = Arc<Shared>;
+
+    fn deref(&self) -> &Arc<Shared> {
+        &self.sh
+    }
+}
+
+fn token(v: impl ToString) -> Bytes {
+    Bytes::from(v.to_string())
+}
+
+/// A meta request for `bkey`, base64-keyed when the key is not a valid
+/// text key (binary clients may use any bytes).
+fn meta_req(
+    command: MetaCommand,
+    bkey: &[u8],
+    flags: Vec<MetaFlag>,
+    value: Option<Bytes>,
+) -> BytesMut {
+    let mut r = MetaRequest {
+        command,
+        key: Bytes::new(),
+        flags,
+        value,
+    };
+    if is_valid_text_key(bkey, usize::MAX) {
+        r.key = Bytes::copy_from_slice(bkey);
+    } else {
+        r.flags.insert(0, MetaFlag::new(b'b', Bytes::new()));
+        r.set_decoded_key(bkey);
+    }
+    let mut out = BytesMut::new();
+    r.encode(&mut out);
+    out
+}
+
+fn flag(f: u8) -> MetaFlag {
+    MetaFlag::new(f, Bytes::new())
+}
+
+fn flag_u64(m: &MetaResponse, f: u8) -> Option<u64> {
+    std::str::from_utf8(&m.flag(f)?.token).ok()?.parse().ok()
+}
+
+/// Sends one request for one key; `render` turns the reply (or the
+/// backend's failure) into the client's bytes.
+fn forward(
+    sh: &Cx,
+    bkey: &[u8],
+    request: BytesMut,
+    render: impl FnOnce(&Shared, Result<Response, BackendError>) -> Reply + Send + 'static,
+) -> Slot {
+    let call = sh.router.call_one(bkey, request.freeze(), sh.affinity);
+    let sh = sh.sh.clone();
+    waiting(async move {
+        let r = match call.wait().await {
+            Ok(mut v) if v.len() == 1 => Ok(v.pop().expect("one reply")),
+            Ok(_) => Err(BackendError::Lost),
+            Err(e) => Err(e),
+        };
+        if r.is_err() {
+            ProxyStats::add(&sh.stats.backend_errors, 1);
+        }
+        render(&sh, r)
+    })
+}
+
+fn schedule_flush(sh: &Arc<Shared>, delay: i64) {
+    ProxyStats::add(&sh.stats.cmd_flush, 1);
+    if delay <= 0 {
+        sh.ns.flush();
+        return;
+    }
+    let weak = Arc::downgrade(sh);
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(delay as u64)).await;
+        if let Some(sh) = weak.upgrade() {
+            sh.ns.flush();
+        }
+    });
+}
+
+// ---------------------------------------------------------------- text
+
+fn server_error(e: BackendError) -> Reply {
+    Reply::bytes(format!("SERVER_ERROR {e}\r\n").as_bytes())
+}
+
+const BAD_REPLY: &[u8] = b"SERVER_ERROR bad backend reply\r\n";
+
+/// A text reply for a one-key command: the meta code's text word, or the
+/// backend's own error line.
+fn text_status(
+    r: Result<Response, BackendError>,
+    noreply: bool,
+    word: impl Fn(MetaCode) -> Option<&'static str>,
+) -> Reply {
+    let reply = match r {
+        Err(e) => server_error(e),
+        Ok(Response::Meta(m)) => match word(m.code) {
+            Some(w) => Reply::bytes(format!("{w}\r\n").as_bytes()),
+            None => Reply::bytes(BAD_REPLY),
+        },
+        Ok(other) => {
+            let mut out = BytesMut::new();
+            other.encode(&mut out);
+            Reply { out, close: false }
+        }
+    };
+    if noreply { Reply::default() } else { reply }
+}
+
+fn text(req: TextRequest, sh: &Cx) -> Slot {
+    match req {
+        TextRequest::Get(g) => text_get(g, sh),
+        TextRequest::Store(s) => text_store(s, sh),
+        TextRequest::Incr {
+            key,
+            delta,
+            noreply,
+        } => text_arith(sh, &key, delta, b"I", noreply),
+        TextRequest::Decr {
+            key,
+            delta,
+            noreply,
+        } => text_arith(sh, &key, delta, b"D", noreply),
+        TextRequest::Delete { key, noreply } => {
+            let bkey = sh.ns.backend_key(&key);
+            let req = meta_req(MetaCommand::Delete, &bkey, Vec::new(), None);
+            forward(sh, &bkey, req, move |_, r| {
+                text_status(r, noreply, |c| match c {
+                    MetaCode::Hd => Some("DELETED"),
+                    MetaCode::Nf => Some("NOT_FOUND"),
+                    MetaCode::Ex => Some("EXISTS"),
+                    _ => None,
+                })
+            })
+        }
+        TextRequest::Touch {
+            key,
+            exptime,
+            noreply,
+        } => {
+            ProxyStats::add(&sh.stats.cmd_touch, 1);
+            let bkey = sh.ns.backend_key(&key);
+            let req = meta_req(
+                MetaCommand::Get,
+                &bkey,
+                vec![MetaFlag::new(b'T', token(exptime))],
+                None,
+            );
+            forward(sh, &bkey, req, move |_, r| {
+                text_status(r, noreply, |c| match c {
+                    MetaCode::Hd => Some("TOUCHED"),
+                    MetaCode::En => Some("NOT_FOUND"),
+                    _ => None,
+                })
+            })
+        }
+        TextRequest::FlushAll { delay, noreply } => {
+            schedule_flush(&sh.sh, i64::from(delay.unwrap_or(0)));
+            Slot::Ready(if noreply {
+                Reply::default()
+            } else {
+                Reply::bytes(b"OK\r\n")
+            })
+        }
+        TextRequest::Version => Slot::Ready(Reply::bytes(
+            format!("VERSION {}\r\n", super::version()).as_bytes(),
+        )),
+        TextRequest::Verbosity { noreply, .. } => Slot::Ready(if noreply {
+            Reply::default()
+        } else {
+            Reply::bytes(b"OK\r\n")
+        }),
+        TextRequest::Stats { .. } => {
+            let mut out = BytesMut::new();
+            for (name, value) in sh.stats.byte_rows() {
+                TextResponse::Stat { name, value }.encode(&mut out);
+            }
+            TextResponse::End.encode(&mut out);
+            Slot::Ready(Reply { out, close: false })
+        }
+        TextRequest::Quit => Slot::Ready(Reply {
+            out: BytesMut::new(),
+            close: true,
+        }),
+    }
+}
+
+fn text_get(g: GetRequest, sh: &Cx) -> Slot {
+    let mut flags = vec![flag(b'v'), flag(b'f')];
+    if g.kind.returns_cas() {
+        flags.push(flag(b'c'));
+    }
+    if let GetKind::Gat(e) | GetKind::Gats(e) = g.kind {
+        flags.push(MetaFlag::new(b'T', token(e)));
+        ProxyStats::add(&sh.stats.cmd_touch, g.keys.len() as u64);
+    }
+    let requests = g
+        .keys
+        .iter()
+        .map(|k| {
+            let bkey = sh.ns.backend_key(k);
+            let req = meta_req(MetaCommand::Get, &bkey, flags.clone(), None);
+            (bkey, req)
+        })
+        .collect();
+    let fan = sh.router.fan_out(requests, sh.affinity);
+    let sh = sh.sh.clone();
+    let with_cas = g.kind.returns_cas();
+    waiting(async move {
+        let results = fan.wait().await;
+        let stats = &sh.stats;
+        ProxyStats::add(&stats.cmd_get, results.len() as u64);
+        let mut out = BytesMut::new();
+        for (key, r) in g.keys.into_iter().zip(results) {
+            match r {
+                Ok(Response::Meta(m)) if m.code == MetaCode::Va => {
+                    ProxyStats::add(&stats.get_hits, 1);
+                    TextResponse::Value {
+                        key,
+                        flags: flag_u64(&m, b'f').unwrap_or(0) as u32,
+                        cas: if with_cas { flag_u64(&m, b'c') } else { None },
+                        data: m.value.unwrap_or_default(),
+                    }
+                    .encode(&mut out);
+                }
+                Ok(Response::Meta(m)) if m.code == MetaCode::En => {
+                    ProxyStats::add(&stats.get_misses, 1);
+                }
+                Ok(Response::Meta(_)) => return Reply::bytes(BAD_REPLY),
+                Ok(other) => {
+                    // An error ends a get reply, as from memcached itself.
+                    out.clear();
+                    other.encode(&mut out);
+                    return Reply { out, close: false };
+                }
+                Err(e) => {
+                    ProxyStats::add(&stats.backend_errors, 1);
+                    if sh.miss_on_backend_error {
+                        ProxyStats::add(&stats.get_misses, 1);
+                    } else {
+                        return server_error(e);
+                    }
+                }
+            }
+        }
+        TextResponse::End.encode(&mut out);
+        Reply { out, close: false }
+    })
+}
+
+fn text_store(s: StoreRequest, sh: &Cx) -> Slot {
+    ProxyStats::add(&sh.stats.cmd_set, 1);
+    let bkey = sh.ns.backend_key(&s.key);
+    let mut flags = Vec::new();
+    let mode: &[u8] = match s.command {
+        StoreCommand::Set | StoreCommand::Cas(_) => b"S",
+        StoreCommand::Add => b"E",
+        StoreCommand::Replace => b"R",
+        StoreCommand::Append => b"A",
+        StoreCommand::Prepend => b"P",
+    };
+    flags.push(MetaFlag::new(b'M', Bytes::from_static(mode)));
+    if !matches!(s.command, StoreCommand::Append | StoreCommand::Prepend) {
+        flags.push(MetaFlag::new(b'F', token(s.flags)));
+        flags.push(MetaFlag::new(b'T', token(s.exptime)));
+    }
+    if let StoreCommand::Cas(c) = s.command {
+        flags.push(MetaFlag::new(b'C', token(c)));
+    }
+    let req = meta_req(MetaCommand::Set, &bkey, flags, Some(s.value));
+    let noreply = s.noreply;
+    forward(sh, &bkey, req, move |_, r| {
+        text_status(r, noreply, |c| match c {
+            MetaCode::Hd => Some("STORED"),
+            MetaCode::Ns => Some("NOT_STORED"),
+            MetaCode::Ex => Some("EXISTS"),
+            MetaCode::Nf => Some("NOT_FOUND"),
+            _ => None,
+        })
+    })
+}
+
+fn text_arith(sh: &Cx, key: &[u8], delta: u64, mode: &'static [u8], noreply: bool) -> Slot {
+    let bkey = sh.ns.backend_key(key);
+    let flags = vec![
+        flag(b'v'),
+        MetaFlag::new(b'M', Bytes::from_static(mode)),
+        MetaFlag::new(b'D', token(delta)),
+    ];
+    let req = meta_req(MetaCommand::Arithmetic, &bkey, flags, None);
+    forward(sh, &bkey, req, move |_, r| {
+        let reply = match r {
+            Ok(Response::Meta(m)) if m.code == MetaCode::Va => {
+                let mut out = BytesMut::new();
+                out.put_slice(&m.value.unwrap_or_default());
+                out.put_slice(b"\r\n");
+                Reply { out, close: false }
+            }
+            other => {
+                return text_status(other, noreply, |c| match c {
+                    MetaCode::Nf => Some("NOT_FOUND"),
+                    MetaCode::Ex => Some("EXISTS"),
+                    _ => None,
+                });
+            }
+        };
+        if noreply { Reply::default() } else { reply }
+    })
+}
+
+// ---------------------------------------------------------------- meta
+
+fn meta(mut req: MetaRequest, sh: &Cx) -> Slot {
+    let command = req.command;
+    if command == MetaCommand::Noop {
+        return Slot::Ready(Reply::bytes(b"MN\r\n"));
+    }
+    let quiet = req.remove_flag(b'q').is_some();
+    let Some(client_key) = req.decoded_key() else {
+        return Slot::Ready(Reply::bytes(b"CLIENT_ERROR error decoding key\r\n"));
+    };
+    let bkey = sh.ns.backend_key(&client_key);
+    if req.base64_key() {
+        req.set_decoded_key(&bkey);
+    } else {
+        req.key = bkey.clone();
+    }
+    match command {
+        MetaCommand::Get => ProxyStats::add(&sh.stats.cmd_get, 1),
+        MetaCommand::Set => ProxyStats::add(&sh.stats.cmd_set, 1),
+        _ => {}
+    }
+    let opaque = req.opaque().cloned();
+    let wants_key = req.has_flag(b'k');
+    let base64 = req.base64_key();
+    let mut encoded = BytesMut::new();
+    req.encode(&mut encoded);
+    forward(sh, &bkey, encoded, move |sh, r| {
+        let mut out = BytesMut::new();
+        match r {
+            Ok(Response::Meta(mut m)) => {
+                if command == MetaCommand::Get {
+                    let hit = matches!(m.code, MetaCode::Va | MetaCode::Hd);
+                    let counter = if hit {
+                        &sh.stats.get_hits
+                    } else {
+                        &sh.stats.get_misses
+                    };
+                    ProxyStats::add(counter, 1);
+                }
+                if quiet && command.quiet_suppresses(m.code) {
+                    return Reply::default();
+                }
+                if m.flag(b'k').is_some() {
+                    let key = m
+                        .returned_key()
+                        .and_then(|k| sh.ns.client_key(&k))
+                        .unwrap_or_else(|| client_key.clone());
+                    m.set_returned_key(&key);
+                }
+                if let Some(k) = &m.key {
+                    m.key = Some(sh.ns.client_key(k).unwrap_or_else(|| client_key.clone()));
+                }
+                m.encode(&mut out);
+            }
+            Ok(other) => other.encode(&mut out),
+            Err(e) => {
+                if command == MetaCommand::Get && sh.miss_on_backend_error {
+                    ProxyStats::add(&sh.stats.get_misses, 1);
+                    if quiet {
+                        return Reply::default();
+                    }
+                    let mut m = MetaResponse::new(MetaCode::En);
+                    if let Some(o) = opaque {
+                        m.set_flag(b'O', o);
+                    }
+                    if wants_key {
+                        if base64 {
+                            m.set_flag(b'b', Bytes::new());
+                        }
+                        m.set_returned_key(&client_key);
+                    }
+                    m.encode(&mut out);
+                } else {
+                    return server_error(e);
+                }
+            }
+        }
+        Reply { out, close: false }
+    })
+}
+
+// ---------------------------------------------------------------- binary
+
+fn binary_failure(op: Opcode, opaque: u32, e: BackendError) -> BinaryResponse {
+    BinaryResponse {
+        status: Status::TEMPORARY_FAILURE,
+        value: Bytes::from(e.to_string()),
+        ..BinaryResponse::new(op as u8, opaque)
+    }
+}
+
+/// The binary status for an error line from the backend.
+fn binary_error_status(r: &Response) -> Status {
+    let text = match r {
+        Response::Text(TextResponse::ServerError(m) | TextResponse::ClientError(m)) => &m[..],
+        _ => &b""[..],
+    };
+    let has = |needle: &[u8]| text.windows(needle.len()).any(|w| w == needle);
+    if has(b"too large") {
+        Status::VALUE_TOO_LARGE
+    } else if has(b"out of memory") {
+        Status::OUT_OF_MEMORY
+    } else if has(b"non-numeric") {
+        Status::NON_NUMERIC
+    } else if matches!(r, Response::Text(TextResponse::ClientError(_))) {
+        Status::INVALID_ARGUMENTS
+    } else {
+        Status::INTERNAL_ERROR
+    }
+}
+
+fn encode_binary(op: Opcode, resp: BinaryResponse) -> Reply {
+    if op.quiet_suppresses(resp.status) {
+        return Reply::default();
+    }
+    let mut out = BytesMut::new();
+    resp.encode(&mut out);
+    Reply { out, close: false }
+}
+
+/// Forwards a binary request; `render` maps a meta reply to the binary
+/// response, errors are mapped here.
+fn forward_binary(
+    sh: &Cx,
+    req: &BinaryRequest,
+    command: MetaCommand,
+    flags: Vec<MetaFlag>,
+    value: Option<Bytes>,
+    render: impl FnOnce(&Shared, MetaResponse) -> BinaryResponse + Send + 'static,
+) -> Slot {
+    let (op, opaque) = (req.opcode, req.opaque);
+    let bkey = sh.ns.backend_key(&req.key);
+    let encoded = meta_req(command, &bkey, flags, value);
+    let is_read = command == MetaCommand::Get;
+    forward(sh, &bkey, encoded, move |sh, r| {
+        let resp = match r {
+            Ok(Response::Meta(m)) => render(sh, m),
+            Ok(other) => BinaryResponse::error(op as u8, opaque, binary_error_status(&other)),
+            Err(_) if is_read && sh.miss_on_backend_error => {
+                BinaryResponse::error(op as u8, opaque, Status::KEY_NOT_FOUND)
+            }
+            Err(e) => binary_failure(op, opaque, e),
+        };
+        encode_binary(op, resp)
+    })
+}
+
+fn binary(req: BinaryRequest, sh: &Cx) -> Slot {
+    use Opcode::*;
+    let (op, opaque) = (req.opcode, req.opaque);
+    let local = |resp: BinaryResponse| Slot::Ready(encode_binary(op, resp));
+    match op {
+        Get | GetQ | GetK | GetKQ | Gat | GatQ | GatK | GatKQ | Touch => binary_get(req, sh),
+        Set | Add | Replace | SetQ | AddQ | ReplaceQ | Append | Prepend | AppendQ | PrependQ => {
+            binary_store(req, sh)
+        }
+        Delete | DeleteQ => {
+            let mut flags = Vec::new();
+            if req.cas != 0 {
+                flags.push(MetaFlag::new(b'C', token(req.cas)));
+            }
+            forward_binary(
+                sh,
+                &req,
+                MetaCommand::Delete,
+                flags,
+                None,
+                move |_, m| match m.code {
+                    MetaCode::Hd => BinaryResponse::new(op as u8, opaque),
+                    MetaCode::Nf => BinaryResponse::error(op as u8, opaque, Status::KEY_NOT_FOUND),
+                    MetaCode::Ex => BinaryResponse::error(op as u8, opaque, Status::KEY_EXISTS),
+                    _ => BinaryResponse::error(op as u8, opaque, Status::INTERNAL_ERROR),
+                },
+            )
+        }
+        Increment | Decrement | IncrementQ | DecrementQ => binary_arith(req, sh),
+        Flush | FlushQ => {
+            let delay = match req.decoded_extras() {
+                Extras::Exptime(d) => i64::from(d),
+                _ => 0,
+            };
+            schedule_flush(&sh.sh, delay);
+            local(BinaryResponse::new(op as u8, opaque))
+        }
+        Noop | Verbosity => local(BinaryResponse::new(op as u8, opaque)),
+        Version => local(BinaryResponse {
+            value: Bytes::from(super::version()),
+            ..BinaryResponse::new(op as u8, opaque)
+        }),
+        Quit => {
+            let mut r = encode_binary(op, BinaryResponse::new(op as u8, opaque));
+            r.close = true;
+            Slot::Ready(r)
+        }
+        QuitQ => Slot::Ready(Reply {
+            out: BytesMut::new(),
+            close: true,
+        }),
+        Stat => {
+            let mut out = BytesMut::new();
+            for (name, value) in sh.stats.byte_rows() {
+                BinaryResponse {
+                    key: name,
+                    value,
+                    ..BinaryResponse::new(op as u8, opaque)
+                }
+                .encode(&mut out);
+            }
+            BinaryResponse::new(op as u8, opaque).encode(&mut out);
+            Slot::Ready(Reply { out, close: false })
+        }
+        // No SASL here yet: answer as a memcached built without it.
+        SaslListMechs | SaslAuth | SaslStep => local(BinaryResponse::error(
+            op as u8,
+            opaque,
+            Status::UNKNOWN_COMMAND,
+        )),
+    }
+}
+
+fn binary_get(req: BinaryRequest, sh: &Cx) -> Slot {
+    use Opcode::*;
+    let (op, opaque) = (req.opcode, req.opaque);
+    let mut flags = vec![flag(b'f'), flag(b'c')];
+    if op != Touch {
+        flags.insert(0, flag(b'v'));
+    }
+    if matches!(op, Gat | GatQ | GatK | GatKQ | Touch) {
+        ProxyStats::add(&sh.stats.cmd_touch, 1);
+        if let Extras::Exptime(e) = req.decoded_extras() {
+            flags.push(MetaFlag::new(b'T', token(e as i32)));
+        }
+    }
+    if op != Touch {
+        ProxyStats::add(&sh.stats.cmd_get, 1);
+    }
+    let with_key = matches!(op, GetK | GetKQ | GatK | GatKQ);
+    let key = req.key.clone();
+    forward_binary(
+        sh,
+        &req,
+        MetaCommand::Get,
+        flags,
+        None,
+        move |sh, m| match m.code {
+            MetaCode::Va | MetaCode::Hd => {
+                ProxyStats::add(&sh.stats.get_hits, 1);
+                BinaryResponse {
+                    cas: flag_u64(&m, b'c').unwrap_or(0),
+                    extras: Extras::Flags(flag_u64(&m, b'f').unwrap_or(0) as u32).to_bytes(),
+                    key: if with_key { key } else { Bytes::new() },
+                    value: m.value.unwrap_or_default(),
+                    ..BinaryResponse::new(op as u8, opaque)
+                }
+            }
+            MetaCode::En => {
+                ProxyStats::add(&sh.stats.get_misses, 1);
+                if with_key {
+                    BinaryResponse {
+                        status: Status::KEY_NOT_FOUND,
+                        key,
+                        ..BinaryResponse::new(op as u8, opaque)
+                    }
+                } else {
+                    BinaryResponse::error(op as u8, opaque, Status::KEY_NOT_FOUND)
+                }
+            }
+            _ => BinaryResponse::error(op as u8, opaque, Status::INTERNAL_ERROR),
+        },
+    )
+}
+
+fn binary_store(req: BinaryRequest, sh: &Cx) -> Slot {
+    use Opcode::*;
+    ProxyStats::add(&sh.stats.cmd_set, 1);
+    let (op, opaque) = (req.opcode, req.opaque);
+    let mode: &'static [u8] = match op {
+        Add | AddQ => b"E",
+        Replace | ReplaceQ => b"R",
+        Append | AppendQ => b"A",
+        Prepend | PrependQ => b"P",
+        _ => b"S",
+    };
+    let mut flags = vec![flag(b'c'), MetaFlag::new(b'M', Bytes::from_static(mode))];
+    if let Extras::Store { flags: f, exptime } = req.decoded_extras() {
+        flags.push(MetaFlag::new(b'F', token(f)));
+        flags.push(MetaFlag::new(b'T', token(exptime as i32)));
+    }
+    if req.cas != 0 {
+        flags.push(MetaFlag::new(b'C', token(req.cas)));
+    }
+    let value = Some(req.value.clone());
+    forward_binary(sh, &req, MetaCommand::Set, flags, value, move |_, m| {
+        let status = match m.code {
+            MetaCode::Hd => {
+                return BinaryResponse {
+                    cas: flag_u64(&m, b'c').unwrap_or(0),
+                    ..BinaryResponse::new(op as u8, opaque)
+                };
+            }
+            // What memcached's binary protocol says for a refused store.
+            MetaCode::Ns => match op {
+                Add | AddQ => Status::KEY_EXISTS,
+                Replace | ReplaceQ => Status::KEY_NOT_FOUND,
+                _ => Status::NOT_STORED,
+            },
+            MetaCode::Ex => Status::KEY_EXISTS,
+            MetaCode::Nf => Status::KEY_NOT_FOUND,
+            _ => Status::INTERNAL_ERROR,
+        };
+        BinaryResponse::error(op as u8, opaque, status)
+    })
+}
+
+fn binary_arith(req: BinaryRequest, sh: &Cx) -> Slot {
+    use Opcode::*;
+    let (op, opaque) = (req.opcode, req.opaque);
+    let Extras::Arith {
+        delta,
+        initial,
+        exptime,
+    } = req.decoded_extras()
+    else {
+        return Slot::Ready(encode_binary(
+            op,
+            BinaryResponse::error(op as u8, opaque, Status::INVALID_ARGUMENTS),
+        ));
+    };
+    let mode: &'static [u8] = if matches!(op, Increment | IncrementQ) {
+        b"I"
+    } else {
+        b"D"
+    };
+    let mut flags = vec![
+        flag(b'v'),
+        flag(b'c'),
+        MetaFlag::new(b'M', Bytes::from_static(mode)),
+        MetaFlag::new(b'D', token(delta)),
+    ];
+    // All ones means "do not create on a miss".
+    if exptime != u32::MAX {
+        flags.push(MetaFlag::new(b'N', token(exptime as i32)));
+        flags.push(MetaFlag::new(b'J', token(initial)));
+    }
+    if req.cas != 0 {
+        flags.push(MetaFlag::new(b'C', token(req.cas)));
+    }
+    forward_binary(
+        sh,
+        &req,
+        MetaCommand::Arithmetic,
+        flags,
+        None,
+        move |_, m| match m.code {
+            MetaCode::Va => {
+                let n: u64 = m
+                    .value
+                    .as_deref()
+                    .and_then(|v| std::str::from_utf8(v).ok())
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(0);
+                BinaryResponse {
+                    cas: flag_u64(&m, b'c').unwrap_or(0),
+                    value: Bytes::copy_from_slice(&n.to_be_bytes()),
+                    ..BinaryResponse::new(op as u8, opaque)
+                }
+            }
+            MetaCode::Nf => BinaryResponse::error(op as u8, opaque, Status::KEY_NOT_FOUND),
+            MetaCode::Ex => BinaryResponse::error(op as u8, opaque, Status::KEY_EXISTS),
+            _ => BinaryResponse::error(op as u8, opaque, Status::INTERNAL_ERROR),
+        },
+    )
+}

@@ -1,0 +1,151 @@
+//! One client connection: read, parse, dispatch, reply in order.
+//!
+//! The protocol is chosen from the first byte (0x80: binary, else text and
+//! meta) and kept for the connection's life, as memcached does. Requests
+//! are dispatched as soon as they are parsed, so a pipeline's requests run
+//! on their backends concurrently; replies are written strictly in request
+//! order. The client's side is read all along, even while replies are
+//! pending, so an EOF or reset ends the session and frees its socket at
+//! once; replies still in flight are dropped by the backend connections.
+
+use std::{collections::VecDeque, sync::Arc};
+
+use bytes::{Buf as _, BytesMut};
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::TcpStream,
+    sync::watch,
+    time::{Instant, sleep_until},
+};
+
+use super::{
+    Phase, Shared,
+    command::{self, Reply, Slot},
+    stats::ProxyStats,
+};
+use crate::protocol::{self, Protocol, ProtocolError, Request};
+
+fn parse(
+    protocol: Protocol,
+    buf: &mut BytesMut,
+    limits: &protocol::Limits,
+) -> Result<Option<Request>, ProtocolError> {
+    match protocol {
+        Protocol::Binary => Ok(protocol::binary::parse_request(buf, limits)?.map(Request::Binary)),
+        Protocol::Text | Protocol::Meta => protocol::text::parse_request(buf, limits),
+    }
+}
+
+/// Serves one client until it leaves, misbehaves beyond repair, idles out,
+/// or the proxy stops.
+pub async fn serve(stream: TcpStream, sh: Arc<Shared>, mut phase: watch::Receiver<Phase>) {
+    let (mut rd, mut wr) = stream.into_split();
+    let mut rbuf = BytesMut::with_capacity(16 * 1024);
+    let mut out = BytesMut::new();
+    let mut queue: VecDeque<Slot> = VecDeque::new();
+    let mut protocol = None;
+    // Bytes of a refused frame (e.g. an oversized value) still to arrive.
+    let mut skip = 0usize;
+    // No new requests: the client quit, the stream is lost, or we drain.
+    let mut closing = *phase.borrow() != Phase::Running;
+    let mut close_after_flush = false;
+    let mut last_read = Instant::now();
+    let depth = sh.max_pipeline_depth;
+    let affinity = sh.router.affinity();
+
+    loop {
+        if !closing {
+            let mut limits = sh.limits.clone();
+            limits.max_key_len = sh.ns.max_client_key_len();
+            while queue.len() < depth && !closing {
+                if skip > 0 {
+                    let n = skip.min(rbuf.len());
+                    rbuf.advance(n);
+                    skip -= n;
+                    if skip > 0 {
+                        break;
+                    }
+                }
+                let Some(&first) = rbuf.first() else { break };
+                let p = *protocol.get_or_insert_with(|| Protocol::detect(first));
+                match parse(p, &mut rbuf, &limits) {
+                    Ok(None) => break,
+                    Ok(Some(req)) => {
+                        let slot = command::dispatch(req, &sh, affinity);
+                        if let Slot::Ready(Reply { close: true, .. }) = slot {
+                            closing = true;
+                        }
+                        queue.push_back(slot);
+                    }
+                    Err(e) => {
+                        ProxyStats::add(&sh.stats.protocol_errors, 1);
+                        let mut reply = Reply {
+                            out: BytesMut::new(),
+                            close: e.close,
+                        };
+                        e.write_reply(&mut reply.out);
+                        skip = e.discard_from(&mut rbuf);
+                        closing |= e.close;
+                        queue.push_back(Slot::Ready(reply));
+                    }
+                }
+            }
+        }
+
+        while let Some(Slot::Ready(_)) = queue.front() {
+            let Some(Slot::Ready(reply)) = queue.pop_front() else {
+                unreachable!()
+            };
+            out.unsplit(reply.out);
+            if reply.close {
+                close_after_flush = true;
+                queue.clear();
+                break;
+            }
+        }
+        if !out.is_empty() {
+            if wr.write_all(&out).await.is_err() {
+                return;
+            }
+            out.clear();
+        }
+        if close_after_flush || (closing && queue.is_empty()) {
+            return;
+        }
+
+        let waiting = matches!(queue.front(), Some(Slot::Waiting(_)));
+        // Keep reading while replies are pending, to notice the client
+        // leaving; the cap bounds what one client can make us buffer.
+        let can_read = !close_after_flush && rbuf.len() < sh.read_cap;
+        let idle_deadline = sh
+            .idle_timeout
+            .filter(|_| queue.is_empty())
+            .map(|t| last_read + t);
+        tokio::select! {
+            r = rd.read_buf(&mut rbuf), if can_read => match r {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {
+                    last_read = Instant::now();
+                    if closing {
+                        // Draining: what arrives now is not served.
+                        rbuf.clear();
+                    }
+                }
+            },
+            reply = async {
+                match queue.front_mut() {
+                    Some(Slot::Waiting(f)) => f.await,
+                    _ => std::future::pending().await,
+                }
+            }, if waiting => {
+                queue[0] = Slot::Ready(reply);
+            },
+            () = sleep_until(idle_deadline.unwrap_or_else(Instant::now)), if idle_deadline.is_some() => return,
+            r = phase.changed() => match r.map(|()| *phase.borrow()) {
+                Ok(Phase::Running) => {}
+                Ok(Phase::Draining) => closing = true,
+                Ok(Phase::Stopped) | Err(_) => return,
+            },
+        }
+    }
+}

@@ -1,0 +1,83 @@
+//! guard's own counters, reported by `stats` in memcached's format.
+
+use std::{
+    sync::atomic::{AtomicU64, Ordering},
+    time::Instant,
+};
+
+use bytes::Bytes;
+
+macro_rules! counters {
+    ($($(#[$doc:meta])* $name:ident),* $(,)?) => {
+        /// Proxy-wide counters; every field is a relaxed atomic.
+        #[derive(Debug)]
+        pub struct ProxyStats {
+            started: Instant,
+            $($(#[$doc])* pub $name: AtomicU64,)*
+        }
+
+        impl Default for ProxyStats {
+            fn default() -> Self {
+                Self { started: Instant::now(), $($name: AtomicU64::new(0),)* }
+            }
+        }
+
+        impl ProxyStats {
+            /// `(name, value)` rows in a stable order, memcached's names
+            /// where memcached has the same counter.
+            pub fn rows(&self) -> Vec<(&'static str, String)> {
+                let mut rows = vec![
+                    ("pid", std::process::id().to_string()),
+                    ("uptime", self.started.elapsed().as_secs().to_string()),
+                    ("version", crate::proxy::version().to_string()),
+                ];
+                $(rows.push((stringify!($name), self.$name.load(Ordering::Relaxed).to_string()));)*
+                rows
+            }
+        }
+    };
+}
+
+counters! {
+    /// Client connections open now.
+    curr_connections,
+    /// Client connections accepted since start.
+    total_connections,
+    /// Connections closed at once because their source was at its cap.
+    rejected_connections,
+    /// Keys looked up.
+    cmd_get,
+    /// Storage requests.
+    cmd_set,
+    /// Touch requests (including gat).
+    cmd_touch,
+    /// flush_all requests.
+    cmd_flush,
+    /// Keys found.
+    get_hits,
+    /// Keys not found.
+    get_misses,
+    /// Requests that could not be parsed.
+    protocol_errors,
+    /// Requests answered with an error because their backend failed.
+    backend_errors,
+    /// Backend connections discarded after a request timed out.
+    backend_timeouts,
+    /// Backend connections (re)established.
+    backend_connects,
+}
+
+impl ProxyStats {
+    /// Adds `n` to a counter.
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Rows as `Bytes` pairs, for encoders.
+    pub fn byte_rows(&self) -> Vec<(Bytes, Bytes)> {
+        self.rows()
+            .into_iter()
+            .map(|(k, v)| (Bytes::from_static(k.as_bytes()), Bytes::from(v)))
+            .collect()
+    }
+}

@@ -1,0 +1,267 @@
+//! Shared by the proxy tests: real memcached processes and an in-process
+//! guard proxy, both torn down on drop (panics included).
+
+#![allow(dead_code)]
+
+use std::{
+    io::{Read, Write},
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use guard::config::{BackendConfig, ProxyConfig};
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Waits until `addr` accepts connections.
+pub fn wait_accepting(addr: SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+        assert!(Instant::now() < deadline, "{addr} never accepted");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A memcached on 127.0.0.1, killed on drop.
+pub struct Memcached {
+    child: Child,
+    pub addr: SocketAddr,
+}
+
+impl Memcached {
+    pub fn start() -> Self {
+        Self::start_on(free_port())
+    }
+
+    pub fn start_on(port: u16) -> Self {
+        let child = Command::new("/usr/bin/memcached")
+            .args([
+                "-u",
+                "root",
+                "-l",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+                "-U",
+                "0",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start memcached");
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        let m = Self { child, addr };
+        wait_accepting(addr);
+        m
+    }
+
+    pub fn backend(&self) -> BackendConfig {
+        BackendConfig {
+            addr: self.addr,
+            weight: 1,
+        }
+    }
+}
+
+impl Drop for Memcached {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Proxy settings for tests: the given backends, defaults otherwise.
+pub fn config(backends: &[&Memcached]) -> ProxyConfig {
+    ProxyConfig {
+        listen: vec![SocketAddr::from((Ipv4Addr::LOCALHOST, 0))],
+        backends: backends.iter().map(|m| m.backend()).collect(),
+        ..ProxyConfig::default()
+    }
+}
+
+/// guard's proxy running in this process on its own runtime; stopped
+/// (drained) on drop.
+pub struct GuardProxy {
+    pub addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    done: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl GuardProxy {
+    /// Starts the proxy and waits until requests reach the backends.
+    pub fn start(config: ProxyConfig) -> Self {
+        let p = Self::start_unchecked(config);
+        p.wait_backends_up();
+        p
+    }
+
+    /// Starts the proxy without waiting for its backends.
+    pub fn start_unchecked(config: ProxyConfig) -> Self {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind(config.listen[0]))
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let done = runtime.spawn(guard::proxy::Proxy::run(
+            vec![listener],
+            config,
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+        Self {
+            addr,
+            stop: Some(stop),
+            done: Some(done),
+            runtime: Some(runtime),
+        }
+    }
+
+    /// Waits until a request goes through, so tests start with every
+    /// backend connection up.
+    fn wait_backends_up(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut c = Client::connect(self.addr);
+        loop {
+            c.send(b"mg __warmup__ v\r\n");
+            if c.read_line() == "EN" {
+                break;
+            }
+            assert!(Instant::now() < deadline, "backends never came up");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // Give the remaining pooled connections a moment to connect too.
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+impl Drop for GuardProxy {
+    fn drop(&mut self) {
+        // Drain as `guard run` does on SIGTERM, then drop the runtime.
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let (Some(done), Some(rt)) = (self.done.take(), self.runtime.take()) {
+            let _ =
+                rt.block_on(async { tokio::time::timeout(Duration::from_secs(10), done).await });
+            rt.shutdown_timeout(Duration::from_secs(5));
+        }
+    }
+}
+
+/// A blocking client with a read timeout, so a missing reply fails the test
+/// instead of hanging it.
+pub struct Client {
+    pub stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Client {
+    pub fn connect(addr: SocketAddr) -> Self {
+        let stream = TcpStream::connect(addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        stream.set_nodelay(true).unwrap();
+        Self {
+            stream,
+            buf: Vec::new(),
+        }
+    }
+
+    pub fn send(&mut self, b: &[u8]) {
+        self.stream.write_all(b).unwrap();
+    }
+
+    fn fill(&mut self) -> usize {
+        let mut chunk = [0u8; 65536];
+        let n = self.stream.read(&mut chunk).expect("reply before timeout");
+        self.buf.extend_from_slice(&chunk[..n]);
+        n
+    }
+
+    /// One line, without CRLF.
+    pub fn read_line(&mut self) -> String {
+        loop {
+            if let Some(i) = self.buf.windows(2).position(|w| w == b"\r\n") {
+                let line = String::from_utf8_lossy(&self.buf[..i]).into_owned();
+                self.buf.drain(..i + 2);
+                return line;
+            }
+            assert!(self.fill() > 0, "connection closed");
+        }
+    }
+
+    /// Everything up to and including `end` at the end of the buffer.
+    pub fn read_until_suffix(&mut self, end: &[u8]) -> Vec<u8> {
+        self.read_until_count(end, 1)
+    }
+
+    /// Everything up to the `n`th `end` line, which ends the buffer.
+    pub fn read_until_count(&mut self, end: &[u8], n: usize) -> Vec<u8> {
+        loop {
+            let seen = self.buf.windows(end.len()).filter(|w| *w == end).count();
+            if seen >= n && self.buf.ends_with(end) {
+                return std::mem::take(&mut self.buf);
+            }
+            assert!(self.fill() > 0, "connection closed");
+        }
+    }
+
+    /// Binary responses up to and including the one for `opaque`.
+    pub fn read_binary_until(&mut self, opaque: u32) -> Vec<u8> {
+        let mut at = 0;
+        loop {
+            while self.buf.len() >= at + 24 {
+                let body = u32::from_be_bytes(self.buf[at + 8..at + 12].try_into().unwrap());
+                let end = at + 24 + body as usize;
+                if self.buf.len() < end {
+                    break;
+                }
+                let op = u32::from_be_bytes(self.buf[at + 12..at + 16].try_into().unwrap());
+                at = end;
+                if op == opaque {
+                    let out: Vec<u8> = self.buf.drain(..at).collect();
+                    return out;
+                }
+            }
+            assert!(self.fill() > 0, "connection closed");
+        }
+    }
+
+    /// Whether the peer has closed (EOF or reset) within the timeout.
+    pub fn is_closed(&mut self) -> bool {
+        let mut b = [0u8; 1];
+        matches!(self.stream.read(&mut b), Ok(0) | Err(_))
+    }
+}
+
+/// A binary request frame.
+pub fn bin(op: u8, key: &[u8], extras: &[u8], value: &[u8], cas: u64, opaque: u32) -> Vec<u8> {
+    let mut f = vec![0x80, op];
+    f.extend_from_slice(&(key.len() as u16).to_be_bytes());
+    f.push(extras.len() as u8);
+    f.push(0);
+    f.extend_from_slice(&0u16.to_be_bytes());
+    f.extend_from_slice(&((extras.len() + key.len() + value.len()) as u32).to_be_bytes());
+    f.extend_from_slice(&opaque.to_be_bytes());
+    f.extend_from_slice(&cas.to_be_bytes());
+    f.extend_from_slice(extras);
+    f.extend_from_slice(key);
+    f.extend_from_slice(value);
+    f
+}

@@ -1,0 +1,86 @@
+//! The real binary: `guard run --listen … --backend …` serves without XDP
+//! or root, and SIGTERM drains it.
+
+mod common;
+
+use std::{
+    net::{SocketAddr, TcpStream},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use common::{Client, Memcached, free_port, wait_accepting};
+
+struct Guard(Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn binary_serves_and_drains_on_sigterm() {
+    let mc = Memcached::start();
+    let port = free_port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut guard = Guard(
+        Command::new(env!("CARGO_BIN_EXE_guard"))
+            .args([
+                "run",
+                "--listen",
+                &addr.to_string(),
+                "--backend",
+                &mc.addr.to_string(),
+                "--drain-grace-secs",
+                "2",
+            ])
+            .env("GUARD_PIN_ROOT", "/nonexistent/guard-proxy-test")
+            .env("GUARD_STATE_ROOT", "/nonexistent/guard-proxy-test")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_accepting(addr);
+    let mut c = Client::connect(addr);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        c.send(b"set k 0 0 2\r\nhi\r\n");
+        if c.read_line() == "STORED" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "backend never came up");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    c.send(b"get k\r\n");
+    assert_eq!(
+        c.read_until_suffix(b"END\r\n"),
+        b"VALUE k 0 2\r\nhi\r\nEND\r\n"
+    );
+
+    // A request sent just before SIGTERM is still answered.
+    c.send(b"get k\r\n");
+    // SAFETY: signalling our own child.
+    assert_eq!(unsafe { libc::kill(guard.0.id() as i32, libc::SIGTERM) }, 0);
+    assert_eq!(
+        c.read_until_suffix(b"END\r\n"),
+        b"VALUE k 0 2\r\nhi\r\nEND\r\n"
+    );
+    assert!(c.is_closed(), "drained sessions are closed");
+
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let status = loop {
+        if let Some(s) = guard.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "guard did not exit after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status}");
+    assert!(TcpStream::connect(addr).is_err(), "listener closed");
+}
