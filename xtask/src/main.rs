@@ -9,6 +9,7 @@
 //! - `run`: builds guard and runs it on the given interface, or on a demo
 //!   veth pair it creates and removes.
 //! - `bench`: benchmarks (`bench xdp`).
+//! - `fuzz`: the protocol parsers under libFuzzer, checking their contract.
 
 use std::{
     env,
@@ -56,6 +57,14 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Fuzz the protocol parsers with cargo-fuzz (libFuzzer, nightly).
+    Fuzz {
+        /// `requests` or `responses`; both when omitted.
+        target: Option<String>,
+        /// How long to fuzz each target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+    },
     /// Run a benchmark.
     Bench {
         /// Which: `xdp`.
@@ -80,6 +89,10 @@ fn main() -> anyhow::Result<()> {
         Task::Run { args } => {
             setup()?;
             run(&args)
+        }
+        Task::Fuzz { target, seconds } => {
+            setup()?;
+            fuzz(target.as_deref(), seconds)
         }
         Task::Bench { which } => {
             setup()?;
@@ -385,6 +398,31 @@ impl Drop for Cleanup {
             .status();
         let _ = Command::new("ip").args(["netns", "del", &self.ns]).status();
     }
+}
+
+const FUZZ_TARGETS: &[&str] = &["requests", "responses"];
+
+fn fuzz(target: Option<&str>, seconds: u64) -> anyhow::Result<()> {
+    if !quiet_ok(Command::new("cargo").args(["+nightly", "fuzz", "--version"])) {
+        check(Command::new("cargo").args(["install", "cargo-fuzz", "--locked"]))?;
+    }
+    let targets: Vec<&str> = match target {
+        Some(t) if FUZZ_TARGETS.contains(&t) => vec![t],
+        Some(t) => bail!(
+            "unknown fuzz target `{t}`: try {}",
+            FUZZ_TARGETS.join(" or ")
+        ),
+        None => FUZZ_TARGETS.to_vec(),
+    };
+    for t in targets {
+        check(
+            Command::new("cargo")
+                .current_dir(workspace_root().join("guard"))
+                .args(["+nightly", "fuzz", "run", t, "--"])
+                .arg(format!("-max_total_time={seconds}")),
+        )?;
+    }
+    Ok(())
 }
 
 fn bench(which: &str) -> anyhow::Result<()> {

@@ -16,6 +16,7 @@
 
 pub mod binary;
 pub mod error;
+pub mod invariants;
 pub mod meta;
 pub mod text;
 mod wire;

@@ -1,0 +1,175 @@
+//! What every parse must guarantee, as checks the property tests and the
+//! fuzz target (`cargo xtask fuzz`) share.
+
+use bytes::{Buf, BytesMut};
+
+use super::{
+    Limits, MetaCommand, Request, TextRequest, is_valid_text_key, meta, parse_request,
+    parse_response,
+};
+
+/// Checks a parsed request against the limits it was parsed with: keys are
+/// valid and short enough, values fit, and the request re-encodes to bytes
+/// that parse back identically.
+pub fn request_invariants(r: &Request, limits: &Limits) -> Result<(), String> {
+    let fail = |what: &str| Err(format!("{what}: {r:?}"));
+    match r {
+        Request::Text(t) => {
+            if t.keys()
+                .iter()
+                .any(|k| !is_valid_text_key(k, limits.max_key_len))
+            {
+                return fail("invalid text key");
+            }
+            if let TextRequest::Get(g) = t
+                && (g.keys.is_empty() || g.keys.len() > limits.max_keys_per_get)
+            {
+                return fail("bad number of get keys");
+            }
+            if let TextRequest::Store(s) = t
+                && s.value.len() > limits.max_value_len
+            {
+                return fail("value over the limit");
+            }
+        }
+        Request::Meta(m) => {
+            if m.command != MetaCommand::Noop
+                && (!is_valid_text_key(&m.key, limits.max_key_len) || m.decoded_key().is_none())
+            {
+                return fail("invalid meta key");
+            }
+            if m.value.is_some() != (m.command == MetaCommand::Set) {
+                return fail("value on a command that takes none");
+            }
+            if m.value
+                .as_ref()
+                .is_some_and(|v| v.len() > limits.max_value_len)
+            {
+                return fail("value over the limit");
+            }
+            if m.flags.len() > meta::MAX_META_TOKENS {
+                return fail("too many meta flags");
+            }
+        }
+        Request::Binary(b) => {
+            if b.key.len() > limits.max_key_len || b.value.len() > limits.max_value_len {
+                return fail("binary key or value over the limit");
+            }
+        }
+    }
+    // Encoders always end lines with CRLF, so a bare-LF line may grow by one.
+    let roomy = Limits {
+        max_line_len: limits.max_line_len + 1,
+        max_retrieval_line_len: limits.max_retrieval_line_len + 1,
+        ..limits.clone()
+    };
+    let mut out = BytesMut::new();
+    r.encode(&mut out);
+    let mut again = out.clone();
+    match parse_request(&mut again, &roomy) {
+        Ok(Some(back)) if back == *r && again.is_empty() => Ok(()),
+        other => Err(format!("{r:?} re-encoded as {out:?} parses as {other:?}")),
+    }
+}
+
+/// Feeds `input` in chunks of `chunk` bytes to the request (or response)
+/// parser as a proxy would, checking the parser's contract after every
+/// call: incomplete leaves the buffer untouched, an error leaves it
+/// untouched and names a positive number of bytes to discard, a parsed
+/// frame consumed bytes and satisfies [`request_invariants`]. Returns how
+/// many frames parsed.
+pub fn drive(
+    input: &[u8],
+    chunk: usize,
+    limits: &Limits,
+    responses: bool,
+) -> Result<usize, String> {
+    let chunk = chunk.max(1);
+    let mut buf = BytesMut::new();
+    let mut skip = 0usize;
+    let mut frames = 0;
+    for piece in input.chunks(chunk) {
+        buf.extend_from_slice(piece);
+        loop {
+            if skip > 0 {
+                let n = skip.min(buf.len());
+                buf.advance(n);
+                skip -= n;
+                if skip > 0 {
+                    break;
+                }
+            }
+            let before = buf.clone();
+            let result = if responses {
+                parse_response(&mut buf, limits).map(|r| r.map(|_| None))
+            } else {
+                parse_request(&mut buf, limits).map(|r| r.map(Some))
+            };
+            match result {
+                Ok(None) => {
+                    if buf != before {
+                        return Err("incomplete input was consumed".into());
+                    }
+                    break;
+                }
+                Ok(Some(request)) => {
+                    if buf.len() >= before.len() {
+                        return Err("a parsed frame consumed nothing".into());
+                    }
+                    if let Some(r) = request {
+                        request_invariants(&r, limits)?;
+                    }
+                    frames += 1;
+                }
+                Err(e) => {
+                    if buf != before {
+                        return Err(format!("error {e:?} consumed input"));
+                    }
+                    if e.discard == 0 {
+                        return Err(format!("error {e:?} discards nothing"));
+                    }
+                    let mut reply = BytesMut::new();
+                    e.write_reply(&mut reply);
+                    if e.close {
+                        return Ok(frames);
+                    }
+                    skip = e.discard_from(&mut buf);
+                }
+            }
+        }
+    }
+    Ok(frames)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drive_accepts_a_pipeline_at_every_chunk_size() {
+        let input = b"set a 0 0 1\r\nx\r\nget a b\r\nmg a v\r\nbogus\r\ndelete a\r\n";
+        for chunk in 1..=input.len() {
+            assert_eq!(
+                drive(input, chunk, &Limits::default(), false),
+                Ok(4),
+                "chunk {chunk}"
+            );
+        }
+        let replies = b"VALUE a 0 1\r\nx\r\nEND\r\nSTORED\r\nHD\r\n";
+        assert_eq!(drive(replies, 3, &Limits::default(), true), Ok(4));
+    }
+
+    #[test]
+    fn invariants_reject_what_limits_forbid() {
+        let mut buf = BytesMut::from(&b"set abcdefgh 0 0 1\r\nx\r\n"[..]);
+        let r = parse_request(&mut buf, &Limits::default())
+            .unwrap()
+            .unwrap();
+        let tight = Limits {
+            max_key_len: 4,
+            ..Limits::default()
+        };
+        assert!(request_invariants(&r, &tight).is_err());
+        assert!(request_invariants(&r, &Limits::default()).is_ok());
+    }
+}
