@@ -19,6 +19,10 @@
 //! a bump may come from a restarted, empty memcached, and is checked with
 //! "absent" added.
 //!
+//! The same workload runs over the binary protocol (set/add/replace/
+//! append/prepend/delete, their quiet forms, getk, and getkq+noop
+//! multi-gets; opaques tie every response to its request).
+//!
 //! The seed is printed; `GUARD_INTEGRITY_SEED=<n>` replays the choices
 //! (the interleaving with kills stays timing-dependent).
 
@@ -804,6 +808,305 @@ fn read_text_get(
     }
 }
 
+// ------------------------------------------------------------ binary protocol
+
+mod op {
+    pub const SET: u8 = 0x01;
+    pub const ADD: u8 = 0x02;
+    pub const REPLACE: u8 = 0x03;
+    pub const DELETE: u8 = 0x04;
+    pub const NOOP: u8 = 0x0a;
+    pub const GETK: u8 = 0x0c;
+    pub const GETKQ: u8 = 0x0d;
+    pub const APPEND: u8 = 0x0e;
+    pub const PREPEND: u8 = 0x0f;
+    /// The quiet form of a store or delete opcode.
+    pub fn quiet(op: u8) -> u8 {
+        match op {
+            SET => 0x11,
+            ADD => 0x12,
+            REPLACE => 0x13,
+            DELETE => 0x14,
+            APPEND => 0x19,
+            PREPEND => 0x1a,
+            other => other,
+        }
+    }
+}
+
+/// What the binary client sends: no cas, incr/decr or touch.
+fn binary_op(m: &mut Model, rng: &mut Rng) -> Op {
+    loop {
+        let o = m.random_op(rng);
+        if let Op::One(k) = &o
+            && matches!(
+                k.kind,
+                Kind::Cas(_) | Kind::Incr(_) | Kind::Decr(_) | Kind::Touch
+            )
+        {
+            continue;
+        }
+        return o;
+    }
+}
+
+struct BinReply {
+    opcode: u8,
+    status: u16,
+    opaque: u32,
+    extras: Vec<u8>,
+    key: Vec<u8>,
+    value: Vec<u8>,
+}
+
+impl Wire {
+    /// The next response's opaque, without consuming it.
+    fn peek_opaque(&mut self) -> Result<u32, String> {
+        while self.buf.len() < 24 {
+            self.fill()?;
+        }
+        Ok(u32::from_be_bytes(self.buf[12..16].try_into().unwrap()))
+    }
+
+    fn bin_reply(&mut self) -> Result<BinReply, String> {
+        let h = self.exact(24)?;
+        if h[0] != 0x81 {
+            return Err(format!("response magic {:#04x}", h[0]));
+        }
+        let key_len = u16::from_be_bytes([h[2], h[3]]) as usize;
+        let extras_len = h[4] as usize;
+        let body = u32::from_be_bytes(h[8..12].try_into().unwrap()) as usize;
+        if body < key_len + extras_len {
+            return Err(format!("body {body} shorter than key and extras"));
+        }
+        let mut b = self.exact(body)?;
+        let value = b.split_off(extras_len + key_len);
+        let key = b.split_off(extras_len);
+        Ok(BinReply {
+            opcode: h[1],
+            status: u16::from_be_bytes([h[6], h[7]]),
+            opaque: u32::from_be_bytes(h[12..16].try_into().unwrap()),
+            extras: b,
+            key,
+            value,
+        })
+    }
+}
+
+/// A store/delete reply's outcome, `None` for a backend failure.
+fn binary_outcome(kind: &Kind, status: u16) -> Result<Option<Outcome>, String> {
+    let o = match (kind, status) {
+        (_, 0x0086) => return Ok(None),
+        (Kind::Delete, 0) => Outcome::Deleted,
+        (Kind::Delete, 1) => Outcome::NotFound,
+        (_, 0) => Outcome::Stored,
+        (Kind::Add, 2) | (Kind::Replace, 1) | (Kind::Append | Kind::Prepend, 5) => {
+            Outcome::NotStored
+        }
+        (k, s) => return Err(format!("status {s:#06x} cannot answer {k:?}")),
+    };
+    Ok(Some(o))
+}
+
+fn binary_client(
+    addr: SocketAddr,
+    client: usize,
+    seed: u64,
+    run: &Run,
+) -> Result<(Model, Tally), String> {
+    let mut rng = Rng(seed ^ (client as u64).wrapping_mul(0x1000_0000_01B3) ^ 0xB1);
+    let mut m = Model::new(client);
+    let mut t = Tally::default();
+    let mut w = Wire::connect(addr);
+    m.epoch = run.epoch.load(SeqCst);
+    let mut opaque: u32 = 1;
+    while t.ops < OPS_PER_CLIENT && run.start.elapsed() < RUN_LIMIT && !run.failed.load(SeqCst) {
+        let e0 = run.epoch.load(SeqCst);
+        m.catch_up(e0);
+        let depth = 1 + rng.below(16);
+        let ops: Vec<Op> = (0..depth).map(|_| binary_op(&mut m, &mut rng)).collect();
+        // Each op's opaques: one per key for gets.
+        let mut out = Vec::new();
+        let mut opaques: Vec<Vec<u32>> = Vec::new();
+        for o in &ops {
+            let mut mine = Vec::new();
+            match o {
+                Op::Get { keys, .. } => {
+                    // One key: getk; several: getkq each, answered up to the noop.
+                    let code = if keys.len() == 1 { op::GETK } else { op::GETKQ };
+                    for &k in keys {
+                        out.extend(common::bin(
+                            code,
+                            m.key_name(k).as_bytes(),
+                            b"",
+                            b"",
+                            0,
+                            opaque,
+                        ));
+                        mine.push(opaque);
+                        opaque = opaque.wrapping_add(1);
+                    }
+                }
+                Op::One(k) => {
+                    let code = match k.kind {
+                        Kind::Set => op::SET,
+                        Kind::Add => op::ADD,
+                        Kind::Replace => op::REPLACE,
+                        Kind::Append => op::APPEND,
+                        Kind::Prepend => op::PREPEND,
+                        Kind::Delete => op::DELETE,
+                        _ => unreachable!(),
+                    };
+                    let code = if k.noreply { op::quiet(code) } else { code };
+                    let extras: Vec<u8> = match k.kind {
+                        Kind::Set | Kind::Add | Kind::Replace => {
+                            [m.flags(k.key).to_be_bytes(), 0u32.to_be_bytes()].concat()
+                        }
+                        _ => Vec::new(),
+                    };
+                    out.extend(common::bin(
+                        code,
+                        m.key_name(k.key).as_bytes(),
+                        &extras,
+                        &k.value,
+                        0,
+                        opaque,
+                    ));
+                    mine.push(opaque);
+                    opaque = opaque.wrapping_add(1);
+                }
+            }
+            opaques.push(mine);
+        }
+        let noop = opaque;
+        opaque = opaque.wrapping_add(1);
+        out.extend(common::bin(op::NOOP, b"", b"", b"", 0, noop));
+        w.stream.write_all(&out).map_err(|e| e.to_string())?;
+        let context = |i: usize, e: String| {
+            format!(
+                "binary client {client}, batch {}, request {i} of {depth} ({:?}): {e}",
+                t.batches, ops[i]
+            )
+        };
+        let mut loose = false;
+        for (i, o) in ops.iter().enumerate() {
+            match o {
+                Op::One(k) => {
+                    let mine = opaques[i][0];
+                    let answered =
+                        !k.noreply || w.peek_opaque().map_err(|e| context(i, e))? == mine;
+                    let outcome = if answered {
+                        let r = w.bin_reply().map_err(|e| context(i, e))?;
+                        if r.opaque != mine {
+                            return Err(context(
+                                i,
+                                format!("answered with opaque {}, expected {mine}", r.opaque),
+                            ));
+                        }
+                        loose |= run.epoch.load(SeqCst) != e0;
+                        binary_outcome(&k.kind, r.status).map_err(|e| context(i, e))?
+                    } else {
+                        // Quiet and silent: it succeeded.
+                        Some(match k.kind {
+                            Kind::Delete => Outcome::Deleted,
+                            _ => Outcome::Stored,
+                        })
+                    };
+                    if loose {
+                        m.may_be_absent(k.key);
+                    }
+                    match outcome {
+                        None => t.server_errors += 1,
+                        Some(Outcome::Stored) => t.stored += 1,
+                        _ => {}
+                    }
+                    m.step(k, outcome).map_err(|e| context(i, e))?;
+                    if loose {
+                        m.may_be_absent(k.key);
+                    }
+                }
+                Op::Get { keys, .. } => {
+                    let quiet = keys.len() > 1;
+                    for (&key, &mine) in keys.iter().zip(&opaques[i]) {
+                        let answered =
+                            !quiet || w.peek_opaque().map_err(|e| context(i, e))? == mine;
+                        let seen = if answered {
+                            let r = w.bin_reply().map_err(|e| context(i, e))?;
+                            loose |= run.epoch.load(SeqCst) != e0;
+                            if r.opaque != mine {
+                                return Err(context(
+                                    i,
+                                    format!("answered with opaque {}, expected {mine}", r.opaque),
+                                ));
+                            }
+                            if r.status == 0 && r.key != m.key_name(key).as_bytes() {
+                                return Err(context(
+                                    i,
+                                    format!(
+                                        "hit for key {:?}, expected {}",
+                                        String::from_utf8_lossy(&r.key),
+                                        m.key_name(key)
+                                    ),
+                                ));
+                            }
+                            match r.status {
+                                0 if r.extras.len() == 4 => Some(Seen::Hit {
+                                    data: r.value,
+                                    flags: u32::from_be_bytes(r.extras[..4].try_into().unwrap()),
+                                    cas: None,
+                                }),
+                                1 if !quiet => Some(Seen::Miss),
+                                0x0086 => None,
+                                s => {
+                                    return Err(context(
+                                        i,
+                                        format!("get status {s:#06x} (opcode {:#04x})", r.opcode),
+                                    ));
+                                }
+                            }
+                        } else {
+                            Some(Seen::Miss)
+                        };
+                        if loose {
+                            m.may_be_absent(key);
+                        }
+                        match &seen {
+                            None => t.server_errors += 1,
+                            Some(s) => {
+                                match s {
+                                    Seen::Hit { .. } => t.hits += 1,
+                                    Seen::Miss => t.misses += 1,
+                                }
+                                m.observe(key, s).map_err(|e| context(i, e))?;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let r = w
+            .bin_reply()
+            .map_err(|e| format!("binary client {client}: {e}"))?;
+        if r.opaque != noop || r.opcode != op::NOOP {
+            return Err(format!(
+                "binary client {client}, batch {}: expected the noop ({noop}), got opcode {:#04x} opaque {}",
+                t.batches, r.opcode, r.opaque
+            ));
+        }
+        if !w.buf.is_empty() {
+            return Err(format!(
+                "binary client {client}: {} unexpected bytes after the noop",
+                w.buf.len()
+            ));
+        }
+        m.catch_up(run.epoch.load(SeqCst));
+        t.ops += depth;
+        t.batches += 1;
+        run.ops.fetch_add(depth, SeqCst);
+    }
+    Ok((m, t))
+}
+
 // ------------------------------------------------------------ the run
 
 /// Shared by clients and the controller.
@@ -998,8 +1301,11 @@ fn controller(backends: &mut [Option<Memcached>], ports: &[u16], seed: u64, run:
     kills
 }
 
-#[test]
-fn text_workload_survives_backend_restarts() {
+type ClientFn = fn(SocketAddr, usize, u64, &Run) -> Result<(Model, Tally), String>;
+
+/// Runs `client` on every client thread while the controller kills and
+/// restarts backends, then checks every key once more over text.
+fn workload(client: ClientFn) {
     let seed = seed();
     eprintln!("integrity: seed {seed} (GUARD_INTEGRITY_SEED={seed} to replay)");
     let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
@@ -1031,7 +1337,7 @@ fn text_workload_survives_backend_restarts() {
             .map(|c| {
                 let run = &run;
                 s.spawn(move || {
-                    let r = text_client(addr, c, seed, run);
+                    let r = client(addr, c, seed, run);
                     if r.is_err() {
                         run.failed.store(true, SeqCst);
                     }
@@ -1088,4 +1394,14 @@ fn text_workload_survives_backend_restarts() {
         total.stored > 1000 && total.hits > 1000,
         "seed {seed}: {total:?}"
     );
+}
+
+#[test]
+fn text_workload_survives_backend_restarts() {
+    workload(text_client);
+}
+
+#[test]
+fn binary_workload_survives_backend_restarts() {
+    workload(binary_client);
 }
