@@ -8,7 +8,7 @@
 //!   kernel and end-to-end tests one at a time.
 //! - `run`: builds guard and runs it on the given interface, or on a demo
 //!   veth pair it creates and removes.
-//! - `bench`: benchmarks (`bench xdp`).
+//! - `bench`: benchmarks (`bench xdp`, `bench proxy`).
 //! - `fuzz`: the protocol parsers under libFuzzer, checking their contract.
 
 use std::{
@@ -67,7 +67,7 @@ enum Task {
     },
     /// Run a benchmark.
     Bench {
-        /// Which: `xdp`.
+        /// Which: `xdp` or `proxy`.
         which: String,
     },
 }
@@ -440,6 +440,21 @@ fn bench(which: &str) -> anyhow::Result<()> {
                 "bench-xdp",
             ]))
         }
-        other => bail!("unknown benchmark `{other}`: try `xdp`"),
+        "proxy" => bench_proxy(),
+        other => bail!("unknown benchmark `{other}`: try `xdp` or `proxy`"),
     }
+}
+
+/// memcached directly, nutcracker and guard under the same load; needs no
+/// root, only the Debian packages `setup` installs.
+fn bench_proxy() -> anyhow::Result<()> {
+    check(Command::new("cargo").args(["build", "--release", "-p", "guard"]))?;
+    check(Command::new("cargo").args([
+        "run",
+        "--release",
+        "-p",
+        "guard-tests",
+        "--bin",
+        "bench-proxy",
+    ]))
 }
