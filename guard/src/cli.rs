@@ -185,6 +185,9 @@ pub struct RunArgs {
     /// Seconds in-flight requests get to finish after SIGTERM.
     #[arg(long)]
     pub drain_grace_secs: Option<u64>,
+    /// With tenants, milliseconds a client has to authenticate.
+    #[arg(long)]
+    pub auth_timeout_ms: Option<u64>,
 }
 
 impl RunArgs {
@@ -241,6 +244,7 @@ impl RunArgs {
         set(&mut p.request_timeout_ms, self.request_timeout_ms);
         set(&mut p.idle_timeout_secs, self.idle_timeout_secs);
         set(&mut p.drain_grace_secs, self.drain_grace_secs);
+        set(&mut p.auth_timeout_ms, self.auth_timeout_ms);
         let set = |dst: &mut usize, v: Option<usize>| {
             if let Some(v) = v {
                 *dst = v;

@@ -156,6 +156,9 @@ pub struct ProxyConfig {
     pub miss_on_backend_error: bool,
     /// On SIGTERM, in-flight requests get this long to finish.
     pub drain_grace_secs: u64,
+    /// With tenants configured, a client that has not authenticated this
+    /// many milliseconds after connecting is closed.
+    pub auth_timeout_ms: u64,
 }
 
 impl Default for ProxyConfig {
@@ -182,6 +185,7 @@ impl Default for ProxyConfig {
             max_pipeline_depth: 256,
             miss_on_backend_error: false,
             drain_grace_secs: 5,
+            auth_timeout_ms: crate::tenant::AUTH_DEADLINE.as_millis() as u64,
         }
     }
 }
@@ -243,6 +247,12 @@ impl ProxyConfig {
             bail!(
                 "max-pipeline-depth must be 1..=65536, got {}",
                 self.max_pipeline_depth
+            );
+        }
+        if !(1..=60_000).contains(&self.auth_timeout_ms) {
+            bail!(
+                "auth-timeout-ms must be 1..=60000, got {}",
+                self.auth_timeout_ms
             );
         }
         if self.drain_grace_secs > 3_600 {
@@ -653,6 +663,13 @@ fn check_namespaces(tenants: &[TenantConfig]) -> anyhow::Result<()> {
                 ns.escape_debug()
             );
         }
+        let open = crate::tenant::namespace::OPEN_NAMESPACE;
+        if ns == open || ns.strip_prefix(open).is_some_and(|r| r.starts_with(':')) {
+            bail!(
+                "tenant `{}` namespace `{ns}`: `{open}` and `{open}:…` are the open tenant's",
+                t.name
+            );
+        }
     }
     for (i, a) in tenants.iter().enumerate() {
         for b in &tenants[i + 1..] {
@@ -899,6 +916,26 @@ mod tests {
         c.proxy.backends = vec!["10.0.0.5:11211".parse().unwrap()];
         c.proxy.max_pipeline_depth = 0;
         assert!(c.validate().unwrap_err().to_string().contains("pipeline"));
+        c.proxy.max_pipeline_depth = 1;
+        assert_eq!(c.proxy.auth_timeout_ms, 2_000);
+        c.proxy.auth_timeout_ms = 0;
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("auth-timeout")
+        );
+        c.proxy.auth_timeout_ms = 100;
+        c.validate().unwrap();
+
+        for (ns, ok) in [("_", false), ("_:x", false), ("_x", true), ("x_", true)] {
+            c.tenants = vec![TenantConfig {
+                name: "t".into(),
+                namespace: Some(ns.into()),
+                ..Default::default()
+            }];
+            assert_eq!(c.validate().is_ok(), ok, "{ns}");
+        }
     }
 
     #[test]

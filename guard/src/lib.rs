@@ -20,11 +20,12 @@
 //! - [`protocol`] parses and encodes the text, meta and binary protocols,
 //!   zero-copy, with limits set up front.
 //! - [`proxy`] is the memcache proxy: [`proxy::listener`] accepts under
-//!   connection caps, [`proxy::session`] serves one client,
-//!   [`proxy::command`] translates requests to backend meta requests,
-//!   [`proxy::namespace`] prefixes keys, [`proxy::router`] routes with
-//!   [`proxy::ketama`] (as twemproxy does), and [`proxy::backend`]
-//!   pipelines over pooled backend connections.
+//!   connection caps, [`proxy::session`] serves one client (after
+//!   [`proxy::auth`] when tenants are configured), [`proxy::command`]
+//!   translates requests to backend meta requests in the client's tenant
+//!   namespace, [`proxy::router`] routes with [`proxy::ketama`] (as
+//!   twemproxy does), and [`proxy::backend`] pipelines over pooled backend
+//!   connections.
 //! - [`tenant`] knows who a client is and what it may touch: credentials
 //!   and their verification, SASL and text authentication, per-tenant key
 //!   namespaces with their own `flush_all`, connection caps and budgets.
@@ -40,10 +41,10 @@ pub mod proxy;
 pub mod shutdown;
 pub mod tenant;
 
-use std::time::Duration;
+use std::{collections::HashMap, net::IpAddr, sync::Arc, time::Duration};
 
 use anyhow::{Context as _, bail};
-use log::{error, info};
+use log::{error, info, warn};
 
 use crate::{
     cli::{Cli, Command, RunArgs},
@@ -51,10 +52,20 @@ use crate::{
     ebpf::{XdpGuard, control::XdpControl},
     paths::Paths,
     shutdown::{Signal, Signals},
+    tenant::{SharedRegistry, TenantRegistry},
 };
 
 /// How often expired deny/allow entries are removed.
 const EXPIRY_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Authentications waiting to reach the XDP source→tenant map; beyond
+/// this, reports are dropped rather than slow a session.
+const LEARNED_QUEUE: usize = 4096;
+
+/// Sources already recorded in the XDP source→tenant map, so a reconnect
+/// storm does not write the map once per login. Forgets everything when
+/// full (the map write is idempotent).
+const LEARNED_REMEMBERED: usize = 65_536;
 
 /// Runs the command the CLI names.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -96,6 +107,17 @@ pub async fn run_daemon(paths: Paths, args: RunArgs) -> anyhow::Result<()> {
     // Installed first, so a signal during start-up is not lost.
     let mut signals = Signals::new().context("cannot install signal handlers")?;
 
+    let tenants = Arc::new(SharedRegistry::new(TenantRegistry::from_config(&config)?));
+    // With XDP in this process, authentications tell it which tenant a
+    // source belongs to.
+    let (learned_tx, mut learned_rx) = if config.xdp.interfaces.is_empty() {
+        (None, None)
+    } else {
+        let (tx, rx) = tokio::sync::mpsc::channel::<proxy::SourceTenant>(LEARNED_QUEUE);
+        (Some(tx), Some(rx))
+    };
+    let mut recorded: HashMap<IpAddr, u32> = HashMap::new();
+
     let mut proxy = None;
     if !config.proxy.listen.is_empty() {
         let mut listeners = Vec::new();
@@ -107,9 +129,20 @@ pub async fn run_daemon(paths: Paths, args: RunArgs) -> anyhow::Result<()> {
             );
         }
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(proxy::Proxy::run(
+        if tenants.load().requires_auth() {
+            info!(
+                "proxy tenants: {} (clients authenticate)",
+                describe_tenants(&tenants)
+            );
+        }
+        let cx = proxy::ProxyContext {
+            tenants: tenants.clone(),
+            learned: learned_tx,
+        };
+        let task = tokio::spawn(proxy::Proxy::run_with(
             listeners,
             config.proxy.clone(),
+            cx,
             async move {
                 let _ = stopped.await;
             },
@@ -140,16 +173,37 @@ pub async fn run_daemon(paths: Paths, args: RunArgs) -> anyhow::Result<()> {
         tokio::select! {
             signal = signals.recv() => match signal {
                 Signal::Stop => break,
-                Signal::Reload => match &mut xdp {
-                    Some((guard, control, _)) => match reload(&paths, &args, &config, guard, control) {
-                        Ok(new) => {
-                            config = new;
-                            info!("configuration reloaded (proxy settings apply at restart)");
-                        }
-                        Err(e) => error!("reload failed, keeping the running configuration: {e:#}"),
-                    },
-                    None => info!("SIGHUP: proxy settings apply at restart; nothing to reload"),
+                Signal::Reload => match reload(&paths, &args, &config, &mut xdp, &tenants) {
+                    Ok(new) => {
+                        config = new;
+                        info!(
+                            "configuration reloaded: tenants ({}){}; other proxy settings apply at restart",
+                            describe_tenants(&tenants),
+                            if xdp.is_some() { " and XDP settings" } else { "" },
+                        );
+                    }
+                    Err(e) => error!("reload failed, keeping the running configuration: {e:#}"),
                 },
+            },
+            learned = async {
+                match &mut learned_rx {
+                    Some(rx) => rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                let (Some((ip, tenant)), Some((_, control, _))) = (learned, &mut xdp) else { continue };
+                if recorded.get(&ip) == Some(&tenant) {
+                    continue;
+                }
+                if recorded.len() >= LEARNED_REMEMBERED {
+                    recorded.clear();
+                }
+                match control.maps().set_source_tenant(ip, tenant) {
+                    Ok(()) => {
+                        recorded.insert(ip, tenant);
+                    }
+                    Err(e) => warn!("cannot record {ip} as tenant {tenant:#x} in the XDP map: {e:#}"),
+                }
             },
             _ = expiry.tick(), if xdp.is_some() => {
                 let Some((_, control, _)) = &mut xdp else { continue };
@@ -188,22 +242,45 @@ pub async fn run_daemon(paths: Paths, args: RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// SIGHUP: re-reads the configuration; applies it to the XDP maps (when
+/// XDP runs here), then swaps the tenant registry in place (credentials
+/// and budgets for new authentications; flush generations are kept).
 fn reload(
     paths: &Paths,
     args: &RunArgs,
     old: &Config,
-    guard: &mut XdpGuard,
-    control: &mut XdpControl,
+    xdp: &mut Option<(
+        XdpGuard,
+        XdpControl,
+        tokio::task::JoinHandle<anyhow::Result<()>>,
+    )>,
+    tenants: &SharedRegistry,
 ) -> anyhow::Result<Config> {
     let new = args.resolve()?;
-    if new.xdp.interfaces.is_empty() {
-        bail!("the new configuration has no interfaces");
+    if let Some((guard, control, _)) = xdp {
+        if new.xdp.interfaces.is_empty() {
+            bail!("the new configuration has no interfaces");
+        }
+        if new.xdp.interfaces != old.xdp.interfaces || new.xdp.mode != old.xdp.mode {
+            *guard = XdpGuard::attach(paths, &new.xdp.interfaces, new.xdp.mode)?;
+        }
+        control.apply(&new)?;
     }
-    if new.xdp.interfaces != old.xdp.interfaces || new.xdp.mode != old.xdp.mode {
-        *guard = XdpGuard::attach(paths, &new.xdp.interfaces, new.xdp.mode)?;
-    }
-    control.apply(&new)?;
+    tenants.reload(&new)?;
     Ok(new)
+}
+
+fn describe_tenants(tenants: &SharedRegistry) -> String {
+    let registry = tenants.load();
+    if !registry.requires_auth() {
+        return "one open tenant".into();
+    }
+    registry
+        .tenants()
+        .iter()
+        .map(|t| t.name.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn describe_interfaces(guard: &XdpGuard) -> String {

@@ -19,7 +19,7 @@ fn multi_get_across_three_backends_keeps_client_order() {
     // Every backend holds some of the keys, under the namespace prefix.
     for mc in &mcs {
         let mut d = Client::connect(mc.addr);
-        let line: Vec<String> = keys.iter().map(|k| format!("_.0:{k}")).collect();
+        let line: Vec<String> = keys.iter().map(|k| format!("_:0000000:{k}")).collect();
         d.send(format!("get {}\r\n", line.join(" ")).as_bytes());
         let reply = d.read_until_suffix(b"END\r\n");
         assert!(

@@ -32,6 +32,10 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "ethtool",
 ];
 
+/// Python memcache clients the client-library tests drive guard with
+/// (pymemcache: text; python-binary-memcached: binary and SASL PLAIN).
+const PIP_PACKAGES: &[&str] = &["pymemcache", "python-binary-memcached"];
+
 #[derive(Parser)]
 #[command(name = "xtask", about = "guard's developer and CI tasks")]
 struct Cli {
@@ -202,6 +206,18 @@ fn setup() -> anyhow::Result<()> {
                 .stdout(std::process::Stdio::null())
                 .stderr(std::process::Stdio::null())
                 .status();
+        }
+    }
+    if !quiet_ok(Command::new("python3").args(["-c", "import pymemcache, bmemcached"])) {
+        let pip = || {
+            let mut c = Command::new("python3");
+            c.args(["-m", "pip", "install", "--quiet"])
+                .args(PIP_PACKAGES);
+            c
+        };
+        // Debian's own python3 refuses pip outside a venv (PEP 668).
+        if !quiet_ok(&mut pip()) {
+            check(pip().arg("--break-system-packages"))?;
         }
     }
     Ok(())

@@ -171,6 +171,8 @@ impl Status {
     pub const NOT_MY_VBUCKET: Status = Status(0x0007);
     pub const AUTH_ERROR: Status = Status(0x0020);
     pub const AUTH_CONTINUE: Status = Status(0x0021);
+    /// memcached's `EACCESS`: the authenticated user may not do this.
+    pub const ACCESS_DENIED: Status = Status(0x0024);
     pub const UNKNOWN_COMMAND: Status = Status(0x0081);
     pub const OUT_OF_MEMORY: Status = Status(0x0082);
     pub const NOT_SUPPORTED: Status = Status(0x0083);
@@ -190,6 +192,7 @@ impl Status {
             Status::NON_NUMERIC => "Non-numeric server-side value for incr or decr",
             Status::NOT_STORED => "Not stored.",
             Status::AUTH_ERROR => "Auth failure.",
+            Status::ACCESS_DENIED => "Permission denied",
             _ => "UNHANDLED ERROR",
         }
     }

@@ -6,18 +6,29 @@
 //! by order. Quiet modes (meta `q`, binary quiet opcodes, text `noreply`)
 //! are applied here, on the way back, by suppressing what the client's
 //! protocol would have suppressed. Keys gain the tenant's namespace prefix
-//! on the way out and lose it on the way back.
+//! on the way out and lose it on the way back; `flush_all` moves only the
+//! tenant's namespace on and never reaches a backend. A read-only identity
+//! gets every write refused here, before anything is sent.
 
 use std::{future::Future, pin::Pin, sync::Arc, time::Duration};
 
 use bytes::{BufMut, Bytes, BytesMut};
 
 use super::{BackendError, Shared, stats::ProxyStats};
-use crate::protocol::{
-    BinaryRequest, BinaryResponse, Extras, GetKind, GetRequest, MetaCode, MetaCommand, MetaFlag,
-    MetaRequest, MetaResponse, Opcode, Request, Response, Status, StoreCommand, StoreRequest,
-    TextRequest, TextResponse, is_valid_text_key,
+use crate::{
+    protocol::{
+        BinaryRequest, BinaryResponse, Extras, GetKind, GetRequest, MetaCode, MetaCommand,
+        MetaFlag, MetaRequest, MetaResponse, Opcode, Request, Response, Status, StoreCommand,
+        StoreRequest, TextRequest, TextResponse, is_valid_text_key,
+    },
+    tenant::{Identity, KeyNamespace, Tenant, auth},
 };
+
+/// Text reply to a write from a read-only identity.
+pub const TEXT_PERMISSION_DENIED: &[u8] = b"CLIENT_ERROR permission denied\r\n";
+/// Text reply to a key that does not fit the tenant's namespace. The
+/// parser refuses such keys first, with the same line.
+const TEXT_BAD_KEY: &[u8] = b"CLIENT_ERROR bad command line format\r\n";
 
 /// The bytes to send a client for one request, and whether to close after.
 #[derive(Debug, Default)]
@@ -45,12 +56,31 @@ fn waiting(f: impl Future<Output = Reply> + Send + 'static) -> Slot {
     Slot::Waiting(Box::pin(f))
 }
 
-/// Starts a request for a session whose connection affinity is
-/// `affinity`: backend calls are on their way when this returns.
-pub fn dispatch(req: Request, sh: &Arc<Shared>, affinity: usize) -> Slot {
+/// Who a session serves, as its requests need it.
+#[derive(Debug, Clone)]
+pub struct Client {
+    /// The tenant and rights (the open identity without tenants).
+    pub identity: Arc<Identity>,
+    /// Backend connection affinity, so the client's requests stay in order.
+    pub affinity: usize,
+    /// Whether the client authenticated (tenants are configured): SASL
+    /// opcodes are then answered as by memcached `-S`, not as unknown.
+    pub authenticated: bool,
+}
+
+/// Starts a request for `client`: backend calls are on their way when
+/// this returns.
+pub fn dispatch(req: Request, sh: &Arc<Shared>, client: &Client) -> Slot {
+    if client.identity.read_only && is_write(&req) {
+        ProxyStats::add(&sh.stats.permission_denied, 1);
+        return Slot::Ready(permission_denied(&req));
+    }
     let cx = Cx {
         sh: sh.clone(),
-        affinity,
+        affinity: client.affinity,
+        ns: client.identity.tenant.namespace.clone(),
+        tenant: client.identity.tenant.clone(),
+        authenticated: client.authenticated,
     };
     match req {
         Request::Text(r) => text(r, &cx),
@@ -59,10 +89,72 @@ pub fn dispatch(req: Request, sh: &Arc<Shared>, affinity: usize) -> Slot {
     }
 }
 
-/// One request's context: the shared state and its session's affinity.
+/// Whether a request changes data: stores, cas, arithmetic, deletes,
+/// touches (gat and meta `T` set a TTL), meta `N` (creates on a miss), and
+/// `flush_all`.
+pub fn is_write(req: &Request) -> bool {
+    use Opcode::*;
+    match req {
+        Request::Text(t) => match t {
+            TextRequest::Get(g) => matches!(g.kind, GetKind::Gat(_) | GetKind::Gats(_)),
+            TextRequest::Store(_)
+            | TextRequest::Incr { .. }
+            | TextRequest::Decr { .. }
+            | TextRequest::Delete { .. }
+            | TextRequest::Touch { .. }
+            | TextRequest::FlushAll { .. } => true,
+            TextRequest::Version
+            | TextRequest::Verbosity { .. }
+            | TextRequest::Stats { .. }
+            | TextRequest::Quit => false,
+        },
+        Request::Meta(m) => match m.command {
+            MetaCommand::Set | MetaCommand::Delete | MetaCommand::Arithmetic => true,
+            MetaCommand::Get => m.has_flag(b'T') || m.has_flag(b'N'),
+            MetaCommand::Noop | MetaCommand::Debug => false,
+        },
+        Request::Binary(b) => match b.opcode {
+            Get | GetQ | GetK | GetKQ | Noop | Version | Quit | QuitQ | Stat | Verbosity
+            | SaslListMechs | SaslAuth | SaslStep => false,
+            Set | Add | Replace | SetQ | AddQ | ReplaceQ | Append | Prepend | AppendQ
+            | PrependQ | Delete | DeleteQ | Increment | Decrement | IncrementQ | DecrementQ
+            | Flush | FlushQ | Touch | Gat | GatQ | GatK | GatKQ => true,
+        },
+    }
+}
+
+/// The refusal of a write from a read-only identity: `CLIENT_ERROR
+/// permission denied` (sent even for `noreply`, as memcached sends its
+/// errors), binary status 0x24 (memcached's `EACCESS`).
+fn permission_denied(req: &Request) -> Reply {
+    match req {
+        Request::Binary(b) => {
+            let mut out = BytesMut::new();
+            BinaryResponse::error(b.opcode as u8, b.opaque, Status::ACCESS_DENIED).encode(&mut out);
+            Reply { out, close: false }
+        }
+        Request::Text(_) | Request::Meta(_) => Reply::bytes(TEXT_PERMISSION_DENIED),
+    }
+}
+
+/// One request's context: the shared state, the session's affinity and
+/// its tenant's namespace.
 struct Cx {
     sh: Arc<Shared>,
     affinity: usize,
+    ns: KeyNamespace,
+    tenant: Arc<Tenant>,
+    authenticated: bool,
+}
+
+impl Cx {
+    /// The backend key, or the text reply for a key too long once
+    /// namespaced.
+    fn text_key(&self, key: &[u8]) -> Result<Bytes, Slot> {
+        self.ns
+            .backend_key(key)
+            .map_err(|_| Slot::Ready(Reply::bytes(TEXT_BAD_KEY)))
+    }
 }
 
 impl std::ops::Deref for Cx {
@@ -133,19 +225,32 @@ fn forward(
     })
 }
 
-fn schedule_flush(sh: &Arc<Shared>, delay: i64) {
-    ProxyStats::add(&sh.stats.cmd_flush, 1);
-    if delay <= 0 {
-        sh.ns.flush();
-        return;
-    }
-    let weak = Arc::downgrade(sh);
-    tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_secs(delay as u64)).await;
-        if let Some(sh) = weak.upgrade() {
-            sh.ns.flush();
-        }
-    });
+/// `flush_all [delay]`: the tenant's namespace moves on (now, or after
+/// `delay` seconds); no backend is flushed.
+fn flush(cx: &Cx, delay: i64) {
+    ProxyStats::add(&cx.stats.cmd_flush, 1);
+    let delay = u64::try_from(delay).ok().filter(|&d| d > 0);
+    cx.ns.flush(delay.map(Duration::from_secs));
+}
+
+/// `stats`: guard's counters, then the client's own tenant (never
+/// another's).
+fn stat_rows(cx: &Cx) -> Vec<(Bytes, Bytes)> {
+    let mut rows = cx.stats.byte_rows();
+    let t = &cx.tenant;
+    rows.push((
+        Bytes::from_static(b"tenant"),
+        Bytes::from(t.name.to_string()),
+    ));
+    rows.push((
+        Bytes::from_static(b"tenant_curr_connections"),
+        token(cx.connections.count(t)),
+    ));
+    rows.push((
+        Bytes::from_static(b"tenant_max_key_length"),
+        token(cx.ns.max_client_key_len()),
+    ));
+    rows
 }
 
 // ---------------------------------------------------------------- text
@@ -193,7 +298,10 @@ fn text(req: TextRequest, sh: &Cx) -> Slot {
             noreply,
         } => text_arith(sh, &key, delta, b"D", noreply),
         TextRequest::Delete { key, noreply } => {
-            let bkey = sh.ns.backend_key(&key);
+            let bkey = match sh.text_key(&key) {
+                Ok(k) => k,
+                Err(slot) => return slot,
+            };
             let req = meta_req(MetaCommand::Delete, &bkey, Vec::new(), None);
             forward(sh, &bkey, req, move |_, r| {
                 text_status(r, noreply, |c| match c {
@@ -210,7 +318,10 @@ fn text(req: TextRequest, sh: &Cx) -> Slot {
             noreply,
         } => {
             ProxyStats::add(&sh.stats.cmd_touch, 1);
-            let bkey = sh.ns.backend_key(&key);
+            let bkey = match sh.text_key(&key) {
+                Ok(k) => k,
+                Err(slot) => return slot,
+            };
             let req = meta_req(
                 MetaCommand::Get,
                 &bkey,
@@ -226,7 +337,7 @@ fn text(req: TextRequest, sh: &Cx) -> Slot {
             })
         }
         TextRequest::FlushAll { delay, noreply } => {
-            schedule_flush(&sh.sh, i64::from(delay.unwrap_or(0)));
+            flush(sh, i64::from(delay.unwrap_or(0)));
             Slot::Ready(if noreply {
                 Reply::default()
             } else {
@@ -243,7 +354,7 @@ fn text(req: TextRequest, sh: &Cx) -> Slot {
         }),
         TextRequest::Stats { .. } => {
             let mut out = BytesMut::new();
-            for (name, value) in sh.stats.byte_rows() {
+            for (name, value) in stat_rows(sh) {
                 TextResponse::Stat { name, value }.encode(&mut out);
             }
             TextResponse::End.encode(&mut out);
@@ -265,15 +376,15 @@ fn text_get(g: GetRequest, sh: &Cx) -> Slot {
         flags.push(MetaFlag::new(b'T', token(e)));
         ProxyStats::add(&sh.stats.cmd_touch, g.keys.len() as u64);
     }
-    let requests = g
-        .keys
-        .iter()
-        .map(|k| {
-            let bkey = sh.ns.backend_key(k);
-            let req = meta_req(MetaCommand::Get, &bkey, flags.clone(), None);
-            (bkey, req)
-        })
-        .collect();
+    let mut requests = Vec::with_capacity(g.keys.len());
+    for k in &g.keys {
+        let bkey = match sh.text_key(k) {
+            Ok(k) => k,
+            Err(slot) => return slot,
+        };
+        let req = meta_req(MetaCommand::Get, &bkey, flags.clone(), None);
+        requests.push((bkey, req));
+    }
     let fan = sh.router.fan_out(requests, sh.affinity);
     let sh = sh.sh.clone();
     let with_cas = g.kind.returns_cas();
@@ -321,7 +432,10 @@ fn text_get(g: GetRequest, sh: &Cx) -> Slot {
 
 fn text_store(s: StoreRequest, sh: &Cx) -> Slot {
     ProxyStats::add(&sh.stats.cmd_set, 1);
-    let bkey = sh.ns.backend_key(&s.key);
+    let bkey = match sh.text_key(&s.key) {
+        Ok(k) => k,
+        Err(slot) => return slot,
+    };
     let mut flags = Vec::new();
     let mode: &[u8] = match s.command {
         StoreCommand::Set | StoreCommand::Cas(_) => b"S",
@@ -352,7 +466,10 @@ fn text_store(s: StoreRequest, sh: &Cx) -> Slot {
 }
 
 fn text_arith(sh: &Cx, key: &[u8], delta: u64, mode: &'static [u8], noreply: bool) -> Slot {
-    let bkey = sh.ns.backend_key(key);
+    let bkey = match sh.text_key(key) {
+        Ok(k) => k,
+        Err(slot) => return slot,
+    };
     let flags = vec![
         flag(b'v'),
         MetaFlag::new(b'M', Bytes::from_static(mode)),
@@ -390,7 +507,10 @@ fn meta(mut req: MetaRequest, sh: &Cx) -> Slot {
     let Some(client_key) = req.decoded_key() else {
         return Slot::Ready(Reply::bytes(b"CLIENT_ERROR error decoding key\r\n"));
     };
-    let bkey = sh.ns.backend_key(&client_key);
+    let bkey = match sh.text_key(&client_key) {
+        Ok(k) => k,
+        Err(slot) => return slot,
+    };
     if req.base64_key() {
         req.set_decoded_key(&bkey);
     } else {
@@ -406,6 +526,7 @@ fn meta(mut req: MetaRequest, sh: &Cx) -> Slot {
     let base64 = req.base64_key();
     let mut encoded = BytesMut::new();
     req.encode(&mut encoded);
+    let ns = sh.ns.clone();
     forward(sh, &bkey, encoded, move |sh, r| {
         let mut out = BytesMut::new();
         match r {
@@ -425,12 +546,12 @@ fn meta(mut req: MetaRequest, sh: &Cx) -> Slot {
                 if m.flag(b'k').is_some() {
                     let key = m
                         .returned_key()
-                        .and_then(|k| sh.ns.client_key(&k))
+                        .and_then(|k| ns.client_key(&k))
                         .unwrap_or_else(|| client_key.clone());
                     m.set_returned_key(&key);
                 }
                 if let Some(k) = &m.key {
-                    m.key = Some(sh.ns.client_key(k).unwrap_or_else(|| client_key.clone()));
+                    m.key = Some(ns.client_key(k).unwrap_or_else(|| client_key.clone()));
                 }
                 m.encode(&mut out);
             }
@@ -511,7 +632,13 @@ fn forward_binary(
     render: impl FnOnce(&Shared, MetaResponse) -> BinaryResponse + Send + 'static,
 ) -> Slot {
     let (op, opaque) = (req.opcode, req.opaque);
-    let bkey = sh.ns.backend_key(&req.key);
+    let Ok(bkey) = sh.ns.backend_key(&req.key) else {
+        // memcached's answer to a key over its limit.
+        return Slot::Ready(encode_binary(
+            op,
+            BinaryResponse::error(op as u8, opaque, Status::INVALID_ARGUMENTS),
+        ));
+    };
     let encoded = meta_req(command, &bkey, flags, value);
     let is_read = command == MetaCommand::Get;
     forward(sh, &bkey, encoded, move |sh, r| {
@@ -561,7 +688,7 @@ fn binary(req: BinaryRequest, sh: &Cx) -> Slot {
                 Extras::Exptime(d) => i64::from(d),
                 _ => 0,
             };
-            schedule_flush(&sh.sh, delay);
+            flush(sh, delay);
             local(BinaryResponse::new(op as u8, opaque))
         }
         Noop | Verbosity => local(BinaryResponse::new(op as u8, opaque)),
@@ -580,7 +707,7 @@ fn binary(req: BinaryRequest, sh: &Cx) -> Slot {
         }),
         Stat => {
             let mut out = BytesMut::new();
-            for (name, value) in sh.stats.byte_rows() {
+            for (name, value) in stat_rows(sh) {
                 BinaryResponse {
                     key: name,
                     value,
@@ -591,12 +718,20 @@ fn binary(req: BinaryRequest, sh: &Cx) -> Slot {
             BinaryResponse::new(op as u8, opaque).encode(&mut out);
             Slot::Ready(Reply { out, close: false })
         }
-        // No SASL here yet: answer as a memcached built without it.
-        SaslListMechs | SaslAuth | SaslStep => local(BinaryResponse::error(
+        // The open tenant: answer as a memcached without SASL, which SASL
+        // clients take as "no authentication needed".
+        SaslListMechs | SaslAuth | SaslStep if !sh.authenticated => local(BinaryResponse::error(
             op as u8,
             opaque,
             Status::UNKNOWN_COMMAND,
         )),
+        SaslListMechs => local(auth::sasl_list_mechs_response(&req)),
+        // Already authenticated: one identity per connection.
+        SaslAuth | SaslStep => local(BinaryResponse {
+            status: Status::NOT_SUPPORTED,
+            value: Bytes::from_static(b"Already authenticated"),
+            ..BinaryResponse::new(op as u8, opaque)
+        }),
     }
 }
 

@@ -1,44 +1,42 @@
 //! The memcache proxy that runs behind the XDP guard.
 //!
 //! Following a request: [`listener`] accepts the client (global and
-//! per-source caps), [`session`] parses its requests in whichever protocol
-//! it speaks and writes replies in order, [`command`] translates each
-//! request into meta requests for the backends (keys namespaced by
-//! [`namespace`]) and the replies back, [`router`] picks the backend with
-//! [`ketama`] and fans multi-key gets out, and [`backend`] pipelines
-//! everything over a few persistent connections per memcached.
+//! per-source caps), [`session`] authenticates it when tenants are
+//! configured ([`crate::tenant`]), parses its requests in whichever
+//! protocol it speaks and writes replies in order, [`command`] translates
+//! each request into meta requests for the backends (keys in the tenant's
+//! [`crate::tenant::KeyNamespace`]) and the replies back, [`router`] picks
+//! the backend with [`ketama`] and fans multi-key gets out, and [`backend`]
+//! pipelines everything over a few persistent connections per memcached.
 
+pub mod auth;
 pub mod backend;
 pub mod command;
 pub mod ketama;
 pub mod listener;
-pub mod namespace;
 pub mod router;
 pub mod session;
 pub mod stats;
 
-use std::{future::Future, sync::Arc, time::Duration};
+use std::{future::Future, net::IpAddr, sync::Arc, time::Duration};
 
 use log::{info, warn};
 use tokio::{
     net::TcpListener,
-    sync::{Semaphore, watch},
+    sync::{Semaphore, mpsc, watch},
 };
 
 pub use backend::BackendError;
 
-use crate::{config::ProxyConfig, protocol::Limits};
+use crate::{
+    config::ProxyConfig,
+    protocol::Limits,
+    tenant::{SharedRegistry, TenantConnections, TenantRegistry},
+};
 use backend::BackendSettings;
 use listener::SourceLimits;
-use namespace::KeyNamespace;
 use router::Router;
 use stats::ProxyStats;
-
-/// memcached's key length limit, which backend keys must respect.
-pub const MAX_BACKEND_KEY_LEN: usize = 250;
-
-/// The prefix of the single open tenant's keys on the backends.
-pub const OPEN_TENANT_PREFIX: &str = "_.";
 
 /// What `version` answers.
 pub fn version() -> String {
@@ -56,11 +54,42 @@ pub enum Phase {
     Stopped,
 }
 
+/// A client address and the tenant it authenticated as: what the proxy
+/// tells the XDP side, so that source's SYNs charge that tenant.
+pub type SourceTenant = (IpAddr, u32);
+
+/// What the proxy shares with the daemon around it.
+#[derive(Clone)]
+pub struct ProxyContext {
+    /// The tenants in force; the daemon swaps them on SIGHUP.
+    pub tenants: Arc<SharedRegistry>,
+    /// Where successful authentications are reported (best effort: a full
+    /// channel drops the report, never blocks a session).
+    pub learned: Option<mpsc::Sender<SourceTenant>>,
+}
+
+impl Default for ProxyContext {
+    /// One open tenant, nobody listening for authentications.
+    fn default() -> Self {
+        Self {
+            tenants: Arc::new(SharedRegistry::new(TenantRegistry::open())),
+            learned: None,
+        }
+    }
+}
+
 /// State every session shares.
 pub struct Shared {
     pub router: Router,
-    pub ns: KeyNamespace,
     pub stats: Arc<ProxyStats>,
+    /// The tenants in force (loaded by each session as it starts).
+    pub tenants: Arc<SharedRegistry>,
+    /// Connections per tenant, across reloads.
+    pub connections: TenantConnections,
+    /// See [`ProxyContext::learned`].
+    pub learned: Option<mpsc::Sender<SourceTenant>>,
+    /// How long a client has to authenticate.
+    pub auth_timeout: Duration,
     pub limits: Limits,
     pub miss_on_backend_error: bool,
     pub idle_timeout: Option<Duration>,
@@ -73,12 +102,23 @@ pub struct Shared {
 pub struct Proxy;
 
 impl Proxy {
-    /// Serves clients on `listeners` until `shutdown` completes, then
-    /// drains: stops accepting, lets in-flight requests finish within
-    /// `drain_grace_secs`, and closes what is left.
+    /// Serves clients on `listeners` as one open tenant until `shutdown`
+    /// completes, then drains (see [`Self::run_with`]).
     pub async fn run(
         listeners: Vec<TcpListener>,
         config: ProxyConfig,
+        shutdown: impl Future<Output = ()>,
+    ) -> anyhow::Result<()> {
+        Self::run_with(listeners, config, ProxyContext::default(), shutdown).await
+    }
+
+    /// Serves clients on `listeners`, with the tenants of `cx`, until
+    /// `shutdown` completes, then drains: stops accepting, lets in-flight
+    /// requests finish within `drain_grace_secs`, and closes what is left.
+    pub async fn run_with(
+        listeners: Vec<TcpListener>,
+        config: ProxyConfig,
+        cx: ProxyContext,
         shutdown: impl Future<Output = ()>,
     ) -> anyhow::Result<()> {
         let stats = Arc::new(ProxyStats::default());
@@ -95,8 +135,11 @@ impl Proxy {
         };
         let shared = Arc::new(Shared {
             router,
-            ns: KeyNamespace::new(OPEN_TENANT_PREFIX, MAX_BACKEND_KEY_LEN),
             stats,
+            tenants: cx.tenants,
+            connections: TenantConnections::new(),
+            learned: cx.learned,
+            auth_timeout: Duration::from_millis(config.auth_timeout_ms),
             read_cap: limits.max_value_len + limits.max_retrieval_line_len + 4096,
             limits,
             miss_on_backend_error: config.miss_on_backend_error,

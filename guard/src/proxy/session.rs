@@ -7,6 +7,12 @@
 //! order. The client's side is read all along, even while replies are
 //! pending, so an EOF or reset ends the session and frees its socket at
 //! once; replies still in flight are dropped by the backend connections.
+//!
+//! With tenants configured a session starts unauthenticated
+//! ([`super::auth`]): until the client authenticates it is served one
+//! request at a time and only authentication gets anywhere. After that its
+//! requests run as its identity: its tenant's namespace and key limit, and
+//! read-only if its credential is.
 
 use std::{collections::VecDeque, sync::Arc};
 
@@ -20,12 +26,12 @@ use tokio::{
 
 use super::{
     Phase, Shared,
-    command::{self, Reply, Slot},
+    command::{self, Client, Reply, Slot},
     stats::ProxyStats,
 };
 use crate::protocol::{self, Protocol, ProtocolError, Request};
 
-fn parse(
+pub(super) fn parse(
     protocol: Protocol,
     buf: &mut BytesMut,
     limits: &protocol::Limits,
@@ -39,11 +45,47 @@ fn parse(
 /// Serves one client until it leaves, misbehaves beyond repair, idles out,
 /// or the proxy stops.
 pub async fn serve(stream: TcpStream, sh: Arc<Shared>, mut phase: watch::Receiver<Phase>) {
+    let peer = stream.peer_addr().ok().map(|a| a.ip().to_canonical());
     let (mut rd, mut wr) = stream.into_split();
     let mut rbuf = BytesMut::with_capacity(16 * 1024);
+    let mut protocol = None;
+    if *phase.borrow() != Phase::Running {
+        return;
+    }
+    let registry = sh.tenants.load();
+    let authenticated = registry.requires_auth();
+    let (identity, _permit) = match registry.open_identity() {
+        Some(open) => match sh.connections.try_acquire(&open.tenant) {
+            Some(permit) => (open, permit),
+            None => return,
+        },
+        None => {
+            let login = super::auth::authenticate(
+                &mut rd,
+                &mut wr,
+                &mut rbuf,
+                &mut protocol,
+                &sh,
+                registry,
+                &mut phase,
+                peer,
+            );
+            match login.await {
+                Some(done) => done,
+                None => return,
+            }
+        }
+    };
+    let mut limits = sh.limits.clone();
+    limits.max_key_len = identity.tenant.namespace.max_client_key_len();
+    let client = Client {
+        identity,
+        affinity: sh.router.affinity(),
+        authenticated,
+    };
+
     let mut out = BytesMut::new();
     let mut queue: VecDeque<Slot> = VecDeque::new();
-    let mut protocol = None;
     // Bytes of a refused frame (e.g. an oversized value) still to arrive.
     let mut skip = 0usize;
     // No new requests: the client quit, the stream is lost, or we drain.
@@ -51,12 +93,9 @@ pub async fn serve(stream: TcpStream, sh: Arc<Shared>, mut phase: watch::Receive
     let mut close_after_flush = false;
     let mut last_read = Instant::now();
     let depth = sh.max_pipeline_depth;
-    let affinity = sh.router.affinity();
 
     loop {
         if !closing {
-            let mut limits = sh.limits.clone();
-            limits.max_key_len = sh.ns.max_client_key_len();
             while queue.len() < depth && !closing {
                 if skip > 0 {
                     let n = skip.min(rbuf.len());
@@ -71,7 +110,7 @@ pub async fn serve(stream: TcpStream, sh: Arc<Shared>, mut phase: watch::Receive
                 match parse(p, &mut rbuf, &limits) {
                     Ok(None) => break,
                     Ok(Some(req)) => {
-                        let slot = command::dispatch(req, &sh, affinity);
+                        let slot = command::dispatch(req, &sh, &client);
                         if let Slot::Ready(Reply { close: true, .. }) = slot {
                             closing = true;
                         }

@@ -65,6 +65,17 @@ counters! {
     backend_timeouts,
     /// Backend connections (re)established.
     backend_connects,
+    /// Authentication attempts (SASL or text), as memcached counts them.
+    auth_cmds,
+    /// Failed authentication attempts.
+    auth_errors,
+    /// Clients closed for not authenticating in time.
+    auth_timeouts,
+    /// Authenticated clients closed because their tenant was at its
+    /// connection cap.
+    tenant_rejected_connections,
+    /// Writes refused to read-only identities.
+    permission_denied,
 }
 
 impl ProxyStats {

@@ -5,8 +5,9 @@
 //! - [`TenantRegistry`] is built from a validated [`Config`]: one per
 //!   configuration, swapped whole on reload ([`SharedRegistry`]). With no
 //!   credentials configured it is *open*: every connection is the single
-//!   open tenant, whose keys pass unprefixed, and no authentication is
-//!   asked for ([`TenantRegistry::requires_auth`]). Otherwise every
+//!   open tenant, whose keys live in [`namespace::OPEN_NAMESPACE`] (so its
+//!   `flush_all` is a generation too), and no authentication is asked for
+//!   ([`TenantRegistry::requires_auth`]). Otherwise every
 //!   connection must authenticate before anything else, within
 //!   [`AUTH_DEADLINE`] (the proxy's `[proxy] auth_timeout_ms` defaults to
 //!   it).
@@ -176,7 +177,8 @@ impl std::fmt::Debug for TenantRegistry {
 }
 
 impl TenantRegistry {
-    /// The open registry: one tenant, no authentication, keys unprefixed.
+    /// The open registry: one tenant, no authentication, keys in
+    /// [`namespace::OPEN_NAMESPACE`].
     pub fn open() -> Self {
         Self::open_with(Arc::new(Verifier::new(AuthSettings::default())))
     }
@@ -185,7 +187,7 @@ impl TenantRegistry {
         let tenant = Arc::new(Tenant {
             name: OPEN_TENANT.into(),
             id: DEFAULT_TENANT,
-            namespace: KeyNamespace::passthrough(),
+            namespace: KeyNamespace::open(),
             limits: TenantLimits::default(),
         });
         Self {

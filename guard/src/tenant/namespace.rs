@@ -10,6 +10,10 @@
 //! ```
 //!
 //! e.g. 236 bytes for a 5-byte namespace, 201 for the longest (40 bytes).
+//! The open tenant (no credentials configured) is namespaced too, as
+//! [`OPEN_NAMESPACE`] (`_:<generation>:<key>`, 240 bytes of client key), so
+//! its `flush_all` never flushes a backend either; tenants cannot take that
+//! namespace (see `config`).
 //! The prefix holds no spaces or control characters (the config forbids
 //! them in namespaces), so a backend key is a valid text key exactly when
 //! the client key is. Keys are raw bytes: meta-protocol base64 keys (`b`
@@ -43,6 +47,9 @@ use bytes::{BufMut, Bytes, BytesMut};
 
 /// memcached's longest key.
 pub const MAX_BACKEND_KEY_LEN: usize = 250;
+/// The open tenant's namespace. No tenant may use it, nor start its own
+/// with `_:`.
+pub const OPEN_NAMESPACE: &str = "_";
 /// Digits of the generation marker.
 pub const GENERATION_WIDTH: usize = 7;
 /// Generations are kept modulo this (36^7: seconds until the year 4400).
@@ -66,7 +73,6 @@ pub struct KeyNamespace {
 
 #[derive(Debug)]
 struct Inner {
-    /// Empty for the open (single-tenant) namespace: keys pass unchanged.
     namespace: Box<[u8]>,
     generation: AtomicU64,
     /// Nanoseconds after `epoch` plus one at which a delayed flush is due;
@@ -81,10 +87,9 @@ impl KeyNamespace {
         Self::build(name.as_bytes())
     }
 
-    /// The open namespace: no prefix, keys pass through unchanged, and
-    /// [`Self::flush`] does nothing (the proxy forwards `flush_all`).
-    pub fn passthrough() -> Self {
-        Self::build(b"")
+    /// The open tenant's namespace, [`OPEN_NAMESPACE`].
+    pub fn open() -> Self {
+        Self::new(OPEN_NAMESPACE)
     }
 
     fn build(namespace: &[u8]) -> Self {
@@ -98,23 +103,14 @@ impl KeyNamespace {
         }
     }
 
-    /// The namespace as configured (empty for the open one).
+    /// The namespace as configured.
     pub fn name(&self) -> &[u8] {
         &self.inner.namespace
     }
 
-    /// Whether keys pass unchanged.
-    pub fn is_passthrough(&self) -> bool {
-        self.inner.namespace.is_empty()
-    }
-
     /// Bytes the prefix adds to every key.
     pub fn prefix_len(&self) -> usize {
-        if self.is_passthrough() {
-            0
-        } else {
-            self.inner.namespace.len() + 2 + GENERATION_WIDTH
-        }
+        self.inner.namespace.len() + 2 + GENERATION_WIDTH
     }
 
     /// Longest client key: 250 minus the prefix.
@@ -160,8 +156,7 @@ impl KeyNamespace {
     }
 
     /// `flush_all` for this tenant: now (`None` or zero), or after
-    /// `delay`, replacing any pending delayed flush. Returns false for the
-    /// open namespace, which has no generations.
+    /// `delay`, replacing any pending delayed flush. Always true.
     pub fn flush(&self, delay: Option<Duration>) -> bool {
         self.flush_at_time(delay, Instant::now())
     }
@@ -178,9 +173,6 @@ impl KeyNamespace {
                 max,
             });
         }
-        if self.is_passthrough() {
-            return Ok(Bytes::copy_from_slice(client_key));
-        }
         self.apply_due(now);
         let mut out = BytesMut::with_capacity(self.prefix_len() + client_key.len());
         self.put_prefix(&mut out);
@@ -189,9 +181,6 @@ impl KeyNamespace {
     }
 
     fn matching_prefix(&self, backend_key: &[u8], now: Instant) -> Option<usize> {
-        if self.is_passthrough() {
-            return Some(0);
-        }
         self.apply_due(now);
         let mut prefix = BytesMut::with_capacity(self.prefix_len());
         self.put_prefix(&mut prefix);
@@ -199,9 +188,6 @@ impl KeyNamespace {
     }
 
     pub(crate) fn flush_at_time(&self, delay: Option<Duration>, now: Instant) -> bool {
-        if self.is_passthrough() {
-            return false;
-        }
         match delay.filter(|d| !d.is_zero()) {
             None => {
                 self.inner.flush_at.store(0, Ordering::Release);
@@ -321,11 +307,14 @@ mod tests {
         ns.flush(None);
         assert_eq!(ns.backend_key(&fits).unwrap().len(), 250);
         assert!(ns.backend_key(&over).is_err());
-        // The open namespace passes up to 250 unchanged.
-        let open = KeyNamespace::passthrough();
-        assert_eq!(open.backend_key(&[b'k'; 250]).unwrap().len(), 250);
-        assert!(open.backend_key(&[b'k'; 251]).is_err());
-        assert_eq!(open.client_key(b"abc").unwrap(), &b"abc"[..]);
+        // The open namespace is a namespace like any other.
+        let open = KeyNamespace::open();
+        assert_eq!(open.max_client_key_len(), 240);
+        assert_eq!(open.backend_key(&[b'k'; 240]).unwrap().len(), 250);
+        assert!(open.backend_key(&[b'k'; 241]).is_err());
+        let k = open.backend_key(b"abc").unwrap();
+        assert_eq!(&k[..], b"_:0000000:abc");
+        assert_eq!(open.client_key(&k).unwrap(), &b"abc"[..]);
     }
 
     #[test]
@@ -348,8 +337,11 @@ mod tests {
         ns.flush(Some(Duration::ZERO));
         assert_eq!(ns.generation(), g + 1);
         assert_eq!(ns.client_key(&new), None);
-        // The open namespace has no generations.
-        assert!(!KeyNamespace::passthrough().flush(None));
+        // The open namespace flushes the same way.
+        let open = KeyNamespace::open();
+        let k = open.backend_key(b"k").unwrap();
+        assert!(open.flush(None));
+        assert_eq!(open.client_key(&k), None);
     }
 
     #[test]

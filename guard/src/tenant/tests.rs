@@ -74,7 +74,7 @@ fn open_registry_needs_no_auth() {
         let id = r.open_identity().unwrap();
         assert_eq!(&*id.tenant.name, OPEN_TENANT);
         assert_eq!(id.tenant.id, DEFAULT_TENANT);
-        assert!(id.tenant.namespace.is_passthrough());
+        assert_eq!(id.tenant.namespace.name(), b"_");
         assert!(!id.read_only);
         assert!(r.authenticate(b"x", b"y").is_ok());
         assert!(r.authenticate_cached(b"x", b"y").unwrap().is_ok());
