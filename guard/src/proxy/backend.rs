@@ -155,20 +155,18 @@ impl BackendPool {
     }
 
     /// Sends `count` encoded meta requests as one batch on the connection
-    /// `affinity` picks (the next one up if it is down). Fails at once when
-    /// no connection is up: waiting for a reconnect is the slowness that
-    /// turns into reconnect storms.
+    /// `affinity` picks. Fails at once when that connection is down rather
+    /// than borrowing another: a session's requests must reach memcached
+    /// over one connection to execute in the order it sent them, and a
+    /// session switching connections as they go down and come back could
+    /// have a later request overtake an earlier one. Waiting for a
+    /// reconnect instead is the slowness that turns into reconnect storms.
     pub fn call(&self, bytes: Bytes, count: usize, affinity: usize) -> Call {
-        let n = self.conns.len();
-        let start = affinity % n;
-        for i in 0..n {
-            let conn = &self.conns[(start + i) % n];
-            if !conn.up.load(Ordering::Relaxed) {
-                continue;
-            }
+        let conn = &self.conns[affinity % self.conns.len()];
+        if conn.up.load(Ordering::Relaxed) {
             let (tx, rx) = oneshot::channel();
             let batch = Batch {
-                bytes: bytes.clone(),
+                bytes,
                 count,
                 reply: tx,
             };
