@@ -173,6 +173,9 @@ pub struct RunArgs {
     /// Close idle client connections after this many seconds (0 = never).
     #[arg(long)]
     pub idle_timeout_secs: Option<u64>,
+    /// Close a client whose request stays incomplete this long (ms, 0 = never).
+    #[arg(long)]
+    pub request_read_timeout_ms: Option<u64>,
     /// Largest value a client may store, in bytes.
     #[arg(long)]
     pub max_value_size: Option<usize>,
@@ -243,6 +246,7 @@ impl RunArgs {
         set(&mut p.connect_timeout_ms, self.connect_timeout_ms);
         set(&mut p.request_timeout_ms, self.request_timeout_ms);
         set(&mut p.idle_timeout_secs, self.idle_timeout_secs);
+        set(&mut p.request_read_timeout_ms, self.request_read_timeout_ms);
         set(&mut p.drain_grace_secs, self.drain_grace_secs);
         set(&mut p.auth_timeout_ms, self.auth_timeout_ms);
         let set = |dst: &mut usize, v: Option<usize>| {

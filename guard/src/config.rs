@@ -148,6 +148,10 @@ pub struct ProxyConfig {
     /// A client connection with nothing in flight is closed after this
     /// many seconds of silence (0 = never).
     pub idle_timeout_secs: u64,
+    /// A request still incomplete this many milliseconds after its first
+    /// byte arrived closes the connection (0 = never): a client trickling
+    /// bytes never goes idle, yet holds a descriptor and a buffer.
+    pub request_read_timeout_ms: u64,
     /// Largest value a client may store, in bytes.
     pub max_value_size: usize,
     /// Most requests a client may have in flight; reading pauses beyond it.
@@ -180,6 +184,9 @@ impl Default for ProxyConfig {
             // One client host rarely needs more; a reconnect storm does.
             max_connections_per_source: 1_000,
             idle_timeout_secs: 300,
+            // A whole 1 MiB value arrives in milliseconds inside a data
+            // centre; seconds mean a stalled or hostile client.
+            request_read_timeout_ms: 5_000,
             // memcached's default item size limit.
             max_value_size: 1024 * 1024,
             max_pipeline_depth: 256,

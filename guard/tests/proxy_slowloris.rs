@@ -139,16 +139,15 @@ fn idle_half_written_line_is_closed_at_the_idle_timeout() {
     }
 }
 
-/// guard has no deadline for a request that is still arriving: the idle
-/// timer restarts with every byte, so one byte per 100 ms holds a
-/// connection (and its read buffer) forever. Ignored until sessions get a
-/// header deadline; run with `--ignored` to see it.
+/// The idle timer restarts with every byte, so one byte per 100 ms would
+/// hold a connection (and its read buffer) forever without the deadline on
+/// a request still arriving.
 #[test]
-#[ignore = "session.rs has no deadline for an incomplete request (see the report)"]
 fn trickled_line_is_closed_at_a_request_deadline() {
     let mc = Memcached::start();
     let mut cfg = config(&[&mc]);
     cfg.idle_timeout_secs = 1;
+    cfg.request_read_timeout_ms = 1_000;
     let guard = GuardProxy::start(cfg);
     let mut c = TcpStream::connect(guard.addr).unwrap();
     c.set_nonblocking(true).unwrap();
@@ -171,7 +170,7 @@ fn trickled_line_is_closed_at_a_request_deadline() {
     }
     assert!(
         closed,
-        "a line trickled for {:?} (idle timeout 1 s) was never cut off",
+        "a line trickled for {:?} (request deadline 1 s) was never cut off",
         t.elapsed()
     );
 }

@@ -93,6 +93,8 @@ pub struct Shared {
     pub limits: Limits,
     pub miss_on_backend_error: bool,
     pub idle_timeout: Option<Duration>,
+    /// How long one request may take to arrive whole.
+    pub request_read_timeout: Option<Duration>,
     pub max_pipeline_depth: usize,
     /// Most bytes buffered from one client before reading pauses.
     pub read_cap: usize,
@@ -145,6 +147,8 @@ impl Proxy {
             miss_on_backend_error: config.miss_on_backend_error,
             idle_timeout: (config.idle_timeout_secs > 0)
                 .then(|| Duration::from_secs(config.idle_timeout_secs)),
+            request_read_timeout: (config.request_read_timeout_ms > 0)
+                .then(|| Duration::from_millis(config.request_read_timeout_ms)),
             max_pipeline_depth: config.max_pipeline_depth,
         });
         let (phase_tx, phase_rx) = watch::channel(Phase::Running);

@@ -18,8 +18,8 @@ use std::{collections::VecDeque, sync::Arc};
 
 use bytes::{Buf as _, BytesMut};
 use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::TcpStream,
+    io::AsyncWriteExt as _,
+    net::{TcpStream, tcp::OwnedReadHalf},
     sync::watch,
     time::{Instant, sleep_until},
 };
@@ -47,7 +47,9 @@ pub(super) fn parse(
 pub async fn serve(stream: TcpStream, sh: Arc<Shared>, mut phase: watch::Receiver<Phase>) {
     let peer = stream.peer_addr().ok().map(|a| a.ip().to_canonical());
     let (mut rd, mut wr) = stream.into_split();
-    let mut rbuf = BytesMut::with_capacity(16 * 1024);
+    // Allocated when the first bytes arrive: thousands of idle clients
+    // cost little more than their sockets.
+    let mut rbuf = BytesMut::new();
     let mut protocol = None;
     if *phase.borrow() != Phase::Running {
         return;
@@ -92,9 +94,13 @@ pub async fn serve(stream: TcpStream, sh: Arc<Shared>, mut phase: watch::Receive
     let mut closing = *phase.borrow() != Phase::Running;
     let mut close_after_flush = false;
     let mut last_read = Instant::now();
+    // When the request at the head of the buffer started to arrive.
+    let mut partial_since: Option<Instant> = None;
     let depth = sh.max_pipeline_depth;
 
     loop {
+        // Set when parsing stops for want of bytes, not for want of room.
+        let mut incomplete = false;
         if !closing {
             while queue.len() < depth && !closing {
                 if skip > 0 {
@@ -102,14 +108,19 @@ pub async fn serve(stream: TcpStream, sh: Arc<Shared>, mut phase: watch::Receive
                     rbuf.advance(n);
                     skip -= n;
                     if skip > 0 {
+                        incomplete = true;
                         break;
                     }
                 }
                 let Some(&first) = rbuf.first() else { break };
                 let p = *protocol.get_or_insert_with(|| Protocol::detect(first));
                 match parse(p, &mut rbuf, &limits) {
-                    Ok(None) => break,
+                    Ok(None) => {
+                        incomplete = true;
+                        break;
+                    }
                     Ok(Some(req)) => {
+                        partial_since = None;
                         let slot = command::dispatch(req, &sh, &client);
                         if let Slot::Ready(Reply { close: true, .. }) = slot {
                             closing = true;
@@ -160,8 +171,17 @@ pub async fn serve(stream: TcpStream, sh: Arc<Shared>, mut phase: watch::Receive
             .idle_timeout
             .filter(|_| queue.is_empty())
             .map(|t| last_read + t);
+        if !incomplete {
+            partial_since = None;
+        } else if partial_since.is_none() {
+            partial_since = Some(Instant::now());
+        }
+        let request_deadline = sh
+            .request_read_timeout
+            .zip(partial_since)
+            .map(|(t, since)| since + t);
         tokio::select! {
-            r = rd.read_buf(&mut rbuf), if can_read => match r {
+            r = read_some(&mut rd, &mut rbuf), if can_read => match r {
                 Ok(0) | Err(_) => return,
                 Ok(_) => {
                     last_read = Instant::now();
@@ -180,6 +200,10 @@ pub async fn serve(stream: TcpStream, sh: Arc<Shared>, mut phase: watch::Receive
                 queue[0] = Slot::Ready(reply);
             },
             () = sleep_until(idle_deadline.unwrap_or_else(Instant::now)), if idle_deadline.is_some() => return,
+            () = sleep_until(request_deadline.unwrap_or_else(Instant::now)), if request_deadline.is_some() => {
+                ProxyStats::add(&sh.stats.request_read_timeouts, 1);
+                return;
+            }
             r = phase.changed() => match r.map(|()| *phase.borrow()) {
                 Ok(Phase::Running) => {}
                 Ok(Phase::Draining) => closing = true,
@@ -188,3 +212,21 @@ pub async fn serve(stream: TcpStream, sh: Arc<Shared>, mut phase: watch::Receive
         }
     }
 }
+
+/// Reads what the client sent, growing the buffer only once there is
+/// something to read.
+async fn read_some(rd: &mut OwnedReadHalf, buf: &mut BytesMut) -> std::io::Result<usize> {
+    loop {
+        rd.readable().await?;
+        if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+            buf.reserve(READ_CHUNK);
+        }
+        match rd.try_read_buf(buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            r => return r,
+        }
+    }
+}
+
+/// How much the read buffer grows by.
+const READ_CHUNK: usize = 16 * 1024;

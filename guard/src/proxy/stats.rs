@@ -59,6 +59,8 @@ counters! {
     get_misses,
     /// Requests that could not be parsed.
     protocol_errors,
+    /// Clients closed because a request took too long to arrive whole.
+    request_read_timeouts,
     /// Requests answered with an error because their backend failed.
     backend_errors,
     /// Backend connections discarded after a request timed out.
