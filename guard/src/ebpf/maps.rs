@@ -310,6 +310,16 @@ impl GuardMaps {
         Ok(())
     }
 
+    /// The tenant a source's SYNs are charged to, if the proxy learnt it.
+    pub fn source_tenant(&self, source: IpAddr) -> anyhow::Result<Option<u32>> {
+        let prefix = self.config()?.ipv6_prefix_len as u8;
+        match self.source_tenant.get(&source_key(source, prefix), 0) {
+            Ok(t) => Ok(Some(t)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Records that `source` belongs to `tenant`, so its SYNs charge that
     /// tenant's budget.
     pub fn set_source_tenant(&mut self, source: IpAddr, tenant: u32) -> anyhow::Result<()> {

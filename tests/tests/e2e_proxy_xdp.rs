@@ -1,0 +1,115 @@
+//! Tier 3: the proxy and the XDP guard in one `guard` process, inside a
+//! network namespace: what the proxy learns at login (which tenant a source
+//! belongs to) reaches the XDP program, which then charges that source's
+//! SYNs to the tenant's budget. Needs root; run with `--test-threads=1`.
+
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    net::{IpAddr, SocketAddr},
+    time::{Duration, Instant},
+};
+
+use guard::{config::tenant_id, tenant::password::PasswordHash};
+use guard_tests::{Memcached, Topology, connect_from, daemon::GuardDaemon};
+
+const PORT: u16 = 11311;
+
+#[test]
+fn login_attributes_the_source_to_its_tenant_in_xdp() {
+    let topo = Topology::new().expect("topology");
+    topo.flush_tcp_metrics().unwrap();
+    let mc =
+        Memcached::start_in(&topo.server, "127.0.0.1:11211".parse().unwrap()).expect("memcached");
+    let hash = PasswordHash::generate(b"s3cret", 1_000)
+        .unwrap()
+        .to_string();
+    let dir = std::env::temp_dir().join(guard_tests::unique_name("conf"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let conf = dir.join("guard.toml");
+    let listen = SocketAddr::new(IpAddr::V4(topo.server_v4()), PORT);
+    std::fs::write(
+        &conf,
+        format!(
+            r#"
+[xdp]
+interfaces = ["{iface}"]
+mode = "skb"
+protect = ["*:{PORT}"]
+syn_rate = 1000
+syn_burst = 1000
+tenant_syn_rate = 1000
+tenant_syn_burst = 1000
+
+[proxy]
+listen = ["{listen}"]
+backends = [{{ addr = "{backend}" }}]
+
+[[tenant]]
+name = "acme"
+syn_rate = 1
+syn_burst = 4
+credentials = [{{ username = "acme-app", password_hash = "{hash}" }}]
+"#,
+            iface = topo.server_if().ifname,
+            backend = mc.addr(),
+        ),
+    )
+    .unwrap();
+    let guard =
+        GuardDaemon::start(&topo.server, &["--config", conf.to_str().unwrap()]).expect("guard");
+    let client: IpAddr = topo.client_v4().into();
+    assert_eq!(guard.maps().unwrap().source_tenant(client).unwrap(), None);
+
+    // Log in with memcached's text authentication.
+    let mut s =
+        connect_from(&topo.client, client, listen, Duration::from_secs(2)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let creds = "acme-app s3cret";
+    write!(s, "set auth 0 0 {}\r\n{creds}\r\n", creds.len()).unwrap();
+    let mut line = String::new();
+    BufReader::new(s.try_clone().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line, "STORED\r\n");
+
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if guard.maps().unwrap().source_tenant(client).unwrap() == Some(tenant_id("acme")) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "login never reached XDP:\n{}",
+            guard.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // From now on this source's SYNs charge acme's budget (burst 4), not
+    // the generous per-source and default budgets.
+    let before = guard.counters().unwrap();
+    let mut refused = 0;
+    for _ in 0..8 {
+        if connect_from(&topo.client, client, listen, Duration::from_millis(500)).is_err() {
+            refused += 1;
+        }
+    }
+    let after = guard.counters().unwrap();
+    let dropped = after["drop_tenant"] - before["drop_tenant"];
+    assert!(dropped >= 1, "tenant budget never applied: {after:?}");
+    assert!(
+        refused >= 1,
+        "some connects must fail once acme's burst is spent"
+    );
+    // Another source, not attributed, is unaffected.
+    connect_from(
+        &topo.client,
+        topo.client2_v4.into(),
+        listen,
+        Duration::from_secs(2),
+    )
+    .expect("unattributed source connects");
+    drop(s);
+    drop(guard);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
