@@ -176,6 +176,11 @@ pub async fn serve(stream: TcpStream, sh: Arc<Shared>, mut phase: watch::Receive
         } else if partial_since.is_none() {
             partial_since = Some(Instant::now());
         }
+        if rbuf.is_empty() && queue.is_empty() && rbuf.capacity() > 0 {
+            // Between requests a client holds no buffer: idle connections
+            // are what a reconnect storm leaves behind by the thousand.
+            rbuf = BytesMut::new();
+        }
         let request_deadline = sh
             .request_read_timeout
             .zip(partial_since)
@@ -229,4 +234,4 @@ async fn read_some(rd: &mut OwnedReadHalf, buf: &mut BytesMut) -> std::io::Resul
 }
 
 /// How much the read buffer grows by.
-const READ_CHUNK: usize = 16 * 1024;
+const READ_CHUNK: usize = 4 * 1024;
