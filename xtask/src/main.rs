@@ -381,10 +381,31 @@ fn run(args: &[String]) -> anyhow::Result<()> {
     check(Command::new("ip").args(["link", "set", &iface, "up"]))?;
     check(Command::new("ip").args(["-n", &ns, "addr", "add", "10.211.0.2/24", "dev", &peer]))?;
     check(Command::new("ip").args(["-n", &ns, "link", "set", &peer, "up"]))?;
+    // A real memcached behind the demo proxy.
+    let backend_port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let memcached = ChildKill(
+        Command::new("memcached")
+            .args(["-u", "root", "-l", "127.0.0.1", "-U", "0", "-p"])
+            .arg(backend_port.to_string())
+            .spawn()
+            .context("cannot start memcached for the demo (cargo xtask setup installs it)")?,
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while std::net::TcpStream::connect(("127.0.0.1", backend_port)).is_err() {
+        if std::time::Instant::now() > deadline {
+            bail!("memcached did not start on 127.0.0.1:{backend_port}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     eprintln!(
         "xtask: demo interface {iface} (10.211.0.1) ↔ namespace {ns} (10.211.0.2); \
-         try `nsenter --net=/run/netns/{ns} hping3 -S -p 11211 --flood 10.211.0.1` \
-         and `target/release/guard xdp status`; Ctrl-C stops"
+         guard proxies 10.211.0.1:11211 to memcached on 127.0.0.1:{backend_port}. Try\n  \
+         nsenter --net=/run/netns/{ns} memcslap --servers=10.211.0.1:11211 --concurrency=4 --execute-number=1000\n  \
+         nsenter --net=/run/netns/{ns} hping3 -S -p 11211 --flood 10.211.0.1\n  \
+         target/release/guard xdp status\n\
+         Ctrl-C stops and removes it all"
     );
     // Ctrl-C reaches the whole process group: let guard handle it while
     // xtask lives on to remove the demo interface.
@@ -392,14 +413,27 @@ fn run(args: &[String]) -> anyhow::Result<()> {
     unsafe { libc::signal(libc::SIGINT, libc::SIG_IGN) };
     let mut cmd = Command::new(&guard);
     cmd.args(["run", "--iface", &iface, "--protect", "*:11211"])
+        .args(["--listen", "10.211.0.1:11211", "--backend"])
+        .arg(format!("127.0.0.1:{backend_port}"))
         .args(args);
     let st = status(&mut cmd)?;
     let _ = Command::new(&guard).args(["xdp", "detach"]).status();
+    drop(memcached);
     drop(cleanup);
     if !st.success() {
         bail!("guard exited with {st}");
     }
     Ok(())
+}
+
+/// Kills and reaps a child process on drop.
+struct ChildKill(std::process::Child);
+
+impl Drop for ChildKill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 struct Cleanup {
