@@ -481,14 +481,7 @@ fn bench(which: &str) -> anyhow::Result<()> {
             if !is_root() {
                 bail!("the XDP benchmark uses BPF_PROG_TEST_RUN: run as root");
             }
-            check(Command::new("cargo").args([
-                "run",
-                "--release",
-                "-p",
-                "guard-tests",
-                "--bin",
-                "bench-xdp",
-            ]))
+            run_bench_binary("bench-xdp")
         }
         "proxy" => bench_proxy(),
         other => bail!("unknown benchmark `{other}`: try `xdp` or `proxy`"),
@@ -499,12 +492,9 @@ fn bench(which: &str) -> anyhow::Result<()> {
 /// root, only the Debian packages `setup` installs.
 fn bench_proxy() -> anyhow::Result<()> {
     check(Command::new("cargo").args(["build", "--release", "-p", "guard"]))?;
-    check(Command::new("cargo").args([
-        "run",
-        "--release",
-        "-p",
-        "guard-tests",
-        "--bin",
-        "bench-proxy",
-    ]))
+    run_bench_binary("bench-proxy")
+}
+
+fn run_bench_binary(name: &str) -> anyhow::Result<()> {
+    check(Command::new("cargo").args(["run", "--release", "-p", "guard-tests", "--bin", name]))
 }

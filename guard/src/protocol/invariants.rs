@@ -141,6 +141,28 @@ pub fn drive(
     Ok(frames)
 }
 
+/// One fuzz input: its first byte picks the chunk size, the rest is the
+/// stream, driven with default limits and with small ones (so over-limit
+/// paths are reached by small inputs too). Panics on a broken contract.
+pub fn fuzz_one(data: &[u8], responses: bool) {
+    let Some((&chunk, input)) = data.split_first() else {
+        return;
+    };
+    let small = Limits {
+        max_key_len: 16,
+        max_value_len: 64,
+        max_line_len: 96,
+        max_retrieval_line_len: 160,
+        max_keys_per_get: 4,
+        ..Limits::default()
+    };
+    for limits in [Limits::default(), small] {
+        if let Err(e) = drive(input, usize::from(chunk) + 1, &limits, responses) {
+            panic!("{e}");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -157,6 +179,8 @@ mod tests {
         }
         let replies = b"VALUE a 0 1\r\nx\r\nEND\r\nSTORED\r\nHD\r\n";
         assert_eq!(drive(replies, 3, &Limits::default(), true), Ok(4));
+        fuzz_one(b"\x00set a 0 0 1\r\nx\r\n", false);
+        fuzz_one(b"\x02VALUE a 0 1\r\nx\r\nEND\r\n", true);
     }
 
     #[test]
