@@ -42,7 +42,7 @@ const KEYS_PER_CLIENT: usize = 48;
 const OPS_PER_CLIENT: usize = 2_000;
 const KILLS: usize = 3;
 /// No new batches after this; the whole test stays well under 30 s.
-const RUN_LIMIT: Duration = Duration::from_secs(20);
+const RUN_LIMIT: Duration = Duration::from_secs(40);
 /// Beyond this many possible states a key is "unknown": any value
 /// attributed to it is accepted until a reply pins it down again.
 const MAX_POSSIBLE: usize = 64;
@@ -920,7 +920,7 @@ fn binary_client(
     let mut w = Wire::connect(addr);
     m.epoch = run.epoch.load(SeqCst);
     let mut opaque: u32 = 1;
-    while t.ops < OPS_PER_CLIENT && run.start.elapsed() < RUN_LIMIT && !run.failed.load(SeqCst) {
+    while run.keep_going(t.ops) {
         let e0 = run.epoch.load(SeqCst);
         m.catch_up(e0);
         let depth = 1 + rng.below(16);
@@ -1116,7 +1116,20 @@ struct Run {
     ops: AtomicUsize,
     failed: AtomicBool,
     clients_done: AtomicUsize,
+    /// Backends killed and restarted so far.
+    kills_done: AtomicUsize,
     start: Instant,
+}
+
+impl Run {
+    /// Clients run their share of operations, and on until every kill has
+    /// happened (a slow machine must not end the workload before the
+    /// failures it is about), within the time limit.
+    fn keep_going(&self, ops: usize) -> bool {
+        (ops < OPS_PER_CLIENT || self.kills_done.load(SeqCst) < KILLS)
+            && self.start.elapsed() < RUN_LIMIT
+            && !self.failed.load(SeqCst)
+    }
 }
 
 #[derive(Default, Debug)]
@@ -1141,7 +1154,7 @@ fn text_client(
     let mut t = Tally::default();
     let mut w = Wire::connect(addr);
     m.epoch = run.epoch.load(SeqCst);
-    while t.ops < OPS_PER_CLIENT && run.start.elapsed() < RUN_LIMIT && !run.failed.load(SeqCst) {
+    while run.keep_going(t.ops) {
         let e0 = run.epoch.load(SeqCst);
         m.catch_up(e0);
         let depth = 1 + rng.below(16);
@@ -1293,6 +1306,7 @@ fn controller(backends: &mut [Option<Memcached>], ports: &[u16], seed: u64, run:
         );
         std::thread::sleep(outage);
         backends[victim] = Some(Memcached::start_on(ports[victim]));
+        run.kills_done.fetch_add(1, SeqCst);
         eprintln!(
             "integrity: backend {victim} back at {:.1?}",
             run.start.elapsed()
@@ -1329,6 +1343,7 @@ fn workload(client: ClientFn) {
         ops: AtomicUsize::new(0),
         failed: AtomicBool::new(false),
         clients_done: AtomicUsize::new(0),
+        kills_done: AtomicUsize::new(0),
         start: Instant::now(),
     };
 
