@@ -93,6 +93,8 @@ pub async fn serve(stream: TcpStream, sh: Arc<Shared>, mut phase: watch::Receive
     // No new requests: the client quit, the stream is lost, or we drain.
     let mut closing = *phase.borrow() != Phase::Running;
     let mut close_after_flush = false;
+    // Draining began: parse what is buffered once more, then stop.
+    let mut drain_pending = false;
     let mut last_read = Instant::now();
     // When the request at the head of the buffer started to arrive.
     let mut partial_since: Option<Instant> = None;
@@ -140,6 +142,11 @@ pub async fn serve(stream: TcpStream, sh: Arc<Shared>, mut phase: watch::Receive
                     }
                 }
             }
+        }
+
+        if drain_pending {
+            closing = true;
+            drain_pending = false;
         }
 
         while let Some(Slot::Ready(_)) = queue.front() {
@@ -211,7 +218,12 @@ pub async fn serve(stream: TcpStream, sh: Arc<Shared>, mut phase: watch::Receive
             }
             r = phase.changed() => match r.map(|()| *phase.borrow()) {
                 Ok(Phase::Running) => {}
-                Ok(Phase::Draining) => closing = true,
+                Ok(Phase::Draining) => {
+                    // What the client sent before the drain began is in
+                    // flight from its side: serve what already arrived.
+                    drain_socket(&rd, &mut rbuf, sh.read_cap);
+                    drain_pending = true;
+                }
                 Ok(Phase::Stopped) | Err(_) => return,
             },
         }
@@ -235,3 +247,16 @@ async fn read_some(rd: &mut OwnedReadHalf, buf: &mut BytesMut) -> std::io::Resul
 
 /// How much the read buffer grows by.
 const READ_CHUNK: usize = 4 * 1024;
+
+/// Takes whatever the socket already holds, without waiting.
+fn drain_socket(rd: &OwnedReadHalf, buf: &mut BytesMut, cap: usize) {
+    while buf.len() < cap {
+        if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+            buf.reserve(READ_CHUNK);
+        }
+        match rd.try_read_buf(buf) {
+            Ok(n) if n > 0 => continue,
+            _ => break,
+        }
+    }
+}
