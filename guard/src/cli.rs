@@ -164,6 +164,9 @@ pub struct RunArgs {
     /// Persistent connections per backend.
     #[arg(long)]
     pub backend_connections: Option<usize>,
+    /// Runtime threads (1: everything on one thread; 0: by CPU count).
+    #[arg(long)]
+    pub threads: Option<usize>,
     /// Most client connections at once.
     #[arg(long)]
     pub max_connections: Option<usize>,
@@ -255,6 +258,7 @@ impl RunArgs {
             }
         };
         set(&mut p.backend_connections, self.backend_connections);
+        set(&mut p.threads, self.threads);
         set(&mut p.max_connections, self.max_connections);
         set(
             &mut p.max_connections_per_source,

@@ -72,7 +72,18 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     let paths = cli.paths();
     match cli.command {
         Command::Run(args) => {
-            let runtime = tokio::runtime::Builder::new_multi_thread()
+            // The config decides the runtime's shape; run_daemon reports
+            // a bad config the same way again.
+            let threads = args.resolve().map_or(0, |c| c.proxy.runtime_threads());
+            let mut builder = if threads == 1 {
+                tokio::runtime::Builder::new_current_thread()
+            } else {
+                tokio::runtime::Builder::new_multi_thread()
+            };
+            if threads > 1 {
+                builder.worker_threads(threads);
+            }
+            let runtime = builder
                 .enable_all()
                 .build()
                 .context("cannot start the async runtime")?;

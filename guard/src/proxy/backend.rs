@@ -63,27 +63,22 @@ pub type BatchResult = Result<Vec<Response>, BackendError>;
 #[derive(Debug)]
 pub struct Call {
     rx: oneshot::Receiver<BatchResult>,
-    deadline: Instant,
 }
 
 impl Call {
-    /// Waits for the replies. The connection enforces the deadline; the
-    /// timeout here only guards against a connection task that vanished.
+    /// Waits for the replies. The connection enforces the deadline: it
+    /// fails everything queued on it when the oldest request outlives its
+    /// timeout, and a connection task that vanished dropped the sender.
+    /// (No timer of its own: one per request cost a timer-wheel insertion
+    /// and, most of the time, a wake-up write to the runtime's eventfd.)
     pub async fn wait(self) -> BatchResult {
-        match tokio::time::timeout_at(self.deadline + Duration::from_millis(100), self.rx).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(_)) => Err(BackendError::Lost),
-            Err(_) => Err(BackendError::Timeout),
-        }
+        self.rx.await.unwrap_or(Err(BackendError::Lost))
     }
 
     fn failed(e: BackendError) -> Self {
         let (tx, rx) = oneshot::channel();
         let _ = tx.send(Err(e));
-        Self {
-            rx,
-            deadline: Instant::now(),
-        }
+        Self { rx }
     }
 }
 
@@ -103,7 +98,6 @@ pub struct BackendPool {
     addr: SocketAddr,
     conns: Vec<Conn>,
     next: AtomicUsize,
-    request_timeout: Duration,
 }
 
 impl BackendPool {
@@ -132,7 +126,6 @@ impl BackendPool {
             addr,
             conns,
             next: AtomicUsize::new(0),
-            request_timeout: settings.request_timeout,
         };
         (pool, tasks)
     }
@@ -171,10 +164,7 @@ impl BackendPool {
                 reply: tx,
             };
             if conn.tx.send(batch).is_ok() {
-                return Call {
-                    rx,
-                    deadline: Instant::now() + self.request_timeout,
-                };
+                return Call { rx };
             }
         }
         Call::failed(BackendError::Unavailable)
@@ -302,6 +292,14 @@ async fn serve(
 
     let reader = async {
         let mut buf = BytesMut::with_capacity(16 * 1024);
+        // Armed at most once per oldest-request deadline rather than
+        // re-created on every read: deadlines are queued in increasing
+        // order, so an armed timer never fires later than the oldest
+        // request's deadline, and when it fires early (that request was
+        // answered) it is re-armed for the new oldest.
+        let timer = sleep_until(Instant::now());
+        tokio::pin!(timer);
+        let mut armed = false;
         loop {
             loop {
                 match protocol::parse_response(&mut buf, &limits) {
@@ -327,13 +325,20 @@ async fn serve(
                 .expect("pending lock")
                 .front()
                 .map(|p| p.deadline);
+            if let Some(d) = deadline.filter(|_| !armed) {
+                timer.as_mut().reset(d);
+                armed = true;
+            }
             tokio::select! {
                 r = rd.read_buf(&mut buf) => match r {
                     Ok(0) | Err(_) => return BackendError::Lost,
                     Ok(_) => {}
                 },
-                () = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
-                    return BackendError::Timeout;
+                () = &mut timer, if armed => {
+                    armed = false;
+                    if deadline.is_some_and(|d| d <= Instant::now()) {
+                        return BackendError::Timeout;
+                    }
                 }
                 () = queued.notified() => {}
             }
