@@ -83,3 +83,19 @@ pub(crate) fn ifname_with_reserve(tag: &str, reserve: usize) -> String {
         .collect();
     format!("{tag}{unique}")
 }
+
+/// The machine benchmarks ran on: CPU model, vCPUs and kernel, one line.
+pub fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    format!("{cpu}, {cpus} vCPUs, Linux {}", kernel.trim())
+}

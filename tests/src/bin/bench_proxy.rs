@@ -30,21 +30,6 @@ const IDLE_CONNECTIONS: usize = 2_000;
 /// Latency histogram: 1 µs buckets up to this, then one overflow bucket.
 const HIST_US: usize = 100_000;
 
-fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|m| m.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
-    format!("{cpu}, {cpus} vCPUs, Linux {}", kernel.trim())
-}
-
 fn raise_nofile() {
     let mut r = libc::rlimit {
         rlim_cur: 0,
@@ -372,7 +357,7 @@ fn main() {
         .with_grace(Duration::from_secs(3));
     wait_accepting(guard_addr, &mut guard, "guard");
 
-    println!("machine: {}", machine());
+    println!("machine: {}", guard_tests::machine());
     println!(
         "load: one Rust load generator (tokio, one thread), {CONNECTIONS} connections, closed \
          loop (one request in flight per connection), {KEYS} keys, {VALUE_LEN}-byte values, \

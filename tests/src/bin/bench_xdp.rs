@@ -35,21 +35,6 @@ fn median(mut v: Vec<u64>) -> u64 {
     v[v.len() / 2]
 }
 
-fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|m| m.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
-    format!("{cpu}, {cpus} vCPUs, Linux {}", kernel.trim())
-}
-
 fn main() {
     let mut x = XdpUnderTest::protecting(11211);
     // Limits high enough never to drop, so every bucket is charged.
@@ -81,7 +66,7 @@ fn main() {
         ("non-TCP (ICMP)", &non_tcp, verdict::PASS),
     ];
 
-    println!("machine: {}", machine());
+    println!("machine: {}", guard_tests::machine());
     println!(
         "method: BPF_PROG_TEST_RUN, {REPEAT} repeats per run, median of {ROUNDS} runs, \
          guard and an empty XDP_PASS program interleaved in the same rounds\n"
