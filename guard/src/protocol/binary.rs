@@ -369,24 +369,49 @@ impl BinaryRequest {
     /// Writes the request; lengths are recomputed from the sections, so a
     /// replaced key re-encodes correctly.
     pub fn encode(&self, out: &mut BytesMut) {
-        let body = self.extras.len() + self.key.len() + self.value.len();
-        out.reserve(HEADER_LEN + body);
-        Header {
-            magic: REQUEST_MAGIC,
-            opcode: self.opcode as u8,
-            key_len: self.key.len() as u16,
-            extras_len: self.extras.len() as u8,
-            data_type: self.data_type,
-            status: self.vbucket,
-            body_len: body as u32,
-            opaque: self.opaque,
-            cas: self.cas,
-        }
-        .write(out);
-        out.put_slice(&self.extras);
-        out.put_slice(&self.key);
-        out.put_slice(&self.value);
+        let head = (
+            REQUEST_MAGIC,
+            self.opcode as u8,
+            self.data_type,
+            self.vbucket,
+        );
+        write_frame(
+            out,
+            head,
+            self.opaque,
+            self.cas,
+            [&self.extras, &self.key, &self.value],
+        );
     }
+}
+
+/// Writes one frame: the header (magic, opcode, data type, and the field
+/// that is the vbucket in requests and the status in responses), lengths
+/// derived from the parts, then extras, key and value.
+fn write_frame(
+    out: &mut BytesMut,
+    (magic, opcode, data_type, status): (u8, u8, u8, u16),
+    opaque: u32,
+    cas: u64,
+    [extras, key, value]: [&Bytes; 3],
+) {
+    let body = extras.len() + key.len() + value.len();
+    out.reserve(HEADER_LEN + body);
+    Header {
+        magic,
+        opcode,
+        key_len: key.len() as u16,
+        extras_len: extras.len() as u8,
+        data_type,
+        status,
+        body_len: body as u32,
+        opaque,
+        cas,
+    }
+    .write(out);
+    out.put_slice(extras);
+    out.put_slice(key);
+    out.put_slice(value);
 }
 
 fn shape_ok(op: Opcode, ext: usize, key: usize, value: usize) -> bool {
@@ -516,23 +541,14 @@ impl BinaryResponse {
 
     /// Writes the response.
     pub fn encode(&self, out: &mut BytesMut) {
-        let body = self.extras.len() + self.key.len() + self.value.len();
-        out.reserve(HEADER_LEN + body);
-        Header {
-            magic: RESPONSE_MAGIC,
-            opcode: self.opcode,
-            key_len: self.key.len() as u16,
-            extras_len: self.extras.len() as u8,
-            data_type: self.data_type,
-            status: self.status.0,
-            body_len: body as u32,
-            opaque: self.opaque,
-            cas: self.cas,
-        }
-        .write(out);
-        out.put_slice(&self.extras);
-        out.put_slice(&self.key);
-        out.put_slice(&self.value);
+        let head = (RESPONSE_MAGIC, self.opcode, self.data_type, self.status.0);
+        write_frame(
+            out,
+            head,
+            self.opaque,
+            self.cas,
+            [&self.extras, &self.key, &self.value],
+        );
     }
 }
 
