@@ -64,6 +64,16 @@ pub mod maps {
 pub const PROGRAM_GUARD: &str = "guard";
 /// Name of an empty `XDP_PASS` program, the baseline for benchmarks.
 pub const PROGRAM_PASS: &str = "guard_pass";
+/// Name of the program that times the irreducible steps of judging a SYN.
+pub const PROGRAM_FLOOR: &str = "guard_floor";
+/// [`PROGRAM_FLOOR`] step, chosen by a frame's first byte: read the clock.
+pub const FLOOR_CLOCK: u8 = 1;
+/// [`PROGRAM_FLOOR`] step: read the tick-grained clock instead.
+pub const FLOOR_COARSE_CLOCK: u8 = 8;
+/// [`PROGRAM_FLOOR`] step: look up (or insert) a per-source bucket.
+pub const FLOOR_LOOKUP: u8 = 2;
+/// [`PROGRAM_FLOOR`] step: look up a bucket and compare-and-swap it.
+pub const FLOOR_CAS: u8 = 4;
 
 /// Capacity of the per-source bucket map: a spoofed flood recycles the least
 /// recently used entries instead of growing memory.

@@ -11,7 +11,7 @@ use guard::{
     ebpf::{GUARD_OBJECT, ensure_bpffs, maps::GuardMaps},
     paths::Paths,
 };
-use guard_common::{GuardConfig, PROGRAM_GUARD, PROGRAM_PASS, RateLimit};
+use guard_common::{GuardConfig, PROGRAM_FLOOR, PROGRAM_GUARD, PROGRAM_PASS, RateLimit};
 
 /// XDP verdicts as the kernel returns them.
 pub mod verdict {
@@ -66,7 +66,7 @@ impl XdpUnderTest {
             .default_map_pin_directory(paths.pin_dir())
             .load(GUARD_OBJECT)
             .expect("load the XDP object");
-        for name in [PROGRAM_GUARD, PROGRAM_PASS] {
+        for name in [PROGRAM_GUARD, PROGRAM_PASS, PROGRAM_FLOOR] {
             let prog: &mut Xdp = ebpf
                 .program_mut(name)
                 .expect("program present")
