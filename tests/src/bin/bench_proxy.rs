@@ -27,6 +27,10 @@ const VALUE_LEN: usize = 100;
 const WARMUP: Duration = Duration::from_secs(1);
 const MEASURE: Duration = Duration::from_secs(5);
 const IDLE_CONNECTIONS: usize = 2_000;
+/// Sequential requests on one connection for the unloaded latency.
+const UNLOADED_REQUESTS: usize = 20_000;
+/// Upper bound on one unloaded run, whatever the target does.
+const UNLOADED_LIMIT: Duration = Duration::from_secs(20);
 /// Latency histogram: 1 µs buckets up to this, then one overflow bucket.
 const HIST_US: usize = 100_000;
 
@@ -65,6 +69,22 @@ fn rss_kib(pid: u32) -> u64 {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or(0)
+}
+
+/// User plus system CPU time `pid` has used, all threads.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are the
+    // 14th and 15th fields of the line.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .map(|v| v.parse().unwrap_or(0))
+        .collect();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    let ticks = f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
+    Duration::from_nanos(ticks * 1_000_000_000 / hz)
 }
 
 fn key(n: usize) -> String {
@@ -165,6 +185,8 @@ struct Outcome {
     hist: Histogram,
     ops: u64,
     errors: u64,
+    /// Requests in the warm-up too: the denominator of CPU per request.
+    all_ops: u64,
 }
 
 /// One closed-loop connection: a request, its whole reply, the next.
@@ -185,6 +207,7 @@ async fn connection(
         hist: Histogram::new(),
         ops: 0,
         errors: 0,
+        all_ops: 0,
     };
     loop {
         let now = tokio::time::Instant::now();
@@ -220,6 +243,7 @@ async fn connection(
             &buf[..len] == b"STORED\r\n"
         };
         buf.drain(..len);
+        out.all_ops += 1;
         if now >= measure_from {
             out.hist.record(took);
             out.ops += 1;
@@ -237,9 +261,21 @@ struct Row {
     p50: String,
     p99: String,
     errors: u64,
+    /// CPU µs per request: the proxy (none for direct), memcached (all
+    /// backends), the load generator.
+    cpu_us: [Option<f64>; 3],
+    /// p50 and p99 of one connection with one request at a time.
+    unloaded: (String, String),
 }
 
-fn load(rt: &tokio::runtime::Runtime, addrs: &[SocketAddr], get_pct: u64) -> (f64, Histogram, u64) {
+struct Load {
+    ops_per_sec: f64,
+    hist: Histogram,
+    errors: u64,
+    all_ops: u64,
+}
+
+fn load(rt: &tokio::runtime::Runtime, addrs: &[SocketAddr], get_pct: u64) -> Load {
     rt.block_on(async {
         let start = tokio::time::Instant::now();
         let measure_from = start + WARMUP;
@@ -256,15 +292,65 @@ fn load(rt: &tokio::runtime::Runtime, addrs: &[SocketAddr], get_pct: u64) -> (f6
             })
             .collect();
         let mut hist = Histogram::new();
-        let (mut ops, mut errors) = (0, 0);
+        let (mut ops, mut errors, mut all_ops) = (0, 0, 0);
         for t in tasks {
             let o = t.await.unwrap();
             hist.merge(&o.hist);
             ops += o.ops;
             errors += o.errors;
+            all_ops += o.all_ops;
         }
-        (ops as f64 / MEASURE.as_secs_f64(), hist, errors)
+        Load {
+            ops_per_sec: ops as f64 / MEASURE.as_secs_f64(),
+            hist,
+            errors,
+            all_ops,
+        }
     })
+}
+
+/// Latency with nothing queued: one connection, one request at a time, so
+/// each request pays only the hops, never another request's turn.
+fn unloaded(addr: SocketAddr, get_pct: u64) -> Histogram {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_nodelay(true).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let value = vec![b'v'; VALUE_LEN];
+    let mut hist = Histogram::new();
+    let mut rng = 0x2545_F491_4F6C_DD1Du64;
+    let mut buf = Vec::with_capacity(4096);
+    let mut chunk = [0u8; 4096];
+    let deadline = Instant::now() + UNLOADED_LIMIT;
+    for _ in 0..UNLOADED_REQUESTS {
+        if Instant::now() >= deadline {
+            break;
+        }
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        let k = key((rng >> 8) as usize % KEYS);
+        let mut req = Vec::with_capacity(256);
+        if rng % 100 < get_pct {
+            req.extend_from_slice(format!("get {k}\r\n").as_bytes());
+        } else {
+            req.extend_from_slice(format!("set {k} 0 0 {VALUE_LEN}\r\n").as_bytes());
+            req.extend_from_slice(&value);
+            req.extend_from_slice(b"\r\n");
+        }
+        let t = Instant::now();
+        s.write_all(&req).unwrap();
+        let len = loop {
+            if let Some(n) = reply_len(&buf) {
+                break n;
+            }
+            let n = s.read(&mut chunk).expect("reply within the timeout");
+            assert!(n > 0, "{addr} closed the connection");
+            buf.extend_from_slice(&chunk[..n]);
+        };
+        hist.record(t.elapsed());
+        buf.drain(..len);
+    }
+    hist
 }
 
 /// VmRSS of `pid` before and after `IDLE_CONNECTIONS` idle clients, each
@@ -397,32 +483,76 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
+    let backend_pids: Vec<u32> = backends.iter().map(Memcached::child_pid).collect();
+    let cpu_of = |pids: &[u32]| pids.iter().map(|p| cpu_time(*p)).sum::<Duration>();
     let mut rows = Vec::new();
     for (mix, get_pct) in [("90% get / 10% set", 90), ("10% get / 90% set", 10)] {
-        for (target, addrs) in [
-            ("memcached (direct)", backend_addrs.clone()),
-            ("nutcracker", vec![nut_addr]),
-            ("guard", vec![guard_addr]),
+        for (target, addrs, proxy) in [
+            ("memcached (direct)", backend_addrs.clone(), None),
+            ("nutcracker", vec![nut_addr], Some(nutcracker.pid())),
+            ("guard", vec![guard_addr], Some(guard.pid())),
         ] {
-            let (ops_per_sec, hist, errors) = load(&rt, &addrs, get_pct);
-            eprintln!("bench-proxy: {target}, {mix}: {ops_per_sec:.0} ops/s");
+            let me = std::process::id();
+            let before = (proxy.map(cpu_time), cpu_of(&backend_pids), cpu_time(me));
+            let l = load(&rt, &addrs, get_pct);
+            let after = (proxy.map(cpu_time), cpu_of(&backend_pids), cpu_time(me));
+            let per = |d: Duration| Some(d.as_secs_f64() * 1e6 / l.all_ops.max(1) as f64);
+            let cpu_us = [
+                proxy.and_then(|_| per(after.0? - before.0?)),
+                per(after.1 - before.1),
+                per(after.2 - before.2),
+            ];
+            eprintln!("bench-proxy: {target}, {mix}: {:.0} ops/s", l.ops_per_sec);
+            let quiet = unloaded(addrs[0], get_pct);
             rows.push(Row {
                 target,
                 mix,
-                ops_per_sec,
-                p50: hist.percentile(0.50),
-                p99: hist.percentile(0.99),
-                errors,
+                ops_per_sec: l.ops_per_sec,
+                p50: l.hist.percentile(0.50),
+                p99: l.hist.percentile(0.99),
+                errors: l.errors,
+                cpu_us,
+                unloaded: (quiet.percentile(0.50), quiet.percentile(0.99)),
             });
         }
     }
 
-    println!("| target | mix | ops/s | p50 µs | p99 µs | errors |");
-    println!("|---|---|---:|---:|---:|---:|");
+    let us = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.1}"));
+    println!(
+        "Under load ({CONNECTIONS} connections), with the CPU each process spent per request:"
+    );
+    println!();
+    println!(
+        "| target | mix | ops/s | p50 µs | p99 µs | errors | proxy CPU µs/req | memcached CPU \
+         µs/req | generator CPU µs/req |"
+    );
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|");
     for r in &rows {
         println!(
-            "| {} | {} | {:.0} | {} | {} | {} |",
-            r.target, r.mix, r.ops_per_sec, r.p50, r.p99, r.errors
+            "| {} | {} | {:.0} | {} | {} | {} | {} | {} | {} |",
+            r.target,
+            r.mix,
+            r.ops_per_sec,
+            r.p50,
+            r.p99,
+            r.errors,
+            us(r.cpu_us[0]),
+            us(r.cpu_us[1]),
+            us(r.cpu_us[2])
+        );
+    }
+    println!();
+    println!(
+        "Unloaded (one connection, one request at a time, {UNLOADED_REQUESTS} requests; \
+         direct goes to one backend):"
+    );
+    println!();
+    println!("| target | mix | p50 µs | p99 µs |");
+    println!("|---|---|---:|---:|");
+    for r in &rows {
+        println!(
+            "| {} | {} | {} | {} |",
+            r.target, r.mix, r.unloaded.0, r.unloaded.1
         );
     }
     println!();
@@ -433,17 +563,23 @@ fn main() {
             find("nutcracker"),
             find("guard"),
         ) {
-            let p50 = |r: &Row| r.p50.parse::<i64>().ok();
-            let added = match (p50(g), p50(d)) {
-                (Some(g), Some(d)) => format!("{} µs", g - d),
+            let added = |g: &str, d: &str| match (g.parse::<i64>(), d.parse::<i64>()) {
+                (Ok(g), Ok(d)) => format!("{} µs", g - d),
+                _ => "-".into(),
+            };
+            let efficiency = match (n.cpu_us[0], g.cpu_us[0]) {
+                (Some(n), Some(g)) if g > 0.0 => format!("{:.2}×", n / g),
                 _ => "-".into(),
             };
             println!(
                 "{mix}: guard/nutcracker ops/s = {:.2}×; guard p99 {} µs vs nutcracker {} µs; \
-                 guard p50 added over direct: {added} (targets: ≥ 1.5×, no worse p99, ≤ 50 µs)",
+                 guard p50 added over direct: {} under load, {} unloaded; nutcracker/guard CPU \
+                 per request = {efficiency} (targets: ≥ 1.5× ops/s, no worse p99, ≤ 50 µs)",
                 g.ops_per_sec / n.ops_per_sec.max(1.0),
                 g.p99,
-                n.p99
+                n.p99,
+                added(&g.p50, &d.p50),
+                added(&g.unloaded.0, &d.unloaded.0),
             );
         }
     }
