@@ -41,7 +41,7 @@ pub mod proxy;
 pub mod shutdown;
 pub mod tenant;
 
-use std::{collections::HashMap, net::IpAddr, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
 use anyhow::{Context as _, bail};
 use log::{error, info, warn};
@@ -61,11 +61,6 @@ const EXPIRY_INTERVAL: Duration = Duration::from_secs(1);
 /// Authentications waiting to reach the XDP source→tenant map; beyond
 /// this, reports are dropped rather than slow a session.
 const LEARNED_QUEUE: usize = 4096;
-
-/// Sources already recorded in the XDP source→tenant map, so a reconnect
-/// storm does not write the map once per login. Forgets everything when
-/// full (the map write is idempotent).
-const LEARNED_REMEMBERED: usize = 65_536;
 
 /// Runs the command the CLI names.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -127,7 +122,6 @@ pub async fn run_daemon(paths: Paths, args: RunArgs) -> anyhow::Result<()> {
         let (tx, rx) = tokio::sync::mpsc::channel::<proxy::SourceTenant>(LEARNED_QUEUE);
         (Some(tx), Some(rx))
     };
-    let mut recorded: HashMap<IpAddr, u32> = HashMap::new();
 
     let mut proxy = None;
     if !config.proxy.listen.is_empty() {
@@ -203,17 +197,15 @@ pub async fn run_daemon(paths: Paths, args: RunArgs) -> anyhow::Result<()> {
                 }
             } => {
                 let (Some((ip, tenant)), Some((_, control, _))) = (learned, &mut xdp) else { continue };
-                if recorded.get(&ip) == Some(&tenant) {
+                // Asking the map, not a memory of past writes: the kernel's
+                // LRU may have evicted the source since, and a reconnect
+                // storm then costs a lookup per login instead of a write.
+                let maps = control.maps();
+                if matches!(maps.source_tenant(ip), Ok(Some(t)) if t == tenant) {
                     continue;
                 }
-                if recorded.len() >= LEARNED_REMEMBERED {
-                    recorded.clear();
-                }
-                match control.maps().set_source_tenant(ip, tenant) {
-                    Ok(()) => {
-                        recorded.insert(ip, tenant);
-                    }
-                    Err(e) => warn!("cannot record {ip} as tenant {tenant:#x} in the XDP map: {e:#}"),
+                if let Err(e) = maps.set_source_tenant(ip, tenant) {
+                    warn!("cannot record {ip} as tenant {tenant:#x} in the XDP map: {e:#}");
                 }
             },
             _ = expiry.tick(), if xdp.is_some() => {

@@ -330,6 +330,16 @@ impl GuardMaps {
         Ok(())
     }
 
+    /// Forgets which tenant `source` belongs to; its SYNs charge the
+    /// default budget until it logs in again.
+    pub fn remove_source_tenant(&mut self, source: IpAddr) -> anyhow::Result<()> {
+        let prefix = self.config()?.ipv6_prefix_len as u8;
+        match self.source_tenant.remove(&source_key(source, prefix)) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Adds or replaces a CIDR rule; `ttl_secs` of `None` never expires.
     pub fn add_cidr(
         &mut self,
