@@ -61,7 +61,7 @@ credentials = [{{ username = "acme-app", password_hash = "{hash}" }}]
     assert_eq!(guard.maps().unwrap().source_tenant(client).unwrap(), None);
 
     // Log in with memcached's text authentication.
-    let s = login(&topo, client, listen);
+    let mut s = login(&topo, client, listen);
     wait_for_tenant(&guard, client);
 
     // The kernel's LRU may evict a source at any time: the next login must
@@ -88,6 +88,26 @@ credentials = [{{ username = "acme-app", password_hash = "{hash}" }}]
         refused >= 1,
         "some connects must fail once acme's burst is spent"
     );
+    // The drops raised a limit event, which the daemon logged and counts.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let events = stat(&mut s, "xdp_limit_events");
+        if events >= 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no limit event counted:\n{}",
+            guard.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        guard
+            .log_text()
+            .contains("exceeded its tenant's SYN budget")
+    );
+
     // Another source, not attributed, is unaffected.
     connect_from(
         &topo.client,
@@ -126,5 +146,23 @@ fn wait_for_tenant(guard: &GuardDaemon, client: IpAddr) {
             guard.log_text()
         );
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// One counter from `stats` on an open connection.
+fn stat(s: &mut std::net::TcpStream, name: &str) -> u64 {
+    s.write_all(b"stats\r\n").unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    let mut value = None;
+    loop {
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        assert!(!line.is_empty(), "connection closed during stats");
+        if line == "END\r\n" {
+            return value.unwrap_or_else(|| panic!("stats has no {name}"));
+        }
+        if let Some(v) = line.strip_prefix(&format!("STAT {name} ")) {
+            value = Some(v.trim().parse().unwrap());
+        }
     }
 }

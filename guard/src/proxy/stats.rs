@@ -32,6 +32,11 @@ macro_rules! counters {
                     ("version", crate::proxy::version().to_string()),
                 ];
                 $(rows.push((stringify!($name), self.$name.load(Ordering::Relaxed).to_string()));)*
+                // Counted by the daemon's ring-buffer reader; zero without XDP.
+                rows.push((
+                    "xdp_limit_events",
+                    crate::ebpf::control::LIMIT_EVENTS.load(Ordering::Relaxed).to_string(),
+                ));
                 rows
             }
         }
