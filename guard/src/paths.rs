@@ -66,4 +66,12 @@ impl Paths {
             .join(format!("v{LAYOUT_VERSION}"))
             .join("xdp.json")
     }
+
+    /// JSON list of the deny/allow entries the last applied config set, so
+    /// the next daemon removes those its config no longer has.
+    pub fn configured_cidrs_file(&self) -> PathBuf {
+        self.state_root
+            .join(format!("v{LAYOUT_VERSION}"))
+            .join("configured-cidrs.json")
+    }
 }

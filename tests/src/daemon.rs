@@ -83,6 +83,9 @@ impl GuardDaemon {
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
+        // The log is appended across restarts: only what this process
+        // writes counts as its start-up.
+        let seen = self.log_text().len();
         let mut child = ChildGuard::spawn(&mut cmd)?;
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
@@ -92,7 +95,11 @@ impl GuardDaemon {
                     self.log_text()
                 );
             }
-            if self.log_text().contains("guarding ") {
+            if self
+                .log_text()
+                .get(seen..)
+                .is_some_and(|t| t.contains("guarding "))
+            {
                 break;
             }
             if Instant::now() > deadline {

@@ -344,6 +344,51 @@ fn sighup_reloads_the_config_file_in_place() {
 }
 
 #[test]
+fn restart_with_an_edited_config_removes_only_what_the_config_dropped() {
+    let topo = Topology::new().expect("topology");
+    let dir = std::env::temp_dir().join(guard_tests::unique_name("conf"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let conf = dir.join("guard.toml");
+    let write = |deny: &str| {
+        std::fs::write(
+            &conf,
+            format!(
+                "[xdp]\ninterfaces = [\"{}\"]\nmode = \"skb\"\nprotect = [\"*:{PORT}\"]\ndeny = [{deny}]\n",
+                topo.server_if().ifname
+            ),
+        )
+        .unwrap()
+    };
+    write("\"192.0.2.0/24\", \"2001:db8::/32\"");
+    let mut guard =
+        GuardDaemon::start(&topo.server, &["--config", conf.to_str().unwrap()]).unwrap();
+    let live = "198.51.100.7/32";
+    assert!(guard.cli(&["deny", "add", live]).unwrap().status.success());
+    let listed = |g: &GuardDaemon| {
+        String::from_utf8_lossy(&g.cli(&["deny", "list", "--json"]).unwrap().stdout).into_owned()
+    };
+    let before = listed(&guard);
+    for cidr in ["192.0.2.0/24", "2001:db8::/32", live] {
+        assert!(before.contains(cidr), "{cidr} missing: {before}");
+    }
+
+    // The maps outlive the daemon: the next one, started with a config
+    // that no longer denies 192.0.2.0/24, must remove it, keep the entry
+    // the config still has, and leave the live entry alone.
+    write("\"2001:db8::/32\"");
+    guard.restart().unwrap();
+    let after = listed(&guard);
+    assert!(
+        !after.contains("192.0.2.0/24"),
+        "stale config entry kept: {after}"
+    );
+    assert!(after.contains("2001:db8::/32"), "{after}");
+    assert!(after.contains(live), "live entry lost: {after}");
+    drop(guard);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
 fn detach_removes_program_and_pins() {
     let topo = Topology::new().expect("topology");
     let mut guard = start_guard(&topo, "skb");

@@ -14,6 +14,7 @@ use guard_common::{
     EVENT_GLOBAL_LIMIT, EVENT_SOURCE_LIMIT, EVENT_TENANT_LIMIT, FAMILY_V4, LimitEvent, maps,
 };
 use log::{info, warn};
+use serde::{Deserialize, Serialize};
 use tokio::io::unix::AsyncFd;
 
 use super::maps::{CidrList, GuardMaps};
@@ -25,17 +26,54 @@ pub static LIMIT_EVENTS: AtomicU64 = AtomicU64::new(0);
 /// Applies configurations to the pinned maps.
 pub struct XdpControl {
     maps: GuardMaps,
+    paths: Paths,
     /// Deny/allow entries that came from the config, so a reload removes
     /// the ones it dropped but never those added live with `guard deny add`.
-    configured: (BTreeSet<Cidr>, BTreeSet<Cidr>),
+    /// Kept in the state directory too: the maps outlive the daemon, and a
+    /// restart with an edited config must remove what the old one added.
+    configured: ConfiguredCidrs,
+}
+
+/// The deny/allow entries a config put in the maps.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct ConfiguredCidrs {
+    deny: BTreeSet<Cidr>,
+    allow: BTreeSet<Cidr>,
+}
+
+impl ConfiguredCidrs {
+    /// What the previous daemon applied; nothing if it left no record.
+    fn load(paths: &Paths) -> anyhow::Result<Self> {
+        let path = paths.configured_cidrs_file();
+        match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .with_context(|| format!("corrupt state file {}", path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
+            Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+        }
+    }
+
+    fn save(&self, paths: &Paths) -> anyhow::Result<()> {
+        let path = paths.configured_cidrs_file();
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+        }
+        // Write then rename, so a crash never leaves half a file.
+        let tmp = path.with_extension("json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(self)?)
+            .with_context(|| format!("cannot write {}", tmp.display()))?;
+        std::fs::rename(&tmp, &path).with_context(|| format!("cannot write {}", path.display()))
+    }
 }
 
 impl XdpControl {
-    /// Opens the pinned maps.
+    /// Opens the pinned maps and the record of what the last config added.
     pub fn open(paths: &Paths) -> anyhow::Result<Self> {
         Ok(Self {
             maps: GuardMaps::open(paths)?,
-            configured: Default::default(),
+            paths: paths.clone(),
+            configured: ConfiguredCidrs::load(paths)?,
         })
     }
 
@@ -47,8 +85,8 @@ impl XdpControl {
         let deny: BTreeSet<Cidr> = config.xdp.deny.iter().copied().collect();
         let allow: BTreeSet<Cidr> = config.xdp.allow.iter().copied().collect();
         for (list, old, new) in [
-            (CidrList::Deny, &self.configured.0, &deny),
-            (CidrList::Allow, &self.configured.1, &allow),
+            (CidrList::Deny, &self.configured.deny, &deny),
+            (CidrList::Allow, &self.configured.allow, &allow),
         ] {
             for gone in old.difference(new) {
                 self.maps.remove_cidr(list, *gone)?;
@@ -57,8 +95,8 @@ impl XdpControl {
                 self.maps.add_cidr(list, *cidr, None)?;
             }
         }
-        self.configured = (deny, allow);
-        Ok(())
+        self.configured = ConfiguredCidrs { deny, allow };
+        self.configured.save(&self.paths)
     }
 
     /// Removes expired deny/allow entries.

@@ -341,6 +341,7 @@ pub fn detach_all(paths: &Paths) -> anyhow::Result<Vec<String>> {
     let _ = fs::remove_dir(paths.pin_dir());
     let _ = fs::remove_dir(paths.pin_root());
     let _ = fs::remove_file(paths.state_file());
+    let _ = fs::remove_file(paths.configured_cidrs_file());
     detached.sort();
     Ok(detached)
 }
