@@ -21,7 +21,8 @@
 //!   zero-copy, with limits set up front.
 //! - [`proxy`] is the memcache proxy: [`proxy::listener`] accepts under
 //!   connection caps, [`proxy::session`] serves one client (after
-//!   [`proxy::auth`] when tenants are configured), [`proxy::command`]
+//!   [`proxy::auth`] when tenants are configured), [`descriptors`] fits the
+//!   connection cap to the descriptor limit, [`proxy::command`]
 //!   translates requests to backend meta requests in the client's tenant
 //!   namespace, [`proxy::router`] routes with [`proxy::ketama`] (as
 //!   twemproxy does), and [`proxy::backend`] pipelines over pooled backend
@@ -34,6 +35,7 @@ pub mod cidr;
 pub mod cli;
 pub mod config;
 pub mod ctl;
+pub mod descriptors;
 pub mod ebpf;
 pub mod paths;
 pub mod protocol;
@@ -125,6 +127,7 @@ pub async fn run_daemon(paths: Paths, args: RunArgs) -> anyhow::Result<()> {
 
     let mut proxy = None;
     if !config.proxy.listen.is_empty() {
+        descriptors::fit(&mut config.proxy)?;
         let mut listeners = Vec::new();
         for addr in &config.proxy.listen {
             listeners.push(
