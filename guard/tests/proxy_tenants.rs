@@ -7,7 +7,10 @@
 mod common;
 mod tenant_common;
 
-use std::time::{Duration, Instant};
+use std::{
+    io::Read as _,
+    time::{Duration, Instant},
+};
 
 use common::{Client, Memcached, bin};
 use tenant_common::{GuardProcess, bin_call, hash, sasl_auth, text_auth};
@@ -434,25 +437,38 @@ fn key_limit_counts_the_namespace() {
 #[test]
 fn sighup_reloads_credentials_and_keeps_flushes() {
     let mc = Memcached::start();
-    let guard = start(&mc);
-    let mut acme = guard.text_client("acme-app", "new-secret");
-    assert_eq!(set(&mut acme, "before", "1"), "STORED");
-    acme.send(b"flush_all\r\n");
-    assert_eq!(acme.read_line(), "OK");
-    assert_eq!(set(&mut acme, "after", "2"), "STORED");
-    // The old password is retired, a new user appears.
-    let reloaded = format!(
-        r#"
-[[tenant]]
-name = "acme"
-credentials = [
-  {{ username = "acme-app", password_hash = "{}" }},
-  {{ username = "acme-ci", password_hash = "{}" }},
-]
-"#,
-        hash("new-secret"),
-        hash("ci-pw"),
+    // Credentials that stay keep their stored hash across the edit, as an
+    // operator's config file does.
+    let (old, new, dash) = (hash("old-secret"), hash("new-secret"), hash("dash-pw"));
+    let acme = |credentials: String| {
+        format!("[[tenant]]\nname = \"acme\"\ncredentials = [{credentials}]\n")
+    };
+    let first = acme(format!(
+        r#"{{ username = "acme-app", password_hash = "{old}" }},
+  {{ username = "acme-app", password_hash = "{new}" }},
+  {{ username = "acme-dash", password_hash = "{dash}", read_only = true }}"#
+    )) + &format!(
+        "[[tenant]]\nname = \"globex\"\ncredentials = [{{ username = \"globex\", password_hash = \"{}\" }}]\n",
+        hash("gx-pw")
     );
+    let guard = GuardProcess::start(&mc, AUTH_TIMEOUT, &first);
+    let mut acme_app = guard.text_client("acme-app", "new-secret");
+    let mut leaked = guard.text_client("acme-app", "old-secret");
+    let mut dashboard = guard.text_client("acme-dash", "dash-pw");
+    assert_eq!(set(&mut acme_app, "before", "1"), "STORED");
+    acme_app.send(b"flush_all\r\n");
+    assert_eq!(acme_app.read_line(), "OK");
+    assert_eq!(set(&mut acme_app, "after", "2"), "STORED");
+    assert_eq!(set(&mut dashboard, "dash", "x"), DENIED);
+
+    // The old password is retired (say it leaked), a new user appears, the
+    // dashboard may now write, globex is gone.
+    let reloaded = acme(format!(
+        r#"{{ username = "acme-app", password_hash = "{new}" }},
+  {{ username = "acme-ci", password_hash = "{}" }},
+  {{ username = "acme-dash", password_hash = "{dash}" }}"#,
+        hash("ci-pw")
+    ));
     guard.reload(&mc, AUTH_TIMEOUT, &reloaded);
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
@@ -471,8 +487,19 @@ credentials = [
     let mut ci = guard.text_client("acme-ci", "ci-pw");
     assert_eq!(get(&mut ci, "before"), None);
     assert_eq!(get(&mut ci, "after").as_deref(), Some("2"));
-    // Connections made before the reload go on.
-    assert_eq!(get(&mut acme, "after").as_deref(), Some("2"));
+    // Connections whose credential is still configured go on, with the
+    // rights it has now.
+    assert_eq!(get(&mut acme_app, "after").as_deref(), Some("2"));
+    assert_eq!(set(&mut dashboard, "dash", "x"), "STORED");
+    // The session logged in with the retired password is closed at its
+    // next request, unanswered.
+    leaked.send(b"get after\r\n");
+    let mut b = [0u8; 1];
+    match leaked.stream.read(&mut b) {
+        Ok(0) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        other => panic!("revoked session still open: {other:?}"),
+    }
 }
 
 #[test]

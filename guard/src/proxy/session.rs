@@ -12,11 +12,13 @@
 //! ([`super::auth`]): until the client authenticates it is served one
 //! request at a time and only authentication gets anywhere. After that its
 //! requests run as its identity: its tenant's namespace and key limit, and
-//! read-only if its credential is.
+//! read-only if its credential is. After a reload the session serves on as
+//! its credential is now configured, and is closed if it no longer is.
 
 use std::{collections::VecDeque, sync::Arc};
 
 use bytes::{Buf as _, BytesMut};
+use log::info;
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::{TcpStream, tcp::OwnedReadHalf},
@@ -54,6 +56,8 @@ pub async fn serve(stream: TcpStream, sh: Arc<Shared>, mut phase: watch::Receive
     if *phase.borrow() != Phase::Running {
         return;
     }
+    // Read before the registry: a reload in between only costs a refresh.
+    let mut version = sh.tenants.version();
     let registry = sh.tenants.load();
     let authenticated = registry.requires_auth();
     let (identity, _permit) = match registry.open_identity() {
@@ -80,7 +84,7 @@ pub async fn serve(stream: TcpStream, sh: Arc<Shared>, mut phase: watch::Receive
     };
     let mut limits = sh.limits.clone();
     limits.max_key_len = identity.tenant.namespace.max_client_key_len();
-    let client = Client {
+    let mut client = Client {
         identity,
         affinity: sh.router.affinity(),
         authenticated,
@@ -115,6 +119,26 @@ pub async fn serve(stream: TcpStream, sh: Arc<Shared>, mut phase: watch::Receive
                     }
                 }
                 let Some(&first) = rbuf.first() else { break };
+                if sh.tenants.version() != version {
+                    // A reload: serve on as the credential now stands, or
+                    // not at all if it was revoked.
+                    version = sh.tenants.version();
+                    match sh.tenants.load().refresh(&client.identity) {
+                        Some(identity) => {
+                            limits.max_key_len = identity.tenant.namespace.max_client_key_len();
+                            client.identity = identity;
+                        }
+                        None => {
+                            info!(
+                                "closing {} ({}): its credential is no longer configured",
+                                peer.map_or_else(|| "a client".into(), |p| p.to_string()),
+                                client.identity.username.as_deref().unwrap_or("open tenant")
+                            );
+                            closing = true;
+                            break;
+                        }
+                    }
+                }
                 let p = *protocol.get_or_insert_with(|| Protocol::detect(first));
                 match parse(p, &mut rbuf, &limits) {
                     Ok(None) => {

@@ -60,7 +60,10 @@ pub mod verifier;
 
 use std::{
     collections::HashMap,
-    sync::{Arc, RwLock},
+    sync::{
+        Arc, RwLock,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
@@ -135,6 +138,9 @@ pub struct Identity {
     pub read_only: bool,
     /// The username it authenticated as; `None` on the open tenant.
     pub username: Option<Arc<str>>,
+    /// The stored hash of the credential it authenticated with: a reload
+    /// keeps the session only while that very credential is configured.
+    pub credential: Option<Arc<str>>,
 }
 
 /// Why an authentication failed.
@@ -196,6 +202,7 @@ impl TenantRegistry {
                 tenant,
                 read_only: false,
                 username: None,
+                credential: None,
             })),
             users: HashMap::new(),
             verifier,
@@ -274,6 +281,7 @@ impl TenantRegistry {
                             tenant: tenant.clone(),
                             read_only: c.read_only,
                             username: Some(c.username.as_str().into()),
+                            credential: Some(c.password_hash.as_str().into()),
                         }),
                     });
             }
@@ -295,6 +303,22 @@ impl TenantRegistry {
     /// The identity of every connection of an open registry.
     pub fn open_identity(&self) -> Option<Arc<Identity>> {
         self.open.clone()
+    }
+
+    /// What a session that started as `old` is under this registry: the
+    /// same credential's identity (its read-only flag and namespace as now
+    /// configured), or `None` when the credential is gone, or moved to
+    /// another tenant, or the open tenant appeared or went away.
+    pub fn refresh(&self, old: &Identity) -> Option<Arc<Identity>> {
+        let Some(username) = &old.username else {
+            return self.open.clone();
+        };
+        self.users
+            .get(username.as_bytes())?
+            .iter()
+            .find(|c| Some(&c.text) == old.credential.as_ref())
+            .map(|c| c.identity.clone())
+            .filter(|id| id.tenant.name == old.tenant.name)
     }
 
     /// The tenants (the open one alone for an open registry).
@@ -375,6 +399,8 @@ impl TenantRegistry {
 #[derive(Debug)]
 pub struct SharedRegistry {
     current: RwLock<Arc<TenantRegistry>>,
+    /// Bumped by every swap, so sessions notice a reload with one load.
+    version: AtomicU64,
 }
 
 impl SharedRegistry {
@@ -382,7 +408,13 @@ impl SharedRegistry {
     pub fn new(registry: TenantRegistry) -> Self {
         Self {
             current: RwLock::new(Arc::new(registry)),
+            version: AtomicU64::new(0),
         }
+    }
+
+    /// Changes whenever the registry is replaced.
+    pub fn version(&self) -> u64 {
+        self.version.load(Ordering::Acquire)
     }
 
     /// The registry in force.
@@ -396,7 +428,11 @@ impl SharedRegistry {
     /// Replaces it; returns the old one.
     pub fn store(&self, registry: TenantRegistry) -> Arc<TenantRegistry> {
         let mut current = self.current.write().unwrap_or_else(|e| e.into_inner());
-        std::mem::replace(&mut *current, Arc::new(registry))
+        let old = std::mem::replace(&mut *current, Arc::new(registry));
+        // Bumped under the lock, after the swap: whoever sees the new
+        // version loads the new registry.
+        self.version.fetch_add(1, Ordering::Release);
+        old
     }
 
     /// Builds the registry of `config` from the one in force (see

@@ -386,6 +386,54 @@ fn reload_keeps_generations_and_cache() {
 }
 
 #[test]
+fn reload_refreshes_sessions_by_credential() {
+    let c = config();
+    let shared = SharedRegistry::new(TenantRegistry::with_settings(&c, settings()).unwrap());
+    let r = shared.load();
+    let old = r.authenticate(b"acme-app", b"old-secret").unwrap();
+    let new = r.authenticate(b"acme-app", b"new-secret").unwrap();
+    let ro = r.authenticate(b"acme-ro", b"reader").unwrap();
+    let gx = r.authenticate(b"globex", b"hunter2").unwrap();
+    let v0 = shared.version();
+
+    // Rotation finished: the old password goes; the reader may now write;
+    // globex moves under another tenant name.
+    let mut next = c.clone();
+    next.tenants[0].credentials.remove(0);
+    next.tenants[0].credentials[1].read_only = false;
+    next.tenants[1].name = "globex-2".into();
+    shared.reload(&next).unwrap();
+    assert_ne!(shared.version(), v0, "a reload must be noticeable");
+    let r = shared.load();
+    assert!(r.refresh(&old).is_none(), "revoked password still served");
+    let kept = r.refresh(&new).expect("unchanged credential kept");
+    assert_eq!(kept.credential, new.credential);
+    assert!(
+        !Arc::ptr_eq(&kept, &new),
+        "identity comes from the new registry"
+    );
+    assert!(
+        !r.refresh(&ro).unwrap().read_only,
+        "read-only flag refreshed"
+    );
+    assert!(r.refresh(&gx).is_none(), "a session never changes tenant");
+
+    // Re-hashing a password is a new credential: its sessions log in again.
+    let mut rehashed = next.clone();
+    rehashed.tenants[0].credentials[0] = cred("acme-app", "new-secret", false);
+    shared.reload(&rehashed).unwrap();
+    assert!(shared.load().refresh(&new).is_none());
+
+    // Open to authenticated and back: every session starts over.
+    let open = SharedRegistry::new(TenantRegistry::open());
+    let anon = open.load().open_identity().unwrap();
+    open.reload(&c).unwrap();
+    assert!(open.load().refresh(&anon).is_none());
+    assert!(TenantRegistry::open().refresh(&new).is_none());
+    assert!(TenantRegistry::open().refresh(&anon).is_some());
+}
+
+#[test]
 fn namespaces_isolate_tenants() {
     let r = TenantRegistry::with_settings(&config(), settings()).unwrap();
     let a = &r.tenant("acme").unwrap().namespace;
