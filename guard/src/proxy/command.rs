@@ -231,6 +231,9 @@ fn flush(cx: &Cx, delay: i64) {
     ProxyStats::add(&cx.stats.cmd_flush, 1);
     let delay = u64::try_from(delay).ok().filter(|&d| d > 0);
     cx.ns.flush(delay.map(Duration::from_secs));
+    if delay.is_none() {
+        cx.flushed.notify_one();
+    }
 }
 
 /// `stats`: guard's counters, then the client's own tenant (never

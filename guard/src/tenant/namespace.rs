@@ -27,10 +27,10 @@
 //! the first key operation after it, without threads or timers. As in
 //! memcached, a later flush replaces a pending delayed one.
 //!
-//! Generations live in this process. A reload keeps them (see
-//! `TenantRegistry::reload`); across restarts and between proxy hosts that
-//! share backends they must be carried by the daemon: read
-//! [`KeyNamespace::generation`], restore with
+//! A reload keeps generations (see `TenantRegistry::reload`); across
+//! restarts and between proxy hosts that share backends the proxy carries
+//! them on the backends (`proxy::generations`): it reads
+//! [`KeyNamespace::generation`] and restores with
 //! [`KeyNamespace::observe_generation`] (which only moves forward). A new
 //! generation is at least the current Unix time in seconds, so generations
 //! from different hosts order by when the flush happened.
