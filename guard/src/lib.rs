@@ -201,8 +201,9 @@ pub async fn run_daemon(paths: Paths, args: RunArgs) -> anyhow::Result<()> {
             } => {
                 let (Some((ip, tenant)), Some((_, control, _))) = (learned, &mut xdp) else { continue };
                 // Asking the map, not a memory of past writes: the kernel's
-                // LRU may have evicted the source since, and a reconnect
-                // storm then costs a lookup per login instead of a write.
+                // LRU may have evicted the source since. A reconnect storm
+                // costs two map reads per login (bounded by the queue)
+                // instead of a write.
                 let maps = control.maps();
                 if matches!(maps.source_tenant(ip), Ok(Some(t)) if t == tenant) {
                     continue;

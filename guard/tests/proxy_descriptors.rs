@@ -6,6 +6,7 @@
 mod common;
 
 use std::{
+    io::{ErrorKind, Read as _},
     net::SocketAddr,
     os::unix::process::CommandExt as _,
     path::PathBuf,
@@ -202,7 +203,21 @@ fn a_cap_above_the_descriptor_limit_is_lowered_so_clients_wait_instead() {
     for c in &mut waiting {
         c.send(b"version\r\n");
     }
-    std::thread::sleep(Duration::from_millis(300));
+    // Held by the cap: without it they would fit in the descriptor limit
+    // and be answered at once.
+    for c in &mut waiting {
+        c.stream
+            .set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        let mut b = [0u8; 1];
+        match c.stream.read(&mut b) {
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            other => panic!("a client beyond the cap was served: {other:?}"),
+        }
+        c.stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+    }
     // Slots free up: the waiting clients are served in turn.
     served.truncate(room - 10);
     for c in &mut waiting {

@@ -42,15 +42,23 @@ struct ConfiguredCidrs {
 }
 
 impl ConfiguredCidrs {
-    /// What the previous daemon applied; nothing if it left no record.
-    fn load(paths: &Paths) -> anyhow::Result<Self> {
+    /// What the previous daemon applied; nothing if it left no record (or
+    /// an unreadable one, said in the log: entries it named then stay until
+    /// deleted by hand).
+    fn load(paths: &Paths) -> Self {
         let path = paths.configured_cidrs_file();
-        match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .with_context(|| format!("corrupt state file {}", path.display())),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
-            Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
-        }
+        let read = match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(anyhow::Error::from),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Self::default(),
+            Err(e) => Err(e.into()),
+        };
+        read.unwrap_or_else(|e| {
+            warn!(
+                "ignoring {}: {e}; deny/allow entries an earlier config added are kept",
+                path.display()
+            );
+            Self::default()
+        })
     }
 
     fn save(&self, paths: &Paths) -> anyhow::Result<()> {
@@ -73,7 +81,7 @@ impl XdpControl {
         Ok(Self {
             maps: GuardMaps::open(paths)?,
             paths: paths.clone(),
-            configured: ConfiguredCidrs::load(paths)?,
+            configured: ConfiguredCidrs::load(paths),
         })
     }
 
@@ -84,6 +92,13 @@ impl XdpControl {
         self.maps.sync_tenant_limits(&config.tenant_limits())?;
         let deny: BTreeSet<Cidr> = config.xdp.deny.iter().copied().collect();
         let allow: BTreeSet<Cidr> = config.xdp.allow.iter().copied().collect();
+        // Recorded before the maps change: whatever happens half-way, every
+        // entry a config put in is on record for the next apply to remove.
+        self.configured = ConfiguredCidrs {
+            deny: self.configured.deny.union(&deny).copied().collect(),
+            allow: self.configured.allow.union(&allow).copied().collect(),
+        };
+        self.configured.save(&self.paths)?;
         for (list, old, new) in [
             (CidrList::Deny, &self.configured.deny, &deny),
             (CidrList::Allow, &self.configured.allow, &allow),

@@ -498,9 +498,9 @@ fn main() {
             let after = (proxy.map(cpu_time), cpu_of(&backend_pids), cpu_time(me));
             let per = |d: Duration| Some(d.as_secs_f64() * 1e6 / l.all_ops.max(1) as f64);
             let cpu_us = [
-                proxy.and_then(|_| per(after.0? - before.0?)),
-                per(after.1 - before.1),
-                per(after.2 - before.2),
+                proxy.and_then(|_| per(after.0?.saturating_sub(before.0?))),
+                per(after.1.saturating_sub(before.1)),
+                per(after.2.saturating_sub(before.2)),
             ];
             eprintln!("bench-proxy: {target}, {mix}: {:.0} ops/s", l.ops_per_sec);
             let quiet = unloaded(addrs[0], get_pct);
