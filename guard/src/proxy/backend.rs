@@ -140,6 +140,15 @@ impl BackendPool {
         self.conns.iter().any(|c| c.up.load(Ordering::Relaxed))
     }
 
+    /// Like [`Self::call`], on the first connection that is up: for
+    /// guard's own requests, which need no order with a session's.
+    pub fn call_any(&self, bytes: Bytes, count: usize) -> Call {
+        match self.conns.iter().position(|c| c.up.load(Ordering::Relaxed)) {
+            Some(i) => self.call(bytes, count, i),
+            None => Call::failed(BackendError::Unavailable),
+        }
+    }
+
     /// A connection choice for one client session. A session sends all
     /// its requests to a backend over the same connection, so memcached
     /// executes them in the order the client sent them.

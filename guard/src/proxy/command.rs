@@ -123,6 +123,21 @@ pub fn is_write(req: &Request) -> bool {
     }
 }
 
+/// Whether requests after `req` in a client's pipeline must wait until it
+/// is answered: an immediate `flush_all` moves the generation only after
+/// reading the backends' markers, and a `set` pipelined behind it must land
+/// in the new generation, as it would on memcached.
+pub fn is_barrier(req: &Request) -> bool {
+    match req {
+        Request::Text(TextRequest::FlushAll { delay, .. }) => delay.unwrap_or(0) == 0,
+        Request::Binary(b) => {
+            matches!(b.opcode, Opcode::Flush | Opcode::FlushQ)
+                && !matches!(b.decoded_extras(), Extras::Exptime(d) if d > 0)
+        }
+        _ => false,
+    }
+}
+
 /// The refusal of a write from a read-only identity: `CLIENT_ERROR
 /// permission denied` (sent even for `noreply`, as memcached sends its
 /// errors), binary status 0x24 (memcached's `EACCESS`).
@@ -226,13 +241,22 @@ fn forward(
 }
 
 /// `flush_all [delay]`: the tenant's namespace moves on (now, or after
-/// `delay` seconds); no backend is flushed.
-fn flush(cx: &Cx, delay: i64) {
+/// `delay` seconds); no backend is flushed. An immediate flush answers
+/// `reply` once its generation is recorded on the backends.
+fn flush(cx: &Cx, delay: i64, reply: Reply) -> Slot {
     ProxyStats::add(&cx.stats.cmd_flush, 1);
-    let delay = u64::try_from(delay).ok().filter(|&d| d > 0);
-    cx.ns.flush(delay.map(Duration::from_secs));
-    if delay.is_none() {
-        cx.flushed.notify_one();
+    match u64::try_from(delay).ok().filter(|&d| d > 0) {
+        Some(d) => {
+            cx.ns.flush(Some(Duration::from_secs(d)));
+            Slot::Ready(reply)
+        }
+        None => {
+            let done = super::generations::flush(cx.sh.clone(), cx.ns.clone());
+            waiting(async move {
+                done.await;
+                reply
+            })
+        }
     }
 }
 
@@ -339,14 +363,15 @@ fn text(req: TextRequest, sh: &Cx) -> Slot {
                 })
             })
         }
-        TextRequest::FlushAll { delay, noreply } => {
-            flush(sh, i64::from(delay.unwrap_or(0)));
-            Slot::Ready(if noreply {
+        TextRequest::FlushAll { delay, noreply } => flush(
+            sh,
+            i64::from(delay.unwrap_or(0)),
+            if noreply {
                 Reply::default()
             } else {
                 Reply::bytes(b"OK\r\n")
-            })
-        }
+            },
+        ),
         TextRequest::Version => Slot::Ready(Reply::bytes(
             format!("VERSION {}\r\n", super::version()).as_bytes(),
         )),
@@ -691,8 +716,11 @@ fn binary(req: BinaryRequest, sh: &Cx) -> Slot {
                 Extras::Exptime(d) => i64::from(d),
                 _ => 0,
             };
-            flush(sh, delay);
-            local(BinaryResponse::new(op as u8, opaque))
+            flush(
+                sh,
+                delay,
+                encode_binary(op, BinaryResponse::new(op as u8, opaque)),
+            )
         }
         Noop | Verbosity => local(BinaryResponse::new(op as u8, opaque)),
         Version => local(BinaryResponse {

@@ -2,30 +2,33 @@
 //! survives a restart of guard and reaches every proxy in front of the same
 //! backends.
 //!
-//! A flush moves the namespace's generation on in this process at once
-//! ([`crate::tenant::KeyNamespace::flush`]). Every backend also holds each
-//! namespace's generation, as decimal text under `<namespace>:gen`; no
-//! client key maps there, since those are `<namespace>:<7 digits>:<key>`.
-//! Once per [`SYNC_INTERVAL`], and at once after a flush here, a task reads
-//! the markers from every backend, moves each local generation forward to
-//! the newest found (generations never move back), and writes the local
-//! generation to every backend holding an older one or none, which also
-//! restores the markers of a backend that restarted empty. A flush on one
-//! proxy so reaches the others within about one interval. Before the proxy
-//! accepts its first client it syncs once, so a restarted guard never
-//! serves keys flushed before it stopped.
+//! Every backend holds each namespace's generation, as decimal text under
+//! `<namespace>:gen`; memcached matches keys whole, and every client key is
+//! longer (`<namespace>:<7 digits>:<key>`), so none maps there.
 //!
-//! Markers are read every interval and so stay hot in memcached's LRU; one
-//! lost on a backend is rewritten from the others or from this process.
+//! - A `flush_all` reads the namespace's markers from every backend, moves
+//!   past the newest, and writes the new generation to every backend before
+//!   it answers `OK`: once a client has its `OK`, no restart of any proxy
+//!   brings the flushed keys back.
+//! - Every [`SYNC_INTERVAL`], and at once after a reload, a pass reads all
+//!   markers, moves each local generation forward to the newest found
+//!   (generations never move back), and writes the local generation where a
+//!   backend holds an older one or none: that publishes delayed flushes once
+//!   they fire and restores the markers of a backend that restarted empty.
+//!   A flush on one proxy reaches the others within about one interval.
+//! - Before the proxy accepts its first client it retries a pass until a
+//!   backend answers (for at most [`INITIAL_SYNC_LIMIT`]).
+//!
+//! Writes are compare-and-swap (`ms … C<cas>`, or add mode where there was
+//! no marker), so a proxy holding an older generation can never overwrite a
+//! newer one that landed since it read. Markers are read every interval and
+//! stay hot in memcached's LRU.
 
 use std::{sync::Arc, time::Duration};
 
 use bytes::{BufMut as _, Bytes, BytesMut};
 use log::{info, warn};
-use tokio::{
-    sync::{Notify, watch},
-    time::Instant,
-};
+use tokio::{sync::watch, time::Instant};
 
 use super::{Phase, Shared};
 use crate::{
@@ -39,6 +42,12 @@ use crate::{
 /// How often markers are read and repaired.
 pub const SYNC_INTERVAL: Duration = Duration::from_secs(1);
 
+/// The longest the proxy waits at start for a backend to answer.
+pub const INITIAL_SYNC_LIMIT: Duration = Duration::from_secs(2);
+
+/// How soon a pass is retried when no backend answered the last one.
+const RETRY_INTERVAL: Duration = Duration::from_millis(50);
+
 /// Suffix of a namespace's marker key.
 const MARKER_SUFFIX: &[u8] = b":gen";
 
@@ -50,153 +59,286 @@ pub fn marker_key(ns: &KeyNamespace) -> Bytes {
     k.freeze()
 }
 
-/// Syncs until the proxy stops: every interval, and whenever `flushed` is
-/// notified.
-pub async fn run(sh: Arc<Shared>, flushed: Arc<Notify>, mut phase: watch::Receiver<Phase>) {
-    let mut next = Instant::now() + SYNC_INTERVAL;
+/// One marker as a backend holds it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Marker {
+    Absent,
+    /// `value` is `None` when the stored text is not a generation; the
+    /// marker is then rewritten.
+    Found {
+        value: Option<u64>,
+        cas: Bytes,
+    },
+    /// The backend answered something else: leave that marker alone.
+    Unknown,
+}
+
+/// What a pass saw: local generations moved, backends that answered.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Pass {
+    pub moved: usize,
+    pub answered: usize,
+}
+
+/// Passes until the proxy stops: every interval, after every reload, and
+/// quickly again while no backend answers.
+pub async fn run(sh: Arc<Shared>, mut phase: watch::Receiver<Phase>) {
+    let mut reloads = sh.tenants.subscribe();
+    let mut wait = SYNC_INTERVAL;
     loop {
         tokio::select! {
-            () = tokio::time::sleep_until(next) => {}
-            () = flushed.notified() => {}
+            () = tokio::time::sleep(wait) => {}
+            r = reloads.changed() => if r.is_err() {
+                return;
+            },
             r = phase.changed() => if r.is_err() || *phase.borrow() == Phase::Stopped {
                 return;
             },
         }
-        sync(&sh).await;
-        next = Instant::now() + SYNC_INTERVAL;
+        let pass = sync(&sh).await;
+        wait = if pass.answered > 0 || sh.router.pools().is_empty() {
+            SYNC_INTERVAL
+        } else {
+            RETRY_INTERVAL
+        };
     }
 }
 
-/// The sync before the first client: waits (at most `wait`) for the
-/// backend connections to come up, then syncs with those that did.
-pub async fn initial_sync(sh: &Shared, wait: Duration) {
-    let deadline = Instant::now() + wait;
-    while !sh.router.pools().iter().all(|p| p.is_up()) && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    let moved = sync(sh).await;
-    if moved > 0 {
-        info!("restored {moved} flush generation(s) from the backends");
+/// The pass before the first client: retried until a backend answers or
+/// `limit` (at most [`INITIAL_SYNC_LIMIT`]) has passed.
+pub async fn initial_sync(sh: &Shared, limit: Duration) {
+    let deadline = Instant::now() + limit.min(INITIAL_SYNC_LIMIT);
+    loop {
+        let pass = sync(sh).await;
+        if pass.moved > 0 {
+            info!(
+                "restored {} flush generation(s) from the backends",
+                pass.moved
+            );
+        }
+        if pass.answered > 0 || sh.router.pools().is_empty() {
+            return;
+        }
+        if Instant::now() >= deadline {
+            warn!(
+                "no backend answered within {limit:?}: serving with the flush generations \
+                 this process knows until one does"
+            );
+            return;
+        }
+        tokio::time::sleep(RETRY_INTERVAL).await;
     }
 }
 
-/// One pass: read every marker from every backend, move local generations
-/// forward, write back where a backend is behind. Returns how many local
-/// generations moved.
-pub async fn sync(sh: &Shared) -> usize {
+/// One pass over every namespace of the registry in force.
+pub async fn sync(sh: &Shared) -> Pass {
     let registry = sh.tenants.load();
-    let namespaces: Vec<&KeyNamespace> = registry.tenants().iter().map(|t| &t.namespace).collect();
+    let namespaces: Vec<KeyNamespace> = registry
+        .tenants()
+        .iter()
+        .map(|t| t.namespace.clone())
+        .collect();
+    let reads = read(sh, &namespaces).await;
+    let moved = observe(&namespaces, &reads);
+    write(sh, &namespaces, &reads).await;
+    Pass {
+        moved,
+        answered: reads.iter().flatten().count(),
+    }
+}
+
+/// An immediate `flush_all` of `ns`: past every generation the backends
+/// know, recorded on all that answer before it returns.
+pub async fn flush(sh: Arc<Shared>, ns: KeyNamespace) {
+    let namespaces = [ns];
+    let reads = read(&sh, &namespaces).await;
+    observe(&namespaces, &reads);
+    namespaces[0].flush(None);
+    write(&sh, &namespaces, &reads).await;
+}
+
+/// Every backend's markers for `namespaces`; `None` for a backend that did
+/// not answer.
+async fn read(sh: &Shared, namespaces: &[KeyNamespace]) -> Vec<Option<Vec<Marker>>> {
     if namespaces.is_empty() {
-        return 0;
+        return Vec::new();
     }
-    let mut read = BytesMut::new();
-    for ns in &namespaces {
-        read.put_slice(b"mg ");
-        read.put_slice(&marker_key(ns));
-        read.put_slice(b" v\r\n");
+    let mut req = BytesMut::new();
+    for ns in namespaces {
+        req.put_slice(b"mg ");
+        req.put_slice(&marker_key(ns));
+        req.put_slice(b" v c\r\n");
     }
-    let read = read.freeze();
+    let req = req.freeze();
     let calls: Vec<_> = sh
         .router
         .pools()
         .iter()
-        .map(|p| p.call(read.clone(), namespaces.len(), 0))
+        .map(|p| p.call_any(req.clone(), namespaces.len()))
         .collect();
-    // Per backend, each namespace's marker: `Some(None)` when it has none.
-    let mut found: Vec<Option<Vec<Option<u64>>>> = Vec::with_capacity(calls.len());
+    let mut reads = Vec::with_capacity(calls.len());
     for call in calls {
-        found.push(call.wait().await.ok().and_then(|replies| {
-            (replies.len() == namespaces.len())
-                .then(|| replies.iter().map(marker_value).collect::<Option<Vec<_>>>())
-                .flatten()
-        }));
+        reads.push(
+            call.wait()
+                .await
+                .ok()
+                .filter(|replies| replies.len() == namespaces.len())
+                .map(|replies| replies.iter().map(marker).collect()),
+        );
     }
+    reads
+}
 
+/// Moves each namespace forward to the newest marker; returns how many
+/// moved.
+fn observe(namespaces: &[KeyNamespace], reads: &[Option<Vec<Marker>>]) -> usize {
     let mut moved = 0;
-    let mut writes: Vec<BytesMut> = vec![BytesMut::new(); found.len()];
-    let mut counts = vec![0usize; found.len()];
     for (i, ns) in namespaces.iter().enumerate() {
-        let before = ns.generation();
-        let newest = found
+        let newest = reads
             .iter()
             .flatten()
-            .filter_map(|markers| markers[i])
+            .filter_map(|markers| match &markers[i] {
+                Marker::Found { value, .. } => *value,
+                _ => None,
+            })
             .max()
             .unwrap_or(0);
+        let before = ns.generation();
         ns.observe_generation(newest);
-        let now = ns.generation();
-        if now != before {
+        if ns.generation() != before {
             moved += 1;
-        }
-        if now == 0 {
-            continue;
-        }
-        let value = now.to_string();
-        for (b, markers) in found.iter().enumerate() {
-            let Some(markers) = markers else { continue };
-            if markers[i].is_none_or(|g| g < now) {
-                let w = &mut writes[b];
-                w.put_slice(b"ms ");
-                w.put_slice(&marker_key(ns));
-                w.put_slice(format!(" {}\r\n{value}\r\n", value.len()).as_bytes());
-                counts[b] += 1;
-            }
-        }
-    }
-    let pools = sh.router.pools();
-    let calls: Vec<_> = writes
-        .into_iter()
-        .zip(&counts)
-        .enumerate()
-        .filter(|(_, (_, n))| **n > 0)
-        .map(|(b, (w, n))| (b, pools[b].call(w.freeze(), *n, 0)))
-        .collect();
-    for (b, call) in calls {
-        if let Err(e) = call.wait().await {
-            warn!(
-                "cannot record flush generations on {}: {e}",
-                pools[b].addr()
-            );
         }
     }
     moved
 }
 
-/// A marker read: `Some(Some(g))` found, `Some(None)` absent, `None` when
-/// the reply makes no sense (that backend is then left out of this pass).
-fn marker_value(r: &Response) -> Option<Option<u64>> {
+/// Writes each local generation where a backend read older, nothing, or
+/// nonsense. Compare-and-swap: a marker that changed since it was read is
+/// left to the next pass.
+async fn write(sh: &Shared, namespaces: &[KeyNamespace], reads: &[Option<Vec<Marker>>]) {
+    let pools = sh.router.pools();
+    let mut calls = Vec::new();
+    for (b, markers) in reads.iter().enumerate() {
+        let Some(markers) = markers else { continue };
+        let mut req = BytesMut::new();
+        let mut count = 0;
+        for (ns, marker) in namespaces.iter().zip(markers) {
+            let now = ns.generation();
+            if now == 0 {
+                continue;
+            }
+            let mode = match marker {
+                Marker::Absent => Bytes::from_static(b"ME"),
+                Marker::Found { value, cas } if value.is_none_or(|g| g < now) => {
+                    let mut m = BytesMut::with_capacity(cas.len() + 1);
+                    m.put_u8(b'C');
+                    m.put_slice(cas);
+                    m.freeze()
+                }
+                _ => continue,
+            };
+            let value = now.to_string();
+            req.put_slice(b"ms ");
+            req.put_slice(&marker_key(ns));
+            req.put_slice(format!(" {} ", value.len()).as_bytes());
+            req.put_slice(&mode);
+            req.put_slice(b"\r\n");
+            req.put_slice(value.as_bytes());
+            req.put_slice(b"\r\n");
+            count += 1;
+        }
+        if count > 0 {
+            calls.push((b, pools[b].call_any(req.freeze(), count)));
+        }
+    }
+    for (b, call) in calls {
+        match call.wait().await {
+            Ok(replies) => {
+                for r in &replies {
+                    // NS, EX, NF: another proxy wrote first; the next pass
+                    // reads what it wrote.
+                    if let Response::Meta(m) = r
+                        && matches!(
+                            m.code,
+                            MetaCode::Hd | MetaCode::Ns | MetaCode::Ex | MetaCode::Nf
+                        )
+                    {
+                        continue;
+                    }
+                    warn!(
+                        "{} refused a flush generation marker: {r:?}",
+                        pools[b].addr()
+                    );
+                }
+            }
+            Err(e) => warn!(
+                "cannot record flush generations on {}: {e}",
+                pools[b].addr()
+            ),
+        }
+    }
+}
+
+fn marker(r: &Response) -> Marker {
     match r {
-        Response::Meta(MetaResponse {
-            code: MetaCode::Va,
-            value: Some(v),
-            ..
-        }) => std::str::from_utf8(v).ok()?.parse().ok().map(Some),
+        Response::Meta(
+            m @ MetaResponse {
+                code: MetaCode::Va, ..
+            },
+        ) => match m.flag(b'c') {
+            Some(cas) => Marker::Found {
+                value: m
+                    .value
+                    .as_ref()
+                    .and_then(|v| std::str::from_utf8(v).ok()?.parse().ok()),
+                cas: cas.token.clone(),
+            },
+            None => Marker::Unknown,
+        },
         Response::Meta(MetaResponse {
             code: MetaCode::En, ..
-        }) => Some(None),
-        _ => None,
+        }) => Marker::Absent,
+        _ => Marker::Unknown,
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::meta::MetaFlag;
 
-    fn meta(code: MetaCode, value: Option<&'static [u8]>) -> Response {
+    fn meta(code: MetaCode, value: Option<&'static [u8]>, cas: Option<&'static [u8]>) -> Response {
         let mut r = MetaResponse::new(code);
         r.value = value.map(Bytes::from_static);
+        if let Some(c) = cas {
+            r.flags.push(MetaFlag::new(b'c', Bytes::from_static(c)));
+        }
         Response::Meta(r)
     }
 
     #[test]
     fn markers_read_as_generations() {
         assert_eq!(
-            marker_value(&meta(MetaCode::Va, Some(b"1764241234"))),
-            Some(Some(1_764_241_234))
+            marker(&meta(MetaCode::Va, Some(b"1764241234"), Some(b"7"))),
+            Marker::Found {
+                value: Some(1_764_241_234),
+                cas: Bytes::from_static(b"7")
+            }
         );
-        assert_eq!(marker_value(&meta(MetaCode::En, None)), Some(None));
-        assert_eq!(marker_value(&meta(MetaCode::Va, Some(b"x1"))), None);
-        assert_eq!(marker_value(&meta(MetaCode::Hd, None)), None);
+        assert_eq!(marker(&meta(MetaCode::En, None, None)), Marker::Absent);
+        // Nonsense is rewritten, over its cas.
+        assert_eq!(
+            marker(&meta(MetaCode::Va, Some(b"x1"), Some(b"9"))),
+            Marker::Found {
+                value: None,
+                cas: Bytes::from_static(b"9")
+            }
+        );
+        assert_eq!(
+            marker(&meta(MetaCode::Va, Some(b"1"), None)),
+            Marker::Unknown
+        );
+        assert_eq!(marker(&meta(MetaCode::Hd, None, None)), Marker::Unknown);
     }
 
     #[test]
@@ -207,5 +349,27 @@ mod tests {
         // Memcached matches keys whole, and the shortest client key in the
         // namespace is longer.
         assert!(ns.backend_key(b"k").unwrap().len() > marker.len());
+    }
+
+    #[test]
+    fn observe_moves_forward_only() {
+        let ns = KeyNamespace::new("acme");
+        let found = |v: u64| Marker::Found {
+            value: Some(v),
+            cas: Bytes::from_static(b"1"),
+        };
+        let reads = vec![
+            Some(vec![found(5)]),
+            None,
+            Some(vec![found(9)]),
+            Some(vec![Marker::Unknown]),
+        ];
+        assert_eq!(observe(std::slice::from_ref(&ns), &reads), 1);
+        assert_eq!(ns.generation(), 9);
+        assert_eq!(
+            observe(std::slice::from_ref(&ns), &[Some(vec![found(3)])]),
+            0
+        );
+        assert_eq!(ns.generation(), 9);
     }
 }

@@ -24,7 +24,7 @@ use std::{future::Future, net::IpAddr, sync::Arc, time::Duration};
 use log::{info, warn};
 use tokio::{
     net::TcpListener,
-    sync::{Notify, Semaphore, mpsc, watch},
+    sync::{Semaphore, mpsc, watch},
 };
 
 pub use backend::BackendError;
@@ -99,8 +99,6 @@ pub struct Shared {
     pub max_pipeline_depth: usize,
     /// Most bytes buffered from one client before reading pauses.
     pub read_cap: usize,
-    /// Notified by a flush, so the generation reaches the backends at once.
-    pub flushed: Arc<Notify>,
 }
 
 /// The memcache proxy.
@@ -153,18 +151,13 @@ impl Proxy {
             request_read_timeout: (config.request_read_timeout_ms > 0)
                 .then(|| Duration::from_millis(config.request_read_timeout_ms)),
             max_pipeline_depth: config.max_pipeline_depth,
-            flushed: Arc::new(Notify::new()),
         });
         let (phase_tx, phase_rx) = watch::channel(Phase::Running);
         // Flushes from before a restart, or from other proxies, apply
         // before the first client is served.
         generations::initial_sync(&shared, settings.connect_timeout + settings.request_timeout)
             .await;
-        let syncing = tokio::spawn(generations::run(
-            shared.clone(),
-            shared.flushed.clone(),
-            phase_rx.clone(),
-        ));
+        let syncing = tokio::spawn(generations::run(shared.clone(), phase_rx.clone()));
         let permits = Arc::new(Semaphore::new(config.max_connections));
         let sources = Arc::new(SourceLimits::new(config.max_connections_per_source));
         let mut accepting = Vec::new();

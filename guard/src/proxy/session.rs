@@ -56,8 +56,9 @@ pub async fn serve(stream: TcpStream, sh: Arc<Shared>, mut phase: watch::Receive
     if *phase.borrow() != Phase::Running {
         return;
     }
-    // Read before the registry: a reload in between only costs a refresh.
-    let mut version = sh.tenants.version();
+    // Subscribed before the registry is loaded: a reload in between only
+    // costs a refresh.
+    let mut reloads = sh.tenants.subscribe();
     let registry = sh.tenants.load();
     let authenticated = registry.requires_auth();
     let (identity, _permit) = match registry.open_identity() {
@@ -103,12 +104,16 @@ pub async fn serve(stream: TcpStream, sh: Arc<Shared>, mut phase: watch::Receive
     // When the request at the head of the buffer started to arrive.
     let mut partial_since: Option<Instant> = None;
     let depth = sh.max_pipeline_depth;
+    // A dispatched barrier (see `command::is_barrier`) is unanswered: it
+    // is the queue's last entry, and nothing more is dispatched until it
+    // is answered.
+    let mut barrier = false;
 
     loop {
         // Set when parsing stops for want of bytes, not for want of room.
         let mut incomplete = false;
         if !closing {
-            while queue.len() < depth && !closing {
+            while queue.len() < depth && !closing && !barrier {
                 if skip > 0 {
                     let n = skip.min(rbuf.len());
                     rbuf.advance(n);
@@ -119,24 +124,12 @@ pub async fn serve(stream: TcpStream, sh: Arc<Shared>, mut phase: watch::Receive
                     }
                 }
                 let Some(&first) = rbuf.first() else { break };
-                if sh.tenants.version() != version {
-                    // A reload: serve on as the credential now stands, or
-                    // not at all if it was revoked.
-                    version = sh.tenants.version();
-                    match sh.tenants.load().refresh(&client.identity) {
-                        Some(identity) => {
-                            limits.max_key_len = identity.tenant.namespace.max_client_key_len();
-                            client.identity = identity;
-                        }
-                        None => {
-                            info!(
-                                "closing {} ({}): its credential is no longer configured",
-                                peer.map_or_else(|| "a client".into(), |p| p.to_string()),
-                                client.identity.username.as_deref().unwrap_or("open tenant")
-                            );
-                            closing = true;
-                            break;
-                        }
+                // A reload not yet seen by the select below: no request
+                // runs under a revoked credential.
+                if reloads.has_changed().unwrap_or(false) {
+                    reloads.mark_unchanged();
+                    if !refresh(&sh, &mut client, &mut limits, peer) {
+                        return;
                     }
                 }
                 let p = *protocol.get_or_insert_with(|| Protocol::detect(first));
@@ -147,7 +140,9 @@ pub async fn serve(stream: TcpStream, sh: Arc<Shared>, mut phase: watch::Receive
                     }
                     Ok(Some(req)) => {
                         partial_since = None;
+                        let is_barrier = command::is_barrier(&req);
                         let slot = command::dispatch(req, &sh, &client);
+                        barrier = is_barrier && matches!(slot, Slot::Waiting(_));
                         if let Slot::Ready(Reply { close: true, .. }) = slot {
                             closing = true;
                         }
@@ -234,12 +229,19 @@ pub async fn serve(stream: TcpStream, sh: Arc<Shared>, mut phase: watch::Receive
                 }
             }, if waiting => {
                 queue[0] = Slot::Ready(reply);
+                barrier &= queue.iter().any(|s| matches!(s, Slot::Waiting(_)));
             },
             () = sleep_until(idle_deadline.unwrap_or_else(Instant::now)), if idle_deadline.is_some() => return,
             () = sleep_until(request_deadline.unwrap_or_else(Instant::now)), if request_deadline.is_some() => {
                 ProxyStats::add(&sh.stats.request_read_timeouts, 1);
                 return;
             }
+            // Idle sessions of a revoked credential are closed too.
+            Ok(()) = reloads.changed() => {
+                if !refresh(&sh, &mut client, &mut limits, peer) {
+                    return;
+                }
+            },
             r = phase.changed() => match r.map(|()| *phase.borrow()) {
                 Ok(Phase::Running) => {}
                 Ok(Phase::Draining) => {
@@ -250,6 +252,31 @@ pub async fn serve(stream: TcpStream, sh: Arc<Shared>, mut phase: watch::Receive
                 }
                 Ok(Phase::Stopped) | Err(_) => return,
             },
+        }
+    }
+}
+
+/// After a reload: serves on as the session's credential now stands
+/// (rights, namespace), or returns `false` if it was revoked.
+fn refresh(
+    sh: &Shared,
+    client: &mut Client,
+    limits: &mut protocol::Limits,
+    peer: Option<std::net::IpAddr>,
+) -> bool {
+    match sh.tenants.load().refresh(&client.identity) {
+        Some(identity) => {
+            limits.max_key_len = identity.tenant.namespace.max_client_key_len();
+            client.identity = identity;
+            true
+        }
+        None => {
+            info!(
+                "closing {} ({}): its credential is no longer configured",
+                peer.map_or_else(|| "a client".into(), |p| p.to_string()),
+                client.identity.username.as_deref().unwrap_or("open tenant")
+            );
+            false
         }
     }
 }

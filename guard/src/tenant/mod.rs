@@ -60,15 +60,13 @@ pub mod verifier;
 
 use std::{
     collections::HashMap,
-    sync::{
-        Arc, RwLock,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::{Arc, RwLock},
     time::Duration,
 };
 
 use anyhow::Context as _;
 use guard_common::DEFAULT_TENANT;
+use tokio::sync::watch;
 
 pub use connections::{ConnectionPermit, TenantConnections};
 pub use namespace::{KeyNamespace, KeyTooLong};
@@ -399,8 +397,9 @@ impl TenantRegistry {
 #[derive(Debug)]
 pub struct SharedRegistry {
     current: RwLock<Arc<TenantRegistry>>,
-    /// Bumped by every swap, so sessions notice a reload with one load.
-    version: AtomicU64,
+    /// Counts swaps: sessions and the generation sync notice a reload with
+    /// one load, or wait for one.
+    version: watch::Sender<u64>,
 }
 
 impl SharedRegistry {
@@ -408,13 +407,18 @@ impl SharedRegistry {
     pub fn new(registry: TenantRegistry) -> Self {
         Self {
             current: RwLock::new(Arc::new(registry)),
-            version: AtomicU64::new(0),
+            version: watch::Sender::new(0),
         }
     }
 
     /// Changes whenever the registry is replaced.
     pub fn version(&self) -> u64 {
-        self.version.load(Ordering::Acquire)
+        *self.version.borrow()
+    }
+
+    /// Wakes on every replacement.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.version.subscribe()
     }
 
     /// The registry in force.
@@ -431,7 +435,7 @@ impl SharedRegistry {
         let old = std::mem::replace(&mut *current, Arc::new(registry));
         // Bumped under the lock, after the swap: whoever sees the new
         // version loads the new registry.
-        self.version.fetch_add(1, Ordering::Release);
+        self.version.send_modify(|v| *v += 1);
         old
     }
 
