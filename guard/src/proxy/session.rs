@@ -104,6 +104,11 @@ pub async fn serve(stream: TcpStream, sh: Arc<Shared>, mut phase: watch::Receive
     // When the request at the head of the buffer started to arrive.
     let mut partial_since: Option<Instant> = None;
     let depth = sh.max_pipeline_depth;
+    // Long-lived, so a request costs no timer registration nor watch
+    // subscription: both are re-armed only when they fire.
+    let idle_timer = sleep_until(last_read + sh.idle_timeout.unwrap_or(NEVER));
+    tokio::pin!(idle_timer);
+    let mut control = Box::pin(next_control(phase.clone(), reloads.clone()));
     // A dispatched barrier (see `command::is_barrier`) is unanswered: it
     // is the queue's last entry, and nothing more is dispatched until it
     // is answered.
@@ -193,10 +198,6 @@ pub async fn serve(stream: TcpStream, sh: Arc<Shared>, mut phase: watch::Receive
         // Keep reading while replies are pending, to notice the client
         // leaving; the cap bounds what one client can make us buffer.
         let can_read = !close_after_flush && rbuf.len() < sh.read_cap;
-        let idle_deadline = sh
-            .idle_timeout
-            .filter(|_| queue.is_empty())
-            .map(|t| last_read + t);
         if !incomplete {
             partial_since = None;
         } else if partial_since.is_none() {
@@ -231,29 +232,80 @@ pub async fn serve(stream: TcpStream, sh: Arc<Shared>, mut phase: watch::Receive
                 queue[0] = Slot::Ready(reply);
                 barrier &= queue.iter().any(|s| matches!(s, Slot::Waiting(_)));
             },
-            () = sleep_until(idle_deadline.unwrap_or_else(Instant::now)), if idle_deadline.is_some() => return,
-            () = sleep_until(request_deadline.unwrap_or_else(Instant::now)), if request_deadline.is_some() => {
+            () = &mut idle_timer, if sh.idle_timeout.is_some() => {
+                // Fires once per idle period, not re-armed per request:
+                // idle only once nothing is pending and nothing arrived.
+                let (t, now) = (sh.idle_timeout.unwrap_or(NEVER), Instant::now());
+                let due = last_read + t;
+                if queue.is_empty() && now >= due {
+                    return;
+                }
+                // Replies pending: look again shortly after they are out.
+                idle_timer.as_mut().reset(if now >= due { now + t.min(IDLE_RECHECK) } else { due });
+            },
+            () = async {
+                match request_deadline {
+                    Some(d) => sleep_until(d).await,
+                    None => std::future::pending().await,
+                }
+            }, if request_deadline.is_some() => {
                 ProxyStats::add(&sh.stats.request_read_timeouts, 1);
                 return;
             }
-            // Idle sessions of a revoked credential are closed too.
-            Ok(()) = reloads.changed() => {
-                if !refresh(&sh, &mut client, &mut limits, peer) {
-                    return;
+            (event, p, r) = &mut control => {
+                control = Box::pin(next_control(p, r));
+                match event {
+                    Control::Phase(Phase::Running) => {}
+                    Control::Phase(Phase::Draining) => {
+                        // What the client sent before the drain began is in
+                        // flight from its side: serve what already arrived.
+                        drain_socket(&rd, &mut rbuf, sh.read_cap);
+                        drain_pending = true;
+                    }
+                    Control::Phase(Phase::Stopped) | Control::Gone => return,
+                    // Idle sessions of a revoked credential are closed too.
+                    Control::Reload => {
+                        if !refresh(&sh, &mut client, &mut limits, peer) {
+                            return;
+                        }
+                    }
                 }
-            },
-            r = phase.changed() => match r.map(|()| *phase.borrow()) {
-                Ok(Phase::Running) => {}
-                Ok(Phase::Draining) => {
-                    // What the client sent before the drain began is in
-                    // flight from its side: serve what already arrived.
-                    drain_socket(&rd, &mut rbuf, sh.read_cap);
-                    drain_pending = true;
-                }
-                Ok(Phase::Stopped) | Err(_) => return,
             },
         }
     }
+}
+
+/// How soon an idle timer that fired with replies pending looks again.
+const IDLE_RECHECK: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Far enough to never fire: the idle timer without an idle timeout.
+const NEVER: std::time::Duration = std::time::Duration::from_secs(100 * 365 * 24 * 3600);
+
+/// What a session hears from the proxy between requests.
+enum Control {
+    Phase(Phase),
+    Reload,
+    /// The proxy is gone.
+    Gone,
+}
+
+/// The next phase change or reload; gives the receivers back for the next
+/// wait.
+async fn next_control(
+    mut phase: watch::Receiver<Phase>,
+    mut reloads: watch::Receiver<u64>,
+) -> (Control, watch::Receiver<Phase>, watch::Receiver<u64>) {
+    let event = tokio::select! {
+        r = phase.changed() => match r {
+            Ok(()) => Control::Phase(*phase.borrow_and_update()),
+            Err(_) => Control::Gone,
+        },
+        r = reloads.changed() => match r {
+            Ok(()) => Control::Reload,
+            Err(_) => Control::Gone,
+        },
+    };
+    (event, phase, reloads)
 }
 
 /// After a reload: serves on as the session's credential now stands

@@ -71,8 +71,8 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-/// User plus system CPU time `pid` has used, all threads.
-fn cpu_time(pid: u32) -> Duration {
+/// User and system CPU time `pid` has used, all threads.
+fn cpu_split(pid: u32) -> (Duration, Duration) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the parenthesised command name; utime and stime are the
     // 14th and 15th fields of the line.
@@ -83,8 +83,14 @@ fn cpu_time(pid: u32) -> Duration {
         .collect();
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-    let ticks = f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
-    Duration::from_nanos(ticks * 1_000_000_000 / hz)
+    let at = |i: usize| Duration::from_nanos(f.get(i).copied().unwrap_or(0) * 1_000_000_000 / hz);
+    (at(11), at(12))
+}
+
+/// User plus system CPU time `pid` has used, all threads.
+fn cpu_time(pid: u32) -> Duration {
+    let (user, sys) = cpu_split(pid);
+    user + sys
 }
 
 fn key(n: usize) -> String {
@@ -264,6 +270,8 @@ struct Row {
     /// CPU µs per request: the proxy (none for direct), memcached (all
     /// backends), the load generator.
     cpu_us: [Option<f64>; 3],
+    /// Of the proxy's CPU per request, what the kernel spent.
+    proxy_kernel_us: Option<f64>,
     /// p50 and p99 of one connection with one request at a time.
     unloaded: (String, String),
 }
@@ -494,14 +502,20 @@ fn main() {
         ] {
             let me = std::process::id();
             let before = (proxy.map(cpu_time), cpu_of(&backend_pids), cpu_time(me));
+            let sys_before = proxy.map(|p| cpu_split(p).1);
             let l = load(&rt, &addrs, get_pct);
             let after = (proxy.map(cpu_time), cpu_of(&backend_pids), cpu_time(me));
+            let sys_after = proxy.map(|p| cpu_split(p).1);
             let per = |d: Duration| Some(d.as_secs_f64() * 1e6 / l.all_ops.max(1) as f64);
             let cpu_us = [
                 proxy.and_then(|_| per(after.0?.saturating_sub(before.0?))),
                 per(after.1.saturating_sub(before.1)),
                 per(after.2.saturating_sub(before.2)),
             ];
+            let proxy_kernel_us = per(sys_after
+                .unwrap_or_default()
+                .saturating_sub(sys_before.unwrap_or_default()))
+            .filter(|_| proxy.is_some());
             eprintln!("bench-proxy: {target}, {mix}: {:.0} ops/s", l.ops_per_sec);
             let quiet = unloaded(addrs[0], get_pct);
             rows.push(Row {
@@ -512,6 +526,7 @@ fn main() {
                 p99: l.hist.percentile(0.99),
                 errors: l.errors,
                 cpu_us,
+                proxy_kernel_us,
                 unloaded: (quiet.percentile(0.50), quiet.percentile(0.99)),
             });
         }
@@ -523,13 +538,13 @@ fn main() {
     );
     println!();
     println!(
-        "| target | mix | ops/s | p50 µs | p99 µs | errors | proxy CPU µs/req | memcached CPU \
-         µs/req | generator CPU µs/req |"
+        "| target | mix | ops/s | p50 µs | p99 µs | errors | proxy CPU µs/req | of which \
+         kernel | memcached CPU µs/req | generator CPU µs/req |"
     );
-    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in &rows {
         println!(
-            "| {} | {} | {:.0} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} |",
             r.target,
             r.mix,
             r.ops_per_sec,
@@ -537,6 +552,7 @@ fn main() {
             r.p99,
             r.errors,
             us(r.cpu_us[0]),
+            us(r.proxy_kernel_us),
             us(r.cpu_us[1]),
             us(r.cpu_us[2])
         );
