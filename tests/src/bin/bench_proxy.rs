@@ -97,6 +97,25 @@ fn key(n: usize) -> String {
     format!("key:{n:05}")
 }
 
+/// The next request of the mix into `req` (a get `get_pct`% of the time,
+/// else a set of `value`) for a random key; returns whether it is a get.
+fn next_request(rng: &mut u64, get_pct: u64, value: &[u8], req: &mut Vec<u8>) -> bool {
+    *rng ^= *rng << 13;
+    *rng ^= *rng >> 7;
+    *rng ^= *rng << 17;
+    let k = key((*rng >> 8) as usize % KEYS);
+    let is_get = *rng % 100 < get_pct;
+    req.clear();
+    if is_get {
+        req.extend_from_slice(format!("get {k}\r\n").as_bytes());
+    } else {
+        req.extend_from_slice(format!("set {k} 0 0 {VALUE_LEN}\r\n").as_bytes());
+        req.extend_from_slice(value);
+        req.extend_from_slice(b"\r\n");
+    }
+    is_get
+}
+
 /// A blocking request/reply: reads until `done` says the reply is whole.
 fn blocking_exchange(s: &mut TcpStream, req: &[u8], done: impl Fn(&[u8]) -> bool) -> Vec<u8> {
     s.write_all(req).unwrap();
@@ -220,19 +239,7 @@ async fn connection(
         if now >= end {
             return out;
         }
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        let k = key((rng >> 8) as usize % KEYS);
-        let is_get = rng % 100 < get_pct;
-        req.clear();
-        if is_get {
-            req.extend_from_slice(format!("get {k}\r\n").as_bytes());
-        } else {
-            req.extend_from_slice(format!("set {k} 0 0 {VALUE_LEN}\r\n").as_bytes());
-            req.extend_from_slice(&value);
-            req.extend_from_slice(b"\r\n");
-        }
+        let is_get = next_request(&mut rng, get_pct, &value, &mut req);
         let t = Instant::now();
         s.write_all(&req).await.unwrap();
         let len = loop {
@@ -327,24 +334,14 @@ fn unloaded(addr: SocketAddr, get_pct: u64) -> Histogram {
     let mut hist = Histogram::new();
     let mut rng = 0x2545_F491_4F6C_DD1Du64;
     let mut buf = Vec::with_capacity(4096);
+    let mut req = Vec::with_capacity(256);
     let mut chunk = [0u8; 4096];
     let deadline = Instant::now() + UNLOADED_LIMIT;
     for _ in 0..UNLOADED_REQUESTS {
         if Instant::now() >= deadline {
             break;
         }
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        let k = key((rng >> 8) as usize % KEYS);
-        let mut req = Vec::with_capacity(256);
-        if rng % 100 < get_pct {
-            req.extend_from_slice(format!("get {k}\r\n").as_bytes());
-        } else {
-            req.extend_from_slice(format!("set {k} 0 0 {VALUE_LEN}\r\n").as_bytes());
-            req.extend_from_slice(&value);
-            req.extend_from_slice(b"\r\n");
-        }
+        next_request(&mut rng, get_pct, &value, &mut req);
         let t = Instant::now();
         s.write_all(&req).unwrap();
         let len = loop {
