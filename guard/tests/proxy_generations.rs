@@ -100,6 +100,11 @@ fn a_set_pipelined_behind_a_flush_lands_after_it() {
     assert_eq!(c.read_line(), "END");
     // Not just within the pipeline: the key is in the new generation.
     assert_eq!(get(&mut c, "k").as_deref(), Some("new"));
+    // A negative delay is immediate too.
+    c.send(b"flush_all -1\r\nset k 0 0 5\r\nnewer\r\n");
+    assert_eq!(c.read_line(), "OK");
+    assert_eq!(c.read_line(), "STORED");
+    assert_eq!(get(&mut c, "k").as_deref(), Some("newer"));
     // Binary too: Flush then Set then Get in one write.
     let mut b = Client::connect(p.addr);
     let mut frames = common::bin(0x08, b"", &[], b"", 0, 1);
@@ -114,6 +119,25 @@ fn a_set_pipelined_behind_a_flush_lands_after_it() {
     b.send(&common::bin(0x00, b"bk", &[], b"", 0, 4));
     let reply = b.read_binary_until(4);
     assert!(reply.ends_with(b"v"), "binary get once flushed: {reply:?}");
+}
+
+#[test]
+fn a_flush_sent_by_a_client_that_leaves_at_once_still_happens() {
+    let mc = Memcached::start();
+    let p = GuardProxy::start(config(&[&mc]));
+    let mut c = Client::connect(p.addr);
+    set(&mut c, "k", "v");
+    c.send(b"flush_all noreply\r\n");
+    drop(c);
+    let mut other = Client::connect(p.addr);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while get(&mut other, "k").is_some() {
+        assert!(
+            Instant::now() < deadline,
+            "the flush was dropped with its client"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 #[test]

@@ -129,7 +129,8 @@ pub fn is_write(req: &Request) -> bool {
 /// in the new generation, as it would on memcached.
 pub fn is_barrier(req: &Request) -> bool {
     match req {
-        Request::Text(TextRequest::FlushAll { delay, .. }) => delay.unwrap_or(0) == 0,
+        // A delay of 0 or less is immediate, as for memcached.
+        Request::Text(TextRequest::FlushAll { delay, .. }) => delay.unwrap_or(0) <= 0,
         Request::Binary(b) => {
             matches!(b.opcode, Opcode::Flush | Opcode::FlushQ)
                 && !matches!(b.decoded_extras(), Extras::Exptime(d) if d > 0)
@@ -251,9 +252,11 @@ fn flush(cx: &Cx, delay: i64, reply: Reply) -> Slot {
             Slot::Ready(reply)
         }
         None => {
-            let done = super::generations::flush(cx.sh.clone(), cx.ns.clone());
+            // Spawned, not just awaited by the session: a client that
+            // sends `flush_all noreply` and leaves still gets its flush.
+            let done = tokio::spawn(super::generations::flush(cx.sh.clone(), cx.ns.clone()));
             waiting(async move {
-                done.await;
+                let _ = done.await;
                 reply
             })
         }

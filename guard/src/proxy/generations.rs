@@ -6,18 +6,19 @@
 //! `<namespace>:gen`; memcached matches keys whole, and every client key is
 //! longer (`<namespace>:<7 digits>:<key>`), so none maps there.
 //!
-//! - A `flush_all` reads the namespace's markers from every backend, moves
-//!   past the newest, and writes the new generation to every backend before
-//!   it answers `OK`: once a client has its `OK`, no restart of any proxy
-//!   brings the flushed keys back.
+//! - A `flush_all` reads the namespace's markers from every backend, picks
+//!   a generation past the newest, writes it to every backend, and only
+//!   then moves to it and answers `OK` (a write that lost a race with
+//!   another proxy's flush sends it round again): once a client has its
+//!   `OK`, no restart of any proxy brings the flushed keys back.
 //! - Every [`SYNC_INTERVAL`], and at once after a reload, a pass reads all
 //!   markers, moves each local generation forward to the newest found
 //!   (generations never move back), and writes the local generation where a
 //!   backend holds an older one or none: that publishes delayed flushes once
 //!   they fire and restores the markers of a backend that restarted empty.
 //!   A flush on one proxy reaches the others within about one interval.
-//! - Before the proxy accepts its first client it retries a pass until a
-//!   backend answers (for at most [`INITIAL_SYNC_LIMIT`]).
+//! - Before the proxy accepts its first client it retries a pass until
+//!   every backend answers (for at most [`INITIAL_SYNC_LIMIT`]).
 //!
 //! Writes are compare-and-swap (`ms … C<cas>`, or add mode where there was
 //! no marker), so a proxy holding an older generation can never overwrite a
@@ -104,8 +105,8 @@ pub async fn run(sh: Arc<Shared>, mut phase: watch::Receiver<Phase>) {
     }
 }
 
-/// The pass before the first client: retried until a backend answers or
-/// `limit` (at most [`INITIAL_SYNC_LIMIT`]) has passed.
+/// The pass before the first client: retried until every backend answers
+/// or `limit` (at most [`INITIAL_SYNC_LIMIT`]) has passed.
 pub async fn initial_sync(sh: &Shared, limit: Duration) {
     let deadline = Instant::now() + limit.min(INITIAL_SYNC_LIMIT);
     loop {
@@ -116,13 +117,18 @@ pub async fn initial_sync(sh: &Shared, limit: Duration) {
                 pass.moved
             );
         }
-        if pass.answered > 0 || sh.router.pools().is_empty() {
+        // Every backend: the one holding the newest marker may be the last
+        // to connect, and one that restarted empty knows nothing.
+        let pools = sh.router.pools().len();
+        if pass.answered == pools {
             return;
         }
         if Instant::now() >= deadline {
             warn!(
-                "no backend answered within {limit:?}: serving with the flush generations \
-                 this process knows until one does"
+                "{} of {pools} backends answered within {:?}: serving with the flush \
+                 generations known so far; the rest are synced as they answer",
+                pass.answered,
+                limit.min(INITIAL_SYNC_LIMIT)
             );
             return;
         }
@@ -140,21 +146,35 @@ pub async fn sync(sh: &Shared) -> Pass {
         .collect();
     let reads = read(sh, &namespaces).await;
     let moved = observe(&namespaces, &reads);
-    write(sh, &namespaces, &reads).await;
+    let targets: Vec<u64> = namespaces.iter().map(KeyNamespace::generation).collect();
+    write(sh, &namespaces, &targets, &reads).await;
     Pass {
         moved,
         answered: reads.iter().flatten().count(),
     }
 }
 
-/// An immediate `flush_all` of `ns`: past every generation the backends
-/// know, recorded on all that answer before it returns.
+/// Rounds of read and compare-and-swap a flush makes while other proxies
+/// keep writing the same marker.
+const FLUSH_ROUNDS: usize = 5;
+
+/// An immediate `flush_all` of `ns`: a generation past every one the
+/// backends know, recorded on all that answer before this process moves
+/// to it. A marker that changed between the read and the write (another
+/// proxy flushing too) sends it round again, so two concurrent flushes
+/// never land on the same generation.
 pub async fn flush(sh: Arc<Shared>, ns: KeyNamespace) {
     let namespaces = [ns];
-    let reads = read(&sh, &namespaces).await;
-    observe(&namespaces, &reads);
-    namespaces[0].flush(None);
-    write(&sh, &namespaces, &reads).await;
+    let mut target = 0;
+    for _ in 0..FLUSH_ROUNDS {
+        let reads = read(&sh, &namespaces).await;
+        let newest = newest(&reads, 0).max(namespaces[0].generation());
+        target = target.max(KeyNamespace::generation_after(newest));
+        if write(&sh, &namespaces, &[target], &reads).await == 0 {
+            break;
+        }
+    }
+    namespaces[0].flush_to(target);
 }
 
 /// Every backend's markers for `namespaces`; `None` for a backend that did
@@ -189,22 +209,26 @@ async fn read(sh: &Shared, namespaces: &[KeyNamespace]) -> Vec<Option<Vec<Marker
     reads
 }
 
+/// The newest generation any backend holds for namespace `i`.
+fn newest(reads: &[Option<Vec<Marker>>], i: usize) -> u64 {
+    reads
+        .iter()
+        .flatten()
+        .filter_map(|markers| match &markers[i] {
+            Marker::Found { value, .. } => *value,
+            _ => None,
+        })
+        .max()
+        .unwrap_or(0)
+}
+
 /// Moves each namespace forward to the newest marker; returns how many
 /// moved.
 fn observe(namespaces: &[KeyNamespace], reads: &[Option<Vec<Marker>>]) -> usize {
     let mut moved = 0;
     for (i, ns) in namespaces.iter().enumerate() {
-        let newest = reads
-            .iter()
-            .flatten()
-            .filter_map(|markers| match &markers[i] {
-                Marker::Found { value, .. } => *value,
-                _ => None,
-            })
-            .max()
-            .unwrap_or(0);
         let before = ns.generation();
-        ns.observe_generation(newest);
+        ns.observe_generation(newest(reads, i));
         if ns.generation() != before {
             moved += 1;
         }
@@ -212,18 +236,22 @@ fn observe(namespaces: &[KeyNamespace], reads: &[Option<Vec<Marker>>]) -> usize 
     moved
 }
 
-/// Writes each local generation where a backend read older, nothing, or
-/// nonsense. Compare-and-swap: a marker that changed since it was read is
-/// left to the next pass.
-async fn write(sh: &Shared, namespaces: &[KeyNamespace], reads: &[Option<Vec<Marker>>]) {
+/// Writes each namespace's target generation where a backend read older,
+/// nothing, or nonsense. Compare-and-swap: a marker that changed since it
+/// was read is left as it is. Returns how many writes lost such a race.
+async fn write(
+    sh: &Shared,
+    namespaces: &[KeyNamespace],
+    targets: &[u64],
+    reads: &[Option<Vec<Marker>>],
+) -> usize {
     let pools = sh.router.pools();
     let mut calls = Vec::new();
     for (b, markers) in reads.iter().enumerate() {
         let Some(markers) = markers else { continue };
         let mut req = BytesMut::new();
         let mut count = 0;
-        for (ns, marker) in namespaces.iter().zip(markers) {
-            let now = ns.generation();
+        for ((ns, marker), &now) in namespaces.iter().zip(markers).zip(targets) {
             if now == 0 {
                 continue;
             }
@@ -251,24 +279,25 @@ async fn write(sh: &Shared, namespaces: &[KeyNamespace], reads: &[Option<Vec<Mar
             calls.push((b, pools[b].call_any(req.freeze(), count)));
         }
     }
+    let mut lost = 0;
     for (b, call) in calls {
         match call.wait().await {
             Ok(replies) => {
                 for r in &replies {
-                    // NS, EX, NF: another proxy wrote first; the next pass
-                    // reads what it wrote.
-                    if let Response::Meta(m) = r
-                        && matches!(
-                            m.code,
-                            MetaCode::Hd | MetaCode::Ns | MetaCode::Ex | MetaCode::Nf
-                        )
-                    {
-                        continue;
+                    match r {
+                        Response::Meta(m) if m.code == MetaCode::Hd => {}
+                        // Another proxy wrote first; what it wrote is read
+                        // next time.
+                        Response::Meta(m)
+                            if matches!(m.code, MetaCode::Ns | MetaCode::Ex | MetaCode::Nf) =>
+                        {
+                            lost += 1;
+                        }
+                        _ => warn!(
+                            "{} refused a flush generation marker: {r:?}",
+                            pools[b].addr()
+                        ),
                     }
-                    warn!(
-                        "{} refused a flush generation marker: {r:?}",
-                        pools[b].addr()
-                    );
                 }
             }
             Err(e) => warn!(
@@ -277,6 +306,7 @@ async fn write(sh: &Shared, namespaces: &[KeyNamespace], reads: &[Option<Vec<Mar
             ),
         }
     }
+    lost
 }
 
 fn marker(r: &Response) -> Marker {

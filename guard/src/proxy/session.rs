@@ -58,7 +58,9 @@ pub async fn serve(stream: TcpStream, sh: Arc<Shared>, mut phase: watch::Receive
     }
     // Subscribed before the registry is loaded: a reload in between only
     // costs a refresh.
-    let mut reloads = sh.tenants.subscribe();
+    let reloads = sh.tenants.subscribe();
+    // The registry version this session's identity reflects.
+    let mut seen = *reloads.borrow();
     let registry = sh.tenants.load();
     let authenticated = registry.requires_auth();
     let (identity, _permit) = match registry.open_identity() {
@@ -106,7 +108,8 @@ pub async fn serve(stream: TcpStream, sh: Arc<Shared>, mut phase: watch::Receive
     let depth = sh.max_pipeline_depth;
     // Long-lived, so a request costs no timer registration nor watch
     // subscription: both are re-armed only when they fire.
-    let idle_timer = sleep_until(last_read + sh.idle_timeout.unwrap_or(NEVER));
+    let idle = sh.idle_timeout.map(|t| t.min(NEVER));
+    let idle_timer = sleep_until(last_read + idle.unwrap_or(NEVER));
     tokio::pin!(idle_timer);
     let mut control = Box::pin(next_control(phase.clone(), reloads.clone()));
     // A dispatched barrier (see `command::is_barrier`) is unanswered: it
@@ -131,11 +134,8 @@ pub async fn serve(stream: TcpStream, sh: Arc<Shared>, mut phase: watch::Receive
                 let Some(&first) = rbuf.first() else { break };
                 // A reload not yet seen by the select below: no request
                 // runs under a revoked credential.
-                if reloads.has_changed().unwrap_or(false) {
-                    reloads.mark_unchanged();
-                    if !refresh(&sh, &mut client, &mut limits, peer) {
-                        return;
-                    }
+                if !refresh(&sh, &mut client, &mut limits, &mut seen, peer) {
+                    return;
                 }
                 let p = *protocol.get_or_insert_with(|| Protocol::detect(first));
                 match parse(p, &mut rbuf, &limits) {
@@ -168,7 +168,9 @@ pub async fn serve(stream: TcpStream, sh: Arc<Shared>, mut phase: watch::Receive
             }
         }
 
-        if drain_pending {
+        // Draining: once everything that arrived before the drain has been
+        // dispatched (not merely held back by a flush or the depth cap).
+        if drain_pending && !barrier && queue.len() < depth {
             closing = true;
             drain_pending = false;
         }
@@ -197,7 +199,9 @@ pub async fn serve(stream: TcpStream, sh: Arc<Shared>, mut phase: watch::Receive
         let waiting = matches!(queue.front(), Some(Slot::Waiting(_)));
         // Keep reading while replies are pending, to notice the client
         // leaving; the cap bounds what one client can make us buffer.
-        let can_read = !close_after_flush && rbuf.len() < sh.read_cap;
+        // While a drain waits to dispatch what was buffered, nothing new is
+        // read: it would not be served.
+        let can_read = !close_after_flush && !drain_pending && rbuf.len() < sh.read_cap;
         if !incomplete {
             partial_since = None;
         } else if partial_since.is_none() {
@@ -232,10 +236,10 @@ pub async fn serve(stream: TcpStream, sh: Arc<Shared>, mut phase: watch::Receive
                 queue[0] = Slot::Ready(reply);
                 barrier &= queue.iter().any(|s| matches!(s, Slot::Waiting(_)));
             },
-            () = &mut idle_timer, if sh.idle_timeout.is_some() => {
+            () = &mut idle_timer, if idle.is_some() => {
                 // Fires once per idle period, not re-armed per request:
                 // idle only once nothing is pending and nothing arrived.
-                let (t, now) = (sh.idle_timeout.unwrap_or(NEVER), Instant::now());
+                let (t, now) = (idle.unwrap_or(NEVER), Instant::now());
                 let due = last_read + t;
                 if queue.is_empty() && now >= due {
                     return;
@@ -265,7 +269,7 @@ pub async fn serve(stream: TcpStream, sh: Arc<Shared>, mut phase: watch::Receive
                     Control::Phase(Phase::Stopped) | Control::Gone => return,
                     // Idle sessions of a revoked credential are closed too.
                     Control::Reload => {
-                        if !refresh(&sh, &mut client, &mut limits, peer) {
+                        if !refresh(&sh, &mut client, &mut limits, &mut seen, peer) {
                             return;
                         }
                     }
@@ -308,14 +312,21 @@ async fn next_control(
     (event, phase, reloads)
 }
 
-/// After a reload: serves on as the session's credential now stands
-/// (rights, namespace), or returns `false` if it was revoked.
+/// After a reload not yet `seen`: serves on as the session's credential
+/// now stands (rights, namespace), or returns `false` if it was revoked.
+/// Cheap when nothing was reloaded: one load of the version.
 fn refresh(
     sh: &Shared,
     client: &mut Client,
     limits: &mut protocol::Limits,
+    seen: &mut u64,
     peer: Option<std::net::IpAddr>,
 ) -> bool {
+    let version = sh.tenants.version();
+    if version == *seen {
+        return true;
+    }
+    *seen = version;
     match sh.tenants.load().refresh(&client.identity) {
         Some(identity) => {
             limits.max_key_len = identity.tenant.namespace.max_client_key_len();

@@ -228,15 +228,29 @@ impl KeyNamespace {
     }
 
     fn bump(&self) {
-        let unix = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
         let _ = self
             .inner
             .generation
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |g| {
-                Some((g + 1).max(unix) % GENERATION_MODULUS)
+                Some(Self::generation_after(g))
             });
+    }
+
+    /// The generation a flush moves to from `g`: past it, and at least the
+    /// current Unix time in seconds.
+    pub fn generation_after(g: u64) -> u64 {
+        let unix = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        (g + 1).max(unix) % GENERATION_MODULUS
+    }
+
+    /// An immediate flush to `generation`, worked out elsewhere (from the
+    /// backends' markers): replaces a pending delayed flush, as memcached
+    /// does, and moves forward only.
+    pub fn flush_to(&self, generation: u64) {
+        self.inner.flush_at.store(0, Ordering::Release);
+        self.observe_generation(generation);
     }
 
     fn put_prefix(&self, out: &mut BytesMut) {
