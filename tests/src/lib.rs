@@ -62,6 +62,30 @@ pub fn unique_name(tag: &str) -> String {
     format!("gt-{tag}-{}-{}", std::process::id(), next_counter())
 }
 
+/// A directory under the system temp dir, removed on drop (panics
+/// included).
+pub struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    /// Creates `<tmp>/<unique name for tag>`.
+    pub fn new(tag: &str) -> std::io::Result<Self> {
+        let dir = std::env::temp_dir().join(unique_name(tag));
+        std::fs::create_dir_all(&dir)?;
+        Ok(Self(dir))
+    }
+
+    /// `name` inside the directory.
+    pub fn join(&self, name: &str) -> std::path::PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// A process-unique interface name `<tag><pid>_<n>` of at most [`IFNAME_MAX`] chars.
 ///
 /// The tag is shortened as needed; the pid and counter never are, since they

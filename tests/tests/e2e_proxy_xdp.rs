@@ -23,8 +23,7 @@ fn login_attributes_the_source_to_its_tenant_in_xdp() {
     let hash = PasswordHash::generate(b"s3cret", 1_000)
         .unwrap()
         .to_string();
-    let dir = std::env::temp_dir().join(guard_tests::unique_name("conf"));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = guard_tests::TempDir::new("conf").unwrap();
     let conf = dir.join("guard.toml");
     let listen = SocketAddr::new(IpAddr::V4(topo.server_v4()), PORT);
     std::fs::write(
@@ -118,7 +117,6 @@ credentials = [{{ username = "acme-app", password_hash = "{hash}" }}]
     .expect("unattributed source connects");
     drop(s);
     drop(guard);
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 /// A connection from `client` logged in as acme-app.

@@ -301,8 +301,7 @@ fn deny_and_allow_update_live_and_expire() {
 #[test]
 fn sighup_reloads_the_config_file_in_place() {
     let topo = Topology::new().expect("topology");
-    let dir = std::env::temp_dir().join(guard_tests::unique_name("conf"));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = guard_tests::TempDir::new("conf").unwrap();
     let conf = dir.join("guard.toml");
     let write = |rate: u64| {
         std::fs::write(
@@ -340,14 +339,12 @@ fn sighup_reloads_the_config_file_in_place() {
     }
     assert_eq!(rate(&guard), 7);
     drop(guard);
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
 fn restart_with_an_edited_config_removes_only_what_the_config_dropped() {
     let topo = Topology::new().expect("topology");
-    let dir = std::env::temp_dir().join(guard_tests::unique_name("conf"));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = guard_tests::TempDir::new("conf").unwrap();
     let conf = dir.join("guard.toml");
     let write = |deny: &str| {
         std::fs::write(
@@ -385,7 +382,6 @@ fn restart_with_an_edited_config_removes_only_what_the_config_dropped() {
     assert!(after.contains("2001:db8::/32"), "{after}");
     assert!(after.contains(live), "live entry lost: {after}");
     drop(guard);
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]

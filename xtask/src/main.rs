@@ -320,8 +320,9 @@ fn test(unprivileged: bool, filter: Option<&str>) -> anyhow::Result<()> {
     check(&mut privileged)
 }
 
-/// Test namespaces and pin directories are named `gt-<tag>-<pid>-<n>`; a
-/// test process killed outright cannot remove its own, so remove those
+/// Test namespaces, pin directories and temp files are named
+/// `gt-<tag>-<pid>-<n>`; a test process killed outright (or a test that
+/// panicked before its clean-up) cannot remove its own, so remove those
 /// whose process is gone before starting.
 fn remove_stale_test_objects() {
     let dead = |name: &str| -> bool {
@@ -332,7 +333,12 @@ fn remove_stale_test_objects() {
                 .and_then(|pid| pid.parse::<u32>().ok())
                 .is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists())
     };
-    for (dir, is_netns) in [("/run/netns", true), ("/sys/fs/bpf", false)] {
+    let tmp = env::temp_dir();
+    for (dir, is_netns) in [
+        (Path::new("/run/netns"), true),
+        (Path::new("/sys/fs/bpf"), false),
+        (tmp.as_path(), false),
+    ] {
         let Ok(entries) = std::fs::read_dir(dir) else {
             continue;
         };
@@ -341,11 +347,16 @@ fn remove_stale_test_objects() {
             if !dead(&name) {
                 continue;
             }
-            eprintln!("xtask: removing {dir}/{name}, left by a test process that no longer runs");
+            eprintln!(
+                "xtask: removing {}, left by a test process that no longer runs",
+                e.path().display()
+            );
             if is_netns {
                 let _ = Command::new("ip").args(["netns", "del", &name]).status();
-            } else {
+            } else if e.path().is_dir() {
                 let _ = std::fs::remove_dir_all(e.path());
+            } else {
+                let _ = std::fs::remove_file(e.path());
             }
         }
     }
