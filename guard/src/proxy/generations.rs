@@ -138,9 +138,10 @@ pub async fn initial_sync(sh: &Shared, limit: Duration) {
 
 /// One pass over every namespace of the registry in force.
 pub async fn sync(sh: &Shared) -> Pass {
-    let registry = sh.tenants.load();
-    let namespaces: Vec<KeyNamespace> = registry
-        .tenants()
+    let namespaces: Vec<KeyNamespace> = sh
+        .tenants
+        .load()
+        .served_tenants()
         .iter()
         .map(|t| t.namespace.clone())
         .collect();

@@ -324,6 +324,26 @@ impl TenantRegistry {
         &self.tenants
     }
 
+    /// The tenants a session can be: the open one, or those with
+    /// credentials (a tenant without is only an XDP SYN budget and never
+    /// touches a key).
+    pub fn served_tenants(&self) -> Vec<Arc<Tenant>> {
+        if let Some(open) = &self.open {
+            return vec![open.tenant.clone()];
+        }
+        let served: std::collections::HashSet<&str> = self
+            .users
+            .values()
+            .flatten()
+            .map(|c| &*c.identity.tenant.name)
+            .collect();
+        self.tenants
+            .iter()
+            .filter(|t| served.contains(&*t.name))
+            .cloned()
+            .collect()
+    }
+
     /// A tenant by name.
     pub fn tenant(&self, name: &str) -> Option<&Arc<Tenant>> {
         self.tenants.iter().find(|t| &*t.name == name)

@@ -418,6 +418,15 @@ fn reload_refreshes_sessions_by_credential() {
     );
     assert!(r.refresh(&gx).is_none(), "a session never changes tenant");
 
+    // Only tenants a session can be have keys, and so markers to sync.
+    let served: Vec<String> = r
+        .served_tenants()
+        .iter()
+        .map(|t| t.name.to_string())
+        .collect();
+    assert_eq!(served, ["acme", "globex-2"]);
+    assert_eq!(TenantRegistry::open().served_tenants().len(), 1);
+
     // Re-hashing a password is a new credential: its sessions log in again.
     let mut rehashed = next.clone();
     rehashed.tenants[0].credentials[0] = cred("acme-app", "new-secret", false);
