@@ -58,7 +58,7 @@ pub async fn serve(stream: TcpStream, sh: Arc<Shared>, mut phase: watch::Receive
     }
     // Subscribed before the registry is loaded: a reload in between only
     // costs a refresh.
-    let reloads = sh.tenants.subscribe();
+    let mut reloads = sh.tenants.subscribe();
     // The registry version this session's identity reflects.
     let mut seen = *reloads.borrow();
     let registry = sh.tenants.load();
@@ -133,9 +133,13 @@ pub async fn serve(stream: TcpStream, sh: Arc<Shared>, mut phase: watch::Receive
                 }
                 let Some(&first) = rbuf.first() else { break };
                 // A reload not yet seen by the select below: no request
-                // runs under a revoked credential.
-                if !refresh(&sh, &mut client, &mut limits, &mut seen, peer) {
-                    return;
+                // runs under a revoked credential. One atomic load when
+                // nothing was reloaded.
+                if reloads.has_changed().unwrap_or(false) {
+                    reloads.mark_unchanged();
+                    if !refresh(&sh, &mut client, &mut limits, &mut seen, peer) {
+                        return;
+                    }
                 }
                 let p = *protocol.get_or_insert_with(|| Protocol::detect(first));
                 match parse(p, &mut rbuf, &limits) {
@@ -314,7 +318,8 @@ async fn next_control(
 
 /// After a reload not yet `seen`: serves on as the session's credential
 /// now stands (rights, namespace), or returns `false` if it was revoked.
-/// Cheap when nothing was reloaded: one load of the version.
+/// The parse loop and the control wait both notice a reload; `seen` makes
+/// the second a no-op.
 fn refresh(
     sh: &Shared,
     client: &mut Client,
