@@ -46,32 +46,16 @@ impl ConfiguredCidrs {
     /// an unreadable one, said in the log: entries it named then stay until
     /// deleted by hand).
     fn load(paths: &Paths) -> Self {
-        let path = paths.configured_cidrs_file();
-        let read = match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(anyhow::Error::from),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Self::default(),
-            Err(e) => Err(e.into()),
-        };
-        read.unwrap_or_else(|e| {
-            warn!(
-                "ignoring {}: {e}; deny/allow entries an earlier config added are kept",
-                path.display()
-            );
-            Self::default()
-        })
+        crate::paths::read_state(&paths.configured_cidrs_file())
+            .unwrap_or_else(|e| {
+                warn!("ignoring {e:#}; deny/allow entries an earlier config added are kept");
+                None
+            })
+            .unwrap_or_default()
     }
 
     fn save(&self, paths: &Paths) -> anyhow::Result<()> {
-        let path = paths.configured_cidrs_file();
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)
-                .with_context(|| format!("cannot create {}", dir.display()))?;
-        }
-        // Write then rename, so a crash never leaves half a file.
-        let tmp = path.with_extension("json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(self)?)
-            .with_context(|| format!("cannot write {}", tmp.display()))?;
-        std::fs::rename(&tmp, &path).with_context(|| format!("cannot write {}", path.display()))
+        crate::paths::write_state(&paths.configured_cidrs_file(), self)
     }
 }
 

@@ -75,26 +75,11 @@ pub struct AttachState {
 impl AttachState {
     /// Reads the state file; a missing file is an empty state.
     pub fn load(paths: &Paths) -> anyhow::Result<Self> {
-        let path = paths.state_file();
-        match fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .with_context(|| format!("corrupt state file {}", path.display())),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
-            Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
-        }
+        Ok(crate::paths::read_state(&paths.state_file())?.unwrap_or_default())
     }
 
     fn save(&self, paths: &Paths) -> anyhow::Result<()> {
-        let path = paths.state_file();
-        if let Some(dir) = path.parent() {
-            fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        }
-        // Write then rename, so a reader never sees half a file.
-        let tmp = path.with_extension("json.tmp");
-        fs::write(&tmp, serde_json::to_vec_pretty(self)?)
-            .with_context(|| format!("cannot write {}", tmp.display()))?;
-        fs::rename(&tmp, &path).with_context(|| format!("cannot write {}", path.display()))?;
-        Ok(())
+        crate::paths::write_state(&paths.state_file(), self)
     }
 
     fn mode_of(&self, iface: &str) -> Option<&AttachedInterface> {
