@@ -505,7 +505,7 @@ fn sighup_reloads_credentials_and_keeps_flushes() {
 fn authentications_are_reported_for_xdp() {
     use guard::{
         config::Config,
-        proxy::{Proxy, ProxyContext},
+        proxy::ProxyContext,
         tenant::{SharedRegistry, TenantRegistry},
     };
     use std::sync::Arc;
@@ -521,38 +521,29 @@ fn authentications_are_reported_for_xdp() {
     let registry = Arc::new(SharedRegistry::new(
         TenantRegistry::from_config(&config).unwrap(),
     ));
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let listener = runtime
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap();
-    let addr = listener.local_addr().unwrap();
     let (tx, mut rx) = tokio::sync::mpsc::channel(16);
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let cx = ProxyContext {
         tenants: registry,
         learned: Some(tx),
     };
-    let done = runtime.spawn(Proxy::run_with(
-        vec![listener],
-        config.proxy.clone(),
-        cx,
-        async move {
-            let _ = stopped.await;
-        },
-    ));
+    let proxy = common::GuardProxy::start_with(config.proxy.clone(), cx);
+    let addr = proxy.addr;
 
     let mut bad = Client::connect(addr);
     assert_eq!(text_auth(&mut bad, "globex", "nope"), AUTH_FAILURE);
     let mut c = Client::connect(addr);
     assert_eq!(text_auth(&mut c, "globex", "gx-pw"), "STORED");
-    let got =
-        runtime.block_on(async { tokio::time::timeout(Duration::from_secs(5), rx.recv()).await });
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let got = loop {
+        match rx.try_recv() {
+            Err(tokio::sync::mpsc::error::TryRecvError::Empty) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            r => break r.ok(),
+        }
+    };
     assert_eq!(
-        got.unwrap(),
+        got,
         Some((
             std::net::IpAddr::from([127, 0, 0, 1]),
             guard::config::tenant_id("globex")
@@ -561,10 +552,5 @@ fn authentications_are_reported_for_xdp() {
     // Only successes are reported.
     assert!(rx.try_recv().is_err());
 
-    let _ = stop.send(());
-    runtime
-        .block_on(async { tokio::time::timeout(Duration::from_secs(10), done).await })
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    proxy.stop().unwrap();
 }

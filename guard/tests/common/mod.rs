@@ -106,6 +106,12 @@ impl GuardProxy {
 
     /// Starts the proxy without waiting for its backends.
     pub fn start_unchecked(config: ProxyConfig) -> Self {
+        Self::start_with(config, guard::proxy::ProxyContext::default())
+    }
+
+    /// Starts the proxy with the daemon's context (tenants, where logins
+    /// are reported), without waiting for its backends.
+    pub fn start_with(config: ProxyConfig, cx: guard::proxy::ProxyContext) -> Self {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -116,9 +122,10 @@ impl GuardProxy {
             .unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let done = runtime.spawn(guard::proxy::Proxy::run(
+        let done = runtime.spawn(guard::proxy::Proxy::run_with(
             vec![listener],
             config,
+            cx,
             async move {
                 let _ = stopped.await;
             },
@@ -149,17 +156,32 @@ impl GuardProxy {
     }
 }
 
-impl Drop for GuardProxy {
-    fn drop(&mut self) {
-        // Drain as `guard run` does on SIGTERM, then drop the runtime.
+impl GuardProxy {
+    /// Drains as `guard run` does on SIGTERM and says how the proxy ended.
+    pub fn stop(mut self) -> anyhow::Result<()> {
+        self.finish()
+            .unwrap_or_else(|| Err(anyhow::anyhow!("proxy already stopped")))
+    }
+
+    fn finish(&mut self) -> Option<anyhow::Result<()>> {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
-        if let (Some(done), Some(rt)) = (self.done.take(), self.runtime.take()) {
-            let _ =
-                rt.block_on(async { tokio::time::timeout(Duration::from_secs(10), done).await });
-            rt.shutdown_timeout(Duration::from_secs(5));
-        }
+        let (done, rt) = (self.done.take()?, self.runtime.take()?);
+        let ended =
+            rt.block_on(async { tokio::time::timeout(Duration::from_secs(10), done).await });
+        rt.shutdown_timeout(Duration::from_secs(5));
+        Some(match ended {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => Err(anyhow::anyhow!("proxy task failed: {e}")),
+            Err(_) => Err(anyhow::anyhow!("proxy did not drain within 10 s")),
+        })
+    }
+}
+
+impl Drop for GuardProxy {
+    fn drop(&mut self) {
+        let _ = self.finish();
     }
 }
 
