@@ -108,7 +108,8 @@ pub async fn run(sh: Arc<Shared>, mut phase: watch::Receiver<Phase>) {
 /// The pass before the first client: retried until every backend answers
 /// or `limit` (at most [`INITIAL_SYNC_LIMIT`]) has passed.
 pub async fn initial_sync(sh: &Shared, limit: Duration) {
-    let deadline = Instant::now() + limit.min(INITIAL_SYNC_LIMIT);
+    let limit = limit.min(INITIAL_SYNC_LIMIT);
+    let deadline = Instant::now() + limit;
     loop {
         let pass = sync(sh).await;
         if pass.moved > 0 {
@@ -125,10 +126,9 @@ pub async fn initial_sync(sh: &Shared, limit: Duration) {
         }
         if Instant::now() >= deadline {
             warn!(
-                "{} of {pools} backends answered within {:?}: serving with the flush \
+                "{} of {pools} backends answered within {limit:?}: serving with the flush \
                  generations known so far; the rest are synced as they answer",
-                pass.answered,
-                limit.min(INITIAL_SYNC_LIMIT)
+                pass.answered
             );
             return;
         }
