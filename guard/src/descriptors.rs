@@ -22,9 +22,9 @@ pub fn client_capacity(limit: u64, backend_fds: u64) -> u64 {
     limit.saturating_sub(RESERVED + backend_fds)
 }
 
-/// Raises the soft `RLIMIT_NOFILE` to the hard limit and lowers
-/// `config.max_connections` to what the limit can hold, saying so.
-pub fn fit(config: &mut ProxyConfig) -> anyhow::Result<()> {
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit (no privilege needed)
+/// and returns the soft limit now in force.
+pub fn raise_soft_limit() -> anyhow::Result<u64> {
     let mut r = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -38,8 +38,7 @@ pub fn fit(config: &mut ProxyConfig) -> anyhow::Result<()> {
             rlim_cur: r.rlim_max,
             rlim_max: r.rlim_max,
         };
-        // SAFETY: setrlimit reads a valid struct; raising the soft limit up
-        // to the hard one needs no privilege.
+        // SAFETY: setrlimit reads a valid struct.
         if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
             info!(
                 "raised the descriptor limit from {} to {}",
@@ -54,19 +53,26 @@ pub fn fit(config: &mut ProxyConfig) -> anyhow::Result<()> {
             );
         }
     }
+    Ok(r.rlim_cur)
+}
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit and lowers
+/// `config.max_connections` to what the limit can hold, saying so.
+pub fn fit(config: &mut ProxyConfig) -> anyhow::Result<()> {
+    let limit = raise_soft_limit()?;
     // Each backend connection may briefly have a replacement connecting.
     let backend_fds = (config.backends.len() * config.backend_connections * 2) as u64;
-    let room = client_capacity(r.rlim_cur, backend_fds);
+    let room = client_capacity(limit, backend_fds);
     if (config.max_connections as u64) > room {
         anyhow::ensure!(
             room > 0,
             "the descriptor limit ({}) leaves no room for clients; raise it (LimitNOFILE=, ulimit -n)",
-            r.rlim_cur
+            limit
         );
         warn!(
             "capping max_connections at {room}: the descriptor limit ({}) cannot hold {} clients; \
              raise it (LimitNOFILE=, ulimit -n) to allow more",
-            r.rlim_cur, config.max_connections
+            limit, config.max_connections
         );
         config.max_connections = room as usize;
     }

@@ -34,20 +34,6 @@ const UNLOADED_LIMIT: Duration = Duration::from_secs(20);
 /// Latency histogram: 1 µs buckets up to this, then one overflow bucket.
 const HIST_US: usize = 100_000;
 
-fn raise_nofile() {
-    let mut r = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: get/setrlimit with a valid struct; children inherit it.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 {
-            r.rlim_cur = r.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
-        }
-    }
-}
-
 fn wait_accepting(addr: SocketAddr, child: &mut ChildGuard, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -384,7 +370,8 @@ fn guard_bin() -> PathBuf {
 }
 
 fn main() {
-    raise_nofile();
+    // Children (memcached, the proxies) inherit it.
+    guard::descriptors::raise_soft_limit().expect("descriptor limit");
     let tmp = std::env::temp_dir().join(format!("guard-bench-proxy-{}", std::process::id()));
     std::fs::create_dir_all(&tmp).unwrap();
 
