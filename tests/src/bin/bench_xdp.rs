@@ -38,6 +38,21 @@ fn median(mut v: Vec<u64>) -> u64 {
     v[v.len() / 2]
 }
 
+/// Medians over [`ROUNDS`] of `run` (ns per frame) and of the empty
+/// program on the same frame, interleaved so both see the same machine.
+fn beside_empty(
+    x: &mut XdpUnderTest,
+    frame: &[u8],
+    mut run: impl FnMut(&mut XdpUnderTest) -> u64,
+) -> (u64, u64) {
+    let (mut measured, mut empty) = (Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        measured.push(run(x));
+        empty.push(x.run_program(PROGRAM_PASS, frame, REPEAT).1);
+    }
+    (median(measured), median(empty))
+}
+
 fn main() {
     let mut x = XdpUnderTest::protecting(11211);
     // Limits high enough never to drop, so every bucket is charged.
@@ -77,8 +92,7 @@ fn main() {
     println!("| frame | guard ns/frame | empty ns/frame | ratio |");
     println!("|---|---:|---:|---:|");
     for (name, frame, want) in cases {
-        let (mut g, mut e) = (Vec::new(), Vec::new());
-        for _ in 0..ROUNDS {
+        let (g, e) = beside_empty(&mut x, frame, |x| {
             // The dropped case needs the 1/s source limit; the others must
             // not be limited at all.
             let mut cfg = x.maps.config().unwrap();
@@ -92,10 +106,8 @@ fn main() {
             // The first run of a round may admit one refilled SYN; the
             // verdict reported is the last run's.
             assert_eq!(v, want, "{name}: unexpected verdict");
-            g.push(ns);
-            e.push(x.run_program(PROGRAM_PASS, frame, REPEAT).1);
-        }
-        let (g, e) = (median(g), median(e));
+            ns
+        });
         println!(
             "| {name} | {g} | {e} | {:.2}× |",
             g as f64 / e.max(1) as f64
@@ -127,12 +139,9 @@ fn main() {
     ] {
         let mut frame = admitted.clone();
         frame[0] = steps;
-        let (mut f, mut e) = (Vec::new(), Vec::new());
-        for _ in 0..ROUNDS {
-            f.push(x.run_program(PROGRAM_FLOOR, &frame, REPEAT).1);
-            e.push(x.run_program(PROGRAM_PASS, &frame, REPEAT).1);
-        }
-        let (f, e) = (median(f), median(e));
+        let (f, e) = beside_empty(&mut x, &frame, |x| {
+            x.run_program(PROGRAM_FLOOR, &frame, REPEAT).1
+        });
         println!("| {name} | {f} | {e} | +{} |", f.saturating_sub(e));
     }
 }
