@@ -9,7 +9,7 @@
 
 /// Layout version of the maps below. Pins live under a directory named after
 /// it, so a daemon with a different layout never adopts maps it would misread.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// Names of the maps, as the XDP object declares them and as they are pinned.
 pub mod maps {
@@ -42,8 +42,11 @@ pub mod maps {
     pub const COUNTERS: &str = "GUARD_COUNTERS";
     /// `RingBuf` of [`super::LimitEvent`].
     pub const EVENTS: &str = "GUARD_EVENTS";
+    /// `Array<BucketState>`, one entry: the host-wide budget of limit
+    /// events, spent before ring-buffer space is reserved.
+    pub const EVENT_BUCKET: &str = "GUARD_EVENT_BUCKET";
     /// Every map, for pin management.
-    pub const ALL: [&str; 13] = [
+    pub const ALL: [&str; 14] = [
         CONFIG,
         LISTENERS,
         PORTS,
@@ -57,6 +60,7 @@ pub mod maps {
         GLOBAL_BUCKET,
         COUNTERS,
         EVENTS,
+        EVENT_BUCKET,
     ];
 }
 
@@ -97,7 +101,8 @@ pub const FAMILY_V4: u32 = 2;
 /// See [`FAMILY_V4`].
 pub const FAMILY_V6: u32 = 10;
 
-/// Minimum interval between two [`LimitEvent`]s for one source.
+/// Minimum interval between two [`LimitEvent`]s for one source: a source
+/// *crosses* a budget at most once per interval.
 pub const EVENT_INTERVAL_NS: u64 = 1_000_000_000;
 
 /// `GuardConfig::flags`: pass UDP to protected ports instead of dropping it.
@@ -174,6 +179,10 @@ pub struct GuardConfig {
     pub source: RateLimit,
     /// SYN budget of the whole host.
     pub global: RateLimit,
+    /// Budget of [`LimitEvent`]s the whole host sends. Unlike the SYN
+    /// budgets, [`RateLimit::UNLIMITED`] here means *no* events: a flood of
+    /// new sources must never cost a ring-buffer reservation per SYN.
+    pub events: RateLimit,
     /// IPv6 sources are bucketed by this prefix length (0..=128).
     pub ipv6_prefix_len: u32,
     /// `CONFIG_*` bits.
@@ -322,7 +331,9 @@ pub const EVENT_TENANT_LIMIT: u32 = 2;
 pub const EVENT_GLOBAL_LIMIT: u32 = 3;
 
 /// Sent on [`maps::EVENTS`] when a source first crosses a limit, at most once
-/// per source per [`EVENT_INTERVAL_NS`].
+/// per source per [`EVENT_INTERVAL_NS`], and only while the host's event
+/// budget ([`GuardConfig::events`]) lasts: every crossing is counted, a
+/// sample of them is described.
 #[repr(C)]
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
 pub struct LimitEvent {
@@ -398,6 +409,17 @@ counters! {
     ParseTcp = "parse_tcp",
     /// Truncated UDP header, passed.
     ParseUdp = "parse_udp",
+    /// Sources that crossed their own budget (once per source per
+    /// [`EVENT_INTERVAL_NS`]): each crossing is sent, suppressed or lost.
+    CrossedSource = "crossed_source",
+    /// Sources that crossed their tenant's budget; see [`Counter::CrossedSource`].
+    CrossedTenant = "crossed_tenant",
+    /// Sources that crossed the host's budget; see [`Counter::CrossedSource`].
+    CrossedGlobal = "crossed_global",
+    /// Limit events sent on the ring buffer.
+    EventsSent = "events_sent",
+    /// Crossings not sent because the host's event budget was spent.
+    EventsSuppressed = "events_suppressed",
     /// Limit events lost because the ring buffer was full.
     EventsLost = "events_lost",
 }
@@ -407,7 +429,7 @@ pub const COUNTER_COUNT: u32 = Counter::ALL.len() as u32;
 
 const _: () = {
     assert!(core::mem::size_of::<RateLimit>() == 16);
-    assert!(core::mem::size_of::<GuardConfig>() == 40);
+    assert!(core::mem::size_of::<GuardConfig>() == 56);
     assert!(core::mem::size_of::<BucketState>() == 16);
     assert!(core::mem::size_of::<ListenerKey>() == 24);
     assert!(core::mem::size_of::<ListenerValue>() == 8);

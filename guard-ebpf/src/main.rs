@@ -6,7 +6,10 @@
 //! protected listener is checked against the deny and allow tries, then
 //! charged to its source's, its tenant's and the host's token buckets, in
 //! that order; any empty bucket drops it. Everything else passes untouched.
-//! Counters are per CPU; nothing is logged per packet.
+//! Counters are per CPU; nothing is logged per packet. A source crossing a
+//! budget is counted, and described on a ring buffer only while the host's
+//! event budget lasts, so a flood of new sources costs one compare per SYN
+//! rather than a reservation.
 #![no_std]
 #![no_main]
 // The BPF target has no `AtomicU64::compare_exchange` (it declares no CAS),
@@ -67,6 +70,8 @@ static GLOBAL_BUCKET: Array<BucketState> = Array::pinned(1, 0);
 static COUNTERS: PerCpuArray<CounterBlock> = PerCpuArray::pinned(1, 0);
 #[map(name = "GUARD_EVENTS")]
 static EVENTS: RingBuf = RingBuf::pinned(EVENTS_BYTES, 0);
+#[map(name = "GUARD_EVENT_BUCKET")]
+static EVENT_BUCKET: Array<BucketState> = Array::pinned(1, 0);
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -91,24 +96,76 @@ const TCP_ACK: u8 = 0x10;
 const CAS_RETRIES: usize = 8;
 const BPF_NOEXIST: u64 = 1;
 
+/// What became of a source crossing a budget.
+#[derive(Copy, Clone, PartialEq, Eq)]
+enum Notice {
+    /// No crossing: the source already crossed within the interval, or the
+    /// SYN was admitted.
+    None,
+    /// Described on the ring buffer.
+    Sent,
+    /// Counted only: the host's event budget was spent.
+    Suppressed,
+    /// The ring buffer was full.
+    Lost,
+}
+
+/// A frame's fate: the action, the counter that names the verdict, and
+/// whether a limit crossing was reported.
+struct Judged {
+    action: u32,
+    verdict: Counter,
+    notice: Notice,
+}
+
+impl Judged {
+    #[inline(always)]
+    fn pass(verdict: Counter) -> Self {
+        Self {
+            action: xdp_action::XDP_PASS,
+            verdict,
+            notice: Notice::None,
+        }
+    }
+}
+
 /// The guard. Errors never escape: a frame it cannot read is passed.
 #[xdp]
 pub fn guard(ctx: XdpContext) -> u32 {
-    let (action, verdict) = match try_guard(&ctx) {
+    let judged = match try_guard(&ctx) {
         Ok(judged) => judged,
-        Err(reason) => (xdp_action::XDP_PASS, reason),
+        Err(reason) => Judged::pass(reason),
     };
     if let Some(block) = COUNTERS.get_ptr_mut(0) {
         // SAFETY: a per-CPU value is only written by this CPU, and every
         // counter index is within the block.
         let values = unsafe { &mut (*block).values };
         bump(values, Counter::Frames);
-        bump(values, verdict);
-        if is_judgement(verdict) {
+        bump(values, judged.verdict);
+        if is_judgement(judged.verdict) {
             bump(values, Counter::Judged);
         }
+        // One counter block per frame: the crossing is counted here rather
+        // than with a second lookup where it happened.
+        let outcome = match judged.notice {
+            Notice::None => None,
+            Notice::Sent => Some(Counter::EventsSent),
+            Notice::Suppressed => Some(Counter::EventsSuppressed),
+            Notice::Lost => Some(Counter::EventsLost),
+        };
+        if let Some(outcome) = outcome {
+            bump(values, outcome);
+            bump(
+                values,
+                match judged.verdict {
+                    Counter::DropSource => Counter::CrossedSource,
+                    Counter::DropTenant => Counter::CrossedTenant,
+                    _ => Counter::CrossedGlobal,
+                },
+            );
+        }
     }
-    action
+    judged.action
 }
 
 /// Verdicts given to SYNs that reached judgement.
@@ -166,15 +223,6 @@ pub fn guard_floor(ctx: XdpContext) -> u32 {
         }
     }
     xdp_action::XDP_PASS
-}
-
-/// Counts outside the per-frame verdict (rare events).
-#[inline(always)]
-fn count(counter: Counter) {
-    if let Some(block) = COUNTERS.get_ptr_mut(0) {
-        // SAFETY: a per-CPU value is only written by this CPU.
-        bump(unsafe { &mut (*block).values }, counter);
-    }
 }
 
 /// `get_mut` rather than indexing: a panicking bounds check would leave the
@@ -251,10 +299,10 @@ impl L3 {
     }
 }
 
-/// Returns the action and the counter that names the verdict; `Err` carries
-/// the reason a frame could not be parsed (it is passed).
+/// Judges a frame; `Err` carries the reason a frame could not be parsed
+/// (it is passed).
 #[inline(always)]
-fn try_guard(ctx: &XdpContext) -> Result<(u32, Counter), Counter> {
+fn try_guard(ctx: &XdpContext) -> Result<Judged, Counter> {
     let eth = ptr_at::<[u8; ETH_HLEN]>(ctx, 0).ok_or(Counter::ParseEthernet)?;
     let mut ethertype = be16(eth, 12);
     let mut l3 = ETH_HLEN;
@@ -282,7 +330,7 @@ fn try_guard(ctx: &XdpContext) -> Result<(u32, Counter), Counter> {
     match l3.protocol {
         IPPROTO_TCP => judge_tcp(ctx, &l3),
         IPPROTO_UDP => judge_udp(ctx, &l3),
-        _ => Ok((xdp_action::XDP_PASS, Counter::Passed)),
+        _ => Ok(Judged::pass(Counter::Passed)),
     }
 }
 
@@ -382,44 +430,53 @@ fn protected(l3: &L3, port: u16) -> Option<ListenerValue> {
 }
 
 #[inline(always)]
-fn judge_udp(ctx: &XdpContext, l3: &L3) -> Result<(u32, Counter), Counter> {
+fn judge_udp(ctx: &XdpContext, l3: &L3) -> Result<Judged, Counter> {
     let h = ptr_at::<[u8; 8]>(ctx, l3.l4).ok_or(Counter::ParseUdp)?;
     let port = be16(h, 2);
     let allow_udp = CONFIG
         .get(0)
         .is_some_and(|c| c.flags & CONFIG_ALLOW_UDP != 0);
     if !allow_udp && protected(l3, port).is_some() {
-        return Ok((xdp_action::XDP_DROP, Counter::DropUdp));
+        return Ok(Judged {
+            action: xdp_action::XDP_DROP,
+            verdict: Counter::DropUdp,
+            notice: Notice::None,
+        });
     }
-    Ok((xdp_action::XDP_PASS, Counter::Passed))
+    Ok(Judged::pass(Counter::Passed))
 }
 
 #[inline(always)]
-fn judge_tcp(ctx: &XdpContext, l3: &L3) -> Result<(u32, Counter), Counter> {
+fn judge_tcp(ctx: &XdpContext, l3: &L3) -> Result<Judged, Counter> {
     let h = ptr_at::<[u8; 20]>(ctx, l3.l4).ok_or(Counter::ParseTcp)?;
     let port = be16(h, 2);
     let flags = byte(h, 13);
     if flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
-        return Ok((xdp_action::XDP_PASS, Counter::Passed));
+        return Ok(Judged::pass(Counter::Passed));
     }
     let Some(listener) = protected(l3, port) else {
-        return Ok((xdp_action::XDP_PASS, Counter::Passed));
+        return Ok(Judged::pass(Counter::Passed));
     };
-    let verdict = judge_syn(l3, port, listener);
+    let (verdict, notice) = judge_syn(l3, port, listener);
     let action = match verdict {
         Counter::Admitted | Counter::Allowed => xdp_action::XDP_PASS,
         _ => xdp_action::XDP_DROP,
     };
-    Ok((action, verdict))
+    Ok(Judged {
+        action,
+        verdict,
+        notice,
+    })
 }
 
-/// Decides a SYN's fate; the returned counter names the verdict.
+/// Decides a SYN's fate; the returned counter names the verdict, the
+/// notice what became of a limit crossing.
 #[inline(always)]
-fn judge_syn(l3: &L3, port: u16, listener: ListenerValue) -> Counter {
+fn judge_syn(l3: &L3, port: u16, listener: ListenerValue) -> (Counter, Notice) {
     // SAFETY: bpf_ktime_get_ns has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     let Some(config) = CONFIG.get(0) else {
-        return Counter::Admitted;
+        return (Counter::Admitted, Notice::None);
     };
 
     let src = l3.src();
@@ -428,18 +485,18 @@ fn judge_syn(l3: &L3, port: u16, listener: ListenerValue) -> Counter {
     if l3.family == FAMILY_V4 {
         let key = Key::new(32, [src[0], src[1], src[2], src[3]]);
         if flags & CONFIG_HAS_DENY_V4 != 0 && DENY_V4.get(&key).is_some_and(|r| r.active(now)) {
-            return Counter::DropDeny;
+            return (Counter::DropDeny, Notice::None);
         }
         if flags & CONFIG_HAS_ALLOW_V4 != 0 && ALLOW_V4.get(&key).is_some_and(|r| r.active(now)) {
-            return Counter::Allowed;
+            return (Counter::Allowed, Notice::None);
         }
     } else {
         let key = Key::new(128, src);
         if flags & CONFIG_HAS_DENY_V6 != 0 && DENY_V6.get(&key).is_some_and(|r| r.active(now)) {
-            return Counter::DropDeny;
+            return (Counter::DropDeny, Notice::None);
         }
         if flags & CONFIG_HAS_ALLOW_V6 != 0 && ALLOW_V6.get(&key).is_some_and(|r| r.active(now)) {
-            return Counter::Allowed;
+            return (Counter::Allowed, Notice::None);
         }
     }
 
@@ -454,7 +511,7 @@ fn judge_syn(l3: &L3, port: u16, listener: ListenerValue) -> Counter {
     // The source's bucket also remembers when it last raised an event, so it
     // exists even when sources are unlimited.
     let Some(bucket) = bucket_for(&source) else {
-        return Counter::Admitted;
+        return (Counter::Admitted, Notice::None);
     };
 
     let tenant = if listener.tenant != DEFAULT_TENANT {
@@ -478,11 +535,11 @@ fn judge_syn(l3: &L3, port: u16, listener: ListenerValue) -> Counter {
         None
     };
     match verdict {
-        None => Counter::Admitted,
-        Some((counter, reason)) => {
-            notify(bucket, &source, reason, tenant, port, now);
-            counter
-        }
+        None => (Counter::Admitted, Notice::None),
+        Some((counter, reason)) => (
+            counter,
+            notify(&config.events, bucket, &source, reason, tenant, port, now),
+        ),
     }
 }
 
@@ -571,26 +628,33 @@ fn cas(dst: *mut u64, old: u64, new: u64) -> Result<(), u64> {
     if ok { Ok(()) } else { Err(found) }
 }
 
-/// Sends a limit event unless this source sent one within the last second.
+/// Reports a source crossing a budget, unless it crossed one within the
+/// last interval. The crossing is always counted; it is described on the
+/// ring buffer only while the host's event budget lasts, which is checked
+/// first so that a spent budget costs a compare, not a reservation.
 #[inline(always)]
 fn notify(
+    events: &RateLimit,
     bucket: *mut BucketState,
     source: &SourceKey,
     reason: u32,
     tenant: u32,
     port: u16,
     now: u64,
-) {
+) -> Notice {
     // SAFETY: as in `charge`.
     let last = unsafe { &raw mut (*bucket).last_event_ns };
     // SAFETY: as in `charge`.
     let seen = unsafe { last.read_volatile() };
     if now.wrapping_sub(seen) < EVENT_INTERVAL_NS && seen != 0 {
-        return;
+        return Notice::None;
     }
-    // Only the CPU that wins the swap reports: one event per interval.
+    // Only the CPU that wins the swap reports: one crossing per interval.
     if cas(last, seen, now).is_err() {
-        return;
+        return Notice::None;
+    }
+    if !charge_event(events, now) {
+        return Notice::Suppressed;
     }
     let event = LimitEvent {
         source: *source,
@@ -600,7 +664,21 @@ fn notify(
         time_ns: now,
     };
     if EVENTS.output::<LimitEvent>(&event, 0).is_err() {
-        count(Counter::EventsLost);
+        return Notice::Lost;
+    }
+    Notice::Sent
+}
+
+/// Takes one event from the host's event budget; an unlimited budget
+/// means events are off.
+#[inline(always)]
+fn charge_event(limit: &RateLimit, now: u64) -> bool {
+    if limit.is_unlimited() {
+        return false;
+    }
+    match EVENT_BUCKET.get_ptr_mut(0) {
+        Some(state) => charge(state, limit, now),
+        None => false,
     }
 }
 

@@ -137,6 +137,15 @@ pub struct RunArgs {
     /// SYN burst for the whole host.
     #[arg(long)]
     pub global_syn_burst: Option<u64>,
+    /// Limit events per second XDP describes to the daemon (0 = none).
+    #[arg(long)]
+    pub event_rate: Option<u64>,
+    /// Burst of limit events.
+    #[arg(long)]
+    pub event_burst: Option<u64>,
+    /// Seconds between summaries of what XDP dropped.
+    #[arg(long)]
+    pub report_interval_secs: Option<u64>,
     /// IPv6 sources share a bucket per prefix of this length.
     #[arg(long, value_parser = clap::value_parser!(u8).range(1..=128))]
     pub ipv6_prefix: Option<u8>,
@@ -230,6 +239,9 @@ impl RunArgs {
         set(&mut x.tenant_syn_burst, self.tenant_syn_burst);
         set(&mut x.global_syn_rate, self.global_syn_rate);
         set(&mut x.global_syn_burst, self.global_syn_burst);
+        set(&mut x.event_rate, self.event_rate);
+        set(&mut x.event_burst, self.event_burst);
+        set(&mut x.report_interval_secs, self.report_interval_secs);
         if let Some(p) = self.ipv6_prefix {
             x.ipv6_prefix = p;
         }

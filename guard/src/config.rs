@@ -92,6 +92,13 @@ pub struct XdpConfig {
     pub global_syn_rate: u64,
     /// Burst for [`Self::global_syn_rate`].
     pub global_syn_burst: u64,
+    /// Limit events per second the XDP program describes to the daemon, for
+    /// the whole host (0 = none; every crossing is still counted).
+    pub event_rate: u64,
+    /// Burst for [`Self::event_rate`].
+    pub event_burst: u64,
+    /// Seconds between the daemon's summaries of what XDP dropped.
+    pub report_interval_secs: u64,
     /// IPv6 sources share one bucket per prefix of this length.
     pub ipv6_prefix: u8,
     /// Pass UDP to protected ports (memcached's UDP is a reflection vector).
@@ -118,6 +125,13 @@ impl Default for XdpConfig {
             // Below what one host's accept path absorbs without queueing.
             global_syn_rate: 20_000,
             global_syn_burst: 40_000,
+            // Enough to name the sources of any real storm; a spoofed flood
+            // has millions and is summarised from the counters instead.
+            event_rate: 200,
+            event_burst: 400,
+            // Short enough to follow a storm, long enough that its log
+            // stays a few lines a minute.
+            report_interval_secs: 10,
             // One customer site or host usually owns a /64.
             ipv6_prefix: 64,
             allow_udp: false,
@@ -515,6 +529,21 @@ impl Config {
         check_budget("syn", x.syn_rate, x.syn_burst)?;
         check_budget("tenant-syn", x.tenant_syn_rate, x.tenant_syn_burst)?;
         check_budget("global-syn", x.global_syn_rate, x.global_syn_burst)?;
+        check_budget("event", x.event_rate, x.event_burst)?;
+        // The daemon reads every event it is sent: keep it a sample.
+        if x.event_rate > MAX_EVENT_RATE || x.event_burst > MAX_EVENT_RATE {
+            bail!(
+                "event-rate and event-burst must be at most {MAX_EVENT_RATE}, got {} and {}",
+                x.event_rate,
+                x.event_burst
+            );
+        }
+        if !(1..=3600).contains(&x.report_interval_secs) {
+            bail!(
+                "report-interval-secs must be 1..=3600, got {}",
+                x.report_interval_secs
+            );
+        }
         if !(1..=128).contains(&x.ipv6_prefix) {
             bail!("ipv6-prefix must be 1..=128, got {}", x.ipv6_prefix);
         }
@@ -601,6 +630,7 @@ impl Config {
         GuardConfig {
             source: RateLimit::per_second(x.syn_rate, x.syn_burst),
             global: RateLimit::per_second(x.global_syn_rate, x.global_syn_burst),
+            events: RateLimit::per_second(x.event_rate, x.event_burst),
             ipv6_prefix_len: u32::from(x.ipv6_prefix),
             flags: if x.allow_udp { CONFIG_ALLOW_UDP } else { 0 },
         }
@@ -641,6 +671,9 @@ impl Ord for ListenerKeyOrd {
         (self.0.family, self.0.addr, self.0.port).cmp(&(other.0.family, other.0.addr, other.0.port))
     }
 }
+
+/// Most limit events per second (and burst) the XDP program may send.
+const MAX_EVENT_RATE: u64 = 100_000;
 
 fn check_budget(what: &str, rate: u64, burst: u64) -> anyhow::Result<()> {
     if rate > 0 && burst == 0 {
@@ -835,6 +868,7 @@ mod tests {
         assert_eq!(limits[2].1, RateLimit::per_second(2_000, 4_000));
         let g = c.guard_config();
         assert_eq!(g.source, RateLimit::per_second(10, 20));
+        assert_eq!(g.events, RateLimit::per_second(200, 400));
         assert_eq!(g.ipv6_prefix_len, 56);
     }
 
@@ -856,6 +890,27 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("unknown variant"), "{e}");
+        for (file, wanted) in [
+            (
+                "[xdp]\nevent_rate = 200000\n",
+                "event-rate and event-burst must be at most",
+            ),
+            (
+                "[xdp]\nevent_rate = 10\nevent_burst = 0\n",
+                "event-burst must be at least 1",
+            ),
+            (
+                "[xdp]\nreport_interval_secs = 0\n",
+                "report-interval-secs must be 1..=3600",
+            ),
+        ] {
+            let e = Config::parse(file)
+                .unwrap()
+                .validate()
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(wanted), "{file}: {e}");
+        }
     }
 
     #[test]

@@ -79,6 +79,8 @@ impl XdpUnderTest {
         maps.set_config(&GuardConfig {
             source: RateLimit::UNLIMITED,
             global: RateLimit::UNLIMITED,
+            // Every crossing described, unless a test sets a budget.
+            events: RateLimit::per_second(1_000_000, 1_000_000),
             ipv6_prefix_len: 64,
             flags: 0,
         })

@@ -91,6 +91,29 @@ fn passed() -> BTreeMap<&'static str, u64> {
 fn failed(reason: &'static str) -> BTreeMap<&'static str, u64> {
     moved(&[("frames", 1), (reason, 1)])
 }
+/// A SYN dropped by `budget` (`source`, `tenant` or `global`) from a
+/// source that already crossed a budget within the last second.
+fn dropped(budget: &str) -> BTreeMap<&'static str, u64> {
+    let reason = match budget {
+        "source" => "drop_source",
+        "tenant" => "drop_tenant",
+        _ => "drop_global",
+    };
+    moved(&[("frames", 1), ("judged", 1), (reason, 1)])
+}
+/// As [`dropped`], for a source crossing the budget: the crossing is
+/// counted and described.
+fn crossed(budget: &str) -> BTreeMap<&'static str, u64> {
+    let mut m = dropped(budget);
+    let label = match budget {
+        "source" => "crossed_source",
+        "tenant" => "crossed_tenant",
+        _ => "crossed_global",
+    };
+    m.insert(label, 1);
+    m.insert("events_sent", 1);
+    m
+}
 
 #[track_caller]
 fn expect(x: &XdpUnderTest, frame: &[u8], want_verdict: u32, want: BTreeMap<&'static str, u64>) {
@@ -435,13 +458,13 @@ fn source_bucket_exhausts_then_refills() {
     for _ in 0..3 {
         expect(&x, &syn4(v4(1)), verdict::PASS, admitted());
     }
-    let drop = moved(&[("frames", 1), ("judged", 1), ("drop_source", 1)]);
-    expect(&x, &syn4(v4(1)), verdict::DROP, drop.clone());
+    expect(&x, &syn4(v4(1)), verdict::DROP, crossed("source"));
     // Another source has its own bucket.
     expect(&x, &syn4(v4(2)), verdict::PASS, admitted());
     std::thread::sleep(Duration::from_millis(60));
     expect(&x, &syn4(v4(1)), verdict::PASS, admitted());
-    expect(&x, &syn4(v4(1)), verdict::DROP, drop);
+    // Crossed again within the second: dropped, not reported again.
+    expect(&x, &syn4(v4(1)), verdict::DROP, dropped("source"));
 }
 
 #[test]
@@ -451,10 +474,14 @@ fn ipv6_sources_share_a_bucket_per_prefix() {
         c.source = RateLimit::per_second(1, 1);
         c.ipv6_prefix_len = 64;
     });
-    let drop = moved(&[("frames", 1), ("judged", 1), ("drop_source", 1)]);
     expect(&x, &syn6(v6("2001:db8:1:2::1")), verdict::PASS, admitted());
     // Same /64, other host: same bucket, already empty.
-    expect(&x, &syn6(v6("2001:db8:1:2::ffff")), verdict::DROP, drop);
+    expect(
+        &x,
+        &syn6(v6("2001:db8:1:2::ffff")),
+        verdict::DROP,
+        crossed("source"),
+    );
     // Another /64: its own bucket.
     expect(&x, &syn6(v6("2001:db8:1:3::1")), verdict::PASS, admitted());
 }
@@ -479,8 +506,7 @@ fn tenant_bucket_by_listener_and_by_learnt_source() {
     // Three sources, one tenant with burst 2: the third is dropped.
     expect(&x, &syn4(v4(1)), verdict::PASS, admitted());
     expect(&x, &syn4(v4(2)), verdict::PASS, admitted());
-    let drop = moved(&[("frames", 1), ("judged", 1), ("drop_tenant", 1)]);
-    expect(&x, &syn4(v4(3)), verdict::DROP, drop.clone());
+    expect(&x, &syn4(v4(3)), verdict::DROP, crossed("tenant"));
 
     // A listener with no tenant: sources the proxy attributed to a tenant
     // charge it; others share the default budget.
@@ -499,10 +525,11 @@ fn tenant_bucket_by_listener_and_by_learnt_source() {
         .unwrap();
     expect(&y, &syn4(v4(10)), verdict::PASS, admitted());
     expect(&y, &syn4(v4(11)), verdict::PASS, admitted());
-    expect(&y, &syn4(v4(10)), verdict::DROP, drop.clone());
+    expect(&y, &syn4(v4(10)), verdict::DROP, crossed("tenant"));
+    expect(&y, &syn4(v4(10)), verdict::DROP, dropped("tenant"));
     // Unattributed sources: the default tenant's burst of 1.
     expect(&y, &syn4(v4(20)), verdict::PASS, admitted());
-    expect(&y, &syn4(v4(21)), verdict::DROP, drop);
+    expect(&y, &syn4(v4(21)), verdict::DROP, crossed("tenant"));
 }
 
 #[test]
@@ -511,12 +538,8 @@ fn global_bucket_caps_the_host() {
     set_config(&mut x, |c| c.global = RateLimit::per_second(1, 2));
     expect(&x, &syn4(v4(1)), verdict::PASS, admitted());
     expect(&x, &syn4(v4(2)), verdict::PASS, admitted());
-    expect(
-        &x,
-        &syn4(v4(3)),
-        verdict::DROP,
-        moved(&[("frames", 1), ("judged", 1), ("drop_global", 1)]),
-    );
+    expect(&x, &syn4(v4(3)), verdict::DROP, crossed("global"));
+    expect(&x, &syn4(v4(3)), verdict::DROP, dropped("global"));
 }
 
 #[test]
@@ -561,6 +584,86 @@ fn limit_events_are_sent_once_per_source_per_second() {
     assert_eq!(x.run(&syn4(v4(1))), verdict::PASS);
     assert_eq!(x.run(&syn4(v4(1))), verdict::DROP);
     assert_eq!(drain(&mut ring).len(), 1);
+}
+
+/// A flood of new sources is the expensive case for an event per
+/// crossing: 100,000 distinct sources, each crossing the host's budget
+/// once, produce no more events than the event budget allows, while every
+/// drop and every crossing is still counted.
+#[test]
+fn a_spoofed_flood_costs_at_most_the_event_budget() {
+    use aya::maps::{Map, MapData, RingBuf};
+    const SOURCES: u32 = 100_000;
+    const EVENT_RATE: u64 = 100;
+    const EVENT_BURST: u64 = 50;
+    let mut x = guard();
+    set_config(&mut x, |c| {
+        c.global = RateLimit::per_second(1, 1);
+        c.events = RateLimit::per_second(EVENT_RATE, EVENT_BURST);
+    });
+    let pin = x.paths().map_pin(guard_common::maps::EVENTS);
+    let mut ring: RingBuf<MapData> = Map::from_map_data(MapData::from_pin(&pin).unwrap())
+        .unwrap()
+        .try_into()
+        .unwrap();
+    // Drained as the flood runs, so a full ring cannot stand in for the
+    // budget.
+    let mut received = 0u64;
+    let mut drain = |ring: &mut RingBuf<MapData>| {
+        while let Some(item) = ring.next() {
+            assert_eq!(item.len(), std::mem::size_of::<LimitEvent>());
+            received += 1;
+        }
+    };
+    let before = x.counters();
+    let start = Instant::now();
+    for i in 0..SOURCES {
+        let b = i.to_be_bytes();
+        x.run(&syn4(Ipv4Addr::new(10, b[1], b[2], b[3])));
+        if i % 1_000 == 0 {
+            drain(&mut ring);
+        }
+    }
+    let elapsed = start.elapsed();
+    drain(&mut ring);
+    let after = x.counters();
+    let d = |k: &str| after[k] - before[k];
+    // The first SYN takes the host's one token; every other is dropped by
+    // it, each from a source crossing it for the first time.
+    assert_eq!(d("judged"), u64::from(SOURCES));
+    assert_eq!(d("admitted") + d("drop_global"), u64::from(SOURCES));
+    assert!(d("admitted") <= 1 + elapsed.as_secs(), "{after:?}");
+    assert_eq!(d("crossed_global"), d("drop_global"));
+    let allowed = EVENT_BURST + (EVENT_RATE as f64 * elapsed.as_secs_f64()).ceil() as u64 + 1;
+    assert!(
+        d("events_sent") <= allowed,
+        "{} events sent in {elapsed:?}, budget {allowed}",
+        d("events_sent")
+    );
+    assert!(d("events_sent") >= EVENT_BURST, "the burst is described");
+    assert_eq!(received, d("events_sent"), "every sent event arrives");
+    assert_eq!(d("events_lost"), 0);
+    assert_eq!(
+        d("events_sent") + d("events_suppressed"),
+        d("crossed_global"),
+        "every crossing is sent or counted"
+    );
+}
+
+/// An event budget of zero describes nothing and still counts everything.
+#[test]
+fn events_can_be_turned_off() {
+    let mut x = guard();
+    set_config(&mut x, |c| {
+        c.source = RateLimit::per_second(1, 1);
+        c.events = RateLimit::UNLIMITED;
+    });
+    expect(&x, &syn4(v4(1)), verdict::PASS, admitted());
+    let mut suppressed = dropped("source");
+    suppressed.insert("crossed_source", 1);
+    suppressed.insert("events_suppressed", 1);
+    expect(&x, &syn4(v4(1)), verdict::DROP, suppressed);
+    expect(&x, &syn4(v4(1)), verdict::DROP, dropped("source"));
 }
 
 /// The bucket is shared by every CPU: SYNs from one source judged on both
@@ -668,7 +771,7 @@ fn listener_changes_update_the_port_table() {
         &x,
         &tcp4(v4(2), 11300, tcp_flags::SYN),
         verdict::DROP,
-        moved(&[("frames", 1), ("judged", 1), ("drop_tenant", 1)]),
+        crossed("tenant"),
     );
     // Unprotecting both ports: their SYNs pass unjudged again.
     x.maps.sync_listeners(&[]).unwrap();

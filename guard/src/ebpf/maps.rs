@@ -13,8 +13,8 @@ use aya::maps::{
 };
 use guard_common::{
     BucketState, CIDR_CAPACITY, CONFIG_HAS_ALLOW_V4, CONFIG_HAS_ALLOW_V6, CONFIG_HAS_DENY_V4,
-    CONFIG_HAS_DENY_V6, CONFIG_HAS_MASK, CONFIG_HAS_SOURCE_TENANTS, CidrRule, Counter,
-    CounterBlock, FAMILY_V4, GuardConfig, LISTENERS_CAPACITY, ListenerKey, ListenerValue,
+    CONFIG_HAS_DENY_V6, CONFIG_HAS_MASK, CONFIG_HAS_SOURCE_TENANTS, COUNTER_COUNT, CidrRule,
+    Counter, CounterBlock, FAMILY_V4, GuardConfig, LISTENERS_CAPACITY, ListenerKey, ListenerValue,
     PORT_COUNT, PORT_SPECIFIC_V4, PORT_SPECIFIC_V6, PORT_WILDCARD_V4, PORT_WILDCARD_V6, PortEntry,
     RateLimit, SOURCE_BUCKETS_CAPACITY, SOURCE_TENANT_CAPACITY, SourceKey, TENANTS_CAPACITY,
     TenantBucket, maps,
@@ -58,7 +58,7 @@ pub struct CidrEntry {
 /// The layout every pinned map must have: (name, key size, value size,
 /// capacity). Checked before adopting pins, since aya reuses a pinned map
 /// by name without comparing layouts.
-pub fn expected_layout() -> [(&'static str, u32, u32, u32); 12] {
+pub fn expected_layout() -> [(&'static str, u32, u32, u32); 13] {
     use std::mem::size_of;
     let s = |n: usize| n as u32;
     [
@@ -94,6 +94,7 @@ pub fn expected_layout() -> [(&'static str, u32, u32, u32); 12] {
         ),
         (maps::GLOBAL_BUCKET, 4, s(size_of::<BucketState>()), 1),
         (maps::COUNTERS, 4, s(size_of::<CounterBlock>()), 1),
+        (maps::EVENT_BUCKET, 4, s(size_of::<BucketState>()), 1),
     ]
 }
 
@@ -454,13 +455,21 @@ impl GuardMaps {
 
     /// Every counter, summed over CPUs.
     pub fn counters(&self) -> anyhow::Result<BTreeMap<&'static str, u64>> {
+        let totals = self.counter_totals()?;
+        Ok(Counter::ALL
+            .iter()
+            .map(|c| (c.label(), totals[*c as usize]))
+            .collect())
+    }
+
+    /// Every counter summed over CPUs, indexed by [`Counter`].
+    pub fn counter_totals(&self) -> anyhow::Result<[u64; COUNTER_COUNT as usize]> {
         let per_cpu = self.counters.get(&0, 0)?;
-        let mut out = BTreeMap::new();
-        for c in Counter::ALL {
-            out.insert(
-                c.label(),
-                per_cpu.iter().map(|b| b.values[*c as usize]).sum(),
-            );
+        let mut out = [0u64; COUNTER_COUNT as usize];
+        for block in per_cpu.iter() {
+            for (total, v) in out.iter_mut().zip(block.values) {
+                *total = total.wrapping_add(v);
+            }
         }
         Ok(out)
     }

@@ -61,6 +61,8 @@ fn main() {
         .set_config(&GuardConfig {
             source: huge,
             global: huge,
+            // The daemon's default event budget.
+            events: RateLimit::per_second(200, 400),
             ipv6_prefix_len: 64,
             flags: 0,
         })
