@@ -11,6 +11,7 @@ use crate::{
     cli::{CidrCommand, XdpCommand},
     ebpf::{
         self, AttachState,
+        events::OffenderReport,
         maps::{CidrList, GuardMaps},
     },
     paths::Paths,
@@ -23,9 +24,9 @@ pub fn xdp(paths: &Paths, cmd: XdpCommand) -> anyhow::Result<()> {
             let state = AttachState::load(paths)?;
             let maps = GuardMaps::open(paths)?;
             let out = if json {
-                serde_json::to_string_pretty(&status_json(&state, &maps)?)?
+                serde_json::to_string_pretty(&status_json(paths, &state, &maps)?)?
             } else {
-                status_table(&state, &maps)?
+                status_table(paths, &state, &maps)?
             };
             println!("{out}");
             Ok(())
@@ -107,7 +108,11 @@ fn listener_string(k: &ListenerKey, v: &ListenerValue) -> String {
     }
 }
 
-fn status_json(state: &AttachState, maps: &GuardMaps) -> anyhow::Result<serde_json::Value> {
+fn status_json(
+    paths: &Paths,
+    state: &AttachState,
+    maps: &GuardMaps,
+) -> anyhow::Result<serde_json::Value> {
     let config = maps.config()?;
     let listeners: Vec<String> = maps
         .listeners()?
@@ -119,13 +124,15 @@ fn status_json(state: &AttachState, maps: &GuardMaps) -> anyhow::Result<serde_js
         "listeners": listeners,
         "source_limit": limit_json(&config.source),
         "global_limit": limit_json(&config.global),
+        "event_limit": limit_json(&config.events),
         "ipv6_prefix": config.ipv6_prefix_len,
         "allow_udp": config.flags & guard_common::CONFIG_ALLOW_UDP != 0,
         "counters": maps.counters()?,
+        "offenders": OffenderReport::load(paths)?,
     }))
 }
 
-fn status_table(state: &AttachState, maps: &GuardMaps) -> anyhow::Result<String> {
+fn status_table(paths: &Paths, state: &AttachState, maps: &GuardMaps) -> anyhow::Result<String> {
     let config = maps.config()?;
     let mut out = String::new();
     if state.interfaces.is_empty() {
@@ -146,11 +153,48 @@ fn status_table(state: &AttachState, maps: &GuardMaps) -> anyhow::Result<String>
     };
     writeln!(out, "per-source SYN limit  {}", limit(&config.source))?;
     writeln!(out, "host SYN limit        {}", limit(&config.global))?;
+    let events = if config.events.is_unlimited() {
+        "none (counted only)".to_string()
+    } else {
+        limit(&config.events)
+    };
+    writeln!(out, "limit events          {events}")?;
     writeln!(out, "IPv6 source prefix    /{}", config.ipv6_prefix_len)?;
     writeln!(out)?;
     writeln!(out, "{:<18} {:>16}", "counter", "value")?;
     for (name, value) in maps.counters()? {
         writeln!(out, "{name:<18} {value:>16}")?;
+    }
+    if let Some(report) = OffenderReport::load(paths)? {
+        let age = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
+            .saturating_sub(report.updated_unix);
+        for (title, rows) in [
+            (
+                format!(
+                    "heaviest sources, last {} s with limit events ({age} s ago)",
+                    report.interval_secs
+                ),
+                &report.last_interval,
+            ),
+            (
+                "heaviest sources since the daemon started".to_string(),
+                &report.since_start,
+            ),
+        ] {
+            writeln!(out)?;
+            writeln!(out, "{title}")?;
+            writeln!(out, "{:<40} {:>10}", "source", "events")?;
+            for o in rows {
+                let events = if o.error == 0 {
+                    o.events.to_string()
+                } else {
+                    format!("≤{}", o.events)
+                };
+                writeln!(out, "{:<40} {events:>10}", o.source.to_string())?;
+            }
+        }
     }
     Ok(out.trim_end().to_string())
 }

@@ -158,7 +158,7 @@ pub async fn run_daemon(paths: Paths, args: RunArgs) -> anyhow::Result<()> {
         proxy = Some((stop, task));
     }
 
-    let mut xdp = None;
+    let mut xdp: Option<XdpRun> = None;
     if !config.xdp.interfaces.is_empty() {
         let guard = XdpGuard::attach(&paths, &config.xdp.interfaces, config.xdp.mode)?;
         let mut control = XdpControl::open(&paths)?;
@@ -172,8 +172,9 @@ pub async fn run_daemon(paths: Paths, args: RunArgs) -> anyhow::Result<()> {
             config.xdp.tenant_syn_rate,
             config.xdp.global_syn_rate,
         );
-        let events = tokio::spawn(ebpf::control::watch_events(paths.clone()));
-        xdp = Some((guard, control, events));
+        let (report_tx, report_rx) = tokio::sync::watch::channel(report_settings(&config));
+        let events = tokio::spawn(ebpf::events::watch_events(paths.clone(), report_rx));
+        xdp = Some((guard, control, events, report_tx));
     }
 
     let mut expiry = tokio::time::interval(EXPIRY_INTERVAL);
@@ -199,7 +200,7 @@ pub async fn run_daemon(paths: Paths, args: RunArgs) -> anyhow::Result<()> {
                     None => std::future::pending().await,
                 }
             } => {
-                let (Some((ip, tenant)), Some((_, control, _))) = (learned, &mut xdp) else { continue };
+                let (Some((ip, tenant)), Some((_, control, ..))) = (learned, &mut xdp) else { continue };
                 // Asking the map, not a memory of past writes: the kernel's
                 // LRU may have evicted the source since. A reconnect storm
                 // costs two map reads per login (bounded by the queue)
@@ -213,7 +214,7 @@ pub async fn run_daemon(paths: Paths, args: RunArgs) -> anyhow::Result<()> {
                 }
             },
             _ = expiry.tick(), if xdp.is_some() => {
-                let Some((_, control, _)) = &mut xdp else { continue };
+                let Some((_, control, ..)) = &mut xdp else { continue };
                 match control.expire() {
                     Ok(0) => {}
                     Ok(n) => info!("removed {n} expired deny/allow entr{}", if n == 1 { "y" } else { "ies" }),
@@ -239,7 +240,7 @@ pub async fn run_daemon(paths: Paths, args: RunArgs) -> anyhow::Result<()> {
         let _ = stop.send(());
         task.await.context("the proxy task failed")??;
     }
-    if let Some((guard, _, events)) = xdp {
+    if let Some((guard, _, events, _)) = xdp {
         events.abort();
         info!(
             "stopping; the XDP guard stays attached on {} (`guard xdp detach` removes it)",
@@ -256,15 +257,11 @@ fn reload(
     paths: &Paths,
     args: &RunArgs,
     old: &Config,
-    xdp: &mut Option<(
-        XdpGuard,
-        XdpControl,
-        tokio::task::JoinHandle<anyhow::Result<()>>,
-    )>,
+    xdp: &mut Option<XdpRun>,
     tenants: &SharedRegistry,
 ) -> anyhow::Result<Config> {
     let new = args.resolve()?;
-    if let Some((guard, control, _)) = xdp {
+    if let Some((guard, control, _, report)) = xdp {
         if new.xdp.interfaces.is_empty() {
             bail!("the new configuration has no interfaces");
         }
@@ -272,9 +269,30 @@ fn reload(
             *guard = XdpGuard::attach(paths, &new.xdp.interfaces, new.xdp.mode)?;
         }
         control.apply(&new)?;
+        report.send_replace(report_settings(&new));
     }
     tenants.reload(&new)?;
     Ok(new)
+}
+
+/// The XDP side of a running daemon: the attachment, the map control, the
+/// event reporter and its settings.
+type XdpRun = (
+    XdpGuard,
+    XdpControl,
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+    tokio::sync::watch::Sender<ebpf::events::ReportSettings>,
+);
+
+fn report_settings(config: &Config) -> ebpf::events::ReportSettings {
+    ebpf::events::ReportSettings {
+        interval: Duration::from_secs(config.xdp.report_interval_secs),
+        tenant_names: config
+            .tenants
+            .iter()
+            .map(|t| (config::tenant_id(&t.name), t.name.to_string()))
+            .collect(),
+    }
 }
 
 fn describe_tenants(tenants: &SharedRegistry) -> String {

@@ -61,11 +61,49 @@ impl Paths {
         self.pin_dir().join(name)
     }
 
+    /// Pin and state directories left by daemons of older map layouts,
+    /// oldest first: `(pin dir, state dir)`.
+    pub fn older_layouts(&self) -> Vec<(PathBuf, PathBuf)> {
+        let mut versions: Vec<u32> = std::fs::read_dir(&self.pin_root)
+            .into_iter()
+            .chain(std::fs::read_dir(&self.state_root))
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                e.file_name()
+                    .to_str()?
+                    .strip_prefix('v')?
+                    .parse::<u32>()
+                    .ok()
+            })
+            .filter(|v| *v < LAYOUT_VERSION)
+            .collect();
+        versions.sort_unstable();
+        versions.dedup();
+        versions
+            .into_iter()
+            .map(|v| {
+                (
+                    self.pin_root.join(format!("v{v}")),
+                    self.state_root.join(format!("v{v}")),
+                )
+            })
+            .collect()
+    }
+
     /// JSON description of the attachment (interfaces, modes).
     pub fn state_file(&self) -> PathBuf {
         self.state_root
             .join(format!("v{LAYOUT_VERSION}"))
             .join("xdp.json")
+    }
+
+    /// JSON report of the sources that crossed SYN budgets most often,
+    /// written by the daemon for `guard xdp status`.
+    pub fn offenders_file(&self) -> PathBuf {
+        self.state_root
+            .join(format!("v{LAYOUT_VERSION}"))
+            .join("offenders.json")
     }
 
     /// JSON list of the deny/allow entries the last applied config set, so

@@ -18,6 +18,7 @@ pub mod frames;
 pub mod net;
 pub mod netns;
 pub mod process;
+pub mod procstat;
 mod sys;
 pub mod topology;
 pub mod veth;

@@ -169,6 +169,16 @@ impl Topology {
         }
     }
 
+    /// An off-link IPv4 /9 (10.128.0.0/9, eight million addresses) to spoof
+    /// sources from: a flood from it is nearly all sources never seen
+    /// before, the case per-source state pays most for.
+    pub fn spoofed_sources_v4(&self) -> SourceAddr {
+        SourceAddr::Random {
+            base: IpAddr::V4(Ipv4Addr::new(10, 128, 0, 0)),
+            prefix_len: 9,
+        }
+    }
+
     /// An off-link IPv6 /64 (fd77:P:1::/64) to spoof random sources from.
     pub fn random_source_v6(&self) -> SourceAddr {
         let s = self.server_v6().segments();

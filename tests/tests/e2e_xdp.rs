@@ -407,3 +407,178 @@ fn detach_removes_program_and_pins() {
     assert!(!link(&topo).contains("xdp"), "detached");
     assert!(!guard.paths().pin_dir().exists(), "pins removed");
 }
+
+/// The interface's XDP program id, as `ip` reports it.
+fn xdp_prog_id(topo: &Topology) -> Option<u32> {
+    let out = topo
+        .server
+        .exec("ip", ["-d", "link", "show", &topo.server_if().ifname])
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (_, rest) = text.split_once("prog/xdp id ")?;
+    rest.split_whitespace().next()?.parse().ok()
+}
+
+/// An upgrade to a build with another map layout: the link the older
+/// layout pinned is taken over in place (never detached), and the older
+/// pins and state are removed.
+#[test]
+fn an_older_layouts_link_is_taken_over_in_place() {
+    let topo = Topology::new().expect("topology");
+    let mut guard = start_guard(&topo, "skb");
+    guard.stop().unwrap();
+    let paths = guard.paths();
+    let older = guard_common::LAYOUT_VERSION - 1;
+    // What a daemon of the older layout leaves behind, one version back.
+    let older_pins = paths.pin_root().join(format!("v{older}"));
+    std::fs::rename(paths.pin_dir(), &older_pins).expect("move the pins back a layout");
+    let state_dir = paths.state_file().parent().unwrap().to_path_buf();
+    let older_state = state_dir.with_file_name(format!("v{older}"));
+    std::fs::rename(&state_dir, &older_state).expect("move the state back a layout");
+    let before = xdp_prog_id(&topo).expect("attached while the daemon is stopped");
+
+    guard.restart().expect("start the upgraded daemon");
+    let log = guard.log_text();
+    assert!(
+        log.contains("taking over the XDP link pinned under"),
+        "the older link is taken over:\n{log}"
+    );
+    assert!(
+        log.contains("adopted the pinned XDP link (skb mode)"),
+        "swapped in place, mode kept:\n{log}"
+    );
+    let after = xdp_prog_id(&topo).expect("still attached");
+    assert_ne!(before, after, "the new program runs");
+    assert!(paths.link_pin(&topo.server_if().ifname).exists());
+    assert!(!older_pins.exists(), "older pins removed");
+    assert!(!older_state.exists(), "older state removed");
+    // The new program judges with the new maps.
+    let server: SocketAddr = (IpAddr::V4(topo.server_v4()), PORT).into();
+    let judged = guard.counters().unwrap()["judged"];
+    let cfg = topo.syn_flood(SourceAddr::Fixed(topo.client_v4().into()), server, 100);
+    SynFlood::run(&topo.client, cfg).expect("flood");
+    assert_eq!(guard.counters().unwrap()["judged"], judged + 100);
+}
+
+/// A spoofed flood in which nearly every SYN comes from a source never
+/// seen before: the daemon summarises it in a few lines per interval at a
+/// small CPU cost, while every SYN is still judged and counted.
+#[test]
+fn spoofed_flood_is_summarised_not_logged() {
+    use guard_tests::procstat::cpu_time;
+    const INTERVAL_SECS: u64 = 2;
+    const EVENT_RATE: u64 = 200;
+    const EVENT_BURST: u64 = 400;
+    let topo = Topology::new().expect("topology");
+    let server: SocketAddr = (IpAddr::V4(topo.server_v4()), PORT).into();
+    // The defaults, except a short report interval.
+    let guard = GuardDaemon::start(
+        &topo.server,
+        &[
+            "--iface",
+            &topo.server_if().ifname,
+            "--xdp-mode",
+            "skb",
+            "--protect",
+            &format!("*:{PORT}"),
+            "--report-interval-secs",
+            &INTERVAL_SECS.to_string(),
+        ],
+    )
+    .expect("start guard");
+    let pid = guard.pid().expect("running");
+    let lines_before = guard.log_text().lines().count();
+    let cpu_before = cpu_time(pid);
+    let before = guard.counters().unwrap();
+    let start = Instant::now();
+    let mut cfg = topo.syn_flood(topo.spoofed_sources_v4(), server, 3_000_000);
+    cfg.max_duration = Duration::from_secs(6);
+    let stats = SynFlood::run(&topo.client, cfg).expect("flood");
+    // Long enough for the interval that holds the flood's end to report.
+    std::thread::sleep(Duration::from_secs(INTERVAL_SECS) + Duration::from_millis(700));
+    let wall = start.elapsed();
+    let cpu = cpu_time(pid) - cpu_before;
+    let after = guard.counters().unwrap();
+    let log = guard.log_text();
+    let new_lines: Vec<&str> = log.lines().skip(lines_before).collect();
+    let d = |k: &str| after[k] - before[k];
+    let dropped = d("drop_source") + d("drop_tenant") + d("drop_global");
+    let crossed = d("crossed_source") + d("crossed_tenant") + d("crossed_global");
+    println!(
+        "spoofed flood: {} SYNs in {:.2}s ({:.0}/s); judged {}, admitted {}, dropped {dropped}; \
+         {crossed} crossings, {} events sent, {} suppressed, {} lost; daemon: {} log lines and \
+         {:.1} ms CPU in {:.1}s",
+        stats.sent,
+        stats.elapsed.as_secs_f64(),
+        stats.pps(),
+        d("judged"),
+        d("admitted"),
+        d("events_sent"),
+        d("events_suppressed"),
+        d("events_lost"),
+        new_lines.len(),
+        cpu.as_secs_f64() * 1000.0,
+        wall.as_secs_f64(),
+    );
+    for line in &new_lines {
+        println!("  {line}");
+    }
+    assert!(stats.sent >= 500_000, "the flood must be a flood");
+    // Every SYN that reached the program is judged and its fate counted.
+    assert_eq!(d("judged"), d("admitted") + dropped);
+    assert!(
+        d("judged") >= stats.sent * 9 / 10,
+        "the program judged {} of {} SYNs",
+        d("judged"),
+        stats.sent
+    );
+    assert!(dropped >= stats.sent / 2, "the flood was dropped");
+    assert_eq!(
+        crossed,
+        d("events_sent") + d("events_suppressed") + d("events_lost"),
+        "every crossing is described, suppressed or lost"
+    );
+    assert!(
+        crossed > 100_000,
+        "a spoofed flood crosses budgets from many sources"
+    );
+    let budget = EVENT_BURST + EVENT_RATE * (wall.as_secs() + 1);
+    assert!(
+        d("events_sent") <= budget,
+        "{} events sent, budget {budget}",
+        d("events_sent")
+    );
+    // A few summary lines per interval, whatever the flood.
+    let intervals = wall.as_secs() / INTERVAL_SECS + 1;
+    assert!(
+        new_lines.len() as u64 <= 4 * intervals,
+        "{} log lines in {intervals} intervals:\n{}",
+        new_lines.len(),
+        new_lines.join("\n")
+    );
+    assert!(
+        new_lines
+            .iter()
+            .any(|l| l.contains("tenant SYN budgets: ") && l.contains("SYNs dropped")),
+        "the drops are summarised:\n{}",
+        new_lines.join("\n")
+    );
+    assert!(
+        new_lines.iter().any(|l| l.contains("counted only")),
+        "suppressed events are reported:\n{}",
+        new_lines.join("\n")
+    );
+    // Generous: the flood itself is the kernel's work, not the daemon's.
+    assert!(
+        cpu.as_secs_f64() < 0.1 * wall.as_secs_f64(),
+        "daemon used {:.0} ms of CPU in {:.1}s",
+        cpu.as_secs_f64() * 1000.0,
+        wall.as_secs_f64()
+    );
+    let status = guard.cli(&["xdp", "status"]).unwrap();
+    let status = String::from_utf8_lossy(&status.stdout).into_owned();
+    assert!(
+        status.contains("heaviest sources since the daemon started") && status.contains("10."),
+        "status names the heaviest sources:\n{status}"
+    );
+}

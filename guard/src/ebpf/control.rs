@@ -1,27 +1,14 @@
 //! Keeps the pinned maps in step with the configuration while the daemon
-//! runs: applies it at start and on SIGHUP, removes expired deny/allow
-//! entries, and reports limit events from the ring buffer.
+//! runs: applies it at start and on SIGHUP and removes expired deny/allow
+//! entries. Limit events are [`super::events`]' business.
 
-use std::{
-    collections::BTreeSet,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    sync::atomic::{AtomicU64, Ordering},
-};
+use std::collections::BTreeSet;
 
-use anyhow::Context as _;
-use aya::maps::{Map, MapData, RingBuf};
-use guard_common::{
-    EVENT_GLOBAL_LIMIT, EVENT_SOURCE_LIMIT, EVENT_TENANT_LIMIT, FAMILY_V4, LimitEvent, maps,
-};
-use log::{info, warn};
+use log::warn;
 use serde::{Deserialize, Serialize};
-use tokio::io::unix::AsyncFd;
 
 use super::maps::{CidrList, GuardMaps};
 use crate::{cidr::Cidr, config::Config, paths::Paths};
-
-/// Limit events seen since the daemon started.
-pub static LIMIT_EVENTS: AtomicU64 = AtomicU64::new(0);
 
 /// Applies configurations to the pinned maps.
 pub struct XdpControl {
@@ -107,56 +94,4 @@ impl XdpControl {
     pub fn maps(&mut self) -> &mut GuardMaps {
         &mut self.maps
     }
-}
-
-/// Reads limit events until the ring buffer fails; logs and counts them.
-pub async fn watch_events(paths: Paths) -> anyhow::Result<()> {
-    let path = paths.map_pin(maps::EVENTS);
-    let data = MapData::from_pin(&path)
-        .with_context(|| format!("cannot open pinned ring buffer {}", path.display()))?;
-    let ring: RingBuf<MapData> = Map::from_map_data(data)?.try_into()?;
-    // SAFETY: the ring buffer owns its map fd for as long as the AsyncFd
-    // owns the ring buffer, and always reports that same fd.
-    let mut fd = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
-        .map_err(|e| anyhow::anyhow!("cannot poll the event ring buffer: {e}"))?;
-    loop {
-        let mut guard = fd.readable_mut().await?;
-        let ring = guard.get_inner_mut();
-        while let Some(item) = ring.next() {
-            if item.len() < std::mem::size_of::<LimitEvent>() {
-                warn!("short limit event ({} bytes) ignored", item.len());
-                continue;
-            }
-            // SAFETY: the kernel wrote a whole LimitEvent; read it unaligned.
-            let event: LimitEvent = unsafe { item.as_ptr().cast::<LimitEvent>().read_unaligned() };
-            LIMIT_EVENTS.fetch_add(1, Ordering::Relaxed);
-            info!("{}", describe(&event));
-        }
-        guard.clear_ready();
-    }
-}
-
-/// One line for the log.
-pub fn describe(e: &LimitEvent) -> String {
-    let source: IpAddr = if e.source.family == FAMILY_V4 {
-        Ipv4Addr::new(
-            e.source.addr[0],
-            e.source.addr[1],
-            e.source.addr[2],
-            e.source.addr[3],
-        )
-        .into()
-    } else {
-        Ipv6Addr::from(e.source.addr).into()
-    };
-    let what = match e.reason {
-        EVENT_SOURCE_LIMIT => "its own SYN budget",
-        EVENT_TENANT_LIMIT => "its tenant's SYN budget",
-        EVENT_GLOBAL_LIMIT => "the host's SYN budget",
-        _ => "a SYN budget",
-    };
-    format!(
-        "source {source} exceeded {what} on port {} (tenant {}); dropping its SYNs",
-        e.port, e.tenant
-    )
 }

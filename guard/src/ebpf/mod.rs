@@ -6,9 +6,12 @@
 //! program attached while the daemon is down; a new daemon swaps its freshly
 //! loaded program into the existing link atomically (`bpf_link_update`), so
 //! protection never lapses across a restart. Only `guard xdp detach`
-//! removes it.
+//! removes it. An upgrade to a build with another map layout takes over the
+//! links an older layout pinned the same way (its maps, and so its buckets
+//! and live deny/allow entries, are left behind and removed).
 
 pub mod control;
+pub mod events;
 pub mod maps;
 
 use std::{
@@ -129,10 +132,24 @@ impl XdpGuard {
             .load()
             .context("the verifier rejected the XDP program")?;
 
-        let old = AttachState::load(paths).unwrap_or_default();
+        let mut old = AttachState::load(paths).unwrap_or_default();
+        for (_, state_dir) in paths.older_layouts() {
+            let older: AttachState = crate::paths::read_state(&state_dir.join("xdp.json"))
+                .ok()
+                .flatten()
+                .unwrap_or_default();
+            for entry in older.interfaces {
+                if old.mode_of(&entry.name).is_none() {
+                    old.interfaces.push(entry);
+                }
+            }
+        }
         let mut state = AttachState::default();
         for iface in interfaces {
             let pin = paths.link_pin(iface);
+            if !pin.exists() {
+                take_over_older_link(paths, iface, &pin)?;
+            }
             let adopted = if pin.exists() {
                 adopt(program, &pin, iface)?
             } else {
@@ -184,6 +201,7 @@ impl XdpGuard {
         }
         state.save(paths)?;
         attempt.commit();
+        remove_older_layouts(paths);
         Ok(Self { _ebpf: ebpf, state })
     }
 
@@ -288,6 +306,58 @@ fn attach_new(
     Ok(used)
 }
 
+/// Moves the link an older layout pinned for `iface` to `pin`, where
+/// [`adopt`] then swaps this program into it: the interface is never
+/// without a program.
+fn take_over_older_link(paths: &Paths, iface: &str, pin: &Path) -> anyhow::Result<()> {
+    for (pin_dir, _) in paths.older_layouts() {
+        let old = pin_dir.join("links").join(iface);
+        if !old.exists() {
+            continue;
+        }
+        let link = PinnedLink::from_pin(&old)
+            .with_context(|| format!("cannot open pinned link {}", old.display()))?;
+        let fd_link: FdLink = link.into();
+        fd_link
+            .pin(pin)
+            .with_context(|| format!("cannot pin the XDP link at {}", pin.display()))?;
+        fs::remove_file(&old).with_context(|| format!("cannot remove {}", old.display()))?;
+        info!(
+            "{iface}: taking over the XDP link pinned under {} by an older guard",
+            pin_dir.display()
+        );
+        return Ok(());
+    }
+    Ok(())
+}
+
+/// Removes what daemons of older layouts left: links no longer wanted are
+/// detached, their maps and state files removed. Best effort: what cannot
+/// be removed is said and left for `guard xdp detach`.
+fn remove_older_layouts(paths: &Paths) {
+    for (pin_dir, state_dir) in paths.older_layouts() {
+        if let Ok(links) = fs::read_dir(pin_dir.join("links")) {
+            for link in links.flatten() {
+                let name = link.file_name().to_string_lossy().into_owned();
+                match detach_link(&link.path()) {
+                    Ok(()) => {
+                        info!("{name}: detached the older guard's link (no longer configured)")
+                    }
+                    Err(e) => warn!("{name}: cannot detach the older guard's link: {e:#}"),
+                }
+            }
+        }
+        for dir in [&pin_dir, &state_dir] {
+            if dir.exists() {
+                match fs::remove_dir_all(dir) {
+                    Ok(()) => info!("removed {} (an older map layout)", dir.display()),
+                    Err(e) => warn!("cannot remove {}: {e}", dir.display()),
+                }
+            }
+        }
+    }
+}
+
 /// Detaches the link pinned at `pin` (if any) by removing its last reference.
 fn detach_link(pin: &Path) -> anyhow::Result<()> {
     if !pin.exists() {
@@ -313,6 +383,15 @@ fn remove_map_pins(paths: &Paths) {
 /// state file. Idempotent.
 pub fn detach_all(paths: &Paths) -> anyhow::Result<Vec<String>> {
     let mut detached = Vec::new();
+    for (pin_dir, _) in paths.older_layouts() {
+        if let Ok(links) = fs::read_dir(pin_dir.join("links")) {
+            for link in links.flatten() {
+                detach_link(&link.path())?;
+                detached.push(link.file_name().to_string_lossy().into_owned());
+            }
+        }
+    }
+    remove_older_layouts(paths);
     let link_dir = paths.link_dir();
     if link_dir.exists() {
         for entry in fs::read_dir(&link_dir)? {
@@ -327,7 +406,9 @@ pub fn detach_all(paths: &Paths) -> anyhow::Result<Vec<String>> {
     let _ = fs::remove_dir(paths.pin_root());
     let _ = fs::remove_file(paths.state_file());
     let _ = fs::remove_file(paths.configured_cidrs_file());
+    let _ = fs::remove_file(paths.offenders_file());
     detached.sort();
+    detached.dedup();
     Ok(detached)
 }
 

@@ -35,7 +35,7 @@ macro_rules! counters {
                 // Counted by the daemon's ring-buffer reader; zero without XDP.
                 rows.push((
                     "xdp_limit_events",
-                    crate::ebpf::control::LIMIT_EVENTS.load(Ordering::Relaxed).to_string(),
+                    crate::ebpf::events::LIMIT_EVENTS.load(Ordering::Relaxed).to_string(),
                 ));
                 rows
             }
