@@ -7,8 +7,9 @@
 //!   tries and the source, tenant and global token buckets.
 //! - [`ebpf`] loads that program, attaches and pins it ([`ebpf::XdpGuard`]),
 //!   and holds typed handles on its maps ([`ebpf::maps::GuardMaps`]);
-//!   [`ebpf::control`] keeps the maps in step with the configuration and
-//!   reports limit events.
+//!   [`ebpf::control`] keeps the maps in step with the configuration, and
+//!   [`ebpf::events`] turns the program's limit events and counters into a
+//!   few summary lines per interval and the heaviest sources.
 //! - [`config`] is the TOML file and its validation, [`cli`] the flags that
 //!   override it, [`cidr`] the prefixes both use, [`paths`] every pin and
 //!   state location, [`shutdown`] the signals.
