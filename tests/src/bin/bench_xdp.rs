@@ -1,15 +1,24 @@
 //! `cargo xtask bench xdp`: nanoseconds per frame through the guard, beside
 //! an empty `XDP_PASS` program measured in the same run, with
-//! `BPF_PROG_TEST_RUN`. Prints the machine, then a Markdown table.
+//! `BPF_PROG_TEST_RUN`; then live SYN floods (one source, and spoofed
+//! random sources) through the real daemon on a veth pair, beside the same
+//! floods with no filter. Prints the machine, then Markdown tables.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::{
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    time::{Duration, Instant},
+};
 
 use guard_common::{
     DEFAULT_TENANT, FLOOR_CAS, FLOOR_CLOCK, FLOOR_COARSE_CLOCK, FLOOR_LOOKUP, GuardConfig,
     PROGRAM_FLOOR, PROGRAM_GUARD, PROGRAM_PASS, RateLimit,
 };
 use guard_tests::{
+    SourceAddr, SynFlood, Topology,
+    daemon::GuardDaemon,
     frames::{ETHERTYPE_IPV4, Ethernet, Ipv4, Tcp, proto, tcp_flags},
+    listen_in,
+    procstat::cpu_time,
     xdp::{XdpUnderTest, verdict},
 };
 
@@ -145,5 +154,170 @@ fn main() {
             x.run_program(PROGRAM_FLOOR, &frame, REPEAT).1
         });
         println!("| {name} | {f} | {e} | +{} |", f.saturating_sub(e));
+    }
+
+    live_floods();
+}
+
+/// Frames per live flood, and the longest it may run.
+const LIVE_FLOOD: u64 = 3_000_000;
+const LIVE_SECONDS: u64 = 5;
+const LIVE_PORT: u16 = 11211;
+
+/// What one live flood cost.
+struct LiveRun {
+    sent: u64,
+    pps: f64,
+    /// XDP program time per frame it ran on (`kernel.bpf_stats_enabled`).
+    xdp_ns: Option<f64>,
+    /// Host-wide softirq time per SYN sent (`/proc/stat`).
+    softirq_ns: f64,
+    /// Daemon CPU time per second of flood.
+    daemon_ms_per_s: Option<f64>,
+    /// Lines the daemon logged during the flood.
+    log_lines: Option<usize>,
+    dropped: Option<u64>,
+}
+
+/// Host-wide softirq time, from the first line of `/proc/stat`.
+fn softirq_time() -> Duration {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let first = stat.lines().next().unwrap_or_default();
+    // cpu user nice system idle iowait irq softirq …
+    let jiffies: u64 = first
+        .split_whitespace()
+        .nth(7)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Duration::from_nanos(jiffies * 1_000_000_000 / hz)
+}
+
+/// The id of the XDP program on the server interface.
+fn xdp_prog_id(topo: &Topology) -> Option<u32> {
+    let out = topo
+        .server
+        .exec("ip", ["-d", "link", "show", &topo.server_if().ifname])
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (_, rest) = text.split_once("prog/xdp id ")?;
+    rest.split_whitespace().next()?.parse().ok()
+}
+
+/// (run time, run count) of a loaded program.
+fn prog_stats(id: u32) -> Option<(Duration, u64)> {
+    aya::programs::loaded_programs()
+        .flatten()
+        .find(|p| p.id() == id)
+        .map(|p| (p.run_time(), p.run_count()))
+}
+
+/// One flood against a fresh topology whose server listens on
+/// [`LIVE_PORT`] with kernel SYN cookies on, through guard (its defaults,
+/// driver mode) or through nothing at all.
+fn live_run(source: impl Fn(&Topology) -> SourceAddr, guarded: bool) -> LiveRun {
+    let topo = Topology::new().expect("topology");
+    let server: SocketAddr = (IpAddr::V4(topo.server_v4()), LIVE_PORT).into();
+    let _listener = listen_in(&topo.server, server, 4096).expect("listen");
+    let guard = guarded.then(|| {
+        GuardDaemon::start(
+            &topo.server,
+            &[
+                "--iface",
+                &topo.server_if().ifname,
+                "--xdp-mode",
+                "drv",
+                "--protect",
+                &format!("*:{LIVE_PORT}"),
+                "--report-interval-secs",
+                "1",
+            ],
+        )
+        .expect("start guard")
+    });
+    let prog = guard.as_ref().and_then(|_| xdp_prog_id(&topo));
+    let pid = guard.as_ref().and_then(GuardDaemon::pid);
+    let lines = guard.as_ref().map(|g| g.log_text().lines().count());
+    let counters = guard.as_ref().map(|g| g.counters().expect("counters"));
+    let stats_before = prog.and_then(prog_stats);
+    let cpu_before = pid.map(cpu_time);
+    let soft_before = softirq_time();
+    let mut cfg = topo.syn_flood(source(&topo), server, LIVE_FLOOD);
+    cfg.max_duration = Duration::from_secs(LIVE_SECONDS);
+    let start = Instant::now();
+    let flood = SynFlood::run(&topo.client, cfg).expect("flood");
+    // The receive path and the daemon's summary catch up.
+    std::thread::sleep(Duration::from_millis(1200));
+    let wall = start.elapsed();
+    let softirq = softirq_time() - soft_before;
+    let xdp_ns = match (stats_before, prog.and_then(prog_stats)) {
+        (Some((t0, n0)), Some((t1, n1))) if n1 > n0 => {
+            Some((t1 - t0).as_nanos() as f64 / (n1 - n0) as f64)
+        }
+        _ => None,
+    };
+    let dropped = guard.as_ref().zip(counters).map(|(g, before)| {
+        let after = g.counters().expect("counters");
+        ["drop_source", "drop_tenant", "drop_global"]
+            .iter()
+            .map(|k| after[k] - before[k])
+            .sum()
+    });
+    LiveRun {
+        sent: flood.sent,
+        pps: flood.pps(),
+        xdp_ns,
+        softirq_ns: softirq.as_nanos() as f64 / flood.sent.max(1) as f64,
+        daemon_ms_per_s: pid
+            .zip(cpu_before)
+            .map(|(p, c)| (cpu_time(p) - c).as_secs_f64() * 1000.0 / wall.as_secs_f64()),
+        log_lines: guard
+            .as_ref()
+            .zip(lines)
+            .map(|(g, l)| g.log_text().lines().count() - l),
+        dropped,
+    }
+}
+
+fn live_floods() {
+    // Program run time is only accounted while this fd is open.
+    let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("enable BPF stats");
+    println!();
+    println!(
+        "live floods: {LIVE_FLOOD} SYNs at most, {LIVE_SECONDS} s at most, from an AF_PACKET \
+         sender in the client namespace over a veth pair to a listener (backlog 4096, \
+         tcp_syncookies=1); guard with its defaults in driver mode; softirq is host-wide \
+         time per SYN sent, sender and receiver sharing the machine"
+    );
+    println!();
+    println!(
+        "| flood | receiver | SYNs/s offered | dropped by XDP | XDP ns/SYN | softirq ns/SYN | \
+         daemon CPU ms/s | daemon log lines |"
+    );
+    println!("|---|---|---:|---:|---:|---:|---:|---:|");
+    let fixed = |t: &Topology| SourceAddr::Fixed(t.client_v4().into());
+    let spoofed = |t: &Topology| t.spoofed_sources_v4();
+    let opt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.0}"));
+    for (name, source) in [
+        ("one source", &fixed as &dyn Fn(&Topology) -> SourceAddr),
+        ("random sources (10.128.0.0/9)", &spoofed),
+    ] {
+        for guarded in [true, false] {
+            let r = live_run(source, guarded);
+            println!(
+                "| {name} | {} | {:.0} | {} | {} | {:.0} | {} | {} |",
+                if guarded { "guard" } else { "no filter" },
+                r.pps,
+                r.dropped.map_or("-".to_string(), |d| format!(
+                    "{:.1} %",
+                    d as f64 * 100.0 / r.sent.max(1) as f64
+                )),
+                opt(r.xdp_ns),
+                r.softirq_ns,
+                opt(r.daemon_ms_per_s),
+                r.log_lines.map_or("-".to_string(), |l| l.to_string()),
+            );
+        }
     }
 }
