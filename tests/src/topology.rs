@@ -169,6 +169,18 @@ impl Topology {
         }
     }
 
+    /// The id of the XDP program on the server interface, as `ip` reports
+    /// it; `None` when nothing is attached.
+    pub fn server_xdp_prog_id(&self) -> Option<u32> {
+        let out = self
+            .server
+            .exec("ip", ["-d", "link", "show", &self.server_if().ifname])
+            .ok()?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (_, rest) = text.split_once("prog/xdp id ")?;
+        rest.split_whitespace().next()?.parse().ok()
+    }
+
     /// An off-link IPv4 /9 (10.128.0.0/9, eight million addresses) to spoof
     /// sources from: a flood from it is nearly all sources never seen
     /// before, the case per-source state pays most for.

@@ -408,17 +408,6 @@ fn detach_removes_program_and_pins() {
     assert!(!guard.paths().pin_dir().exists(), "pins removed");
 }
 
-/// The interface's XDP program id, as `ip` reports it.
-fn xdp_prog_id(topo: &Topology) -> Option<u32> {
-    let out = topo
-        .server
-        .exec("ip", ["-d", "link", "show", &topo.server_if().ifname])
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (_, rest) = text.split_once("prog/xdp id ")?;
-    rest.split_whitespace().next()?.parse().ok()
-}
-
 /// An upgrade to a build with another map layout: the link the older
 /// layout pinned is taken over in place (never detached), and the older
 /// pins and state are removed.
@@ -435,7 +424,9 @@ fn an_older_layouts_link_is_taken_over_in_place() {
     let state_dir = paths.state_file().parent().unwrap().to_path_buf();
     let older_state = state_dir.with_file_name(format!("v{older}"));
     std::fs::rename(&state_dir, &older_state).expect("move the state back a layout");
-    let before = xdp_prog_id(&topo).expect("attached while the daemon is stopped");
+    let before = topo
+        .server_xdp_prog_id()
+        .expect("attached while the daemon is stopped");
 
     guard.restart().expect("start the upgraded daemon");
     let log = guard.log_text();
@@ -447,7 +438,7 @@ fn an_older_layouts_link_is_taken_over_in_place() {
         log.contains("adopted the pinned XDP link (skb mode)"),
         "swapped in place, mode kept:\n{log}"
     );
-    let after = xdp_prog_id(&topo).expect("still attached");
+    let after = topo.server_xdp_prog_id().expect("still attached");
     assert_ne!(before, after, "the new program runs");
     assert!(paths.link_pin(&topo.server_if().ifname).exists());
     assert!(!older_pins.exists(), "older pins removed");

@@ -194,17 +194,6 @@ fn softirq_time() -> Duration {
     Duration::from_nanos(jiffies * 1_000_000_000 / hz)
 }
 
-/// The id of the XDP program on the server interface.
-fn xdp_prog_id(topo: &Topology) -> Option<u32> {
-    let out = topo
-        .server
-        .exec("ip", ["-d", "link", "show", &topo.server_if().ifname])
-        .ok()?;
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (_, rest) = text.split_once("prog/xdp id ")?;
-    rest.split_whitespace().next()?.parse().ok()
-}
-
 /// (run time, run count) of a loaded program.
 fn prog_stats(id: u32) -> Option<(Duration, u64)> {
     aya::programs::loaded_programs()
@@ -236,7 +225,7 @@ fn live_run(source: impl Fn(&Topology) -> SourceAddr, guarded: bool) -> LiveRun 
         )
         .expect("start guard")
     });
-    let prog = guard.as_ref().and_then(|_| xdp_prog_id(&topo));
+    let prog = guard.as_ref().and_then(|_| topo.server_xdp_prog_id());
     let pid = guard.as_ref().and_then(GuardDaemon::pid);
     let lines = guard.as_ref().map(|g| g.log_text().lines().count());
     let counters = guard.as_ref().map(|g| g.counters().expect("counters"));
