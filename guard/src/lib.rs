@@ -19,10 +19,14 @@
 //! Following a memcache request:
 //!
 //! - [`protocol`] parses and encodes the text, meta and binary protocols,
-//!   zero-copy, with limits set up front.
+//!   zero-copy, with limits set up front; [`protocol::reader`] is the one
+//!   loop that turns a byte stream into requests, for the proxy, the
+//!   property tests and the fuzz targets alike.
 //! - [`proxy`] is the memcache proxy: [`proxy::listener`] accepts under
 //!   connection caps, [`proxy::session`] serves one client (after
-//!   [`proxy::auth`] when tenants are configured), [`descriptors`] fits the
+//!   [`proxy::auth`] when tenants are configured) as a state machine that
+//!   ends with a counted reason, reading it through
+//!   [`proxy::connection`]; [`descriptors`] fits the
 //!   connection cap to the descriptor limit, [`proxy::command`]
 //!   translates requests to backend meta requests in the client's tenant
 //!   namespace, [`proxy::router`] routes with [`proxy::ketama`] (as

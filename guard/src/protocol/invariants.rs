@@ -1,11 +1,12 @@
 //! What every parse must guarantee, as checks the property tests and the
-//! fuzz target (`cargo xtask fuzz`) share.
+//! fuzz targets (`cargo xtask fuzz`) share. Test code: built for tests and
+//! with the `fuzzing` feature only.
 
-use bytes::{Buf, BytesMut};
+use bytes::BytesMut;
 
 use super::{
     Limits, MetaCommand, Request, TextRequest, is_valid_text_key, meta, parse_request,
-    parse_response,
+    reader::{FrameReader, Next, Parse, RequestParser, ResponseParser},
 };
 
 /// Checks a parsed request against the limits it was parsed with: keys are
@@ -72,69 +73,58 @@ pub fn request_invariants(r: &Request, limits: &Limits) -> Result<(), String> {
     }
 }
 
-/// Feeds `input` in chunks of `chunk` bytes to the request (or response)
-/// parser as a proxy would, checking the parser's contract after every
-/// call: incomplete leaves the buffer untouched, an error leaves it
-/// untouched and names a positive number of bytes to discard, a parsed
-/// frame consumed bytes and satisfies [`request_invariants`]. Returns how
-/// many frames parsed.
+/// Feeds `input` in chunks of `chunk` bytes to a [`FrameReader`] as a
+/// proxy would (requests: one protocol per connection, from its first
+/// byte), checking the parser's contract after every call: incomplete
+/// leaves the buffer untouched, an error leaves it untouched and names a
+/// positive number of bytes to discard, a parsed frame consumed bytes and
+/// satisfies [`request_invariants`]. Returns how many frames parsed.
 pub fn drive(
     input: &[u8],
     chunk: usize,
     limits: &Limits,
     responses: bool,
 ) -> Result<usize, String> {
-    let chunk = chunk.max(1);
-    let mut buf = BytesMut::new();
-    let mut skip = 0usize;
+    if responses {
+        drive_reader(
+            FrameReader::new(ResponseParser, limits.clone()),
+            input,
+            chunk,
+            |_| Ok(()),
+        )
+    } else {
+        drive_reader(
+            FrameReader::new(RequestParser::default(), limits.clone()),
+            input,
+            chunk,
+            |r| request_invariants(r, limits),
+        )
+    }
+}
+
+fn drive_reader<P: Parse>(
+    mut reader: FrameReader<P>,
+    input: &[u8],
+    chunk: usize,
+    check: impl Fn(&P::Item) -> Result<(), String>,
+) -> Result<usize, String> {
     let mut frames = 0;
-    for piece in input.chunks(chunk) {
-        buf.extend_from_slice(piece);
+    for piece in input.chunks(chunk.max(1)) {
+        reader.buffer().extend_from_slice(piece);
         loop {
-            if skip > 0 {
-                let n = skip.min(buf.len());
-                buf.advance(n);
-                skip -= n;
-                if skip > 0 {
-                    break;
-                }
-            }
-            let before = buf.clone();
-            let result = if responses {
-                parse_response(&mut buf, limits).map(|r| r.map(|_| None))
-            } else {
-                parse_request(&mut buf, limits).map(|r| r.map(Some))
-            };
-            match result {
-                Ok(None) => {
-                    if buf != before {
-                        return Err("incomplete input was consumed".into());
-                    }
-                    break;
-                }
-                Ok(Some(request)) => {
-                    if buf.len() >= before.len() {
-                        return Err("a parsed frame consumed nothing".into());
-                    }
-                    if let Some(r) = request {
-                        request_invariants(&r, limits)?;
-                    }
+            match reader.next_frame_checked()? {
+                Next::Frame(item) => {
+                    check(&item)?;
                     frames += 1;
                 }
-                Err(e) => {
-                    if buf != before {
-                        return Err(format!("error {e:?} consumed input"));
-                    }
-                    if e.discard == 0 {
-                        return Err(format!("error {e:?} discards nothing"));
-                    }
+                Next::Error(e) => {
                     let mut reply = BytesMut::new();
                     e.write_reply(&mut reply);
                     if e.close {
                         return Ok(frames);
                     }
-                    skip = e.discard_from(&mut buf);
                 }
+                Next::Empty | Next::Partial => break,
             }
         }
     }

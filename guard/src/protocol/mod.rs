@@ -16,8 +16,10 @@
 
 pub mod binary;
 pub mod error;
+#[cfg(any(test, feature = "fuzzing"))]
 pub mod invariants;
 pub mod meta;
+pub mod reader;
 pub mod text;
 mod wire;
 
@@ -29,6 +31,7 @@ use bytes::BytesMut;
 pub use binary::{BinaryRequest, BinaryResponse, Extras, Opcode, Status};
 pub use error::{ErrorKind, ProtocolError};
 pub use meta::{ArithMode, MetaCode, MetaCommand, MetaFlag, MetaRequest, MetaResponse, StoreMode};
+pub use reader::{FrameReader, Next, RequestParser, RequestReader};
 pub use text::{GetKind, GetRequest, StoreCommand, StoreRequest, TextRequest, TextResponse};
 pub use wire::is_valid_text_key;
 
@@ -174,8 +177,8 @@ impl Response {
 }
 
 /// Parses one request of any protocol, chosen per frame by its first byte
-/// (0x80 = binary). Use `text::parse_request`/`binary::parse_request`
-/// directly to pin a connection to one protocol as memcached does.
+/// (0x80 = binary). A connection keeps the protocol of its first byte, as
+/// memcached does: read it with a [`RequestReader`].
 pub fn parse_request(
     buf: &mut BytesMut,
     limits: &Limits,

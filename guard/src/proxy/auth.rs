@@ -19,17 +19,17 @@
 
 use std::{future::Future, net::IpAddr, pin::Pin, sync::Arc};
 
-use bytes::{Buf as _, BytesMut};
+use bytes::BytesMut;
 use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::tcp::{OwnedReadHalf, OwnedWriteHalf},
+    io::AsyncWriteExt as _,
+    net::tcp::OwnedWriteHalf,
     sync::watch,
     time::{Instant, sleep_until},
 };
 
-use super::{Phase, Shared, session::parse, stats::ProxyStats};
+use super::{Phase, Shared, connection::ClientConnection, session::SessionEnd, stats::ProxyStats};
 use crate::{
-    protocol::{BinaryRequest, BinaryResponse, Opcode, Protocol, Request, Status},
+    protocol::{BinaryRequest, BinaryResponse, Next, Opcode, Request, Status},
     tenant::{
         AuthError, ConnectionPermit, Identity, TenantRegistry,
         auth::{self, Credentials},
@@ -105,70 +105,57 @@ fn step(req: Request) -> Step {
 }
 
 /// Serves the client until it authenticates: returns its identity and
-/// its tenant connection permit, or `None` when the session is over
-/// (deadline, client gone, tenant at its cap, proxy stopping, a protocol
-/// error that closes). Bytes after the authenticating request stay in
-/// `rbuf` for the session.
-#[allow(clippy::too_many_arguments)]
+/// its tenant connection permit, or why the session is over (deadline,
+/// client gone, tenant at its cap, proxy stopping, a protocol error that
+/// closes). Bytes after the authenticating request stay buffered in
+/// `conn` for the session.
 pub async fn authenticate(
-    rd: &mut OwnedReadHalf,
+    conn: &mut ClientConnection,
     wr: &mut OwnedWriteHalf,
-    rbuf: &mut BytesMut,
-    protocol: &mut Option<Protocol>,
     sh: &Shared,
     registry: Arc<TenantRegistry>,
     phase: &mut watch::Receiver<Phase>,
     peer: Option<IpAddr>,
-) -> Option<(Arc<Identity>, ConnectionPermit)> {
+) -> Result<(Arc<Identity>, ConnectionPermit), SessionEnd> {
     let deadline = Instant::now() + sh.auth_timeout;
-    let mut limits = sh.limits.clone();
+    let mut limits = conn.reader().limits().clone();
     limits.max_value_len = limits.max_value_len.min(MAX_AUTH_VALUE);
+    conn.reader().set_limits(limits);
     let mut out = BytesMut::new();
-    let mut skip = 0usize;
     let mut pending: Option<(Verification, Asker)> = None;
     loop {
         let mut close = false;
         while pending.is_none() && !close {
-            if skip > 0 {
-                let n = skip.min(rbuf.len());
-                rbuf.advance(n);
-                skip -= n;
-                if skip > 0 {
-                    break;
-                }
-            }
-            let Some(&first) = rbuf.first() else { break };
-            let p = *protocol.get_or_insert_with(|| Protocol::detect(first));
-            match parse(p, rbuf, &limits) {
-                Ok(None) => break,
-                Ok(Some(req)) => match step(req) {
+            match conn.next_request() {
+                Next::Empty | Next::Partial => break,
+                Next::Frame(req) => match step(req) {
                     Step::Reply(r) => out.unsplit(r),
                     Step::Verify(creds, asker) => {
                         ProxyStats::add(&sh.stats.auth_cmds, 1);
                         pending = Some((verify(&registry, creds), asker));
                     }
                 },
-                Err(e) => {
+                Next::Error(e) => {
                     ProxyStats::add(&sh.stats.protocol_errors, 1);
                     e.write_reply(&mut out);
-                    skip = e.discard_from(rbuf);
                     close = e.close;
                 }
             }
         }
         if !out.is_empty() {
             if wr.write_all(&out).await.is_err() {
-                return None;
+                return Err(SessionEnd::WriteFailed);
             }
             out.clear();
         }
         if close {
-            return None;
+            return Err(SessionEnd::ProtocolError);
         }
-        let can_read = rbuf.len() < MAX_AUTH_BUFFER;
+        let can_read = conn.buffered() < MAX_AUTH_BUFFER;
         tokio::select! {
-            r = rd.read_buf(rbuf), if can_read => match r {
-                Ok(0) | Err(_) => return None,
+            r = conn.read_some(), if can_read => match r {
+                Ok(0) => return Err(SessionEnd::ClientClosed),
+                Err(_) => return Err(SessionEnd::ClientReset),
                 Ok(_) => {}
             },
             result = async {
@@ -191,19 +178,19 @@ pub async fn authenticate(
                                 }),
                             };
                             let _ = wr.write_all(&reply).await;
-                            return None;
+                            return Err(SessionEnd::TenantFull);
                         };
                         let reply = match &asker {
                             Asker::Text => BytesMut::from(auth::TEXT_AUTH_OK),
                             Asker::Binary(b) => encode(auth::sasl_auth_ok(b)),
                         };
                         if wr.write_all(&reply).await.is_err() {
-                            return None;
+                            return Err(SessionEnd::WriteFailed);
                         }
                         if let (Some(tx), Some(ip)) = (&sh.learned, peer) {
                             let _ = tx.try_send((ip, identity.tenant.id));
                         }
-                        return Some((identity, permit));
+                        return Ok((identity, permit));
                     }
                     Err(e) => {
                         ProxyStats::add(&sh.stats.auth_errors, 1);
@@ -216,11 +203,12 @@ pub async fn authenticate(
             },
             () = sleep_until(deadline) => {
                 ProxyStats::add(&sh.stats.auth_timeouts, 1);
-                return None;
+                return Err(SessionEnd::AuthTimeout);
             },
             r = phase.changed() => match r.map(|()| *phase.borrow()) {
                 Ok(Phase::Running) => {}
-                Ok(Phase::Draining | Phase::Stopped) | Err(_) => return None,
+                Ok(Phase::Draining) => return Err(SessionEnd::Drained),
+                Ok(Phase::Stopped) | Err(_) => return Err(SessionEnd::Stopped),
             },
         }
     }

@@ -2,8 +2,9 @@
 //!
 //! Following a request: [`listener`] accepts the client (global and
 //! per-source caps), [`session`] authenticates it when tenants are
-//! configured ([`crate::tenant`]), parses its requests in whichever
-//! protocol it speaks and writes replies in order, [`command`] translates
+//! configured ([`auth`], [`crate::tenant`]), reads its requests in
+//! whichever protocol it speaks through its [`connection`] and writes
+//! replies in order, [`command`] translates
 //! each request into meta requests for the backends (keys in the tenant's
 //! [`crate::tenant::KeyNamespace`]) and the replies back, [`router`] picks
 //! the backend with [`ketama`] and fans multi-key gets out, and [`backend`]
@@ -12,6 +13,7 @@
 pub mod auth;
 pub mod backend;
 pub mod command;
+pub mod connection;
 pub mod generations;
 pub mod ketama;
 pub mod listener;

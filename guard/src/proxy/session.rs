@@ -1,12 +1,13 @@
 //! One client connection: read, parse, dispatch, reply in order.
 //!
 //! The protocol is chosen from the first byte (0x80: binary, else text and
-//! meta) and kept for the connection's life, as memcached does. Requests
-//! are dispatched as soon as they are parsed, so a pipeline's requests run
-//! on their backends concurrently; replies are written strictly in request
-//! order. The client's side is read all along, even while replies are
-//! pending, so an EOF or reset ends the session and frees its socket at
-//! once; replies still in flight are dropped by the backend connections.
+//! meta) and kept for the connection's life, as memcached does
+//! ([`ClientConnection`]). Requests are dispatched as soon as they are
+//! parsed, so a pipeline's requests run on their backends concurrently;
+//! replies are written strictly in request order ([`Pipeline`]). The
+//! client's side is read all along, even while replies are pending, so an
+//! EOF or reset ends the session and frees its socket at once; replies
+//! still in flight are dropped by the backend connections.
 //!
 //! With tenants configured a session starts unauthenticated
 //! ([`super::auth`]): until the client authenticates it is served one
@@ -14,280 +15,516 @@
 //! requests run as its identity: its tenant's namespace and key limit, and
 //! read-only if its credential is. After a reload the session serves on as
 //! its credential is now configured, and is closed if it no longer is.
+//!
+//! Every session ends for one [`SessionEnd`] reason, counted in `stats`
+//! (`session_end_<reason>`) and logged at debug level.
 
-use std::{collections::VecDeque, sync::Arc};
+use std::{collections::VecDeque, net::IpAddr, pin::Pin, sync::Arc, time::Duration};
 
-use bytes::{Buf as _, BytesMut};
-use log::info;
+use bytes::BytesMut;
+use log::{debug, info};
 use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::{TcpStream, tcp::OwnedReadHalf},
+    io::AsyncWriteExt as _,
+    net::TcpStream,
     sync::watch,
-    time::{Instant, sleep_until},
+    time::{Instant, Sleep, sleep_until},
 };
 
 use super::{
     Phase, Shared,
     command::{self, Client, Reply, Slot},
+    connection::ClientConnection,
     stats::ProxyStats,
 };
-use crate::protocol::{self, Protocol, ProtocolError, Request};
+use crate::protocol::Next;
 
-pub(super) fn parse(
-    protocol: Protocol,
-    buf: &mut BytesMut,
-    limits: &protocol::Limits,
-) -> Result<Option<Request>, ProtocolError> {
-    match protocol {
-        Protocol::Binary => Ok(protocol::binary::parse_request(buf, limits)?.map(Request::Binary)),
-        Protocol::Text | Protocol::Meta => protocol::text::parse_request(buf, limits),
-    }
+macro_rules! session_ends {
+    ($( $(#[$doc:meta])* $name:ident = $label:literal, )*) => {
+        /// Why a session ended.
+        #[derive(Copy, Clone, Debug, PartialEq, Eq)]
+        pub enum SessionEnd {
+            $( $(#[$doc])* $name, )*
+        }
+
+        impl SessionEnd {
+            /// Every reason, in the order `stats` lists them.
+            pub const ALL: &'static [SessionEnd] = &[$(SessionEnd::$name,)*];
+
+            /// The `stats` name of the counter of this reason.
+            pub const fn stat_name(self) -> &'static str {
+                match self { $(SessionEnd::$name => concat!("session_end_", $label),)* }
+            }
+
+            /// A short description for the log.
+            pub const fn label(self) -> &'static str {
+                match self { $(SessionEnd::$name => $label,)* }
+            }
+        }
+    };
+}
+
+session_ends! {
+    /// The client closed its side (EOF).
+    ClientClosed = "client_closed",
+    /// Reading from the client failed: it reset the connection.
+    ClientReset = "client_reset",
+    /// Writing to the client failed.
+    WriteFailed = "write_failed",
+    /// The client sent `quit`.
+    Quit = "quit",
+    /// Nothing arrived within `idle_timeout_secs`.
+    Idle = "idle",
+    /// A request was still arriving after `request_read_timeout_ms`.
+    SlowRequest = "slow_request",
+    /// A protocol error left the stream unreadable.
+    ProtocolError = "protocol_error",
+    /// Not authenticated within `auth_timeout_ms`.
+    AuthTimeout = "auth_timeout",
+    /// Its tenant was at its connection cap.
+    TenantFull = "tenant_full",
+    /// A reload revoked its credential.
+    Revoked = "revoked",
+    /// The proxy drained: everything that arrived before was answered.
+    Drained = "drained",
+    /// The proxy stopped (the drain's grace period ended).
+    Stopped = "stopped",
 }
 
 /// Serves one client until it leaves, misbehaves beyond repair, idles out,
-/// or the proxy stops.
-pub async fn serve(stream: TcpStream, sh: Arc<Shared>, mut phase: watch::Receiver<Phase>) {
+/// or the proxy stops; counts and logs why it ended.
+pub async fn serve(stream: TcpStream, sh: Arc<Shared>, phase: watch::Receiver<Phase>) {
     let peer = stream.peer_addr().ok().map(|a| a.ip().to_canonical());
-    let (mut rd, mut wr) = stream.into_split();
-    // Allocated when the first bytes arrive: thousands of idle clients
-    // cost little more than their sockets.
-    let mut rbuf = BytesMut::new();
-    let mut protocol = None;
-    if *phase.borrow() != Phase::Running {
-        return;
+    let end = run(stream, &sh, phase, peer).await;
+    if let Some(counter) = sh.stats.session_ends.get(end as usize) {
+        ProxyStats::add(counter, 1);
+    }
+    debug!(
+        "session {}: ended ({})",
+        peer.map_or_else(|| "?".into(), |p| p.to_string()),
+        end.label()
+    );
+}
+
+async fn run(
+    stream: TcpStream,
+    sh: &Arc<Shared>,
+    mut phase: watch::Receiver<Phase>,
+    peer: Option<IpAddr>,
+) -> SessionEnd {
+    let (rd, mut wr) = stream.into_split();
+    let mut conn = ClientConnection::new(rd, sh.limits.clone());
+    match *phase.borrow() {
+        Phase::Running => {}
+        Phase::Draining => return SessionEnd::Drained,
+        Phase::Stopped => return SessionEnd::Stopped,
     }
     // Subscribed before the registry is loaded: a reload in between only
     // costs a refresh.
-    let mut reloads = sh.tenants.subscribe();
-    // The registry version this session's identity reflects.
-    let mut seen = *reloads.borrow();
+    let reloads = sh.tenants.subscribe();
+    let seen = *reloads.borrow();
     let registry = sh.tenants.load();
     let authenticated = registry.requires_auth();
     let (identity, _permit) = match registry.open_identity() {
         Some(open) => match sh.connections.try_acquire(&open.tenant) {
             Some(permit) => (open, permit),
-            None => return,
+            None => return SessionEnd::TenantFull,
         },
         None => {
-            let login = super::auth::authenticate(
-                &mut rd,
-                &mut wr,
-                &mut rbuf,
-                &mut protocol,
-                &sh,
-                registry,
-                &mut phase,
-                peer,
-            );
+            let login =
+                super::auth::authenticate(&mut conn, &mut wr, sh, registry, &mut phase, peer);
             match login.await {
-                Some(done) => done,
-                None => return,
+                Ok(done) => done,
+                Err(end) => return end,
             }
         }
     };
-    let mut limits = sh.limits.clone();
-    limits.max_key_len = identity.tenant.namespace.max_client_key_len();
-    let mut client = Client {
-        identity,
-        affinity: sh.router.affinity(),
-        authenticated,
+    let mut session = Session {
+        sh,
+        peer,
+        client: Client {
+            identity,
+            affinity: sh.router.affinity(),
+            authenticated,
+        },
+        seen,
+        reloads,
+        pipeline: Pipeline::default(),
+        state: State::Serving,
     };
+    session.set_limits(&mut conn);
+    if *phase.borrow() != Phase::Running {
+        session.state = State::Closing(SessionEnd::Drained);
+    }
+    session.serve(conn, wr, phase).await
+}
 
-    let mut out = BytesMut::new();
-    let mut queue: VecDeque<Slot> = VecDeque::new();
-    // Bytes of a refused frame (e.g. an oversized value) still to arrive.
-    let mut skip = 0usize;
-    // No new requests: the client quit, the stream is lost, or we drain.
-    let mut closing = *phase.borrow() != Phase::Running;
-    let mut close_after_flush = false;
-    // Draining began: parse what is buffered once more, then stop.
-    let mut drain_pending = false;
-    let mut last_read = Instant::now();
-    // When the request at the head of the buffer started to arrive.
-    let mut partial_since: Option<Instant> = None;
-    let depth = sh.max_pipeline_depth;
-    // Long-lived, so a request costs no timer registration nor watch
-    // subscription: both are re-armed only when they fire.
-    let idle = sh.idle_timeout.map(|t| t.min(NEVER));
-    let idle_timer = sleep_until(last_read + idle.unwrap_or(NEVER));
-    tokio::pin!(idle_timer);
-    let mut control = Box::pin(next_control(phase.clone(), reloads.clone()));
-    // A dispatched barrier (see `command::is_barrier`) is unanswered: it
-    // is the queue's last entry, and nothing more is dispatched until it
-    // is answered.
-    let mut barrier = false;
+/// Where a session is in its life.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+enum State {
+    /// Reading and dispatching requests.
+    Serving,
+    /// The proxy began draining: what arrived before is dispatched, then
+    /// the session closes.
+    Draining,
+    /// No new requests: pending replies are written, then the session
+    /// ends for this reason.
+    Closing(SessionEnd),
+    /// A reply that closes the connection is out: end at once.
+    Closed(SessionEnd),
+}
 
-    loop {
-        // Set when parsing stops for want of bytes, not for want of room.
-        let mut incomplete = false;
-        if !closing {
-            while queue.len() < depth && !closing && !barrier {
-                if skip > 0 {
-                    let n = skip.min(rbuf.len());
-                    rbuf.advance(n);
-                    skip -= n;
-                    if skip > 0 {
-                        incomplete = true;
-                        break;
-                    }
-                }
-                let Some(&first) = rbuf.first() else { break };
-                // A reload not yet seen by the select below: no request
-                // runs under a revoked credential. One atomic load when
-                // nothing was reloaded.
-                if reloads.has_changed().unwrap_or(false) {
-                    reloads.mark_unchanged();
-                    if !refresh(&sh, &mut client, &mut limits, &mut seen, peer) {
-                        return;
-                    }
-                }
-                let p = *protocol.get_or_insert_with(|| Protocol::detect(first));
-                match parse(p, &mut rbuf, &limits) {
-                    Ok(None) => {
-                        incomplete = true;
-                        break;
-                    }
-                    Ok(Some(req)) => {
-                        partial_since = None;
-                        let is_barrier = command::is_barrier(&req);
-                        let slot = command::dispatch(req, &sh, &client);
-                        barrier = is_barrier && matches!(slot, Slot::Waiting(_));
-                        if let Slot::Ready(Reply { close: true, .. }) = slot {
-                            closing = true;
-                        }
-                        queue.push_back(slot);
-                    }
-                    Err(e) => {
-                        ProxyStats::add(&sh.stats.protocol_errors, 1);
-                        let mut reply = Reply {
-                            out: BytesMut::new(),
-                            close: e.close,
-                        };
-                        e.write_reply(&mut reply.out);
-                        skip = e.discard_from(&mut rbuf);
-                        closing |= e.close;
-                        queue.push_back(Slot::Ready(reply));
-                    }
-                }
-            }
-        }
+/// Replies owed to the client, in request order.
+#[derive(Default)]
+struct Pipeline {
+    slots: VecDeque<Slot>,
+    /// A dispatched barrier (see `command::is_barrier`) is unanswered: it
+    /// is the last slot, and nothing more is dispatched until it is
+    /// answered.
+    barrier: bool,
+}
 
-        // Draining: once everything that arrived before the drain has been
-        // dispatched (not merely held back by a flush or the depth cap).
-        if drain_pending && !barrier && queue.len() < depth {
-            closing = true;
-            drain_pending = false;
-        }
+impl Pipeline {
+    fn push(&mut self, slot: Slot, is_barrier: bool) {
+        self.barrier = is_barrier && matches!(slot, Slot::Waiting(_));
+        self.slots.push_back(slot);
+    }
 
-        while let Some(Slot::Ready(_)) = queue.front() {
-            let Some(Slot::Ready(reply)) = queue.pop_front() else {
-                unreachable!()
+    /// Whether another request may be dispatched now.
+    fn has_room(&self, depth: usize) -> bool {
+        self.slots.len() < depth && !self.barrier
+    }
+
+    fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    /// Moves the replies ready at the front into `out`, in order. Returns
+    /// `true` if one of them closes the connection: what follows it is
+    /// dropped.
+    fn take_ready(&mut self, out: &mut BytesMut) -> bool {
+        while let Some(Slot::Ready(_)) = self.slots.front() {
+            let Some(Slot::Ready(reply)) = self.slots.pop_front() else {
+                unreachable!("the front was checked to be ready")
             };
             out.unsplit(reply.out);
             if reply.close {
-                close_after_flush = true;
-                queue.clear();
-                break;
+                self.slots.clear();
+                self.barrier = false;
+                return true;
             }
         }
-        if !out.is_empty() {
-            if wr.write_all(&out).await.is_err() {
-                return;
-            }
-            out.clear();
-        }
-        if close_after_flush || (closing && queue.is_empty()) {
-            return;
-        }
+        false
+    }
 
-        let waiting = matches!(queue.front(), Some(Slot::Waiting(_)));
-        // Keep reading while replies are pending, to notice the client
-        // leaving; the cap bounds what one client can make us buffer.
-        // While a drain waits to dispatch what was buffered, nothing new is
-        // read: it would not be served.
-        let can_read = !close_after_flush && !drain_pending && rbuf.len() < sh.read_cap;
-        if !incomplete {
-            partial_since = None;
-        } else if partial_since.is_none() {
-            partial_since = Some(Instant::now());
+    fn front_waiting(&self) -> bool {
+        matches!(self.slots.front(), Some(Slot::Waiting(_)))
+    }
+
+    /// The reply to the oldest request, once its backend answers.
+    async fn front(&mut self) -> Reply {
+        match self.slots.front_mut() {
+            Some(Slot::Waiting(f)) => f.await,
+            _ => std::future::pending().await,
         }
-        if rbuf.is_empty() && queue.is_empty() && rbuf.capacity() > 0 {
-            // Between requests a client holds no buffer: idle connections
-            // are what a reconnect storm leaves behind by the thousand.
-            rbuf = BytesMut::new();
+    }
+
+    fn complete_front(&mut self, reply: Reply) {
+        if let Some(front) = self.slots.front_mut() {
+            *front = Slot::Ready(reply);
         }
-        let request_deadline = sh
-            .request_read_timeout
-            .zip(partial_since)
-            .map(|(t, since)| since + t);
-        tokio::select! {
-            r = read_some(&mut rd, &mut rbuf), if can_read => match r {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {
-                    last_read = Instant::now();
-                    if closing {
-                        // Draining: what arrives now is not served.
-                        rbuf.clear();
+        self.barrier &= self.slots.iter().any(|s| matches!(s, Slot::Waiting(_)));
+    }
+}
+
+/// What one pass of parsing got through.
+#[derive(Copy, Clone, Debug, Default)]
+struct Progress {
+    /// At least one whole request was parsed.
+    parsed: bool,
+    /// Parsing stopped inside a request.
+    partial: bool,
+}
+
+/// The idle and request-read deadlines, as one future.
+struct Deadlines {
+    idle: Option<Duration>,
+    request: Option<Duration>,
+    last_read: Instant,
+    /// When the request at the head of the buffer started to arrive.
+    partial_since: Option<Instant>,
+    /// Long-lived, so a request costs no timer registration: re-armed only
+    /// when it fires.
+    idle_timer: Pin<Box<Sleep>>,
+}
+
+impl Deadlines {
+    fn new(idle: Option<Duration>, request: Option<Duration>) -> Self {
+        let idle = idle.map(|t| t.min(NEVER));
+        let now = Instant::now();
+        Self {
+            idle,
+            request,
+            last_read: now,
+            partial_since: None,
+            idle_timer: Box::pin(sleep_until(now + idle.unwrap_or(NEVER))),
+        }
+    }
+
+    fn read(&mut self) {
+        self.last_read = Instant::now();
+    }
+
+    /// What the last parse did: a request still arriving starts (or
+    /// keeps) its clock, counted from the end of the last whole one.
+    fn progress(&mut self, progress: Progress) {
+        if progress.parsed || !progress.partial {
+            self.partial_since = None;
+        }
+        if progress.partial && self.partial_since.is_none() {
+            self.partial_since = Some(Instant::now());
+        }
+    }
+
+    /// Ends when a deadline passes: idle once nothing is pending
+    /// (`pending` is fixed while this waits), or a request too slow to
+    /// arrive.
+    async fn expired(&mut self, pending: bool) -> SessionEnd {
+        let request_deadline = self.request.zip(self.partial_since).map(|(t, s)| s + t);
+        loop {
+            tokio::select! {
+                () = &mut self.idle_timer, if self.idle.is_some() => {
+                    // Fires once per idle period, not re-armed per
+                    // request: idle only once nothing is pending and
+                    // nothing arrived.
+                    let (t, now) = (self.idle.unwrap_or(NEVER), Instant::now());
+                    let due = self.last_read + t;
+                    if !pending && now >= due {
+                        return SessionEnd::Idle;
                     }
+                    // Replies pending: look again shortly after they are out.
+                    let next = if now >= due { now + t.min(IDLE_RECHECK) } else { due };
+                    self.idle_timer.as_mut().reset(next);
                 }
-            },
-            reply = async {
-                match queue.front_mut() {
-                    Some(Slot::Waiting(f)) => f.await,
-                    _ => std::future::pending().await,
-                }
-            }, if waiting => {
-                queue[0] = Slot::Ready(reply);
-                barrier &= queue.iter().any(|s| matches!(s, Slot::Waiting(_)));
-            },
-            () = &mut idle_timer, if idle.is_some() => {
-                // Fires once per idle period, not re-armed per request:
-                // idle only once nothing is pending and nothing arrived.
-                let (t, now) = (idle.unwrap_or(NEVER), Instant::now());
-                let due = last_read + t;
-                if queue.is_empty() && now >= due {
-                    return;
-                }
-                // Replies pending: look again shortly after they are out.
-                idle_timer.as_mut().reset(if now >= due { now + t.min(IDLE_RECHECK) } else { due });
-            },
-            () = async {
-                match request_deadline {
-                    Some(d) => sleep_until(d).await,
-                    None => std::future::pending().await,
-                }
-            }, if request_deadline.is_some() => {
-                ProxyStats::add(&sh.stats.request_read_timeouts, 1);
-                return;
+                () = async {
+                    match request_deadline {
+                        Some(d) => sleep_until(d).await,
+                        None => std::future::pending().await,
+                    }
+                } => return SessionEnd::SlowRequest,
             }
-            (event, p, r) = &mut control => {
-                control = Box::pin(next_control(p, r));
-                match event {
-                    Control::Phase(Phase::Running) => {}
-                    Control::Phase(Phase::Draining) => {
-                        // What the client sent before the drain began is in
-                        // flight from its side: serve what already arrived.
-                        drain_socket(&rd, &mut rbuf, sh.read_cap);
-                        drain_pending = true;
-                    }
-                    Control::Phase(Phase::Stopped) | Control::Gone => return,
-                    // Idle sessions of a revoked credential are closed too.
-                    Control::Reload => {
-                        if !refresh(&sh, &mut client, &mut limits, &mut seen, peer) {
-                            return;
+        }
+    }
+}
+
+/// An authenticated session.
+struct Session<'a> {
+    sh: &'a Arc<Shared>,
+    peer: Option<IpAddr>,
+    client: Client,
+    reloads: watch::Receiver<u64>,
+    /// The registry version this session's identity reflects.
+    seen: u64,
+    pipeline: Pipeline,
+    state: State,
+}
+
+impl Session<'_> {
+    async fn serve(
+        &mut self,
+        mut conn: ClientConnection,
+        mut wr: tokio::net::tcp::OwnedWriteHalf,
+        phase: watch::Receiver<Phase>,
+    ) -> SessionEnd {
+        let sh = self.sh;
+        let mut out = BytesMut::new();
+        let mut deadlines = Deadlines::new(sh.idle_timeout, sh.request_read_timeout);
+        // Long-lived, so a request costs no watch subscription either.
+        let mut control = Box::pin(next_control(phase, self.reloads.clone()));
+        loop {
+            let progress = match self.dispatch(&mut conn) {
+                Ok(progress) => progress,
+                Err(end) => return end,
+            };
+            if self.state == State::Draining && self.pipeline.has_room(sh.max_pipeline_depth) {
+                // Everything that arrived before the drain is dispatched
+                // (not merely held back by a flush or the depth cap).
+                self.state = State::Closing(SessionEnd::Drained);
+            }
+            if self.pipeline.take_ready(&mut out) {
+                self.state = match self.state {
+                    State::Closing(end) | State::Closed(end) => State::Closed(end),
+                    _ => State::Closed(SessionEnd::Quit),
+                };
+            }
+            if !out.is_empty() {
+                if wr.write_all(&out).await.is_err() {
+                    return SessionEnd::WriteFailed;
+                }
+                out.clear();
+            }
+            match self.state {
+                State::Closed(end) => return end,
+                State::Closing(end) if self.pipeline.is_empty() => return end,
+                _ => {}
+            }
+
+            let waiting = self.pipeline.front_waiting();
+            // Keep reading while replies are pending, to notice the client
+            // leaving; the cap bounds what one client can make us buffer.
+            // While a drain waits to dispatch what was buffered, nothing
+            // new is read: it would not be served.
+            let can_read = self.state != State::Draining && conn.buffered() < sh.read_cap;
+            deadlines.progress(progress);
+            if conn.buffered() == 0 && self.pipeline.is_empty() {
+                // Between requests a client holds no buffer: idle
+                // connections are what a reconnect storm leaves behind by
+                // the thousand.
+                conn.reader().release_if_empty();
+            }
+            let pending = !self.pipeline.is_empty();
+            tokio::select! {
+                r = conn.read_some(), if can_read => match r {
+                    Ok(0) => return SessionEnd::ClientClosed,
+                    Err(_) => return SessionEnd::ClientReset,
+                    Ok(_) => {
+                        deadlines.read();
+                        if matches!(self.state, State::Closing(_)) {
+                            // Draining: what arrives now is not served.
+                            conn.reader().clear();
                         }
                     }
+                },
+                reply = self.pipeline.front(), if waiting => {
+                    self.pipeline.complete_front(reply);
+                },
+                end = deadlines.expired(pending) => {
+                    if end == SessionEnd::SlowRequest {
+                        ProxyStats::add(&sh.stats.request_read_timeouts, 1);
+                    }
+                    return end;
+                },
+                (event, p, r) = &mut control => {
+                    control = Box::pin(next_control(p, r));
+                    match event {
+                        Control::Phase(Phase::Running) => {}
+                        Control::Phase(Phase::Draining) => {
+                            // What the client sent before the drain began
+                            // is in flight from its side: serve what
+                            // already arrived.
+                            conn.drain_socket(sh.read_cap);
+                            if self.state == State::Serving {
+                                self.state = State::Draining;
+                            }
+                        }
+                        Control::Phase(Phase::Stopped) | Control::Gone => return SessionEnd::Stopped,
+                        // Idle sessions of a revoked credential are closed too.
+                        Control::Reload => {
+                            if !self.refresh(&mut conn) {
+                                return SessionEnd::Revoked;
+                            }
+                        }
+                    }
+                },
+            }
+        }
+    }
+
+    /// Parses and dispatches what is buffered, while the pipeline has
+    /// room. Returns what parsing got through (for the request-read
+    /// deadline), or why the session must end.
+    fn dispatch(&mut self, conn: &mut ClientConnection) -> Result<Progress, SessionEnd> {
+        let sh = self.sh;
+        let mut progress = Progress::default();
+        while matches!(self.state, State::Serving | State::Draining)
+            && self.pipeline.has_room(sh.max_pipeline_depth)
+        {
+            // A reload not yet seen by the control wait: no request runs
+            // under a revoked credential. One atomic load when nothing was
+            // reloaded.
+            if conn.buffered() > 0 && self.reloads.has_changed().unwrap_or(false) {
+                self.reloads.mark_unchanged();
+                if !self.refresh(conn) {
+                    return Err(SessionEnd::Revoked);
                 }
-            },
+            }
+            match conn.next_request() {
+                Next::Empty => break,
+                Next::Partial => {
+                    progress.partial = true;
+                    break;
+                }
+                Next::Frame(req) => {
+                    progress.parsed = true;
+                    let is_barrier = command::is_barrier(&req);
+                    let slot = command::dispatch(req, sh, &self.client);
+                    if let Slot::Ready(Reply { close: true, .. }) = slot {
+                        self.state = State::Closing(SessionEnd::Quit);
+                    }
+                    self.pipeline.push(slot, is_barrier);
+                }
+                Next::Error(e) => {
+                    ProxyStats::add(&sh.stats.protocol_errors, 1);
+                    let mut reply = Reply {
+                        out: BytesMut::new(),
+                        close: e.close,
+                    };
+                    e.write_reply(&mut reply.out);
+                    if e.close {
+                        self.state = State::Closing(SessionEnd::ProtocolError);
+                    }
+                    self.pipeline.push(Slot::Ready(reply), false);
+                }
+            }
+        }
+        Ok(progress)
+    }
+
+    /// The limits the client's requests are parsed with: the proxy's, with
+    /// its tenant's key limit.
+    fn set_limits(&self, conn: &mut ClientConnection) {
+        let mut limits = self.sh.limits.clone();
+        limits.max_key_len = self.client.identity.tenant.namespace.max_client_key_len();
+        conn.reader().set_limits(limits);
+    }
+
+    /// After a reload not yet `seen`: serves on as the session's credential
+    /// now stands (rights, namespace), or returns `false` if it was
+    /// revoked. The parse loop and the control wait both notice a reload;
+    /// `seen` makes the second a no-op.
+    fn refresh(&mut self, conn: &mut ClientConnection) -> bool {
+        let version = self.sh.tenants.version();
+        if version == self.seen {
+            return true;
+        }
+        self.seen = version;
+        match self.sh.tenants.load().refresh(&self.client.identity) {
+            Some(identity) => {
+                self.client.identity = identity;
+                self.set_limits(conn);
+                true
+            }
+            None => {
+                info!(
+                    "closing {} ({}): its credential is no longer configured",
+                    self.peer
+                        .map_or_else(|| "a client".into(), |p| p.to_string()),
+                    self.client
+                        .identity
+                        .username
+                        .as_deref()
+                        .unwrap_or("open tenant")
+                );
+                false
+            }
         }
     }
 }
 
 /// How soon an idle timer that fired with replies pending looks again.
-const IDLE_RECHECK: std::time::Duration = std::time::Duration::from_secs(1);
+const IDLE_RECHECK: Duration = Duration::from_secs(1);
 
 /// Far enough to never fire: the idle timer without an idle timeout.
-const NEVER: std::time::Duration = std::time::Duration::from_secs(100 * 365 * 24 * 3600);
+const NEVER: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
 /// What a session hears from the proxy between requests.
 enum Control {
@@ -314,68 +551,4 @@ async fn next_control(
         },
     };
     (event, phase, reloads)
-}
-
-/// After a reload not yet `seen`: serves on as the session's credential
-/// now stands (rights, namespace), or returns `false` if it was revoked.
-/// The parse loop and the control wait both notice a reload; `seen` makes
-/// the second a no-op.
-fn refresh(
-    sh: &Shared,
-    client: &mut Client,
-    limits: &mut protocol::Limits,
-    seen: &mut u64,
-    peer: Option<std::net::IpAddr>,
-) -> bool {
-    let version = sh.tenants.version();
-    if version == *seen {
-        return true;
-    }
-    *seen = version;
-    match sh.tenants.load().refresh(&client.identity) {
-        Some(identity) => {
-            limits.max_key_len = identity.tenant.namespace.max_client_key_len();
-            client.identity = identity;
-            true
-        }
-        None => {
-            info!(
-                "closing {} ({}): its credential is no longer configured",
-                peer.map_or_else(|| "a client".into(), |p| p.to_string()),
-                client.identity.username.as_deref().unwrap_or("open tenant")
-            );
-            false
-        }
-    }
-}
-
-/// Reads what the client sent, growing the buffer only once there is
-/// something to read.
-///
-/// The read itself goes through `AsyncRead`, not `try_read_buf`: a read
-/// that leaves room in the buffer has drained the socket, and tokio then
-/// forgets the readiness instead of finding out with a second `recv` that
-/// fails with `EAGAIN` (one wasted syscall per request otherwise).
-async fn read_some(rd: &mut OwnedReadHalf, buf: &mut BytesMut) -> std::io::Result<usize> {
-    rd.readable().await?;
-    if buf.capacity() - buf.len() < READ_CHUNK / 4 {
-        buf.reserve(READ_CHUNK);
-    }
-    rd.read_buf(buf).await
-}
-
-/// How much the read buffer grows by.
-const READ_CHUNK: usize = 4 * 1024;
-
-/// Takes whatever the socket already holds, without waiting.
-fn drain_socket(rd: &OwnedReadHalf, buf: &mut BytesMut, cap: usize) {
-    while buf.len() < cap {
-        if buf.capacity() - buf.len() < READ_CHUNK / 4 {
-            buf.reserve(READ_CHUNK);
-        }
-        match rd.try_read_buf(buf) {
-            Ok(n) if n > 0 => continue,
-            _ => break,
-        }
-    }
 }

@@ -7,6 +7,8 @@ use std::{
 
 use bytes::Bytes;
 
+use super::session::SessionEnd;
+
 macro_rules! counters {
     ($($(#[$doc:meta])* $name:ident),* $(,)?) => {
         /// Proxy-wide counters; every field is a relaxed atomic.
@@ -14,11 +16,17 @@ macro_rules! counters {
         pub struct ProxyStats {
             started: Instant,
             $($(#[$doc])* pub $name: AtomicU64,)*
+            /// Sessions ended, by [`SessionEnd`] (indexed by its value).
+            pub session_ends: [AtomicU64; SessionEnd::ALL.len()],
         }
 
         impl Default for ProxyStats {
             fn default() -> Self {
-                Self { started: Instant::now(), $($name: AtomicU64::new(0),)* }
+                Self {
+                    started: Instant::now(),
+                    $($name: AtomicU64::new(0),)*
+                    session_ends: std::array::from_fn(|_| AtomicU64::new(0)),
+                }
             }
         }
 
@@ -32,6 +40,9 @@ macro_rules! counters {
                     ("version", crate::proxy::version().to_string()),
                 ];
                 $(rows.push((stringify!($name), self.$name.load(Ordering::Relaxed).to_string()));)*
+                for (end, n) in SessionEnd::ALL.iter().zip(&self.session_ends) {
+                    rows.push((end.stat_name(), n.load(Ordering::Relaxed).to_string()));
+                }
                 // Counted by the daemon's ring-buffer reader; zero without XDP.
                 rows.push((
                     "xdp_limit_events",

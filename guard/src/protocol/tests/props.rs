@@ -1,9 +1,11 @@
 //! Chunking equivalence and arbitrary-input properties.
 
-use bytes::{Buf, BytesMut};
 use proptest::prelude::*;
 
-use super::super::*;
+use super::super::{
+    reader::{Parse, ResponseParser},
+    *,
+};
 use super::binary_protocol::frame;
 
 /// What a driver observed, comparable across chunkings. Discard lengths of
@@ -18,39 +20,23 @@ enum Event<T> {
     },
 }
 
-type Parser<T> = fn(&mut BytesMut, &Limits) -> Result<Option<T>, ProtocolError>;
-
-/// Feeds `chunks` one by one into a growing buffer, parsing as far as
-/// possible after each, draining swallowed bytes the way a proxy would.
-fn drive<T: std::fmt::Debug>(parse: Parser<T>, chunks: &[&[u8]], limits: &Limits) -> Vec<Event<T>> {
-    let mut buf = BytesMut::new();
-    let mut skip = 0usize;
+/// Feeds `chunks` one by one into a [`FrameReader`] as a proxy does,
+/// collecting what it yields and checking the parser's contract.
+fn drive<P: Parse + Clone>(parser: &P, chunks: &[&[u8]], limits: &Limits) -> Vec<Event<P::Item>>
+where
+    P::Item: std::fmt::Debug,
+{
+    let mut reader = FrameReader::new(parser.clone(), limits.clone());
     let mut events = Vec::new();
     for chunk in chunks {
-        buf.extend_from_slice(chunk);
+        reader.buffer().extend_from_slice(chunk);
         loop {
-            if skip > 0 {
-                let n = skip.min(buf.len());
-                buf.advance(n);
-                skip -= n;
-                if skip > 0 {
-                    break;
-                }
-            }
-            let before = buf.clone();
-            match parse(&mut buf, limits) {
-                Ok(Some(item)) => {
-                    assert!(buf.len() < before.len(), "no progress");
-                    assert_eq!(&before[before.len() - buf.len()..], &buf[..]);
-                    events.push(Event::Item(item));
-                }
-                Ok(None) => {
-                    assert_eq!(buf, before, "incomplete must not touch the buffer");
-                    break;
-                }
-                Err(e) => {
-                    assert_eq!(buf, before, "errors must not touch the buffer");
-                    assert!(e.discard > 0);
+            match reader
+                .next_frame_checked()
+                .unwrap_or_else(|e| panic!("{e}"))
+            {
+                Next::Frame(item) => events.push(Event::Item(item)),
+                Next::Error(e) => {
                     events.push(Event::Error {
                         kind: e.kind,
                         close: e.close,
@@ -59,13 +45,18 @@ fn drive<T: std::fmt::Debug>(parse: Parser<T>, chunks: &[&[u8]], limits: &Limits
                     if e.close {
                         return events;
                     }
-                    skip = e.discard_from(&mut buf);
                 }
+                Next::Empty | Next::Partial => break,
             }
         }
     }
     events
 }
+
+/// A client connection's parser, which keeps the protocol of its first
+/// byte, and the backend's.
+const REQUESTS: RequestParser = RequestParser::new();
+const RESPONSES: ResponseParser = ResponseParser;
 
 fn small_limits() -> Limits {
     Limits {
@@ -186,14 +177,17 @@ fn crlf_room(l: &Limits) -> Limits {
     }
 }
 
-fn whole<T: std::fmt::Debug>(parse: Parser<T>, s: &[u8], l: &Limits) -> Vec<Event<T>> {
-    drive(parse, &[s], l)
+fn whole<P: Parse + Clone>(parser: &P, s: &[u8], l: &Limits) -> Vec<Event<P::Item>>
+where
+    P::Item: std::fmt::Debug,
+{
+    drive(parser, &[s], l)
 }
 
 #[test]
 fn streams_have_expected_shape() {
     let l = small_limits();
-    let text = whole(parse_request, &text_pipeline(), &l);
+    let text = whole(&REQUESTS, &text_pipeline(), &l);
     let errors: Vec<_> = text
         .iter()
         .filter_map(|e| match e {
@@ -225,9 +219,9 @@ fn streams_have_expected_shape() {
             check_request(r, &l);
         }
     }
-    let meta = whole(parse_request, &meta_pipeline(), &l);
+    let meta = whole(&REQUESTS, &meta_pipeline(), &l);
     assert_eq!(meta.len(), 13);
-    let bin = whole(parse_request, &binary_pipeline(), &l);
+    let bin = whole(&REQUESTS, &binary_pipeline(), &l);
     assert_eq!(bin.len(), 9);
     assert!(matches!(
         bin[3],
@@ -237,9 +231,9 @@ fn streams_have_expected_shape() {
             ..
         }
     ));
-    let mixed = whole(parse_request, &mixed_pipeline(), &l);
+    let mixed = whole(&REQUESTS, &mixed_pipeline(), &l);
     assert_eq!(mixed.len(), 5);
-    let long = whole(parse_request, &long_lines(), &l);
+    let long = whole(&REQUESTS, &long_lines(), &l);
     assert_eq!(long.len(), 6);
     assert!(matches!(
         long[5],
@@ -249,7 +243,7 @@ fn streams_have_expected_shape() {
             ..
         }
     ));
-    let resp = whole(parse_response, &response_stream(), &l);
+    let resp = whole(&RESPONSES, &response_stream(), &l);
     assert_eq!(resp.len(), 30);
     assert!(matches!(
         resp[26],
@@ -265,7 +259,7 @@ fn streams_have_expected_shape() {
 #[test]
 fn every_split_point_matches_whole_parse() {
     let l = small_limits();
-    let check = |parse: Parser<Response>, s: &[u8]| {
+    let check = |parse: &ResponseParser, s: &[u8]| {
         let expect = whole(parse, s, &l);
         for i in 0..=s.len() {
             assert_eq!(
@@ -278,18 +272,18 @@ fn every_split_point_matches_whole_parse() {
         assert_eq!(drive(parse, &bytes, &l), expect);
     };
     for s in request_streams() {
-        let expect = whole(parse_request, &s, &l);
+        let expect = whole(&REQUESTS, &s, &l);
         for i in 0..=s.len() {
             assert_eq!(
-                drive(parse_request, &[&s[..i], &s[i..]], &l),
+                drive(&REQUESTS, &[&s[..i], &s[i..]], &l),
                 expect,
                 "split at {i}"
             );
         }
         let bytes: Vec<&[u8]> = s.chunks(1).collect();
-        assert_eq!(drive(parse_request, &bytes, &l), expect);
+        assert_eq!(drive(&REQUESTS, &bytes, &l), expect);
     }
-    check(parse_response, &response_stream());
+    check(&RESPONSES, &response_stream());
 }
 
 fn split_at_points(s: &[u8], mut cuts: Vec<usize>) -> Vec<&[u8]> {
@@ -533,11 +527,11 @@ proptest! {
         if which == 5 {
             let s = response_stream();
             let chunks = split_at_points(&s, cuts);
-            prop_assert_eq!(drive(parse_response, &chunks, &l), whole(parse_response, &s, &l));
+            prop_assert_eq!(drive(&RESPONSES, &chunks, &l), whole(&RESPONSES, &s, &l));
         } else {
             let s = request_streams().swap_remove(which);
             let chunks = split_at_points(&s, cuts);
-            prop_assert_eq!(drive(parse_request, &chunks, &l), whole(parse_request, &s, &l));
+            prop_assert_eq!(drive(&REQUESTS, &chunks, &l), whole(&REQUESTS, &s, &l));
         }
     }
 
@@ -545,20 +539,20 @@ proptest! {
     /// limits and re-encodes faithfully, and chunking never matters.
     #[test]
     fn arbitrary_requests(s in stream(), cuts in proptest::collection::vec(any::<usize>(), 0..6), l in limits_strategy()) {
-        let events = whole(parse_request, &s, &l);
+        let events = whole(&REQUESTS, &s, &l);
         for e in &events {
             if let Event::Item(r) = e {
                 check_request(r, &l);
             }
         }
         let chunks = split_at_points(&s, cuts);
-        prop_assert_eq!(drive(parse_request, &chunks, &l), events);
+        prop_assert_eq!(drive(&REQUESTS, &chunks, &l), events);
     }
 
     /// Same for the backend-reply parser.
     #[test]
     fn arbitrary_responses(s in stream(), cuts in proptest::collection::vec(any::<usize>(), 0..6), l in limits_strategy()) {
-        let events = whole(parse_response, &s, &l);
+        let events = whole(&RESPONSES, &s, &l);
         for e in &events {
             if let Event::Item(r) = e {
                 let mut out = BytesMut::new();
@@ -568,6 +562,6 @@ proptest! {
             }
         }
         let chunks = split_at_points(&s, cuts);
-        prop_assert_eq!(drive(parse_response, &chunks, &l), events);
+        prop_assert_eq!(drive(&RESPONSES, &chunks, &l), events);
     }
 }
