@@ -4,8 +4,9 @@
 //!   machine (nightly `rust-src`, `bpf-linker` against the nightly's LLVM,
 //!   Debian packages). Every other command runs it first; it is quick when
 //!   everything is present.
-//! - `test`: every test tier — unprivileged unit tests, then (as root) the
-//!   kernel and end-to-end tests one at a time.
+//! - `test`: every test tier — unprivileged unit tests and a bounded run of
+//!   each fuzz target from its corpus in the repository, then (as root)
+//!   the kernel and end-to-end tests one at a time.
 //! - `run`: builds guard and runs it on the given interface, or on a demo
 //!   veth pair it creates and removes.
 //! - `bench`: benchmarks (`bench xdp`, `bench proxy`).
@@ -177,6 +178,10 @@ fn setup() -> anyhow::Result<()> {
     if !quiet_ok(Command::new("bpf-linker").arg("--version")) {
         install_bpf_linker(&sysroot)?;
     }
+    // The fuzz targets run in every test pass.
+    if !quiet_ok(Command::new("cargo").args(["+nightly", "fuzz", "--version"])) {
+        check(Command::new("cargo").args(["install", "cargo-fuzz", "--locked"]))?;
+    }
     let missing: Vec<&str> = DEBIAN_PACKAGES
         .iter()
         .copied()
@@ -296,6 +301,12 @@ fn test(unprivileged: bool, filter: Option<&str>) -> anyhow::Result<()> {
         unit.arg(f);
     }
     check(&mut unit)?;
+    // A filter asks for some tests, not for the fuzzers.
+    if filter.is_none() {
+        for target in FUZZ_TARGETS {
+            fuzz_target(target, FUZZ_SECONDS_IN_TESTS)?;
+        }
+    }
     if unprivileged {
         return Ok(());
     }
@@ -463,10 +474,10 @@ impl Drop for Cleanup {
 
 const FUZZ_TARGETS: &[&str] = &["requests", "responses"];
 
+/// How long `test` fuzzes each target.
+const FUZZ_SECONDS_IN_TESTS: u64 = 30;
+
 fn fuzz(target: Option<&str>, seconds: u64) -> anyhow::Result<()> {
-    if !quiet_ok(Command::new("cargo").args(["+nightly", "fuzz", "--version"])) {
-        check(Command::new("cargo").args(["install", "cargo-fuzz", "--locked"]))?;
-    }
     let targets: Vec<&str> = match target {
         Some(t) if FUZZ_TARGETS.contains(&t) => vec![t],
         Some(t) => bail!(
@@ -476,14 +487,30 @@ fn fuzz(target: Option<&str>, seconds: u64) -> anyhow::Result<()> {
         None => FUZZ_TARGETS.to_vec(),
     };
     for t in targets {
-        check(
-            Command::new("cargo")
-                .current_dir(workspace_root().join("guard"))
-                .args(["+nightly", "fuzz", "run", t, "--"])
-                .arg(format!("-max_total_time={seconds}")),
-        )?;
+        fuzz_target(t, seconds)?;
     }
     Ok(())
+}
+
+/// Fuzzes one target for `seconds`, starting from its corpus in the
+/// repository (`guard/fuzz/corpus/<target>`). What it finds new goes to a
+/// scratch directory, so runs leave the work tree as they found it; a
+/// crashing input is kept under `guard/fuzz/artifacts/<target>`.
+fn fuzz_target(target: &str, seconds: u64) -> anyhow::Result<()> {
+    let fuzz_dir = workspace_root().join("guard/fuzz");
+    let scratch = env::temp_dir().join(format!("gt-fuzz-{}-{target}", std::process::id()));
+    std::fs::create_dir_all(&scratch)?;
+    let result = check(
+        Command::new("cargo")
+            .current_dir(workspace_root().join("guard"))
+            .args(["+nightly", "fuzz", "run", target])
+            .arg(&scratch)
+            .arg(fuzz_dir.join("corpus").join(target))
+            .arg("--")
+            .arg(format!("-max_total_time={seconds}")),
+    );
+    let _ = std::fs::remove_dir_all(&scratch);
+    result.with_context(|| format!("fuzz target `{target}` failed"))
 }
 
 fn bench(which: &str) -> anyhow::Result<()> {
