@@ -128,11 +128,22 @@ pub async fn run_daemon(paths: Paths, args: RunArgs) -> anyhow::Result<()> {
     let mut proxy = None;
     if !config.proxy.listen.is_empty() {
         descriptors::fit(&mut config.proxy)?;
+        let backlog = config.proxy.backlog;
+        // listen(2) silently truncates the backlog to somaxconn.
+        if let Some(max) = proxy::listener::somaxconn()
+            && max < backlog
+        {
+            warn!(
+                "the kernel caps the listen backlog at net.core.somaxconn = {max}, below the \
+                 configured {backlog}: when more than {max} connections queue at once, the \
+                 rest wait for a SYN retransmit (1 s); raise it with \
+                 `sysctl net.core.somaxconn={backlog}` and restart guard"
+            );
+        }
         let mut listeners = Vec::new();
         for addr in &config.proxy.listen {
             listeners.push(
-                tokio::net::TcpListener::bind(addr)
-                    .await
+                proxy::listener::bind(*addr, backlog)
                     .with_context(|| format!("cannot listen on {addr}"))?,
             );
         }

@@ -1,20 +1,45 @@
-//! Accepting clients: a global connection cap taken before `accept`, a
-//! per-source cap, and backoff on accept errors.
+//! Accepting clients: listeners with a configured backlog, a global
+//! connection cap taken before `accept`, a per-source cap, and backoff on
+//! accept errors.
 
 use std::{
     collections::HashMap,
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     sync::{Arc, Mutex},
     time::Duration,
 };
 
 use log::{error, warn};
 use tokio::{
-    net::TcpListener,
+    net::{TcpListener, TcpSocket},
     sync::{OwnedSemaphorePermit, Semaphore, watch},
 };
 
 use super::{Phase, Shared, session, stats::ProxyStats};
+
+/// A listener on `addr` whose accept queue holds `backlog` connections
+/// (the kernel caps it at `net.core.somaxconn`). Like tokio's own `bind`
+/// it sets `SO_REUSEADDR`, so a restart rebinds at once; an IPv6 address
+/// gets a dual-stack socket as the system default gives it. Needs a tokio
+/// runtime.
+pub fn bind(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
+}
+
+/// Where the kernel's cap on every listen backlog is set.
+pub const SOMAXCONN: &str = "/proc/sys/net/core/somaxconn";
+
+/// The kernel's cap on listen backlogs in this network namespace, if it
+/// can be read.
+pub fn somaxconn() -> Option<u32> {
+    std::fs::read_to_string(SOMAXCONN).ok()?.trim().parse().ok()
+}
 
 /// Open connections per source address, with a cap.
 #[derive(Debug, Default)]
