@@ -4,8 +4,10 @@
 
 use std::{
     collections::HashMap,
+    future::Future,
     net::{IpAddr, SocketAddr},
     os::fd::AsRawFd as _,
+    pin::Pin,
     sync::{Arc, Mutex},
     task::{Context, Poll, Waker},
     time::Duration,
@@ -104,6 +106,39 @@ const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
 /// sessions just accepted get their first turn before the next batch.
 pub const ACCEPT_BATCH: usize = 64;
 
+/// Runs [`accept_loop`] for every listener, all within the calling task,
+/// until each has returned.
+pub async fn accept_all(
+    listeners: Vec<TcpListener>,
+    sh: Arc<Shared>,
+    permits: Arc<Semaphore>,
+    sources: Arc<SourceLimits>,
+    phase: watch::Receiver<Phase>,
+) {
+    let mut loops: Vec<Pin<Box<dyn Future<Output = ()> + Send>>> = listeners
+        .into_iter()
+        .map(|l| {
+            Box::pin(accept_loop(
+                l,
+                sh.clone(),
+                permits.clone(),
+                sources.clone(),
+                phase.clone(),
+            )) as Pin<Box<dyn Future<Output = ()> + Send>>
+        })
+        .collect();
+    // One or two listeners: polling each on every wake-up costs nothing.
+    std::future::poll_fn(|cx| {
+        loops.retain_mut(|l| l.as_mut().poll(cx).is_pending());
+        if loops.is_empty() {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    })
+    .await;
+}
+
 /// Accepts until the proxy leaves [`Phase::Running`]; the listener is
 /// closed on return.
 ///
@@ -112,9 +147,9 @@ pub const ACCEPT_BATCH: usize = 64;
 /// batch or not, first takes a permit: at the cap, connections wait in
 /// the kernel's backlog instead of costing us a descriptor each. The
 /// batch also stops where tokio's cooperative budget runs out (each
-/// accept spends some), so on a single-threaded runtime the accept task
-/// yields after a bounded amount of work and comes back after the tasks
-/// queued meanwhile, not after every session has gone idle.
+/// accept spends some), so the loop yields after a bounded amount of
+/// work; when it is polled again depends on where it runs (see
+/// [`super::Proxy::run_with`]).
 pub async fn accept_loop(
     listener: TcpListener,
     sh: Arc<Shared>,
