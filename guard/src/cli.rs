@@ -161,6 +161,9 @@ pub struct RunArgs {
     /// Address the memcache proxy listens on (repeatable).
     #[arg(long, value_name = "ADDR:PORT")]
     pub listen: Vec<std::net::SocketAddr>,
+    /// Accept queue length of each listener (capped by net.core.somaxconn).
+    #[arg(long)]
+    pub backlog: Option<u32>,
     /// memcached backend, ADDR:PORT[:WEIGHT] (repeatable).
     #[arg(long, value_name = "ADDR:PORT[:WEIGHT]")]
     pub backend: Vec<BackendConfig>,
@@ -263,6 +266,9 @@ impl RunArgs {
         set(&mut p.idle_timeout_secs, self.idle_timeout_secs);
         set(&mut p.request_read_timeout_ms, self.request_read_timeout_ms);
         set(&mut p.drain_grace_secs, self.drain_grace_secs);
+        if let Some(b) = self.backlog {
+            p.backlog = b;
+        }
         set(&mut p.auth_timeout_ms, self.auth_timeout_ms);
         let set = |dst: &mut usize, v: Option<usize>| {
             if let Some(v) = v {
@@ -335,6 +341,8 @@ mod tests {
             "127.0.0.1:11212",
             "--request-timeout-ms",
             "50",
+            "--backlog",
+            "128",
             "--miss-on-backend-error",
         ])
         .unwrap();
@@ -345,6 +353,7 @@ mod tests {
         assert_eq!(c.proxy.listen.len(), 1);
         assert_eq!(c.proxy.backends[0].weight, 2);
         assert_eq!(c.proxy.request_timeout_ms, 50);
+        assert_eq!(c.proxy.backlog, 128);
         assert!(c.proxy.miss_on_backend_error);
         assert!(parse(&["run", "--backend", "nohost"]).is_err());
     }
@@ -377,6 +386,21 @@ mod tests {
         };
         let e = args.resolve().unwrap_err().to_string();
         assert!(e.contains("--protect"), "{e}");
+        let cli = parse(&[
+            "run",
+            "--listen",
+            "127.0.0.1:11311",
+            "--backend",
+            "127.0.0.1:11211",
+            "--backlog",
+            "0",
+        ])
+        .unwrap();
+        let Command::Run(args) = cli.command else {
+            panic!("not run")
+        };
+        let e = args.resolve().unwrap_err().to_string();
+        assert_eq!(e, "backlog must be 1..=65535, got 0");
     }
 
     #[test]

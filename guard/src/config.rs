@@ -147,6 +147,9 @@ impl Default for XdpConfig {
 pub struct ProxyConfig {
     /// Addresses the proxy accepts clients on. Empty: no proxy.
     pub listen: Vec<SocketAddr>,
+    /// Length of each listener's accept queue (`listen(2)` backlog); the
+    /// kernel caps it at `net.core.somaxconn`.
+    pub backlog: u32,
     /// memcached servers, hashed with ketama by weight.
     pub backends: Vec<BackendConfig>,
     /// Longest wait for a backend TCP connect.
@@ -186,6 +189,11 @@ impl Default for ProxyConfig {
     fn default() -> Self {
         Self {
             listen: Vec::new(),
+            // A reconnect burst of thousands fills a queue of 128 within
+            // milliseconds, and every SYN the kernel drops then costs its
+            // client a 1 s retransmit; 4096 is the kernel's own default
+            // somaxconn, so it needs no sysctl on a current kernel.
+            backlog: 4096,
             backends: Vec::new(),
             // A healthy backend on the same network connects in well under a
             // millisecond; waiting longer only turns an outage into slowness.
@@ -253,6 +261,11 @@ impl ProxyConfig {
             if !seen.insert(l) {
                 bail!("proxy listener {l} is listed twice");
             }
+        }
+        // 0 queues barely one connection; older kernels keep the length
+        // in 16 bits, so more than 65535 would wrap there.
+        if !(1..=65_535).contains(&self.backlog) {
+            bail!("backlog must be 1..=65535, got {}", self.backlog);
         }
         if !(1..=60_000).contains(&self.connect_timeout_ms) {
             bail!(
@@ -1021,6 +1034,34 @@ mod tests {
             }];
             assert_eq!(c.validate().is_ok(), ok, "{ns}");
         }
+    }
+
+    #[test]
+    fn backlog_defaults_and_bounds() {
+        let mut c = Config::parse(
+            "[proxy]\nlisten = [\"127.0.0.1:11311\"]\nbackends = [{ addr = \"10.0.0.5:11211\" }]\n",
+        )
+        .unwrap();
+        assert_eq!(c.proxy.backlog, 4096);
+        c.validate().unwrap();
+        for (backlog, ok) in [(0, false), (1, true), (65_535, true), (65_536, false)] {
+            c.proxy.backlog = backlog;
+            match c.validate() {
+                Ok(()) => assert!(ok, "{backlog} accepted"),
+                Err(e) => {
+                    assert!(!ok, "{backlog} refused: {e}");
+                    let e = e.to_string();
+                    assert!(e.contains("backlog must be 1..=65535"), "{e}");
+                    assert!(e.contains(&backlog.to_string()), "{e}");
+                }
+            }
+        }
+        let c = Config::parse("[proxy]\nbacklog = 128\n").unwrap();
+        assert_eq!(c.proxy.backlog, 128);
+        let e = Config::parse("[proxy]\nbacklog = -1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("backlog"), "{e}");
     }
 
     #[test]

@@ -69,6 +69,9 @@ const EXPIRY_INTERVAL: Duration = Duration::from_secs(1);
 /// this, reports are dropped rather than slow a session.
 const LEARNED_QUEUE: usize = 4096;
 
+/// The running proxy, polled by `run_daemon` itself.
+type ProxyFuture = std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<()>> + Send>>;
+
 /// Runs the command the CLI names.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     let paths = cli.paths();
@@ -133,11 +136,22 @@ pub async fn run_daemon(paths: Paths, args: RunArgs) -> anyhow::Result<()> {
     let mut proxy = None;
     if !config.proxy.listen.is_empty() {
         descriptors::fit(&mut config.proxy)?;
+        let backlog = config.proxy.backlog;
+        // listen(2) silently truncates the backlog to somaxconn.
+        if let Some(max) = proxy::listener::somaxconn()
+            && max < backlog
+        {
+            warn!(
+                "the kernel caps the listen backlog at net.core.somaxconn = {max}, below the \
+                 configured {backlog}: when more than {max} connections queue at once, the \
+                 rest wait for a SYN retransmit (1 s); raise it with \
+                 `sysctl net.core.somaxconn={backlog}` and restart guard"
+            );
+        }
         let mut listeners = Vec::new();
         for addr in &config.proxy.listen {
             listeners.push(
-                tokio::net::TcpListener::bind(addr)
-                    .await
+                proxy::listener::bind(*addr, backlog)
                     .with_context(|| format!("cannot listen on {addr}"))?,
             );
         }
@@ -152,7 +166,11 @@ pub async fn run_daemon(paths: Paths, args: RunArgs) -> anyhow::Result<()> {
             tenants: tenants.clone(),
             learned: learned_tx,
         };
-        let task = tokio::spawn(proxy::Proxy::run_with(
+        // Polled here, in the runtime's main future, not spawned: its
+        // accept loops then take their turn before every round of tasks
+        // (see `Proxy::run_with`), so a burst of busy sessions cannot keep
+        // new clients waiting in the backlog.
+        let serving: ProxyFuture = Box::pin(proxy::Proxy::run_with(
             listeners,
             config.proxy.clone(),
             cx,
@@ -160,7 +178,7 @@ pub async fn run_daemon(paths: Paths, args: RunArgs) -> anyhow::Result<()> {
                 let _ = stopped.await;
             },
         ));
-        proxy = Some((stop, task));
+        proxy = Some((stop, serving));
     }
 
     let mut xdp: Option<XdpRun> = None;
@@ -228,22 +246,21 @@ pub async fn run_daemon(paths: Paths, args: RunArgs) -> anyhow::Result<()> {
             },
             r = async {
                 match &mut proxy {
-                    Some((_, task)) => task.await,
+                    Some((_, serving)) => serving.await,
                     None => std::future::pending().await,
                 }
             } => {
                 // The proxy only ends on its own when something broke.
                 match r {
-                    Ok(Ok(())) => bail!("the proxy stopped unexpectedly"),
-                    Ok(Err(e)) => return Err(e.context("the proxy failed")),
-                    Err(e) => bail!("the proxy task failed: {e}"),
+                    Ok(()) => bail!("the proxy stopped unexpectedly"),
+                    Err(e) => return Err(e.context("the proxy failed")),
                 }
             },
         }
     }
-    if let Some((stop, task)) = proxy {
+    if let Some((stop, serving)) = proxy {
         let _ = stop.send(());
-        task.await.context("the proxy task failed")??;
+        serving.await?;
     }
     if let Some((guard, _, events, _)) = xdp {
         events.abort();

@@ -45,6 +45,8 @@ pub fn guard_bin() -> PathBuf {
 pub struct GuardDaemon {
     ns: NsHandle,
     args: Vec<String>,
+    /// The log line that says start-up is over.
+    ready: &'static str,
     pin_root: PathBuf,
     state_root: PathBuf,
     child: Option<ChildGuard>,
@@ -55,10 +57,21 @@ impl GuardDaemon {
     /// Starts `guard run ARGS` inside `ns` and waits until its XDP program
     /// is attached and configured.
     pub fn start(ns: &NsHandle, args: &[&str]) -> Result<Self> {
+        Self::start_until(ns, args, "guarding ")
+    }
+
+    /// Starts `guard run ARGS` (a proxy without XDP) inside `ns` and waits
+    /// until it is listening.
+    pub fn start_proxy(ns: &NsHandle, args: &[&str]) -> Result<Self> {
+        Self::start_until(ns, args, "proxy listening on ")
+    }
+
+    fn start_until(ns: &NsHandle, args: &[&str], ready: &'static str) -> Result<Self> {
         let name = unique_name("guard");
         let mut d = Self {
             ns: ns.clone(),
             args: args.iter().map(|s| s.to_string()).collect(),
+            ready,
             pin_root: PathBuf::from("/sys/fs/bpf").join(&name),
             state_root: std::env::temp_dir().join(&name),
             child: None,
@@ -98,7 +111,7 @@ impl GuardDaemon {
             if self
                 .log_text()
                 .get(seen..)
-                .is_some_and(|t| t.contains("guarding "))
+                .is_some_and(|t| t.contains(self.ready))
             {
                 break;
             }

@@ -11,6 +11,7 @@
 //! Drop order matters: declare guards of processes (`ChildGuard`, `Memcached`)
 //! *after* the `Topology`/`NetNs` they run in, so they are dropped first.
 
+pub mod burst;
 pub mod counters;
 pub mod daemon;
 pub mod flood;
@@ -26,6 +27,7 @@ pub mod xdp;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
+pub use burst::{Burst, BurstConfig, burst, close_with_reset};
 pub use counters::{AcceptCounter, Counters, FrameCounter, FrameCounterStats, LinkStats};
 pub use flood::{FloodStats, SourceAddr, SynFlood, SynFloodConfig, send_frames};
 pub use net::{connect_from, connect_in, listen_in};

@@ -1,5 +1,7 @@
 //! Sockets opened inside namespaces.
 
+use std::collections::BTreeMap;
+use std::io::{BufRead as _, BufReader, Write as _};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::time::Duration;
@@ -118,4 +120,26 @@ fn connect_here(src: Option<IpAddr>, dst: SocketAddr, timeout: Duration) -> Resu
 pub fn free_loopback_port() -> Result<u16> {
     let l = TcpListener::bind(("127.0.0.1", 0))?;
     Ok(l.local_addr()?.port())
+}
+
+/// `stats` on an open memcache connection: every `STAT name value` row up
+/// to `END`. The stream's read timeout (if any) bounds the wait.
+pub fn memcache_stats(s: &mut TcpStream) -> Result<BTreeMap<String, String>> {
+    s.write_all(b"stats\r\n")?;
+    let mut r = BufReader::new(s.try_clone()?);
+    let mut rows = BTreeMap::new();
+    loop {
+        let mut line = String::new();
+        if r.read_line(&mut line).context("reading stats")? == 0 {
+            bail!("connection closed during stats");
+        }
+        let line = line.trim_end();
+        if line == "END" {
+            return Ok(rows);
+        }
+        let Some((name, value)) = line.strip_prefix("STAT ").and_then(|l| l.split_once(' ')) else {
+            bail!("unexpected stats line `{line}`");
+        };
+        rows.insert(name.to_owned(), value.to_owned());
+    }
 }

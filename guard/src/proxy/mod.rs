@@ -120,6 +120,16 @@ impl Proxy {
     /// Serves clients on `listeners`, with the tenants of `cx`, until
     /// `shutdown` completes, then drains: stops accepting, lets in-flight
     /// requests finish within `drain_grace_secs`, and closes what is left.
+    ///
+    /// The accept loops run inside this future, not as tasks of their
+    /// own, so whoever polls it sets their priority. `guard run` polls it
+    /// from the future it gives `block_on`, which tokio's current-thread
+    /// scheduler polls, when woken, before each round of at most
+    /// `event_interval` (61) tasks; and which a multi-threaded runtime
+    /// runs on its own thread. A spawned accept loop instead waits behind
+    /// every session woken before it: a measured herd of 48,000 requests
+    /// on 16,000 connections kept new clients in the backlog for up to a
+    /// second.
     pub async fn run_with(
         listeners: Vec<TcpListener>,
         config: ProxyConfig,
@@ -162,25 +172,29 @@ impl Proxy {
         let syncing = tokio::spawn(generations::run(shared.clone(), phase_rx.clone()));
         let permits = Arc::new(Semaphore::new(config.max_connections));
         let sources = Arc::new(SourceLimits::new(config.max_connections_per_source));
-        let mut accepting = Vec::new();
-        for l in listeners {
+        for l in &listeners {
             if let Ok(addr) = l.local_addr() {
                 info!("proxy listening on {addr}");
             }
-            accepting.push(tokio::spawn(listener::accept_loop(
-                l,
-                shared.clone(),
-                permits.clone(),
-                sources.clone(),
-                phase_rx.clone(),
-            )));
         }
-
-        shutdown.await;
+        let accepting = listener::accept_all(
+            listeners,
+            shared.clone(),
+            permits.clone(),
+            sources,
+            phase_rx.clone(),
+        );
+        tokio::pin!(accepting);
+        // The loops end only once the phase changes (or the semaphore is
+        // closed, which nothing does): normally `shutdown` comes first.
+        let accepted_all = tokio::select! {
+            () = shutdown => false,
+            () = &mut accepting => true,
+        };
         info!("proxy draining");
         let _ = phase_tx.send(Phase::Draining);
-        for t in accepting {
-            let _ = t.await;
+        if !accepted_all {
+            accepting.await;
         }
         // Every session holds a permit: having them all back means every
         // session has ended.

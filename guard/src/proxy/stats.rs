@@ -61,6 +61,17 @@ counters! {
     total_connections,
     /// Connections closed at once because their source was at its cap.
     rejected_connections,
+    /// Wake-ups of the accept loops, each accepting one connection and
+    /// as many more as were queued (see `listener::ACCEPT_BATCH`).
+    accept_batches,
+    /// Accepted connections whose time in the accept queue was measured:
+    /// the first of every batch, which waited longest.
+    accept_wait_samples,
+    /// Their time in the accept queue, summed, in milliseconds.
+    accept_wait_ms_total,
+    /// The longest time a measured connection spent in the accept queue,
+    /// in milliseconds.
+    accept_wait_ms_max,
     /// Keys looked up.
     cmd_get,
     /// Storage requests.

@@ -118,7 +118,7 @@ impl GuardProxy {
             .build()
             .unwrap();
         let listener = runtime
-            .block_on(tokio::net::TcpListener::bind(config.listen[0]))
+            .block_on(async { guard::proxy::listener::bind(config.listen[0], config.backlog) })
             .unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

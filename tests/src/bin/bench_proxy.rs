@@ -1,8 +1,12 @@
 //! `cargo xtask bench proxy`: the same load, the same backends, the same
 //! run, against memcached directly, Debian's nutcracker (twemproxy) and
 //! guard. Prints the machine, a Markdown table of ops/s and p50/p99
-//! latency for a get-heavy and a set-heavy mix, and the memory each proxy
-//! spends per idle client connection. Measures only; asserts nothing.
+//! latency for a get-heavy and a set-heavy mix, the memory each proxy
+//! spends per idle client connection, and a connection burst (16,000
+//! clients at once, each with a get pending on a stopped backend): how
+//! long each proxy takes to accept them all (beside a plain listener that
+//! only accepts), what each connection costs it, and how soon it lets go
+//! once the clients leave. Measures only; asserts nothing.
 //!
 //! Everything runs on 127.0.0.1, and every process it starts is killed
 //! when it exits, panics included (and by the kernel if it is killed).
@@ -17,7 +21,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use guard_tests::{ChildGuard, Memcached, net::free_loopback_port};
+use guard_tests::{
+    BurstConfig, ChildGuard, Counters, Memcached, close_with_reset, net::free_loopback_port,
+};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 const BACKENDS: usize = 2;
@@ -33,6 +39,17 @@ const UNLOADED_REQUESTS: usize = 20_000;
 const UNLOADED_LIMIT: Duration = Duration::from_secs(20);
 /// Latency histogram: 1 µs buckets up to this, then one overflow bucket.
 const HIST_US: usize = 100_000;
+/// Clients in the connection burst: the incident's count, which fits the
+/// default ephemeral port range (32768-60999) towards one port.
+const BURST_CLIENTS: usize = 16_000;
+/// The listen backlog both proxies get for the burst (guard's default).
+const BURST_BACKLOG: u32 = 4096;
+/// Longest wait for a proxy to accept a whole burst.
+const BURST_WAIT: Duration = Duration::from_secs(30);
+/// Longest wait for a proxy to close a burst's connections once the
+/// clients have left: guard must do it at once; a proxy that holds them
+/// until their requests time out is reported as not done.
+const BURST_RELEASE_WAIT: Duration = Duration::from_secs(5);
 
 fn wait_accepting(addr: SocketAddr, child: &mut ChildGuard, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -362,6 +379,222 @@ fn idle_memory(pid: u32, addr: SocketAddr) -> (u64, u64) {
     (before, after)
 }
 
+/// `TcpExtListenOverflows` of this network namespace: SYNs dropped
+/// because a listener's accept queue was full.
+fn listen_overflows() -> u64 {
+    let mut c = Counters::default();
+    c.parse_proc_pairs(&std::fs::read_to_string("/proc/net/netstat").unwrap_or_default());
+    c.get("TcpExtListenOverflows")
+}
+
+/// Descriptors `pid` has open.
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+/// Waits up to `limit` until `pid` has `want` descriptors open, or at
+/// most `want` with `down`; returns when that was.
+fn wait_fds(pid: u32, want: usize, down: bool, limit: Duration) -> Option<Instant> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let n = open_fds(pid);
+        if (down && n <= want) || (!down && n >= want) {
+            return Some(Instant::now());
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        // Listing 16,000 descriptors costs the machine the proxy runs on.
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+struct BurstRow {
+    proxy: &'static str,
+    connected: Duration,
+    accepted: Option<Duration>,
+    retransmitted: usize,
+    /// SYNs the kernel dropped for a full accept queue (host-wide).
+    overflows: u64,
+    failed: usize,
+    /// None for the plain listener.
+    rss_per_conn_kib: Option<f64>,
+    released: Option<Duration>,
+    /// Burst connections still open when the wait for their release ended.
+    still_open: usize,
+}
+
+/// The same burst against a listener with the same backlog whose thread
+/// accepts and closes: what the kernel and the load generator need, with
+/// no proxy work at all.
+fn burst_on_plain_listener(clients: usize) -> BurstRow {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    socket.set_reuse_address(true).unwrap();
+    socket
+        .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    socket.listen(BURST_BACKLOG as i32).unwrap();
+    let listener: std::net::TcpListener = socket.into();
+    let addr = listener.local_addr().unwrap();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = accepted.clone();
+    // Ends with the process: a blocking accept has no other way out.
+    std::thread::spawn(move || {
+        for s in listener.incoming() {
+            if s.is_ok() {
+                counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    });
+    let config = BurstConfig {
+        clients,
+        ..BurstConfig::default()
+    };
+    let overflows_before = listen_overflows();
+    let b = guard_tests::burst(None, addr, &config).expect("burst");
+    let overflows = listen_overflows().saturating_sub(overflows_before);
+    let deadline = Instant::now() + BURST_WAIT;
+    let mut all_accepted = None;
+    while Instant::now() < deadline {
+        if accepted.load(std::sync::atomic::Ordering::Relaxed) >= b.streams.len() {
+            all_accepted = Some(b.started.elapsed());
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    eprintln!("bench-proxy: burst on a plain listener: {}", b.summary());
+    let retransmitted = b.slower_than(Duration::from_millis(900));
+    for s in b.streams {
+        close_with_reset(s);
+    }
+    BurstRow {
+        proxy: "plain listener (accepts and closes)",
+        connected: b.elapsed,
+        accepted: all_accepted,
+        retransmitted,
+        overflows,
+        failed: b.failed,
+        rss_per_conn_kib: None,
+        released: None,
+        still_open: 0,
+    }
+}
+
+/// `clients` connect to `addr` at once, each sending a get the stopped
+/// backends will not answer: when has `pid` accepted them all, what do
+/// they cost it in memory, and how soon after they all leave (half with a
+/// reset) has it closed them.
+fn burst_on(proxy: &'static str, pid: u32, addr: SocketAddr, clients: usize) -> BurstRow {
+    std::thread::sleep(Duration::from_millis(200));
+    let (rss_before, fds_before) = (rss_kib(pid), open_fds(pid));
+    let config = BurstConfig {
+        clients,
+        ..BurstConfig::default()
+    };
+    let overflows_before = listen_overflows();
+    let b = guard_tests::burst(None, addr, &config).expect("burst");
+    let overflows = listen_overflows().saturating_sub(overflows_before);
+    let accepted = wait_fds(pid, fds_before + b.streams.len(), false, BURST_WAIT);
+    // The gets are read and forwarded by now; the backends hold them.
+    std::thread::sleep(Duration::from_millis(500));
+    let rss_after = rss_kib(pid);
+    eprintln!("bench-proxy: burst on {proxy}: {}", b.summary());
+    let row = BurstRow {
+        proxy,
+        connected: b.elapsed,
+        accepted: accepted.map(|t| t - b.started),
+        retransmitted: b.slower_than(Duration::from_millis(900)),
+        overflows,
+        failed: b.failed,
+        rss_per_conn_kib: Some(
+            rss_after.saturating_sub(rss_before) as f64 / b.streams.len().max(1) as f64,
+        ),
+        released: None,
+        still_open: 0,
+    };
+    let left = Instant::now();
+    for (i, s) in b.streams.into_iter().enumerate() {
+        if i % 2 == 0 {
+            drop(s);
+        } else {
+            close_with_reset(s);
+        }
+    }
+    let released = wait_fds(pid, fds_before, true, BURST_RELEASE_WAIT).map(|t| t - left);
+    BurstRow {
+        released,
+        still_open: open_fds(pid).saturating_sub(fds_before),
+        ..row
+    }
+}
+
+/// nutcracker on a free loopback port in front of `backends`, with
+/// `extra` lines added to its pool; its files live in `tmp` under `name`.
+fn start_nutcracker(
+    tmp: &std::path::Path,
+    name: &str,
+    backends: &[SocketAddr],
+    extra: &str,
+) -> (ChildGuard, SocketAddr) {
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_loopback_port().unwrap())
+        .parse()
+        .unwrap();
+    let servers: String = backends.iter().map(|a| format!("    - {a}:1\n")).collect();
+    let conf = tmp.join(format!("{name}.yml"));
+    std::fs::write(
+        &conf,
+        format!(
+            "bench:\n  listen: {addr}\n  hash: md5\n  distribution: ketama\n  \
+             auto_eject_hosts: false\n{extra}  servers:\n{servers}"
+        ),
+    )
+    .unwrap();
+    let mut child = ChildGuard::spawn(
+        Command::new("/usr/sbin/nutcracker")
+            .arg("-c")
+            .arg(&conf)
+            .arg("-o")
+            .arg(tmp.join(format!("{name}.log")))
+            .args(["-a", "127.0.0.1", "-s"])
+            .arg(free_loopback_port().unwrap().to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    )
+    .expect("nutcracker (apt-get install nutcracker)")
+    .with_grace(Duration::from_secs(1));
+    wait_accepting(addr, &mut child, "nutcracker");
+    (child, addr)
+}
+
+/// guard's proxy on a free loopback port in front of `backends`, with
+/// `extra` flags.
+fn start_guard(
+    tmp: &std::path::Path,
+    backends: &[SocketAddr],
+    extra: &[&str],
+) -> (ChildGuard, SocketAddr) {
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_loopback_port().unwrap())
+        .parse()
+        .unwrap();
+    let mut cmd = Command::new(guard_bin());
+    cmd.args(["run", "--listen", &addr.to_string()]);
+    for a in backends {
+        cmd.args(["--backend", &a.to_string()]);
+    }
+    cmd.args(["--max-connections-per-source", "0"])
+        .args(extra)
+        .env("GUARD_PIN_ROOT", tmp.join("pins"))
+        .env("GUARD_STATE_ROOT", tmp.join("state"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let mut child = ChildGuard::spawn(&mut cmd)
+        .expect("target/release/guard (cargo build --release -p guard)")
+        .with_grace(Duration::from_secs(3));
+    wait_accepting(addr, &mut child, "guard");
+    (child, addr)
+}
+
 fn guard_bin() -> PathBuf {
     std::env::var_os("GUARD_BIN").map_or_else(
         || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release/guard"),
@@ -370,12 +603,13 @@ fn guard_bin() -> PathBuf {
 }
 
 fn main() {
-    // Children (memcached, the proxies) inherit it.
-    guard::descriptors::raise_soft_limit().expect("descriptor limit");
+    // Children (memcached, the proxies) inherit it; the burst needs one
+    // descriptor per client here and in the proxy.
+    let nofile = guard::descriptors::raise_soft_limit().expect("descriptor limit");
     let tmp = std::env::temp_dir().join(format!("guard-bench-proxy-{}", std::process::id()));
     std::fs::create_dir_all(&tmp).unwrap();
 
-    let backends: Vec<Memcached> = (0..BACKENDS)
+    let mut backends: Vec<Memcached> = (0..BACKENDS)
         .map(|_| {
             let port = free_loopback_port().unwrap();
             let addr = SocketAddr::from(([127, 0, 0, 1], port));
@@ -386,54 +620,9 @@ fn main() {
     let backend_addrs: Vec<SocketAddr> = backends.iter().map(Memcached::addr).collect();
 
     // nutcracker: ketama over md5, the same backends.
-    let nut_addr: SocketAddr = format!("127.0.0.1:{}", free_loopback_port().unwrap())
-        .parse()
-        .unwrap();
-    let servers: String = backend_addrs
-        .iter()
-        .map(|a| format!("    - {a}:1\n"))
-        .collect();
-    let conf = tmp.join("nutcracker.yml");
-    std::fs::write(
-        &conf,
-        format!(
-            "bench:\n  listen: {nut_addr}\n  hash: md5\n  distribution: ketama\n  \
-             timeout: 1000\n  auto_eject_hosts: false\n  servers:\n{servers}"
-        ),
-    )
-    .unwrap();
-    let mut nutcracker = ChildGuard::spawn(
-        Command::new("/usr/sbin/nutcracker")
-            .arg("-c")
-            .arg(&conf)
-            .arg("-o")
-            .arg(tmp.join("nutcracker.log"))
-            .args(["-a", "127.0.0.1", "-s"])
-            .arg(free_loopback_port().unwrap().to_string())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null()),
-    )
-    .expect("nutcracker (apt-get install nutcracker)")
-    .with_grace(Duration::from_secs(1));
-    wait_accepting(nut_addr, &mut nutcracker, "nutcracker");
-
-    let guard_addr: SocketAddr = format!("127.0.0.1:{}", free_loopback_port().unwrap())
-        .parse()
-        .unwrap();
-    let mut cmd = Command::new(guard_bin());
-    cmd.args(["run", "--listen", &guard_addr.to_string()]);
-    for a in &backend_addrs {
-        cmd.args(["--backend", &a.to_string()]);
-    }
-    cmd.args(["--max-connections-per-source", "0"])
-        .env("GUARD_PIN_ROOT", tmp.join("pins"))
-        .env("GUARD_STATE_ROOT", tmp.join("state"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    let mut guard = ChildGuard::spawn(&mut cmd)
-        .expect("target/release/guard (cargo build --release -p guard)")
-        .with_grace(Duration::from_secs(3));
-    wait_accepting(guard_addr, &mut guard, "guard");
+    let (nutcracker, nut_addr) =
+        start_nutcracker(&tmp, "nutcracker", &backend_addrs, "  timeout: 1000\n");
+    let (guard, guard_addr) = start_guard(&tmp, &backend_addrs, &[]);
 
     println!("machine: {}", guard_tests::machine());
     println!(
@@ -598,6 +787,97 @@ fn main() {
 
     drop(guard);
     drop(nutcracker);
+
+    // The burst last, on fresh proxies whose requests may wait a minute
+    // on backends that stop answering.
+    let clients = BURST_CLIENTS.min(nofile.saturating_sub(1_024) as usize);
+    let (nutcracker, nut_addr) = start_nutcracker(
+        &tmp,
+        "nutcracker-burst",
+        &backend_addrs,
+        &format!("  timeout: 60000\n  backlog: {BURST_BACKLOG}\n"),
+    );
+    let (guard, guard_addr) = start_guard(
+        &tmp,
+        &backend_addrs,
+        &[
+            "--backlog",
+            &BURST_BACKLOG.to_string(),
+            "--request-timeout-ms",
+            "60000",
+        ],
+    );
+    // Each proxy's backend connections are up before the backends stop.
+    for addr in [nut_addr, guard_addr] {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        blocking_exchange(&mut s, b"get warm-up\r\n", |b| b.ends_with(b"END\r\n"));
+    }
+    for b in &mut backends {
+        b.child().signal(libc::SIGSTOP).expect("stop memcached");
+    }
+    let mut bursts = Vec::new();
+    eprintln!("bench-proxy: a burst of {clients} clients on each proxy");
+    bursts.push(burst_on_plain_listener(clients));
+    bursts.push(burst_on("nutcracker", nutcracker.pid(), nut_addr, clients));
+    drop(nutcracker);
+    bursts.push(burst_on("guard", guard.pid(), guard_addr, clients));
+    drop(guard);
+    for b in &mut backends {
+        b.child().signal(libc::SIGCONT).expect("continue memcached");
+    }
+    let threads = BurstConfig::default().threads;
+    println!();
+    println!(
+        "Connection burst: {clients} clients connecting at once ({threads} niced threads, each \
+         connecting again as soon as it is in), each sending one get to backends stopped with \
+         SIGSTOP, then all leaving (half with a reset); both proxies listen with a backlog of \
+         {BURST_BACKLOG} (nutcracker: `backlog: {BURST_BACKLOG}` in its pool) and wait up to \
+         60 s for a backend reply; a plain listener with the same backlog that only accepts \
+         and closes shows what the kernel and the load generator need:"
+    );
+    println!();
+    println!(
+        "| proxy | all connected | all accepted | connects >= 900 ms | listen queue overflows \
+         | failed | VmRSS per connection, get pending | all closed after they left |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+    let ms = |d: Option<Duration>| {
+        d.map_or(format!("> {} s", BURST_WAIT.as_secs()), |d| {
+            format!("{:.0} ms", d.as_secs_f64() * 1e3)
+        })
+    };
+    for r in &bursts {
+        let released = match (r.rss_per_conn_kib, r.released) {
+            (None, _) => "-".into(),
+            (_, Some(d)) => format!("{:.0} ms", d.as_secs_f64() * 1e3),
+            (_, None) => format!(
+                "{} still open after {} s",
+                r.still_open,
+                BURST_RELEASE_WAIT.as_secs()
+            ),
+        };
+        let rss = r
+            .rss_per_conn_kib
+            .map_or("-".into(), |k| format!("{k:.1} KiB"));
+        println!(
+            "| {} | {:.0} ms | {} | {} | {} | {} | {rss} | {released} |",
+            r.proxy,
+            r.connected.as_secs_f64() * 1e3,
+            ms(r.accepted),
+            r.retransmitted,
+            r.overflows,
+            r.failed,
+        );
+    }
+    if clients < BURST_CLIENTS {
+        println!();
+        println!(
+            "NOTE: {clients} clients, not {BURST_CLIENTS}: the descriptor limit ({nofile}) \
+             holds no more; raise it (ulimit -Hn) for the full burst."
+        );
+    }
+
     drop(backends);
     let _ = std::fs::remove_dir_all(&tmp);
 }
