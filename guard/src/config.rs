@@ -12,10 +12,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use guard_common::{
-    CONFIG_ALLOW_UDP, DEFAULT_TENANT, FAMILY_V4, FAMILY_V6, GuardConfig, ListenerKey,
-    ListenerValue, RateLimit,
-};
+use guard_common::{DEFAULT_TENANT, FAMILY_V4, FAMILY_V6, ListenerKey};
 use serde::{Deserialize, Serialize};
 
 use crate::cidr::Cidr;
@@ -536,7 +533,9 @@ impl Config {
                 bail!("interface `{iface}` is listed twice");
             }
         }
-        if !x.interfaces.is_empty() && self.protected().is_empty() {
+        let protects_any =
+            !x.protect.is_empty() || self.tenants.iter().any(|t| !t.listen.is_empty());
+        if !x.interfaces.is_empty() && !protects_any {
             bail!("XDP needs at least one protected listener: add --protect ADDR:PORT");
         }
         check_budget("syn", x.syn_rate, x.syn_burst)?;
@@ -610,78 +609,6 @@ impl Config {
         check_namespaces(&self.tenants)?;
         check_credentials(&self.tenants)?;
         Ok(())
-    }
-
-    /// Every protected listener with its owning tenant: `protect` entries
-    /// belong to no tenant, tenants' own listeners are protected too.
-    pub fn protected(&self) -> Vec<(ListenerKey, ListenerValue)> {
-        let mut out: std::collections::BTreeMap<ListenerKeyOrd, ListenerValue> = Default::default();
-        for l in &self.xdp.protect {
-            for key in l.keys() {
-                out.insert(ListenerKeyOrd(key), ListenerValue::default());
-            }
-        }
-        for t in &self.tenants {
-            for l in &t.listen {
-                for key in l.keys() {
-                    out.insert(
-                        ListenerKeyOrd(key),
-                        ListenerValue {
-                            tenant: tenant_id(&t.name),
-                            flags: 0,
-                        },
-                    );
-                }
-            }
-        }
-        out.into_iter().map(|(k, v)| (k.0, v)).collect()
-    }
-
-    /// The host-wide entry of the XDP config map.
-    pub fn guard_config(&self) -> GuardConfig {
-        let x = &self.xdp;
-        GuardConfig {
-            source: RateLimit::per_second(x.syn_rate, x.syn_burst),
-            global: RateLimit::per_second(x.global_syn_rate, x.global_syn_burst),
-            events: RateLimit::per_second(x.event_rate, x.event_burst),
-            ipv6_prefix_len: u32::from(x.ipv6_prefix),
-            flags: if x.allow_udp { CONFIG_ALLOW_UDP } else { 0 },
-        }
-    }
-
-    /// SYN budgets by tenant id, the default tenant's included.
-    pub fn tenant_limits(&self) -> Vec<(u32, RateLimit)> {
-        let x = &self.xdp;
-        let mut out = vec![(
-            DEFAULT_TENANT,
-            RateLimit::per_second(x.tenant_syn_rate, x.tenant_syn_burst),
-        )];
-        for t in &self.tenants {
-            out.push((
-                tenant_id(&t.name),
-                RateLimit::per_second(
-                    t.syn_rate.unwrap_or(x.tenant_syn_rate),
-                    t.syn_burst.unwrap_or(x.tenant_syn_burst),
-                ),
-            ));
-        }
-        out
-    }
-}
-
-/// Orders listener keys so the protected set is deterministic.
-#[derive(PartialEq, Eq)]
-struct ListenerKeyOrd(ListenerKey);
-
-impl PartialOrd for ListenerKeyOrd {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl Ord for ListenerKeyOrd {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        (self.0.family, self.0.addr, self.0.port).cmp(&(other.0.family, other.0.addr, other.0.port))
     }
 }
 
@@ -867,22 +794,8 @@ mod tests {
         assert_eq!(c.xdp.mode, XdpModeSetting::Skb);
         assert_eq!(c.xdp.protect.len(), 3);
         assert_eq!(c.tenants.len(), 2);
-        // 2 explicit + 2 for the wildcard + 1 tenant listener.
-        let protected = c.protected();
-        assert_eq!(protected.len(), 5);
-        let acme = protected
-            .iter()
-            .find(|(k, _)| k.port == 11212)
-            .expect("tenant listener protected");
-        assert_eq!(acme.1.tenant, tenant_id("acme"));
-        let limits = c.tenant_limits();
-        assert_eq!(limits[0].0, DEFAULT_TENANT);
-        assert_eq!(limits[1].1, RateLimit::per_second(500, 600));
-        assert_eq!(limits[2].1, RateLimit::per_second(2_000, 4_000));
-        let g = c.guard_config();
-        assert_eq!(g.source, RateLimit::per_second(10, 20));
-        assert_eq!(g.events, RateLimit::per_second(200, 400));
-        assert_eq!(g.ipv6_prefix_len, 56);
+        assert_eq!(c.tenants[0].syn_rate, Some(500));
+        assert_eq!(c.xdp.ipv6_prefix, 56);
     }
 
     #[test]

@@ -525,6 +525,7 @@ fn authentications_are_reported_for_xdp() {
     let cx = ProxyContext {
         tenants: registry,
         learned: Some(tx),
+        ..ProxyContext::default()
     };
     let proxy = common::GuardProxy::start_with(config.proxy.clone(), cx);
     let addr = proxy.addr;

@@ -7,7 +7,10 @@ use std::collections::BTreeSet;
 use log::warn;
 use serde::{Deserialize, Serialize};
 
-use super::maps::{CidrList, GuardMaps};
+use super::{
+    maps::{CidrList, GuardMaps},
+    settings,
+};
 use crate::{cidr::Cidr, config::Config, paths::Paths};
 
 /// Applies configurations to the pinned maps.
@@ -58,9 +61,10 @@ impl XdpControl {
 
     /// Makes the maps say what `config` says.
     pub fn apply(&mut self, config: &Config) -> anyhow::Result<()> {
-        self.maps.set_config(&config.guard_config())?;
-        self.maps.sync_listeners(&config.protected())?;
-        self.maps.sync_tenant_limits(&config.tenant_limits())?;
+        self.maps.set_config(&settings::guard_config(config))?;
+        self.maps.sync_listeners(&settings::protected(config))?;
+        self.maps
+            .sync_tenant_limits(&settings::tenant_limits(config))?;
         let deny: BTreeSet<Cidr> = config.xdp.deny.iter().copied().collect();
         let allow: BTreeSet<Cidr> = config.xdp.allow.iter().copied().collect();
         // Recorded before the maps change: whatever happens half-way, every

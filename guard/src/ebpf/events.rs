@@ -15,7 +15,10 @@
 use std::{
     collections::{HashMap, HashSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    sync::atomic::{AtomicU64, Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -31,9 +34,6 @@ use tokio::{io::unix::AsyncFd, sync::watch};
 
 use super::maps::GuardMaps;
 use crate::paths::Paths;
-
-/// Limit events received since the daemon started.
-pub static LIMIT_EVENTS: AtomicU64 = AtomicU64::new(0);
 
 /// Single events logged at debug level per second, at most.
 pub const DEBUG_EVENTS_PER_SEC: u32 = 10;
@@ -236,6 +236,9 @@ impl OffenderReport {
 
 /// Aggregates events between summaries.
 pub struct EventReport {
+    /// Events received since the daemon started, shared with the proxy's
+    /// `stats`.
+    received: Arc<AtomicU64>,
     windows: [Window; 3],
     interval_top: TopSources,
     since_start: TopSources,
@@ -248,8 +251,9 @@ pub struct EventReport {
 impl EventReport {
     /// Starts from the counters as they are now, so that only what happens
     /// from here on is reported.
-    pub fn new(totals: [u64; COUNTER_COUNT as usize]) -> Self {
+    pub fn new(totals: [u64; COUNTER_COUNT as usize], received: Arc<AtomicU64>) -> Self {
         Self {
+            received,
             windows: [Window::new(), Window::new(), Window::new()],
             interval_top: TopSources::new(TOP_CAPACITY),
             since_start: TopSources::new(TOP_CAPACITY),
@@ -262,7 +266,7 @@ impl EventReport {
 
     /// Takes one event into the current interval.
     pub fn add(&mut self, event: &LimitEvent, names: &HashMap<u32, String>) {
-        LIMIT_EVENTS.fetch_add(1, Ordering::Relaxed);
+        self.received.fetch_add(1, Ordering::Relaxed);
         let source = source_ip(event);
         if let Some(i) = BUDGETS.iter().position(|b| b.reason == event.reason) {
             self.windows[i].add(source, event.tenant);
@@ -485,6 +489,7 @@ pub fn describe(e: &LimitEvent, names: &HashMap<u32, String>) -> String {
 pub async fn watch_events(
     paths: Paths,
     mut settings: watch::Receiver<ReportSettings>,
+    received: Arc<AtomicU64>,
 ) -> anyhow::Result<()> {
     let path = paths.map_pin(maps::EVENTS);
     let data = MapData::from_pin(&path)
@@ -495,7 +500,7 @@ pub async fn watch_events(
     let mut fd = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
         .map_err(|e| anyhow::anyhow!("cannot poll the event ring buffer: {e}"))?;
     let maps = GuardMaps::open(&paths)?;
-    let mut report = EventReport::new(maps.counter_totals()?);
+    let mut report = EventReport::new(maps.counter_totals()?, received);
     let mut interval = settings.borrow().interval;
     let mut tick = new_tick(interval);
     loop {
@@ -640,7 +645,7 @@ mod tests {
 
     #[test]
     fn summary_is_exact_when_every_crossing_was_described() {
-        let mut r = EventReport::new(totals(&[]));
+        let mut r = EventReport::new(totals(&[]), Arc::default());
         let names = settings().tenant_names;
         for i in 0..3u8 {
             r.add(&event([10, 0, 0, i], EVENT_SOURCE_LIMIT, 7), &names);
@@ -666,7 +671,7 @@ mod tests {
 
     #[test]
     fn suppressed_crossings_make_the_source_count_a_range() {
-        let mut r = EventReport::new(totals(&[(Counter::DropGlobal, 5)]));
+        let mut r = EventReport::new(totals(&[(Counter::DropGlobal, 5)]), Arc::default());
         let names = settings().tenant_names;
         // One heavy source among 200 seen once.
         for i in 0..200u8 {
@@ -703,7 +708,7 @@ mod tests {
 
     #[test]
     fn a_flood_of_events_still_makes_a_bounded_summary() {
-        let mut r = EventReport::new(totals(&[]));
+        let mut r = EventReport::new(totals(&[]), Arc::default());
         let names = HashMap::new();
         for i in 0..100_000u32 {
             let b = i.to_be_bytes();

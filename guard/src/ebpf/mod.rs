@@ -13,6 +13,7 @@
 pub mod control;
 pub mod events;
 pub mod maps;
+pub mod settings;
 
 use std::{
     fs,

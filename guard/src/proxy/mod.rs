@@ -21,7 +21,12 @@ pub mod router;
 pub mod session;
 pub mod stats;
 
-use std::{future::Future, net::IpAddr, sync::Arc, time::Duration};
+use std::{
+    future::Future,
+    net::IpAddr,
+    sync::{Arc, atomic::AtomicU64},
+    time::Duration,
+};
 
 use log::{info, warn};
 use tokio::{
@@ -69,6 +74,9 @@ pub struct ProxyContext {
     /// Where successful authentications are reported (best effort: a full
     /// channel drops the report, never blocks a session).
     pub learned: Option<mpsc::Sender<SourceTenant>>,
+    /// XDP limit events the daemon has received, for `stats`; zero
+    /// without XDP.
+    pub limit_events: Arc<AtomicU64>,
 }
 
 impl Default for ProxyContext {
@@ -77,6 +85,7 @@ impl Default for ProxyContext {
         Self {
             tenants: Arc::new(SharedRegistry::new(TenantRegistry::open())),
             learned: None,
+            limit_events: Arc::default(),
         }
     }
 }
@@ -136,7 +145,7 @@ impl Proxy {
         cx: ProxyContext,
         shutdown: impl Future<Output = ()>,
     ) -> anyhow::Result<()> {
-        let stats = Arc::new(ProxyStats::default());
+        let stats = Arc::new(ProxyStats::new(cx.limit_events.clone()));
         let settings = BackendSettings {
             connect_timeout: Duration::from_millis(config.connect_timeout_ms),
             request_timeout: Duration::from_millis(config.request_timeout_ms),

@@ -1,7 +1,10 @@
 //! guard's own counters, reported by `stats` in memcached's format.
 
 use std::{
-    sync::atomic::{AtomicU64, Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Instant,
 };
 
@@ -18,14 +21,25 @@ macro_rules! counters {
             $($(#[$doc])* pub $name: AtomicU64,)*
             /// Sessions ended, by [`SessionEnd`] (indexed by its value).
             pub session_ends: [AtomicU64; SessionEnd::ALL.len()],
+            /// Counted by the daemon's ring-buffer reader.
+            limit_events: Arc<AtomicU64>,
         }
 
         impl Default for ProxyStats {
             fn default() -> Self {
+                Self::new(Arc::default())
+            }
+        }
+
+        impl ProxyStats {
+            /// Zeroed counters; `limit_events` is the daemon's count of
+            /// XDP limit events (zero without XDP).
+            pub fn new(limit_events: Arc<AtomicU64>) -> Self {
                 Self {
                     started: Instant::now(),
                     $($name: AtomicU64::new(0),)*
                     session_ends: std::array::from_fn(|_| AtomicU64::new(0)),
+                    limit_events,
                 }
             }
         }
@@ -46,7 +60,7 @@ macro_rules! counters {
                 // Counted by the daemon's ring-buffer reader; zero without XDP.
                 rows.push((
                     "xdp_limit_events",
-                    crate::ebpf::events::LIMIT_EVENTS.load(Ordering::Relaxed).to_string(),
+                    self.limit_events.load(Ordering::Relaxed).to_string(),
                 ));
                 rows
             }

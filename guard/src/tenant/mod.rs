@@ -22,8 +22,9 @@
 //! - [`auth`] has the wire side: SASL PLAIN (binary), memcached's `-Y`
 //!   text authentication, and the replies.
 //! - [`TenantConnections`] caps each tenant's connections.
-//! - [`TenantLimits`] carries the request, byte and in-flight budgets
-//!   (validated here, enforced by the proxy).
+//! - [`TenantLimits`] carries the request, byte and in-flight budgets:
+//!   validated, but not yet enforced (only `max_connections` is, by
+//!   [`TenantConnections`]).
 //!
 //! How a session uses it:
 //!

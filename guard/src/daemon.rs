@@ -1,0 +1,272 @@
+//! `guard run`: the daemon. It runs the memcache proxy, the XDP guard, or
+//! both in one process, keeps the XDP maps in step with the configuration
+//! (at start, on SIGHUP, as entries expire and as clients log in) and
+//! drains on SIGINT/SIGTERM.
+
+use std::{sync::Arc, time::Duration};
+
+use anyhow::{Context as _, bail};
+use log::{error, info, warn};
+
+use crate::{
+    cli::RunArgs,
+    config::{self, Config},
+    descriptors, ebpf,
+    ebpf::{XdpGuard, control::XdpControl},
+    paths::Paths,
+    proxy,
+    shutdown::{Signal, Signals},
+    tenant::{SharedRegistry, TenantRegistry},
+};
+
+/// How often expired deny/allow entries are removed.
+const EXPIRY_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Authentications waiting to reach the XDP source→tenant map; beyond
+/// this, reports are dropped rather than slow a session.
+const LEARNED_QUEUE: usize = 4096;
+
+/// The running proxy, polled by `run` itself.
+type ProxyFuture = std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<()>> + Send>>;
+
+/// `guard run`: the memcache proxy when `--listen` is given, the XDP guard
+/// when `--iface` is given, both in one process when both are. SIGINT or
+/// SIGTERM drains the proxy; the XDP program stays attached after exit.
+pub async fn run(paths: Paths, args: RunArgs) -> anyhow::Result<()> {
+    let mut config = args.resolve()?;
+    if args.check {
+        println!("{}", toml::to_string_pretty(&config)?);
+        return Ok(());
+    }
+    if config.xdp.interfaces.is_empty() && config.proxy.listen.is_empty() {
+        bail!(
+            "nothing to run: give --listen ADDR:PORT and --backend ADDR:PORT for the proxy, \
+             or --iface IF (and --protect ADDR:PORT) to attach the XDP guard"
+        );
+    }
+    // Installed first, so a signal during start-up is not lost.
+    let mut signals = Signals::new().context("cannot install signal handlers")?;
+
+    let tenants = Arc::new(SharedRegistry::new(TenantRegistry::from_config(&config)?));
+    // XDP limit events the reporter receives, shown in the proxy's `stats`.
+    let limit_events = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    // With XDP in this process, authentications tell it which tenant a
+    // source belongs to.
+    let (learned_tx, mut learned_rx) = if config.xdp.interfaces.is_empty() {
+        (None, None)
+    } else {
+        let (tx, rx) = tokio::sync::mpsc::channel::<proxy::SourceTenant>(LEARNED_QUEUE);
+        (Some(tx), Some(rx))
+    };
+
+    let mut proxy = None;
+    if !config.proxy.listen.is_empty() {
+        descriptors::fit(&mut config.proxy)?;
+        let backlog = config.proxy.backlog;
+        // listen(2) silently truncates the backlog to somaxconn.
+        if let Some(max) = proxy::listener::somaxconn()
+            && max < backlog
+        {
+            warn!(
+                "the kernel caps the listen backlog at net.core.somaxconn = {max}, below the \
+                 configured {backlog}: when more than {max} connections queue at once, the \
+                 rest wait for a SYN retransmit (1 s); raise it with \
+                 `sysctl net.core.somaxconn={backlog}` and restart guard"
+            );
+        }
+        let mut listeners = Vec::new();
+        for addr in &config.proxy.listen {
+            listeners.push(
+                proxy::listener::bind(*addr, backlog)
+                    .with_context(|| format!("cannot listen on {addr}"))?,
+            );
+        }
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        if tenants.load().requires_auth() {
+            info!(
+                "proxy tenants: {} (clients authenticate)",
+                describe_tenants(&tenants)
+            );
+        }
+        let cx = proxy::ProxyContext {
+            tenants: tenants.clone(),
+            learned: learned_tx,
+            limit_events: limit_events.clone(),
+        };
+        // Polled here, in the runtime's main future, not spawned: its
+        // accept loops then take their turn before every round of tasks
+        // (see `Proxy::run_with`), so a burst of busy sessions cannot keep
+        // new clients waiting in the backlog.
+        let serving: ProxyFuture = Box::pin(proxy::Proxy::run_with(
+            listeners,
+            config.proxy.clone(),
+            cx,
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+        proxy = Some((stop, serving));
+    }
+
+    let mut xdp: Option<XdpRun> = None;
+    if !config.xdp.interfaces.is_empty() {
+        let guard = XdpGuard::attach(&paths, &config.xdp.interfaces, config.xdp.mode)?;
+        let mut control = XdpControl::open(&paths)?;
+        control.apply(&config)?;
+        info!(
+            "guarding {} listener(s) on {}; per-source {}/s burst {}, per-tenant {}/s, host {}/s",
+            ebpf::settings::protected(&config).len(),
+            describe_interfaces(&guard),
+            config.xdp.syn_rate,
+            config.xdp.syn_burst,
+            config.xdp.tenant_syn_rate,
+            config.xdp.global_syn_rate,
+        );
+        let (report_tx, report_rx) = tokio::sync::watch::channel(report_settings(&config));
+        let events = tokio::spawn(ebpf::events::watch_events(
+            paths.clone(),
+            report_rx,
+            limit_events.clone(),
+        ));
+        xdp = Some((guard, control, events, report_tx));
+    }
+
+    let mut expiry = tokio::time::interval(EXPIRY_INTERVAL);
+    loop {
+        tokio::select! {
+            signal = signals.recv() => match signal {
+                Signal::Stop => break,
+                Signal::Reload => match reload(&paths, &args, &config, &mut xdp, &tenants) {
+                    Ok(new) => {
+                        config = new;
+                        info!(
+                            "configuration reloaded: tenants ({}){}; other proxy settings apply at restart",
+                            describe_tenants(&tenants),
+                            if xdp.is_some() { " and XDP settings" } else { "" },
+                        );
+                    }
+                    Err(e) => error!("reload failed, keeping the running configuration: {e:#}"),
+                },
+            },
+            learned = async {
+                match &mut learned_rx {
+                    Some(rx) => rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                let (Some((ip, tenant)), Some((_, control, ..))) = (learned, &mut xdp) else { continue };
+                // Asking the map, not a memory of past writes: the kernel's
+                // LRU may have evicted the source since. A reconnect storm
+                // costs two map reads per login (bounded by the queue)
+                // instead of a write.
+                let maps = control.maps();
+                if matches!(maps.source_tenant(ip), Ok(Some(t)) if t == tenant) {
+                    continue;
+                }
+                if let Err(e) = maps.set_source_tenant(ip, tenant) {
+                    warn!("cannot record {ip} as tenant {tenant:#x} in the XDP map: {e:#}");
+                }
+            },
+            _ = expiry.tick(), if xdp.is_some() => {
+                let Some((_, control, ..)) = &mut xdp else { continue };
+                match control.expire() {
+                    Ok(0) => {}
+                    Ok(n) => info!("removed {n} expired deny/allow entr{}", if n == 1 { "y" } else { "ies" }),
+                    Err(e) => error!("cannot remove expired entries: {e:#}"),
+                }
+            },
+            r = async {
+                match &mut proxy {
+                    Some((_, serving)) => serving.await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                // The proxy only ends on its own when something broke.
+                match r {
+                    Ok(()) => bail!("the proxy stopped unexpectedly"),
+                    Err(e) => return Err(e.context("the proxy failed")),
+                }
+            },
+        }
+    }
+    if let Some((stop, serving)) = proxy {
+        let _ = stop.send(());
+        serving.await?;
+    }
+    if let Some((guard, _, events, _)) = xdp {
+        events.abort();
+        info!(
+            "stopping; the XDP guard stays attached on {} (`guard xdp detach` removes it)",
+            describe_interfaces(&guard)
+        );
+    }
+    Ok(())
+}
+
+/// SIGHUP: re-reads the configuration; applies it to the XDP maps (when
+/// XDP runs here), then swaps the tenant registry in place (credentials
+/// and budgets for new authentications; flush generations are kept).
+fn reload(
+    paths: &Paths,
+    args: &RunArgs,
+    old: &Config,
+    xdp: &mut Option<XdpRun>,
+    tenants: &SharedRegistry,
+) -> anyhow::Result<Config> {
+    let new = args.resolve()?;
+    if let Some((guard, control, _, report)) = xdp {
+        if new.xdp.interfaces.is_empty() {
+            bail!("the new configuration has no interfaces");
+        }
+        if new.xdp.interfaces != old.xdp.interfaces || new.xdp.mode != old.xdp.mode {
+            *guard = XdpGuard::attach(paths, &new.xdp.interfaces, new.xdp.mode)?;
+        }
+        control.apply(&new)?;
+        report.send_replace(report_settings(&new));
+    }
+    tenants.reload(&new)?;
+    Ok(new)
+}
+
+/// The XDP side of a running daemon: the attachment, the map control, the
+/// event reporter and its settings.
+type XdpRun = (
+    XdpGuard,
+    XdpControl,
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+    tokio::sync::watch::Sender<ebpf::events::ReportSettings>,
+);
+
+fn report_settings(config: &Config) -> ebpf::events::ReportSettings {
+    ebpf::events::ReportSettings {
+        interval: Duration::from_secs(config.xdp.report_interval_secs),
+        tenant_names: config
+            .tenants
+            .iter()
+            .map(|t| (config::tenant_id(&t.name), t.name.to_string()))
+            .collect(),
+    }
+}
+
+fn describe_tenants(tenants: &SharedRegistry) -> String {
+    let registry = tenants.load();
+    if !registry.requires_auth() {
+        return "one open tenant".into();
+    }
+    registry
+        .tenants()
+        .iter()
+        .map(|t| t.name.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn describe_interfaces(guard: &XdpGuard) -> String {
+    guard
+        .state()
+        .interfaces
+        .iter()
+        .map(|i| format!("{} ({})", i.name, i.mode))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
