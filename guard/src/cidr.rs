@@ -1,5 +1,12 @@
 //! IPv4/IPv6 CIDR prefixes as operators write them (`10.0.0.0/8`,
 //! `2001:db8::/32`, or a bare address for a single host).
+//!
+//! Kept here rather than taken from `ipnet`: a prefix is masked when it is
+//! made, so two spellings of one network are one map key and one entry in
+//! the config's record of what it added; a bare address is a host; and a
+//! refusal names the bad part for the config error. `ipnet` keeps host
+//! bits and wants an explicit length, so wrapping it would add code, not
+//! remove it.
 
 use std::{fmt, net::IpAddr, str::FromStr};
 

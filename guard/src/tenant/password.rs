@@ -12,8 +12,8 @@ use base64::{
     Engine as _, alphabet,
     engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig},
 };
-use hmac::{Hmac, Mac as _};
 use sha2::Sha256;
+use subtle::ConstantTimeEq as _;
 
 /// The scheme name, the first field of a stored hash.
 pub const SCHEME: &str = "pbkdf2-sha256";
@@ -171,38 +171,13 @@ impl FromStr for PasswordHash {
 
 /// PBKDF2 (RFC 8018) with HMAC-SHA256, filling `out`.
 pub fn pbkdf2_sha256(password: &[u8], salt: &[u8], iterations: u32, out: &mut [u8]) {
-    // Keyed once; each HMAC below clones the keyed state instead of
-    // re-hashing the password.
-    let prf = Hmac::<Sha256>::new_from_slice(password).expect("HMAC takes keys of any length");
-    for (i, chunk) in out.chunks_mut(32).enumerate() {
-        let mut mac = prf.clone();
-        mac.update(salt);
-        mac.update(&(i as u32 + 1).to_be_bytes());
-        let mut u: [u8; 32] = mac.finalize().into_bytes().into();
-        let mut acc = u;
-        for _ in 1..iterations {
-            let mut mac = prf.clone();
-            mac.update(&u);
-            u = mac.finalize().into_bytes().into();
-            for (a, b) in acc.iter_mut().zip(u.iter()) {
-                *a ^= b;
-            }
-        }
-        chunk.copy_from_slice(&acc[..chunk.len()]);
-    }
+    pbkdf2::pbkdf2_hmac::<Sha256>(password, salt, iterations, out);
 }
 
 /// Equality whose time depends on the lengths only, not on where the bytes
 /// differ.
 pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    let mut diff = 0u8;
-    for (x, y) in a.iter().zip(b) {
-        diff |= x ^ y;
-    }
-    std::hint::black_box(diff) == 0
+    a.ct_eq(b).into()
 }
 
 #[cfg(test)]
