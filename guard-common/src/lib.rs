@@ -66,7 +66,8 @@ pub mod maps {
 
 /// Name of the XDP program that guards SYNs.
 pub const PROGRAM_GUARD: &str = "guard";
-/// Name of an empty `XDP_PASS` program, the baseline for benchmarks.
+/// Name of an empty `XDP_PASS` program, the baseline for benchmarks (in the
+/// object only with guard's `bench-programs` feature, as is the next).
 pub const PROGRAM_PASS: &str = "guard_pass";
 /// Name of the program that times the irreducible steps of judging a SYN.
 pub const PROGRAM_FLOOR: &str = "guard_floor";

@@ -24,7 +24,7 @@ use core::{
 
 use aya_ebpf::{
     bindings::xdp_action,
-    helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
+    helpers::bpf_ktime_get_ns,
     macros::{map, xdp},
     maps::{
         Array, HashMap, LruHashMap, PerCpuArray, RingBuf,
@@ -36,11 +36,10 @@ use guard_common::{
     BucketState, CIDR_CAPACITY, CONFIG_ALLOW_UDP, CONFIG_HAS_ALLOW_V4, CONFIG_HAS_ALLOW_V6,
     CONFIG_HAS_DENY_V4, CONFIG_HAS_DENY_V6, CONFIG_HAS_SOURCE_TENANTS, CidrRule, Counter,
     CounterBlock, DEFAULT_TENANT, EVENT_GLOBAL_LIMIT, EVENT_INTERVAL_NS, EVENT_SOURCE_LIMIT,
-    EVENT_TENANT_LIMIT, EVENTS_BYTES, FAMILY_V4, FAMILY_V6, FLOOR_CAS, FLOOR_CLOCK,
-    FLOOR_COARSE_CLOCK, FLOOR_LOOKUP, GuardConfig, LISTENERS_CAPACITY, LimitEvent, ListenerKey,
-    ListenerValue, PORT_COUNT, PORT_SPECIFIC_V4, PORT_SPECIFIC_V6, PORT_WILDCARD_V4,
-    PORT_WILDCARD_V6, PortEntry, RateLimit, SOURCE_BUCKETS_CAPACITY, SOURCE_TENANT_CAPACITY,
-    SourceKey, TENANTS_CAPACITY, TenantBucket, gcra_admit,
+    EVENT_TENANT_LIMIT, EVENTS_BYTES, FAMILY_V4, FAMILY_V6, GuardConfig, LISTENERS_CAPACITY,
+    LimitEvent, ListenerKey, ListenerValue, PORT_COUNT, PORT_SPECIFIC_V4, PORT_SPECIFIC_V6,
+    PORT_WILDCARD_V4, PORT_WILDCARD_V6, PortEntry, RateLimit, SOURCE_BUCKETS_CAPACITY,
+    SOURCE_TENANT_CAPACITY, SourceKey, TENANTS_CAPACITY, TenantBucket, gcra_admit,
 };
 
 #[map(name = "GUARD_CONFIG")]
@@ -183,6 +182,7 @@ fn is_judgement(verdict: Counter) -> bool {
 }
 
 /// An empty program: the baseline the benchmarks compare the guard against.
+#[cfg(feature = "bench")]
 #[xdp]
 pub fn guard_pass(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
@@ -194,8 +194,12 @@ pub fn guard_pass(_ctx: XdpContext) -> u32 {
 /// one), [`FLOOR_LOOKUP`] finds a bucket in the
 /// per-source LRU map, [`FLOOR_CAS`] also swaps its arrival time. The
 /// bucket's key has family 0, which no real source has.
+#[cfg(feature = "bench")]
 #[xdp]
 pub fn guard_floor(ctx: XdpContext) -> u32 {
+    use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
+    use guard_common::{FLOOR_CAS, FLOOR_CLOCK, FLOOR_COARSE_CLOCK, FLOOR_LOOKUP};
+
     let Some(h) = ptr_at::<[u8; ETH_HLEN]>(&ctx, 0) else {
         return xdp_action::XDP_PASS;
     };
