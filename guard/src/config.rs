@@ -15,7 +15,15 @@ use anyhow::{Context as _, bail};
 use guard_common::{DEFAULT_TENANT, FAMILY_V4, FAMILY_V6, ListenerKey};
 use serde::{Deserialize, Serialize};
 
-use crate::cidr::Cidr;
+use crate::{cidr::Cidr, password::PasswordHash};
+
+/// How long a client has to authenticate unless `[proxy] auth_timeout_ms`
+/// says otherwise.
+pub const DEFAULT_AUTH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The open tenant's key namespace on the backends; `_` and `_:…` are
+/// reserved for it, so no configured tenant can take them.
+pub const OPEN_NAMESPACE: &str = "_";
 
 /// The whole configuration.
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
@@ -215,7 +223,7 @@ impl Default for ProxyConfig {
             max_pipeline_depth: 256,
             miss_on_backend_error: false,
             drain_grace_secs: 5,
-            auth_timeout_ms: crate::tenant::AUTH_DEADLINE.as_millis() as u64,
+            auth_timeout_ms: DEFAULT_AUTH_TIMEOUT.as_millis() as u64,
         }
     }
 }
@@ -392,14 +400,14 @@ pub const MAX_USERNAME_LEN: usize = 255;
 pub const MAX_CREDENTIALS_PER_USER: usize = 4;
 
 /// One credential of a tenant (`[[tenant.credentials]]`, or inline tables).
-#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct CredentialConfig {
     /// The name the client authenticates with.
     pub username: String,
     /// The stored password, as printed by `guard tenant hash-password`:
-    /// `pbkdf2-sha256$<iterations>$<salt>$<hash>`.
-    pub password_hash: String,
+    /// `pbkdf2-sha256$<iterations>$<salt>$<hash>`, checked as it is read.
+    pub password_hash: PasswordHash,
     /// Whether this credential may only read (get/gets/gat…).
     #[serde(default)]
     pub read_only: bool,
@@ -666,7 +674,7 @@ fn check_namespaces(tenants: &[TenantConfig]) -> anyhow::Result<()> {
                 ns.escape_debug()
             );
         }
-        let open = crate::tenant::namespace::OPEN_NAMESPACE;
+        let open = OPEN_NAMESPACE;
         if ns == open || ns.strip_prefix(open).is_some_and(|r| r.starts_with(':')) {
             bail!(
                 "tenant `{}` namespace `{ns}`: `{open}` and `{open}:…` are the open tenant's",
@@ -717,9 +725,6 @@ fn check_credentials(tenants: &[TenantConfig]) -> anyhow::Result<()> {
                     u.escape_debug()
                 );
             }
-            c.password_hash
-                .parse::<crate::tenant::PasswordHash>()
-                .with_context(|| format!("tenant `{}` user `{u}` password_hash", t.name))?;
             let entry = owner.entry(u.as_str()).or_insert((t.name.as_str(), 0));
             if entry.0 != t.name {
                 bail!(
@@ -732,7 +737,7 @@ fn check_credentials(tenants: &[TenantConfig]) -> anyhow::Result<()> {
             if entry.1 > MAX_CREDENTIALS_PER_USER {
                 bail!("username `{u}` has more than {MAX_CREDENTIALS_PER_USER} credentials");
             }
-            if !pairs.insert((u.as_str(), c.password_hash.as_str())) {
+            if !pairs.insert((u.as_str(), c.password_hash.to_string())) {
                 bail!(
                     "tenant `{}` lists user `{u}` with the same password_hash twice",
                     t.name

@@ -15,7 +15,8 @@
 //!   [`ebpf::control`] keeps the maps in step with the configuration, and
 //!   [`ebpf::events`] turns the program's limit events and counters into a
 //!   few summary lines per interval and the heaviest sources.
-//! - [`config`] is the TOML file and its validation, [`cli`] the flags that
+//! - [`config`] is the TOML file and its validation (a leaf: it knows no
+//!   other module but [`cidr`] and [`password`]), [`cli`] the flags that
 //!   override it, [`cidr`] the prefixes both use, [`paths`] every pin and
 //!   state location, [`shutdown`] the signals.
 //! - [`ctl`] holds the operator commands that act on a running guard's
@@ -54,6 +55,7 @@ pub mod ctl;
 pub mod daemon;
 pub mod descriptors;
 pub mod ebpf;
+pub mod password;
 pub mod paths;
 pub mod protocol;
 pub mod proxy;

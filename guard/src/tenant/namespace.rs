@@ -49,7 +49,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 pub const MAX_BACKEND_KEY_LEN: usize = 250;
 /// The open tenant's namespace. No tenant may use it, nor start its own
 /// with `_:`.
-pub const OPEN_NAMESPACE: &str = "_";
+pub const OPEN_NAMESPACE: &str = crate::config::OPEN_NAMESPACE;
 /// Digits of the generation marker.
 pub const GENERATION_WIDTH: usize = 7;
 /// Generations are kept modulo this (36^7: seconds until the year 4400).

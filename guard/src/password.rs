@@ -1,4 +1,6 @@
-//! Stored passwords: PBKDF2-HMAC-SHA256 with a random salt.
+//! Stored passwords: PBKDF2-HMAC-SHA256 with a random salt. A leaf: the
+//! config parses `password_hash` into a [`PasswordHash`], the tenants
+//! verify with it.
 //!
 //! The stored form is one string,
 //! `pbkdf2-sha256$<iterations>$<salt, base64>$<hash, base64>` (standard
@@ -119,6 +121,19 @@ impl fmt::Display for PasswordHash {
             B64.encode(&self.salt),
             B64.encode(&self.hash)
         )
+    }
+}
+
+impl serde::Serialize for PasswordHash {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for PasswordHash {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
     }
 }
 
