@@ -10,15 +10,16 @@ use std::{
     net::SocketAddr,
     os::unix::process::CommandExt as _,
     path::PathBuf,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
-use common::{Client, Memcached, free_port, wait_accepting};
+use common::{ChildGuard, Client, Memcached, free_port};
 
-/// The daemon, killed on drop; its log goes to a file the test reads.
+/// The daemon, killed on drop (a drain would only wait on the clients a
+/// test left); its log goes to a file the test reads.
 struct Guard {
-    child: Child,
+    child: ChildGuard,
     log: PathBuf,
 }
 
@@ -32,7 +33,7 @@ impl Guard {
         ));
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_guard"));
         cmd.args(["run", "--listen", &addr.to_string()])
-            .args(["--backend", &mc.addr.to_string()])
+            .args(["--backend", &mc.addr().to_string()])
             .env("RUST_LOG", "info")
             .env("GUARD_PIN_ROOT", "/nonexistent/guard-proxy-test")
             .env("GUARD_STATE_ROOT", "/nonexistent/guard-proxy-test")
@@ -53,11 +54,13 @@ impl Guard {
                 });
             }
         }
-        let guard = Self {
-            child: cmd.spawn().unwrap(),
+        let mut guard = Self {
+            child: ChildGuard::spawn(&mut cmd)
+                .unwrap()
+                .with_grace(Duration::ZERO),
             log,
         };
-        wait_accepting(addr);
+        guard.child.wait_accepting(addr).unwrap();
         // One request through, so the backend connections are up and the
         // descriptor count is settled.
         let mut c = Client::connect(addr);
@@ -118,8 +121,7 @@ impl Guard {
 
 impl Drop for Guard {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let _ = self.child.terminate();
         let _ = std::fs::remove_file(&self.log);
     }
 }

@@ -18,14 +18,14 @@ fn multi_get_across_three_backends_keeps_client_order() {
     }
     // Every backend holds some of the keys, under the namespace prefix.
     for mc in &mcs {
-        let mut d = Client::connect(mc.addr);
+        let mut d = Client::connect(mc.addr());
         let line: Vec<String> = keys.iter().map(|k| format!("_:0000000:{k}")).collect();
         d.send(format!("get {}\r\n", line.join(" ")).as_bytes());
         let reply = d.read_until_suffix(b"END\r\n");
         assert!(
             reply.windows(5).any(|w| w == b"VALUE"),
             "backend {} holds no key",
-            mc.addr
+            mc.addr()
         );
     }
     c.send(format!("get {}\r\n", keys.join(" ")).as_bytes());

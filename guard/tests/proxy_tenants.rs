@@ -98,7 +98,7 @@ fn tenants_see_only_their_own_keys() {
     assert!(reply.starts_with("VALUE shared 0 10 "), "{reply}");
     assert!(reply.contains("VALUE only-acme 0 1 "), "{reply}");
     // The backend holds both, each under its tenant's namespace.
-    let mut raw = Client::connect(mc.addr);
+    let mut raw = Client::connect(mc.addr());
     assert_eq!(get(&mut raw, "shared"), None);
     assert_eq!(
         get(&mut raw, "acme:0000000:shared").as_deref(),
@@ -358,7 +358,7 @@ fn flush_all_flushes_only_the_tenant() {
     assert_eq!(set(&mut acme, "a", "new"), "STORED");
     assert_eq!(get(&mut acme2, "a").as_deref(), Some("new"));
     // The backend was not flushed: the old generation's key is still there.
-    let mut raw = Client::connect(mc.addr);
+    let mut raw = Client::connect(mc.addr());
     assert_eq!(get(&mut raw, "acme:0000000:a").as_deref(), Some("1"));
     assert_eq!(get(&mut raw, "gx:0000000:b").as_deref(), Some("2"));
     // Binary flush, likewise.
@@ -451,7 +451,7 @@ fn sighup_reloads_credentials_and_keeps_flushes() {
         "[[tenant]]\nname = \"globex\"\ncredentials = [{{ username = \"globex\", password_hash = \"{}\" }}]\n",
         hash("gx-pw")
     );
-    let guard = GuardProcess::start(&mc, AUTH_TIMEOUT, &first);
+    let mut guard = GuardProcess::start(&mc, AUTH_TIMEOUT, &first);
     let mut acme_app = guard.text_client("acme-app", "new-secret");
     let mut leaked = guard.text_client("acme-app", "old-secret");
     let mut dashboard = guard.text_client("acme-dash", "dash-pw");

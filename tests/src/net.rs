@@ -116,12 +116,6 @@ fn connect_here(src: Option<IpAddr>, dst: SocketAddr, timeout: Duration) -> Resu
     Ok(s)
 }
 
-/// A TCP port on loopback of the current namespace that was free a moment ago.
-pub fn free_loopback_port() -> Result<u16> {
-    let l = TcpListener::bind(("127.0.0.1", 0))?;
-    Ok(l.local_addr()?.port())
-}
-
 /// `stats` on an open memcache connection: every `STAT name value` row up
 /// to `END`. The stream's read timeout (if any) bounds the wait.
 pub fn memcache_stats(s: &mut TcpStream) -> Result<BTreeMap<String, String>> {

@@ -10,7 +10,7 @@ use std::{
 };
 
 use guard::{config::tenant_id, tenant::password::PasswordHash};
-use guard_tests::{Memcached, Topology, connect_from, daemon::GuardDaemon};
+use guard_tests::{Topology, connect_from, daemon::GuardDaemon};
 
 const PORT: u16 = 11311;
 
@@ -18,8 +18,10 @@ const PORT: u16 = 11311;
 fn login_attributes_the_source_to_its_tenant_in_xdp() {
     let topo = Topology::new().expect("topology");
     topo.flush_tcp_metrics().unwrap();
-    let mc =
-        Memcached::start_in(&topo.server, "127.0.0.1:11211".parse().unwrap()).expect("memcached");
+    let mc = topo
+        .server
+        .start_memcached("127.0.0.1:11211".parse().unwrap())
+        .expect("memcached");
     let hash = PasswordHash::generate(b"s3cret", 1_000)
         .unwrap()
         .to_string();

@@ -367,13 +367,19 @@ fn memcached_version(ns: Option<&NsHandle>, addr: SocketAddr) -> String {
 fn memcached_in_namespace_and_loopback() {
     require_root();
     let t = Topology::new().unwrap();
-    let m4 = Memcached::start_in(&t.server, SocketAddr::new(t.server_v4().into(), 11211)).unwrap();
-    let m6 = Memcached::start_in(&t.server, SocketAddr::new(t.server_v6().into(), 11212)).unwrap();
+    let m4 = t
+        .server
+        .start_memcached(SocketAddr::new(t.server_v4().into(), 11211))
+        .unwrap();
+    let m6 = t
+        .server
+        .start_memcached(SocketAddr::new(t.server_v6().into(), 11212))
+        .unwrap();
     assert!(memcached_version(Some(&t.client), m4.addr()).starts_with("VERSION"));
     assert!(memcached_version(Some(&t.client), m6.addr()).starts_with("VERSION"));
-    let lo = Memcached::start_loopback().unwrap();
+    let lo = Memcached::start();
     assert!(memcached_version(None, lo.addr()).starts_with("VERSION"));
-    let pids = [m4.child_pid(), m6.child_pid(), lo.child_pid()];
+    let pids = [m4.pid(), m6.pid(), lo.pid()];
     drop((lo, m6, m4));
     for p in pids {
         assert!(
