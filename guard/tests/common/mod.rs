@@ -14,7 +14,7 @@ use std::{
 use guard::config::{BackendConfig, ProxyConfig};
 // For the test files; not every test binary uses each.
 #[allow(unused_imports)]
-pub use guard_test_support::{ChildGuard, Memcached, free_port};
+pub use guard_test_support::{ChildGuard, Memcached, PeerState, free_port, peer_state};
 
 /// `mc` as a proxy backend of weight 1.
 pub fn backend(mc: &Memcached) -> BackendConfig {
@@ -211,10 +211,27 @@ impl Client {
         }
     }
 
-    /// Whether the peer has closed (EOF or reset) within the timeout.
-    pub fn is_closed(&mut self) -> bool {
-        let mut b = [0u8; 1];
-        matches!(self.stream.read(&mut b), Ok(0) | Err(_))
+    /// What guard did within `within`: closed the connection, stayed open
+    /// and silent, or sent something (bytes already read but not yet taken
+    /// count as sent). Independent of the stream's read timeout.
+    pub fn peer_state(&mut self, within: Duration) -> PeerState {
+        if !self.buf.is_empty() {
+            return PeerState::Sent(std::mem::take(&mut self.buf));
+        }
+        guard_test_support::peer_state(&self.stream, within)
+    }
+
+    /// Panics unless guard closes the connection (end of stream or reset)
+    /// within `within`, saying what it did instead.
+    #[track_caller]
+    pub fn expect_closed(&mut self, within: Duration) {
+        match self.peer_state(within) {
+            s if s.is_closed() => {}
+            PeerState::Sent(b) => {
+                panic!("sent {:?} instead of closing", String::from_utf8_lossy(&b))
+            }
+            s => panic!("still open after {within:?}: {s:?}"),
+        }
     }
 }
 
