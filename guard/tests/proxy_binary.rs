@@ -65,5 +65,7 @@ fn binary_serves_and_drains_on_sigterm() {
         .unwrap()
         .expect("guard did not exit after SIGTERM");
     assert!(status.success(), "{status}");
-    assert!(TcpStream::connect(addr).is_err(), "listener closed");
+    // Refused, not merely failed: nothing listens any more.
+    let e = TcpStream::connect(addr).expect_err("listener closed");
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
 }
