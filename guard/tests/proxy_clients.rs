@@ -91,7 +91,7 @@ fn pymemcache_on_the_open_tenant() {
     assert_passed(&out, "pymemcache", 40);
     // flush_all reached no backend: the key stored before it is still
     // there, under the open tenant's first generation.
-    let mut raw = Client::connect(mc.addr);
+    let mut raw = Client::connect(mc.addr());
     raw.send(b"get _:0000000:survivor\r\n");
     assert_eq!(raw.read_line(), "VALUE _:0000000:survivor 0 1");
     assert_eq!(raw.read_line(), "s");
@@ -129,7 +129,7 @@ credentials = [
     );
     assert_passed(&out, "bmemcached", 20);
     // Everything the library stored is in acme's namespace on the backend.
-    let mut raw = Client::connect(mc.addr);
+    let mut raw = Client::connect(mc.addr());
     raw.send(b"get k acme:0000000:k\r\n");
     let reply = String::from_utf8(raw.read_until_suffix(b"END\r\n")).unwrap();
     assert!(reply.starts_with("VALUE acme:0000000:k "), "{reply}");

@@ -32,7 +32,7 @@ fn compare_text(script: &[&[u8]]) {
     let direct_mc = Memcached::start();
     let proxied_mc = Memcached::start();
     let guard = GuardProxy::start(config(&[&proxied_mc]));
-    let direct = run_text(direct_mc.addr, script);
+    let direct = run_text(direct_mc.addr(), script);
     let proxied = run_text(guard.addr, script);
     for (d, p) in direct.iter().zip(&proxied) {
         assert_eq!(d, p, "step {:?}", d.0);
@@ -260,7 +260,7 @@ fn binary_protocol_matches_memcached() {
     let direct_mc = Memcached::start();
     let proxied_mc = Memcached::start();
     let guard = GuardProxy::start(config(&[&proxied_mc]));
-    let direct = run_binary(direct_mc.addr, &script);
+    let direct = run_binary(direct_mc.addr(), &script);
     let proxied = run_binary(guard.addr, &script);
     for (i, (d, p)) in direct.iter().zip(&proxied).enumerate() {
         assert_eq!(

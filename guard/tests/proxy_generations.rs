@@ -162,7 +162,7 @@ fn a_restarted_proxy_keeps_the_flushes_it_made() {
 
 /// The marker a backend holds for the open namespace, read directly.
 fn marker_on(mc: &Memcached) -> Option<String> {
-    let mut s = TcpStream::connect(mc.addr).unwrap();
+    let mut s = TcpStream::connect(mc.addr()).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     s.write_all(b"mg _:gen v\r\n").unwrap();
     let mut got = Vec::new();
@@ -185,7 +185,7 @@ fn marker_on(mc: &Memcached) -> Option<String> {
 #[test]
 fn a_backend_restarted_empty_gets_its_markers_back() {
     let m1 = Memcached::start();
-    let port = m1.addr.port();
+    let port = m1.addr().port();
     let m2 = Memcached::start();
     let p = GuardProxy::start(config(&[&m1, &m2]));
     let mut c = Client::connect(p.addr);

@@ -18,14 +18,14 @@ fn multi_get_across_three_backends_keeps_client_order() {
     }
     // Every backend holds some of the keys, under the namespace prefix.
     for mc in &mcs {
-        let mut d = Client::connect(mc.addr);
+        let mut d = Client::connect(mc.addr());
         let line: Vec<String> = keys.iter().map(|k| format!("_:0000000:{k}")).collect();
         d.send(format!("get {}\r\n", line.join(" ")).as_bytes());
         let reply = d.read_until_suffix(b"END\r\n");
         assert!(
             reply.windows(5).any(|w| w == b"VALUE"),
             "backend {} holds no key",
-            mc.addr
+            mc.addr()
         );
     }
     c.send(format!("get {}\r\n", keys.join(" ")).as_bytes());
@@ -154,7 +154,7 @@ fn bad_input_gets_its_error_and_spares_others() {
     long.extend(b"\r\n");
     bad.send(&long);
     assert_eq!(bad.read_line(), "CLIENT_ERROR line too long");
-    assert!(bad.is_closed());
+    bad.expect_closed(Duration::from_secs(2));
 
     let mut bin_bad = Client::connect(guard.addr);
     // A binary frame whose header contradicts its opcode desyncs the stream.
@@ -164,7 +164,7 @@ fn bad_input_gets_its_error_and_spares_others() {
     assert_eq!(u16::from_be_bytes([header[6], header[7]]), 0x0004);
     let mut body = vec![0u8; u32::from_be_bytes(header[8..12].try_into().unwrap()) as usize];
     std::io::Read::read_exact(&mut bin_bad.stream, &mut body).unwrap();
-    assert!(bin_bad.is_closed());
+    bin_bad.expect_closed(Duration::from_secs(2));
 
     good.send(b"get g\r\n");
     assert_eq!(
@@ -212,7 +212,7 @@ fn per_source_cap_closes_extra_connections() {
     let mut a = Client::connect(guard.addr);
     let mut b = Client::connect(guard.addr);
     let mut extra = Client::connect(guard.addr);
-    assert!(extra.is_closed());
+    extra.expect_closed(Duration::from_secs(2));
     for c in [&mut a, &mut b] {
         c.send(b"version\r\n");
         assert!(c.read_line().starts_with("VERSION"));

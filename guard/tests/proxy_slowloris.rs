@@ -5,13 +5,14 @@
 mod common;
 
 use std::{
-    io::{Read, Write},
+    io::Write,
     net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream},
     os::fd::FromRawFd,
     time::{Duration, Instant},
 };
 
-use common::{Client, GuardProxy, Memcached, config};
+use common::{Client, GuardProxy, Memcached, PeerState, config, peer_state};
+use guard_test_support::is_reset;
 
 fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd").unwrap().count()
@@ -108,6 +109,9 @@ fn idle_half_written_line_is_closed_at_the_idle_timeout() {
     let mc = Memcached::start();
     let mut cfg = config(&[&mc]);
     cfg.idle_timeout_secs = 1;
+    // Only the idle timer may close these: the request deadline (5 s by
+    // default) would too, later.
+    cfg.request_read_timeout_ms = 0;
     let guard = GuardProxy::start(cfg);
 
     for partial in [
@@ -117,12 +121,15 @@ fn idle_half_written_line_is_closed_at_the_idle_timeout() {
         &[0x80, 0x00, 0x00, 0x05][..],
     ] {
         let mut c = Client::connect(guard.addr);
-        c.stream
-            .set_read_timeout(Some(Duration::from_secs(5)))
-            .unwrap();
         let t = Instant::now();
         c.send(partial);
-        assert!(c.is_closed(), "{partial:?}: still open after 5 s");
+        match c.peer_state(Duration::from_secs(3)) {
+            s if s.is_closed() => {}
+            s => panic!(
+                "{:?}: not closed within 3 s (idle timeout 1 s): {s:?}",
+                partial.escape_ascii().to_string()
+            ),
+        }
         let took = t.elapsed();
         assert!(
             took >= Duration::from_millis(900),
@@ -150,21 +157,27 @@ fn trickled_line_is_closed_at_a_request_deadline() {
     cfg.request_read_timeout_ms = 1_000;
     let guard = GuardProxy::start(cfg);
     let mut c = TcpStream::connect(guard.addr).unwrap();
-    c.set_nonblocking(true).unwrap();
     let line = format!("get {}\r\n", "k".repeat(200));
     let t = Instant::now();
     let mut closed = false;
     // 4 s of trickling: 40 bytes, still short of the line's end.
     for b in line.as_bytes().iter().take(40) {
-        let mut buf = [0u8; 64];
-        match c.read(&mut buf) {
-            Ok(0) => closed = true,
-            Err(e) if e.kind() != std::io::ErrorKind::WouldBlock => closed = true,
-            _ => {}
+        match peer_state(&c, Duration::ZERO) {
+            PeerState::Open => {}
+            s if s.is_closed() => {
+                closed = true;
+                break;
+            }
+            s => panic!("half a line answered: {s:?}"),
         }
-        if closed || c.write_all(&[*b]).is_err() {
-            closed = true;
-            break;
+        match c.write_all(&[*b]) {
+            Ok(()) => {}
+            // Closed between the look and the write.
+            Err(e) if is_reset(&e) => {
+                closed = true;
+                break;
+            }
+            Err(e) => panic!("write: {e}"),
         }
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -195,23 +208,18 @@ fn many_slow_clients_hold_no_more_than_their_caps() {
         let from = if i < 300 { slow_a } else { slow_b };
         let mut s = connect_from(from, guard.addr);
         let _ = s.write_all(format!("set slow{i} 0 0 1000\r\npartial").as_bytes());
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         slow.push((from, s));
     }
     std::thread::sleep(Duration::from_millis(300));
     // Beyond its per-source cap, a source's connections are closed at once.
     let mut open_a = 0;
     let mut open_b = 0;
-    for (from, s) in &mut slow {
-        s.set_nonblocking(true).unwrap();
-        let mut b = [0u8; 16];
-        let open = matches!(s.read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock);
-        if open {
-            if *from == slow_a {
-                open_a += 1;
-            } else {
-                open_b += 1;
-            }
+    for (from, s) in &slow {
+        match peer_state(s, Duration::ZERO) {
+            PeerState::Open if *from == slow_a => open_a += 1,
+            PeerState::Open => open_b += 1,
+            s if s.is_closed() => {}
+            s => panic!("a stalled client was answered: {s:?}"),
         }
     }
     assert_eq!((open_a, open_b), (100, 100), "open per source");
@@ -228,20 +236,20 @@ fn many_slow_clients_hold_no_more_than_their_caps() {
         b"VALUE g 0 2\r\nok\r\nEND\r\n"
     );
 
-    // At the idle timeout every stalled client is closed by guard.
+    // At the idle timeout every stalled client is closed by guard, well
+    // before the request deadline (5 s) would.
     std::thread::sleep(Duration::from_millis(2_500));
-    let mut closed = 0;
-    for (_, s) in &mut slow {
-        s.set_nonblocking(false).unwrap();
-        let mut b = [0u8; 16];
-        if matches!(s.read(&mut b), Ok(0) | Err(_)) {
-            closed += 1;
-        }
-    }
+    let deadline = Instant::now() + Duration::from_secs(1);
+    let still_open = slow
+        .iter()
+        .filter(|(_, s)| {
+            let left = deadline.saturating_duration_since(Instant::now());
+            !peer_state(s, left).is_closed()
+        })
+        .count();
     assert_eq!(
-        closed,
-        slow.len(),
-        "stalled clients closed by the idle timeout"
+        still_open, 0,
+        "stalled clients still open well past their 2 s idle timeout"
     );
     drop(slow);
     std::thread::sleep(Duration::from_millis(300));

@@ -7,41 +7,24 @@ use std::fs;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::Mutex;
-use std::thread;
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use guard::proxy::ketama::{Ketama, md5_hash, server_identity};
+use guard_test_support::{ChildGuard, MEMCACHED_BIN, Memcached, accepts, free_port};
 
 const NUTCRACKER: &str = "/usr/sbin/nutcracker";
-const MEMCACHED: &str = "memcached";
 const KEYS: usize = 2_000;
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A child process that is killed when dropped, so a failing assertion does
-/// not leave servers behind.
-struct Proc {
-    child: Child,
-    what: String,
+/// nutcracker, stopped on drop with its config and log files removed, so
+/// a failing assertion leaves nothing behind.
+struct Nutcracker {
+    child: ChildGuard,
     files: Vec<PathBuf>,
 }
 
-impl Proc {
-    fn spawn(cmd: &mut Command, what: String) -> Proc {
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {what}: {e}"));
-        Proc {
-            child,
-            what,
-            files: Vec::new(),
-        }
-    }
-
+impl Nutcracker {
     fn log(&self) -> String {
         self.files
             .iter()
@@ -49,52 +32,13 @@ impl Proc {
             .map(|p| fs::read_to_string(p).unwrap_or_default())
             .collect()
     }
-
-    fn wait_accepting(&mut self, addr: SocketAddr) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                panic!("{} exited early ({status}):\n{}", self.what, self.log());
-            }
-            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} does not accept on {addr}:\n{}",
-                self.what,
-                self.log()
-            );
-            thread::sleep(Duration::from_millis(20));
-        }
-    }
 }
 
-impl Drop for Proc {
+impl Drop for Nutcracker {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let _ = self.child.terminate();
         for f in &self.files {
             let _ = fs::remove_file(f);
-        }
-    }
-}
-
-/// A port nothing listens on, never the same one twice in this process:
-/// the kernel readily hands a just-released port out again, and tests run
-/// in parallel.
-fn free_port(ip: Ipv4Addr) -> u16 {
-    static HANDED_OUT: Mutex<Vec<u16>> = Mutex::new(Vec::new());
-    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
-    loop {
-        let port = TcpListener::bind((ip, 0))
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        if !handed_out.contains(&port) {
-            handed_out.push(port);
-            return port;
         }
     }
 }
@@ -112,7 +56,7 @@ impl Backend {
         let ip = Ipv4Addr::LOCALHOST;
         Backend {
             ip,
-            port: free_port(ip),
+            port: free_port(),
             weight,
             name: None,
         }
@@ -146,33 +90,20 @@ impl Backend {
         )
     }
 
-    fn start(&self) -> Proc {
-        let mut p = Proc::spawn(
-            Command::new(MEMCACHED).args([
-                "-u",
-                "root",
-                "-l",
-                &self.ip.to_string(),
-                "-p",
-                &self.port.to_string(),
-                "-U",
-                "0",
-                "-m",
-                "16",
-                "-t",
-                "1",
-            ]),
-            format!("memcached {}", self.addr()),
-        );
-        p.wait_accepting(self.addr());
-        p
+    fn start(&self) -> Memcached {
+        Memcached::start_with(
+            Command::new(MEMCACHED_BIN).args(["-m", "16", "-t", "1"]),
+            self.addr(),
+            accepts,
+        )
+        .unwrap_or_else(|e| panic!("{e:#}"))
     }
 }
 
-fn start_nutcracker(backends: &[Backend], extra_conf: &str) -> (Proc, SocketAddr) {
+fn start_nutcracker(backends: &[Backend], extra_conf: &str) -> (Nutcracker, SocketAddr) {
     let ip = Ipv4Addr::LOCALHOST;
-    let port = free_port(ip);
-    let stats_port = free_port(ip);
+    let port = free_port();
+    let stats_port = free_port();
     let base = std::env::temp_dir().join(format!("ketama-test-{}-{port}", std::process::id()));
     let conf = base.with_extension("yml");
     let log = base.with_extension("log");
@@ -183,17 +114,26 @@ fn start_nutcracker(backends: &[Backend], extra_conf: &str) -> (Proc, SocketAddr
         yaml.push_str(&format!("   - {}\n", b.conf_line()));
     }
     fs::write(&conf, &yaml).unwrap();
-    let mut p = Proc::spawn(
+    let child = ChildGuard::spawn(
         Command::new(NUTCRACKER)
             .arg("-c")
             .arg(&conf)
             .args(["-s", &stats_port.to_string(), "-a", "127.0.0.1", "-o"])
-            .arg(&log),
-        format!("nutcracker {ip}:{port}"),
-    );
-    p.files = vec![conf, log];
+            .arg(&log)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    )
+    .unwrap_or_else(|e| panic!("{e:#}"))
+    .with_grace(Duration::from_secs(1));
+    let mut p = Nutcracker {
+        child,
+        files: vec![conf, log],
+    };
     let addr = (ip, port).into();
-    p.wait_accepting(addr);
+    if let Err(e) = p.child.wait_accepting(addr) {
+        panic!("nutcracker: {e:#}\n{}", p.log());
+    }
     (p, addr)
 }
 
@@ -303,7 +243,7 @@ fn check(backends: Vec<Backend>) -> Vec<usize> {
 
 /// Runs a whole-pool comparison and returns how many keys each backend got.
 fn check_with_keys(backends: Vec<Backend>, keys: Vec<String>) -> Vec<usize> {
-    let _servers: Vec<Proc> = backends.iter().map(Backend::start).collect();
+    let _servers: Vec<Memcached> = backends.iter().map(Backend::start).collect();
     let (_proxy, proxy_addr) = start_nutcracker(&backends, "  auto_eject_hosts: false\n");
     let found = placement(proxy_addr, &backends, &keys);
     let list: Vec<_> = backends.iter().map(Backend::identity).collect();
@@ -444,7 +384,7 @@ fn md5_words(data: &[u8]) -> [u32; 4] {
 fn ejected_server_is_left_out() {
     let backends: Vec<Backend> = [1, 2, 3].into_iter().map(Backend::new).collect();
     let list: Vec<_> = backends.iter().map(Backend::identity).collect();
-    let mut servers: Vec<Option<Proc>> = backends.iter().map(|b| Some(b.start())).collect();
+    let mut servers: Vec<Option<Memcached>> = backends.iter().map(|b| Some(b.start())).collect();
     let (proxy, proxy_addr) = start_nutcracker(
         &backends,
         "  auto_eject_hosts: true\n  server_failure_limit: 1\n  server_retry_timeout: 600000\n",

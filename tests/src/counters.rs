@@ -56,9 +56,11 @@ impl Counters {
         Ok(c)
     }
 
-    /// The counter, 0 when absent.
+    /// The counter; panics when absent, since a misspelt or missing
+    /// counter read as 0 would pass every "nothing of this happened" check.
     pub fn get(&self, key: &str) -> u64 {
-        self.0.get(key).copied().unwrap_or(0)
+        self.try_get(key)
+            .unwrap_or_else(|| panic!("no counter {key:?} among {} read", self.0.len()))
     }
 
     /// The counter, `None` when absent.
@@ -71,7 +73,9 @@ impl Counters {
         Counters(
             self.0
                 .iter()
-                .map(|(k, v)| (k.clone(), v.saturating_sub(earlier.get(k))))
+                // snmp6 lists a per-type ICMPv6 counter only once one
+                // such message was seen: absent earlier means 0 then.
+                .map(|(k, v)| (k.clone(), v.saturating_sub(earlier.try_get(k).unwrap_or(0))))
                 .collect(),
         )
     }
@@ -441,4 +445,19 @@ fn sniff_loop(
         },
     )?;
     Ok(u64::from(st.tp_drops))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    #[should_panic(expected = "no counter \"TcpPasiveOpens\"")]
+    fn an_absent_counter_is_not_zero() {
+        let mut c = Counters::default();
+        c.parse_proc_pairs("Tcp: PassiveOpens\nTcp: 0\n");
+        assert_eq!(c.get("TcpPassiveOpens"), 0);
+        // Misspelt: would read as "no passive opens" if absent were 0.
+        c.get("TcpPasiveOpens");
+    }
 }

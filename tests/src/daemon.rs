@@ -100,25 +100,14 @@ impl GuardDaemon {
         // writes counts as its start-up.
         let seen = self.log_text().len();
         let mut child = ChildGuard::spawn(&mut cmd)?;
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(status) = child.try_wait()? {
-                bail!(
-                    "guard exited during start-up ({status}):\n{}",
-                    self.log_text()
-                );
-            }
-            if self
-                .log_text()
+        let what = format!("logging {:?}", self.ready.trim());
+        let started = child.wait_until(Duration::from_secs(20), &what, || {
+            self.log_text()
                 .get(seen..)
                 .is_some_and(|t| t.contains(self.ready))
-            {
-                break;
-            }
-            if Instant::now() > deadline {
-                bail!("guard did not start within 20 s:\n{}", self.log_text());
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        });
+        if let Err(e) = started {
+            bail!("{e:#}:\n{}", self.log_text());
         }
         self.child = Some(child);
         Ok(())

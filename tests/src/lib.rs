@@ -18,7 +18,6 @@ pub mod flood;
 pub mod frames;
 pub mod net;
 pub mod netns;
-pub mod process;
 pub mod procstat;
 mod sys;
 pub mod topology;
@@ -32,7 +31,8 @@ pub use counters::{AcceptCounter, Counters, FrameCounter, FrameCounterStats, Lin
 pub use flood::{FloodStats, SourceAddr, SynFlood, SynFloodConfig, send_frames};
 pub use net::{connect_from, connect_in, listen_in};
 pub use netns::{NetNs, NsHandle};
-pub use process::{ChildGuard, Memcached};
+// Processes and ports come from the crate `guard`'s own tests share too.
+pub use guard_test_support::{ChildGuard, MEMCACHED_BIN, Memcached, accepts, free_port};
 pub use topology::{Topology, TopologyOptions};
 pub use veth::{EndAddrs, VethEnd, VethPair};
 

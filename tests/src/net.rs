@@ -1,7 +1,7 @@
 //! Sockets opened inside namespaces.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead as _, BufReader, Write as _};
+use std::io::{self, BufRead as _, BufReader, Write as _};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::time::Duration;
@@ -38,6 +38,16 @@ pub fn listen_in(ns: &NsHandle, addr: SocketAddr, backlog: i32) -> Result<TcpLis
         Ok(unsafe { TcpListener::from_raw_fd(fd.into_raw_fd()) })
     })?
     .with_context(|| format!("listening on {addr} in netns {}", ns.name()))
+}
+
+/// How a connect of [`connect_from`] or [`connect_in`] failed:
+/// `TimedOut` when nothing answered the SYN (dropped on the way, as XDP
+/// does), `ConnectionRefused` when a reset did (nothing listens), `None`
+/// when the failure was not the connect's own (e.g. entering the
+/// namespace). A test counting drops must count only the first, since
+/// a refusal is a failure too.
+pub fn connect_error_kind(e: &anyhow::Error) -> Option<io::ErrorKind> {
+    e.downcast_ref::<io::Error>().map(io::Error::kind)
 }
 
 /// Connects to `dst` from inside `ns`, bound to source address `src`.
@@ -103,7 +113,12 @@ fn connect_here(src: Option<IpAddr>, dst: SocketAddr, timeout: Duration) -> Resu
             return Err(e.into());
         }
         if !sys::poll_one(&fd, libc::POLLOUT, timeout)? {
-            bail!("timed out after {timeout:?}");
+            // An io::Error, so callers can tell it from a refusal.
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("no answer within {timeout:?}"),
+            )
+            .into());
         }
         let err: libc::c_int = sys::getsockopt(&fd, libc::SOL_SOCKET, libc::SO_ERROR, 0)?;
         if err != 0 {
@@ -114,12 +129,6 @@ fn connect_here(src: Option<IpAddr>, dst: SocketAddr, timeout: Duration) -> Resu
     let s = unsafe { TcpStream::from_raw_fd(fd.into_raw_fd()) };
     s.set_nonblocking(false)?;
     Ok(s)
-}
-
-/// A TCP port on loopback of the current namespace that was free a moment ago.
-pub fn free_loopback_port() -> Result<u16> {
-    let l = TcpListener::bind(("127.0.0.1", 0))?;
-    Ok(l.local_addr()?.port())
 }
 
 /// `stats` on an open memcache connection: every `STAT name value` row up

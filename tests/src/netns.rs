@@ -2,16 +2,18 @@
 
 use std::ffi::OsStr;
 use std::fs::File;
+use std::net::SocketAddr;
 use std::ops::Deref;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 
 use crate::counters::{Counters, LinkStats};
-use crate::process::ChildGuard;
 use crate::sys;
+use crate::{ChildGuard, MEMCACHED_BIN, Memcached};
 
 const NETNS_DIR: &str = "/run/netns";
 
@@ -83,6 +85,14 @@ impl NsHandle {
             );
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Starts a [`Memcached`] listening on `addr` inside the namespace;
+    /// returns once it accepts connections made from inside it.
+    pub fn start_memcached(&self, addr: SocketAddr) -> Result<Memcached> {
+        Memcached::start_with(&mut self.command(MEMCACHED_BIN), addr, |addr| {
+            crate::net::connect_in(self, addr, Duration::from_millis(200)).is_ok()
+        })
     }
 
     /// Spawns `program args…` inside the namespace, killed when the guard drops.

@@ -21,7 +21,7 @@ use std::{
 };
 
 use guard_tests::{
-    AcceptCounter, BurstConfig, Memcached, NsHandle, Topology, burst, close_with_reset, connect_in,
+    AcceptCounter, BurstConfig, NsHandle, Topology, burst, close_with_reset, connect_in,
     daemon::GuardDaemon, net::memcache_stats, require_root,
 };
 
@@ -45,8 +45,10 @@ fn burst_of_16000_clients_is_accepted_at_once_and_released_at_once() {
     );
     let topo = Topology::new().expect("topology");
     topo.flush_tcp_metrics().unwrap();
-    let mut mc =
-        Memcached::start_in(&topo.server, "127.0.0.1:11211".parse().unwrap()).expect("memcached");
+    let mut mc = topo
+        .server
+        .start_memcached("127.0.0.1:11211".parse().unwrap())
+        .expect("memcached");
     let listen = SocketAddr::new(IpAddr::V4(topo.server_v4()), PORT);
     let backlog = std::env::var("GUARD_STORM_BACKLOG").unwrap_or_else(|_| "4096".into());
     let guard = GuardDaemon::start_proxy(

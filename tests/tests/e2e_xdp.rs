@@ -10,6 +10,7 @@ use std::{
 
 use guard_tests::{
     FrameCounter, SourceAddr, SynFlood, Topology, connect_from, daemon::GuardDaemon, listen_in,
+    net::connect_error_kind,
 };
 
 const PORT: u16 = 11211;
@@ -253,9 +254,12 @@ fn deny_and_allow_update_live_and_expire() {
         String::from_utf8_lossy(&guard.cli(&["deny", "list"]).unwrap().stdout).into_owned();
     assert!(listed.contains(&deny), "{listed}");
     let before = guard.counters().unwrap();
-    assert!(
-        connect(topo.client_v4().into()).is_err(),
-        "denied source cannot connect"
+    let denied = connect(topo.client_v4().into()).expect_err("denied source cannot connect");
+    // Dropped, not refused: a refusal would mean the SYN reached the server.
+    assert_eq!(
+        connect_error_kind(&denied),
+        Some(std::io::ErrorKind::TimedOut),
+        "{denied:#}"
     );
     assert!(guard.counters().unwrap()["drop_deny"] > before["drop_deny"]);
     // The other address is unaffected.

@@ -1,80 +1,26 @@
-//! Shared by the proxy tests: real memcached processes and an in-process
-//! guard proxy, both torn down on drop (panics included).
+//! Shared by the proxy tests: guard's proxy in this process, drained on
+//! drop (panics included), and a blocking client. Memcached, child
+//! processes and free ports come from `guard_test_support`, shared with
+//! the privileged harness.
 
 #![allow(dead_code)]
 
 use std::{
     io::{Read, Write},
-    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
-    process::{Child, Command, Stdio},
+    net::{Ipv4Addr, SocketAddr, TcpStream},
     time::{Duration, Instant},
 };
 
 use guard::config::{BackendConfig, ProxyConfig};
+// For the test files; not every test binary uses each.
+#[allow(unused_imports)]
+pub use guard_test_support::{ChildGuard, Memcached, PeerState, free_port, peer_state};
 
-/// A port nobody listens on right now.
-pub fn free_port() -> u16 {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// Waits until `addr` accepts connections.
-pub fn wait_accepting(addr: SocketAddr) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
-        assert!(Instant::now() < deadline, "{addr} never accepted");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// A memcached on 127.0.0.1, killed on drop.
-pub struct Memcached {
-    child: Child,
-    pub addr: SocketAddr,
-}
-
-impl Memcached {
-    pub fn start() -> Self {
-        Self::start_on(free_port())
-    }
-
-    pub fn start_on(port: u16) -> Self {
-        let child = Command::new("/usr/bin/memcached")
-            .args([
-                "-u",
-                "root",
-                "-l",
-                "127.0.0.1",
-                "-p",
-                &port.to_string(),
-                "-U",
-                "0",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start memcached");
-        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-        let m = Self { child, addr };
-        wait_accepting(addr);
-        m
-    }
-
-    pub fn backend(&self) -> BackendConfig {
-        BackendConfig {
-            addr: self.addr,
-            weight: 1,
-        }
-    }
-}
-
-impl Drop for Memcached {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+/// `mc` as a proxy backend of weight 1.
+pub fn backend(mc: &Memcached) -> BackendConfig {
+    BackendConfig {
+        addr: mc.addr(),
+        weight: 1,
     }
 }
 
@@ -82,7 +28,7 @@ impl Drop for Memcached {
 pub fn config(backends: &[&Memcached]) -> ProxyConfig {
     ProxyConfig {
         listen: vec![SocketAddr::from((Ipv4Addr::LOCALHOST, 0))],
-        backends: backends.iter().map(|m| m.backend()).collect(),
+        backends: backends.iter().map(|m| backend(m)).collect(),
         ..ProxyConfig::default()
     }
 }
@@ -265,10 +211,27 @@ impl Client {
         }
     }
 
-    /// Whether the peer has closed (EOF or reset) within the timeout.
-    pub fn is_closed(&mut self) -> bool {
-        let mut b = [0u8; 1];
-        matches!(self.stream.read(&mut b), Ok(0) | Err(_))
+    /// What guard did within `within`: closed the connection, stayed open
+    /// and silent, or sent something (bytes already read but not yet taken
+    /// count as sent). Independent of the stream's read timeout.
+    pub fn peer_state(&mut self, within: Duration) -> PeerState {
+        if !self.buf.is_empty() {
+            return PeerState::Sent(std::mem::take(&mut self.buf));
+        }
+        guard_test_support::peer_state(&self.stream, within)
+    }
+
+    /// Panics unless guard closes the connection (end of stream or reset)
+    /// within `within`, saying what it did instead.
+    #[track_caller]
+    pub fn expect_closed(&mut self, within: Duration) {
+        match self.peer_state(within) {
+            s if s.is_closed() => {}
+            PeerState::Sent(b) => {
+                panic!("sent {:?} instead of closing", String::from_utf8_lossy(&b))
+            }
+            s => panic!("still open after {within:?}: {s:?}"),
+        }
     }
 }
 

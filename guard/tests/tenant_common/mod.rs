@@ -6,11 +6,11 @@
 use std::{
     net::{Ipv4Addr, SocketAddr},
     path::PathBuf,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
-use crate::common::{Client, Memcached, bin, free_port, wait_accepting};
+use crate::common::{ChildGuard, Client, Memcached, bin, free_port};
 
 /// A stored password hash, with the fewest iterations the config takes
 /// so tests stay fast.
@@ -20,9 +20,10 @@ pub fn hash(password: &str) -> String {
         .to_string()
 }
 
-/// `guard run --config FILE` as a child process; SIGTERM and wait on drop.
+/// `guard run --config FILE` as a child process; on drop SIGTERM, up to
+/// 10 s to drain, then SIGKILL, and its directory removed.
 pub struct GuardProcess {
-    child: Child,
+    child: ChildGuard,
     pub addr: SocketAddr,
     dir: PathBuf,
     pub config_path: PathBuf,
@@ -33,7 +34,7 @@ pub struct GuardProcess {
 pub fn proxy_section(mc: &Memcached, port: u16, extra: &str) -> String {
     format!(
         "[proxy]\nlisten = [\"127.0.0.1:{port}\"]\nbackends = [{{ addr = \"{}\" }}]\n{extra}\n",
-        mc.addr
+        mc.addr()
     )
 }
 
@@ -49,16 +50,18 @@ impl GuardProcess {
             format!("{}\n{rest}", proxy_section(mc, port, proxy_extra)),
         )
         .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_guard"))
-            .args(["run", "--config", config_path.to_str().unwrap()])
-            .env("GUARD_PIN_ROOT", dir.join("pins"))
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start guard");
+        let mut child = ChildGuard::spawn(
+            Command::new(env!("CARGO_BIN_EXE_guard"))
+                .args(["run", "--config", config_path.to_str().unwrap()])
+                .env("GUARD_PIN_ROOT", dir.join("pins"))
+                .env("RUST_LOG", "info")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+        )
+        .expect("start guard")
+        .with_grace(Duration::from_secs(10));
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-        wait_accepting(addr);
+        child.wait_accepting(addr).unwrap();
         Self {
             child,
             addr,
@@ -68,7 +71,7 @@ impl GuardProcess {
     }
 
     /// Rewrites the config file (same `[proxy]`) and sends SIGHUP.
-    pub fn reload(&self, mc: &Memcached, proxy_extra: &str, rest: &str) {
+    pub fn reload(&mut self, mc: &Memcached, proxy_extra: &str, rest: &str) {
         std::fs::write(
             &self.config_path,
             format!(
@@ -80,10 +83,8 @@ impl GuardProcess {
         self.signal(libc::SIGHUP);
     }
 
-    pub fn signal(&self, sig: i32) {
-        // SAFETY: kill(2) on our own child's pid.
-        let rc = unsafe { libc::kill(self.child.id() as i32, sig) };
-        assert_eq!(rc, 0);
+    pub fn signal(&mut self, sig: i32) {
+        self.child.signal(sig).unwrap();
     }
 
     /// A text client authenticated as `user` (memcached `-Y` form), once
@@ -112,17 +113,9 @@ impl GuardProcess {
 
 impl Drop for GuardProcess {
     fn drop(&mut self) {
-        // SAFETY: as in `signal`.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        // Stopped before its directory goes, not after (as the field's own
+        // drop would).
+        let _ = self.child.terminate();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -22,7 +22,8 @@ use std::{
 };
 
 use guard_tests::{
-    BurstConfig, ChildGuard, Counters, Memcached, close_with_reset, net::free_loopback_port,
+    BurstConfig, ChildGuard, Counters, MEMCACHED_BIN, Memcached, accepts, close_with_reset,
+    free_port,
 };
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
@@ -50,20 +51,6 @@ const BURST_WAIT: Duration = Duration::from_secs(30);
 /// clients have left: guard must do it at once; a proxy that holds them
 /// until their requests time out is reported as not done.
 const BURST_RELEASE_WAIT: Duration = Duration::from_secs(5);
-
-fn wait_accepting(addr: SocketAddr, child: &mut ChildGuard, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Ok(Some(s)) = child.try_wait() {
-            panic!("{what} exited during startup: {s}");
-        }
-        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-            return;
-        }
-        assert!(Instant::now() < deadline, "{what} never accepted on {addr}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -537,9 +524,7 @@ fn start_nutcracker(
     backends: &[SocketAddr],
     extra: &str,
 ) -> (ChildGuard, SocketAddr) {
-    let addr: SocketAddr = format!("127.0.0.1:{}", free_loopback_port().unwrap())
-        .parse()
-        .unwrap();
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let servers: String = backends.iter().map(|a| format!("    - {a}:1\n")).collect();
     let conf = tmp.join(format!("{name}.yml"));
     std::fs::write(
@@ -557,13 +542,13 @@ fn start_nutcracker(
             .arg("-o")
             .arg(tmp.join(format!("{name}.log")))
             .args(["-a", "127.0.0.1", "-s"])
-            .arg(free_loopback_port().unwrap().to_string())
+            .arg(free_port().to_string())
             .stdout(Stdio::null())
             .stderr(Stdio::null()),
     )
     .expect("nutcracker (apt-get install nutcracker)")
     .with_grace(Duration::from_secs(1));
-    wait_accepting(addr, &mut child, "nutcracker");
+    child.wait_accepting(addr).expect("nutcracker");
     (child, addr)
 }
 
@@ -574,9 +559,7 @@ fn start_guard(
     backends: &[SocketAddr],
     extra: &[&str],
 ) -> (ChildGuard, SocketAddr) {
-    let addr: SocketAddr = format!("127.0.0.1:{}", free_loopback_port().unwrap())
-        .parse()
-        .unwrap();
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let mut cmd = Command::new(guard_bin());
     cmd.args(["run", "--listen", &addr.to_string()]);
     for a in backends {
@@ -591,7 +574,7 @@ fn start_guard(
     let mut child = ChildGuard::spawn(&mut cmd)
         .expect("target/release/guard (cargo build --release -p guard)")
         .with_grace(Duration::from_secs(3));
-    wait_accepting(addr, &mut child, "guard");
+    child.wait_accepting(addr).expect("guard");
     (child, addr)
 }
 
@@ -611,10 +594,14 @@ fn main() {
 
     let mut backends: Vec<Memcached> = (0..BACKENDS)
         .map(|_| {
-            let port = free_loopback_port().unwrap();
-            let addr = SocketAddr::from(([127, 0, 0, 1], port));
+            let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
             // Room for the idle-connection measurement.
-            Memcached::start_with(None, addr, &["-c", "8192"]).expect("memcached")
+            Memcached::start_with(
+                Command::new(MEMCACHED_BIN).args(["-c", "8192"]),
+                addr,
+                accepts,
+            )
+            .expect("memcached")
         })
         .collect();
     let backend_addrs: Vec<SocketAddr> = backends.iter().map(Memcached::addr).collect();
@@ -641,7 +628,7 @@ fn main() {
     for (name, pid, addr) in [
         (
             "memcached (one backend)",
-            backends[0].child_pid(),
+            backends[0].pid(),
             backend_addrs[0],
         ),
         ("nutcracker", nutcracker.pid(), nut_addr),
@@ -664,7 +651,7 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    let backend_pids: Vec<u32> = backends.iter().map(Memcached::child_pid).collect();
+    let backend_pids: Vec<u32> = backends.iter().map(Memcached::pid).collect();
     let cpu_of = |pids: &[u32]| pids.iter().map(|p| cpu_time(*p)).sum::<Duration>();
     let mut rows = Vec::new();
     for (mix, get_pct) in [("90% get / 10% set", 90), ("10% get / 90% set", 10)] {

@@ -1,0 +1,22 @@
+//! Test pieces shared by `guard`'s integration tests and the privileged
+//! `guard-tests` harness. It depends on neither (`guard`'s tests could not
+//! use a crate that depends on `guard`), and knows nothing of network
+//! namespaces: callers that start things inside one hand in the
+//! [`Command`](std::process::Command) and the probe to use.
+//!
+//! - [`process`]: [`ChildGuard`], a child process stopped and reaped on
+//!   drop, panics included, and waits for it to start accepting.
+//! - [`memcached`]: [`Memcached`], a real memcached killed on drop.
+//! - [`port`]: [`free_port`], never the same port twice in one process.
+//! - [`peer`]: [`peer_state`], whether the other end closed a connection
+//!   within a deadline, told apart from its staying open or answering.
+
+pub mod memcached;
+pub mod peer;
+pub mod port;
+pub mod process;
+
+pub use memcached::{MEMCACHED_BIN, Memcached};
+pub use peer::{PeerState, is_reset, peer_state};
+pub use port::free_port;
+pub use process::{ChildGuard, accepts};
