@@ -22,7 +22,7 @@ use std::{
 
 use guard_tests::{
     AcceptCounter, BurstConfig, NsHandle, Topology, burst, close_with_reset, connect_in,
-    daemon::GuardDaemon, net::memcache_stats, require_root,
+    daemon::GuardDaemon, net::memcache_stats, procstat::cpu_time, require_root,
 };
 
 const CLIENTS: usize = 16_000;
@@ -294,23 +294,6 @@ impl AcceptWait {
             self.max_ms,
         )
     }
-}
-
-/// User plus system CPU time `pid` has used, all threads.
-fn cpu_time(pid: u32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // utime and stime are the 14th and 15th fields, the 12th and 13th
-    // after the parenthesised command name.
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let ticks: u64 = rest
-        .split_whitespace()
-        .skip(11)
-        .take(2)
-        .map(|v| v.parse::<u64>().unwrap_or(0))
-        .sum();
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-    Duration::from_nanos(ticks * 1_000_000_000 / hz)
 }
 
 /// SYNs the kernel dropped for a full accept queue since `before`.
