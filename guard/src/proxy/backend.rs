@@ -10,9 +10,16 @@
 //! error discards the whole connection (its queue can no longer be trusted
 //! to line up) and fails everything queued on it; the task then reconnects
 //! with backoff, failing new requests at once while it is down.
+//!
+//! Every failure is a [`ProxyError`] naming the backend and its cause
+//! (the I/O error, the reply that did not parse, the deadline); clients
+//! are told only [`ProxyError::reply_text`]. Failures are logged by the
+//! connection task when the connection goes down or an attempt to bring
+//! it up fails, never per request.
 
 use std::{
     collections::VecDeque,
+    io,
     net::SocketAddr,
     sync::{
         Arc, Mutex,
@@ -31,22 +38,11 @@ use tokio::{
     time::{Instant, sleep_until, timeout},
 };
 
-use super::stats::ProxyStats;
+use super::{
+    error::{Cause, ErrorKind, ProxyError, Side},
+    stats::ProxyStats,
+};
 use crate::protocol::{self, Limits, Response};
-
-/// Why a backend request failed.
-#[derive(Copy, Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum BackendError {
-    /// No connection to the backend is up.
-    #[error("backend unavailable")]
-    Unavailable,
-    /// The reply did not arrive within the request timeout.
-    #[error("backend timeout")]
-    Timeout,
-    /// The connection broke or the backend sent something unparsable.
-    #[error("backend connection lost")]
-    Lost,
-}
 
 /// Timeouts and limits every backend connection applies.
 #[derive(Clone, Debug)]
@@ -57,12 +53,13 @@ pub struct BackendSettings {
 }
 
 /// Replies to one batch of meta requests, in request order.
-pub type BatchResult = Result<Vec<Response>, BackendError>;
+pub type BatchResult = Result<Vec<Response>, ProxyError>;
 
 /// A batch in flight: resolves when all its replies are in, or on failure.
 #[derive(Debug)]
 pub struct Call {
     rx: oneshot::Receiver<BatchResult>,
+    backend: SocketAddr,
 }
 
 impl Call {
@@ -72,13 +69,23 @@ impl Call {
     /// (No timer of its own: one per request cost a timer-wheel insertion
     /// and, most of the time, a wake-up write to the runtime's eventfd.)
     pub async fn wait(self) -> BatchResult {
-        self.rx.await.unwrap_or(Err(BackendError::Lost))
+        let backend = self.backend;
+        self.rx.await.unwrap_or_else(|_| {
+            Err(ProxyError::new(Side::Internal, ErrorKind::Abandoned).at(backend))
+        })
     }
 
-    fn failed(e: BackendError) -> Self {
+    /// The backend the batch went to.
+    pub fn backend(&self) -> SocketAddr {
+        self.backend
+    }
+
+    /// A call that has already failed with `kind`: no allocation beyond
+    /// the channel, as a dead backend under load fails every request so.
+    fn failed(backend: SocketAddr, kind: ErrorKind) -> Self {
         let (tx, rx) = oneshot::channel();
-        let _ = tx.send(Err(e));
-        Self { rx }
+        let _ = tx.send(Err(ProxyError::backend(backend, kind)));
+        Self { rx, backend }
     }
 }
 
@@ -145,7 +152,7 @@ impl BackendPool {
     pub fn call_any(&self, bytes: Bytes, count: usize) -> Call {
         match self.conns.iter().position(|c| c.up.load(Ordering::Relaxed)) {
             Some(i) => self.call(bytes, count, i),
-            None => Call::failed(BackendError::Unavailable),
+            None => Call::failed(self.addr, ErrorKind::Unavailable),
         }
     }
 
@@ -173,10 +180,13 @@ impl BackendPool {
                 reply: tx,
             };
             if conn.tx.send(batch).is_ok() {
-                return Call { rx };
+                return Call {
+                    rx,
+                    backend: self.addr,
+                };
             }
         }
-        Call::failed(BackendError::Unavailable)
+        Call::failed(self.addr, ErrorKind::Unavailable)
     }
 }
 
@@ -207,7 +217,7 @@ async fn run_connection(
             r = connect => r,
             // Nothing is routed here while down; a batch that raced the
             // failure is answered at once.
-            () = fail_incoming(&mut rx) => return,
+            () = fail_incoming(addr, &mut rx) => return,
         };
         match stream {
             Ok(Ok(stream)) => {
@@ -216,38 +226,53 @@ async fn run_connection(
                 info!("backend {addr}: connected");
                 up.store(true, Ordering::Relaxed);
                 backoff = MIN_BACKOFF;
-                let end = serve(stream, &mut rx, settings.request_timeout).await;
+                let end = serve(addr, stream, &mut rx, settings.request_timeout).await;
                 up.store(false, Ordering::Relaxed);
                 match end {
                     None => return,
                     Some(e) => {
-                        if e == BackendError::Timeout {
+                        if e.kind() == ErrorKind::Timeout {
                             ProxyStats::add(&stats.backend_timeouts, 1);
                         }
-                        warn!("backend {addr}: {e}; reconnecting");
+                        warn!("{}; reconnecting", e.report());
                     }
                 }
             }
-            Ok(Err(e)) => warn!("backend {addr}: cannot connect: {e}"),
+            Ok(Err(e)) => warn!("{}", connect_error(addr, e).report()),
             Err(_) => warn!(
-                "backend {addr}: connect timed out after {:?}",
-                settings.connect_timeout
+                "{}",
+                ProxyError::backend(addr, ErrorKind::ConnectTimeout)
+                    .because(Cause::Elapsed(settings.connect_timeout))
+                    .report()
             ),
         }
         let until = Instant::now() + backoff;
         tokio::select! {
             () = sleep_until(until) => {}
-            () = fail_incoming(&mut rx) => return,
+            () = fail_incoming(addr, &mut rx) => return,
         }
         backoff = (backoff * 2).min(MAX_BACKOFF);
     }
 }
 
+/// A failed connect: refused (nothing listens there) told apart from the
+/// rest (unreachable, reset, out of ports…).
+fn connect_error(addr: SocketAddr, e: io::Error) -> ProxyError {
+    let kind = if e.kind() == io::ErrorKind::ConnectionRefused {
+        ErrorKind::ConnectRefused
+    } else {
+        ErrorKind::ConnectFailed
+    };
+    ProxyError::backend(addr, kind).because(e)
+}
+
 /// Answers every batch that arrives with `Unavailable`; returns when the
 /// pool is gone.
-async fn fail_incoming(rx: &mut mpsc::UnboundedReceiver<Batch>) {
+async fn fail_incoming(addr: SocketAddr, rx: &mut mpsc::UnboundedReceiver<Batch>) {
     while let Some(b) = rx.recv().await {
-        let _ = b.reply.send(Err(BackendError::Unavailable));
+        let _ = b
+            .reply
+            .send(Err(ProxyError::backend(addr, ErrorKind::Unavailable)));
     }
 }
 
@@ -261,10 +286,11 @@ struct Pending {
 /// Runs one connection until it fails (`Some`) or the pool is dropped
 /// (`None`). Everything still queued is failed before returning.
 async fn serve(
+    addr: SocketAddr,
     stream: TcpStream,
     rx: &mut mpsc::UnboundedReceiver<Batch>,
     request_timeout: Duration,
-) -> Option<BackendError> {
+) -> Option<ProxyError> {
     let (mut rd, mut wr) = stream.into_split();
     let pending: Mutex<VecDeque<Pending>> = Mutex::new(VecDeque::new());
     let queued = Notify::new();
@@ -292,8 +318,8 @@ async fn serve(
                 }
             }
             queued.notify_one();
-            if wr.write_all(&out).await.is_err() {
-                return Some(BackendError::Lost);
+            if let Err(e) = wr.write_all(&out).await {
+                return Some(ProxyError::backend(addr, ErrorKind::ConnectionLost).because(e));
             }
             out.clear();
         }
@@ -315,7 +341,8 @@ async fn serve(
                     Ok(Some(r)) => {
                         let mut p = pending.lock().expect("pending lock");
                         let Some(front) = p.front_mut() else {
-                            return BackendError::Lost;
+                            return ProxyError::backend(addr, ErrorKind::UnexpectedReply)
+                                .because(Cause::unrequested(&r));
                         };
                         front.got.push(r);
                         if front.got.len() == front.count {
@@ -326,7 +353,9 @@ async fn serve(
                         }
                     }
                     Ok(None) => break,
-                    Err(_) => return BackendError::Lost,
+                    Err(e) => {
+                        return ProxyError::backend(addr, ErrorKind::ReplyParse).because(e);
+                    }
                 }
             }
             let deadline = pending
@@ -340,13 +369,17 @@ async fn serve(
             }
             tokio::select! {
                 r = rd.read_buf(&mut buf) => match r {
-                    Ok(0) | Err(_) => return BackendError::Lost,
+                    Ok(0) => return ProxyError::backend(addr, ErrorKind::ConnectionClosed),
+                    Err(e) => {
+                        return ProxyError::backend(addr, ErrorKind::ConnectionLost).because(e);
+                    }
                     Ok(_) => {}
                 },
                 () = &mut timer, if armed => {
                     armed = false;
                     if deadline.is_some_and(|d| d <= Instant::now()) {
-                        return BackendError::Timeout;
+                        return ProxyError::backend(addr, ErrorKind::Timeout)
+                            .because(Cause::Elapsed(request_timeout));
                     }
                 }
                 () = queued.notified() => {}
@@ -358,9 +391,155 @@ async fn serve(
         e = writer => e,
         e = reader => Some(e),
     };
-    let failure = end.unwrap_or(BackendError::Lost);
+    // No error means the pool is gone: whoever still waits hears why.
+    let failure = end
+        .clone()
+        .unwrap_or_else(|| ProxyError::new(Side::Internal, ErrorKind::Abandoned).at(addr));
     for p in pending.lock().expect("pending lock").drain(..) {
-        let _ = p.reply.send(Err(failure));
+        let _ = p.reply.send(Err(failure.clone()));
     }
     end
+}
+
+#[cfg(test)]
+mod tests {
+    use std::error::Error as _;
+
+    use tokio::{io::AsyncReadExt as _, net::TcpListener};
+
+    use super::*;
+
+    fn settings(request_timeout: Duration) -> BackendSettings {
+        BackendSettings {
+            connect_timeout: Duration::from_millis(500),
+            request_timeout,
+            connections: 1,
+        }
+    }
+
+    /// A pool on one connection to `addr`, once that connection is up.
+    async fn pool_up(
+        addr: SocketAddr,
+        request_timeout: Duration,
+    ) -> (BackendPool, Vec<JoinHandle<()>>) {
+        let (pool, tasks) = BackendPool::start(addr, &settings(request_timeout), Arc::default());
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !pool.is_up() {
+            assert!(Instant::now() < deadline, "never connected");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        (pool, tasks)
+    }
+
+    /// Accepts one connection, reads one request line, then answers it
+    /// with `reply` (`None`: closes instead; empty: never answers).
+    async fn fake_backend(reply: Option<&'static [u8]>) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut got = Vec::new();
+            while !got.ends_with(b"\n") {
+                if s.read_buf(&mut got).await.unwrap_or(0) == 0 {
+                    return;
+                }
+            }
+            match reply {
+                Some(r) => {
+                    s.write_all(r).await.unwrap();
+                    // Hold the connection open.
+                    std::future::pending::<()>().await;
+                }
+                None => drop(s),
+            }
+        });
+        addr
+    }
+
+    async fn one_call(pool: &BackendPool) -> BatchResult {
+        pool.call(Bytes::from_static(b"mg k v\r\n"), 1, 0)
+            .wait()
+            .await
+    }
+
+    #[tokio::test]
+    async fn an_unparsable_reply_names_the_backend_and_the_parse_error() {
+        let addr = fake_backend(Some(b"VA x\r\n")).await;
+        let (pool, _tasks) = pool_up(addr, Duration::from_secs(5)).await;
+        let e = one_call(&pool).await.unwrap_err();
+        assert_eq!((e.side(), e.kind()), (Side::Backend, ErrorKind::ReplyParse));
+        assert_eq!(e.backend_addr(), Some(addr));
+        assert!(
+            matches!(e.cause(), Some(Cause::Protocol(p)) if p.kind == protocol::ErrorKind::BadResponse)
+        );
+        assert!(
+            e.report()
+                .to_string()
+                .starts_with(&format!("backend {addr}: reply parse error: "))
+        );
+        assert_eq!(e.reply_text(), "backend connection lost");
+    }
+
+    #[tokio::test]
+    async fn a_backend_that_closes_is_a_closed_connection() {
+        let addr = fake_backend(None).await;
+        let (pool, _tasks) = pool_up(addr, Duration::from_secs(5)).await;
+        let e = one_call(&pool).await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::ConnectionClosed);
+        assert_eq!(e.to_string(), format!("backend {addr}: connection closed"));
+        assert!(e.source().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_late_reply_is_a_timeout_with_its_deadline() {
+        let addr = fake_backend(Some(b"")).await;
+        let (pool, _tasks) = pool_up(addr, Duration::from_millis(50)).await;
+        let e = one_call(&pool).await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Timeout);
+        assert_eq!(
+            e.report().to_string(),
+            format!("backend {addr}: timeout: nothing within 50ms")
+        );
+        assert_eq!(e.reply_text(), "backend timeout");
+        assert!(!e.retryable());
+    }
+
+    #[tokio::test]
+    async fn a_down_connection_fails_at_once_as_unavailable_and_retryable() {
+        // Nothing listens on a port just released.
+        let addr = TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let (pool, _tasks) =
+            BackendPool::start(addr, &settings(Duration::from_secs(1)), Arc::default());
+        let e = one_call(&pool).await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Unavailable);
+        assert_eq!(e.backend_addr(), Some(addr));
+        assert!(e.retryable());
+        assert!(e.cause().is_none());
+        let e = pool
+            .call_any(Bytes::from_static(b"mn\r\n"), 1)
+            .wait()
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Unavailable);
+    }
+
+    #[tokio::test]
+    async fn a_refused_connect_is_told_apart_from_other_failures() {
+        let addr: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        let refused = io::Error::from(io::ErrorKind::ConnectionRefused);
+        assert_eq!(
+            connect_error(addr, refused).kind(),
+            ErrorKind::ConnectRefused
+        );
+        let other = io::Error::from(io::ErrorKind::HostUnreachable);
+        let e = connect_error(addr, other);
+        assert_eq!(e.kind(), ErrorKind::ConnectFailed);
+        assert!(
+            matches!(e.cause(), Some(Cause::Io(io)) if io.kind() == io::ErrorKind::HostUnreachable)
+        );
+    }
 }

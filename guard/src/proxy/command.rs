@@ -14,7 +14,11 @@ use std::{future::Future, pin::Pin, sync::Arc, time::Duration};
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-use super::{BackendError, Shared, stats::ProxyStats};
+use super::{
+    Shared,
+    error::{ErrorKind, ProxyError, Side},
+    stats::ProxyStats,
+};
 use crate::{
     protocol::{
         BinaryRequest, BinaryResponse, Extras, GetKind, GetRequest, MetaCode, MetaCommand,
@@ -224,14 +228,15 @@ fn forward(
     sh: &Cx,
     bkey: &[u8],
     request: BytesMut,
-    render: impl FnOnce(&Shared, Result<Response, BackendError>) -> Reply + Send + 'static,
+    render: impl FnOnce(&Shared, Result<Response, ProxyError>) -> Reply + Send + 'static,
 ) -> Slot {
     let call = sh.router.call_one(bkey, request.freeze(), sh.affinity);
+    let backend = call.backend();
     let sh = sh.sh.clone();
     waiting(async move {
         let r = match call.wait().await {
             Ok(mut v) if v.len() == 1 => Ok(v.pop().expect("one reply")),
-            Ok(_) => Err(BackendError::Lost),
+            Ok(_) => Err(ProxyError::new(Side::Internal, ErrorKind::ReplyCount).at(backend)),
             Err(e) => Err(e),
         };
         if r.is_err() {
@@ -285,8 +290,10 @@ fn stat_rows(cx: &Cx) -> Vec<(Bytes, Bytes)> {
 
 // ---------------------------------------------------------------- text
 
-fn server_error(e: BackendError) -> Reply {
-    Reply::bytes(format!("SERVER_ERROR {e}\r\n").as_bytes())
+/// `SERVER_ERROR` and the fixed words for the failure; the cause is for
+/// guard's log, not the client.
+fn server_error(e: &ProxyError) -> Reply {
+    Reply::bytes(format!("SERVER_ERROR {}\r\n", e.reply_text()).as_bytes())
 }
 
 const BAD_REPLY: &[u8] = b"SERVER_ERROR bad backend reply\r\n";
@@ -294,12 +301,12 @@ const BAD_REPLY: &[u8] = b"SERVER_ERROR bad backend reply\r\n";
 /// A text reply for a one-key command: the meta code's text word, or the
 /// backend's own error line.
 fn text_status(
-    r: Result<Response, BackendError>,
+    r: Result<Response, ProxyError>,
     noreply: bool,
     word: impl Fn(MetaCode) -> Option<&'static str>,
 ) -> Reply {
     let reply = match r {
-        Err(e) => server_error(e),
+        Err(e) => server_error(&e),
         Ok(Response::Meta(m)) => match word(m.code) {
             Some(w) => Reply::bytes(format!("{w}\r\n").as_bytes()),
             None => Reply::bytes(BAD_REPLY),
@@ -451,7 +458,7 @@ fn text_get(g: GetRequest, sh: &Cx) -> Slot {
                     if sh.miss_on_backend_error {
                         ProxyStats::add(&stats.get_misses, 1);
                     } else {
-                        return server_error(e);
+                        return server_error(&e);
                     }
                 }
             }
@@ -605,7 +612,7 @@ fn meta(mut req: MetaRequest, sh: &Cx) -> Slot {
                     }
                     m.encode(&mut out);
                 } else {
-                    return server_error(e);
+                    return server_error(&e);
                 }
             }
         }
@@ -615,10 +622,10 @@ fn meta(mut req: MetaRequest, sh: &Cx) -> Slot {
 
 // ---------------------------------------------------------------- binary
 
-fn binary_failure(op: Opcode, opaque: u32, e: BackendError) -> BinaryResponse {
+fn binary_failure(op: Opcode, opaque: u32, e: &ProxyError) -> BinaryResponse {
     BinaryResponse {
         status: Status::TEMPORARY_FAILURE,
-        value: Bytes::from(e.to_string()),
+        value: Bytes::from_static(e.reply_text().as_bytes()),
         ..BinaryResponse::new(op as u8, opaque)
     }
 }
@@ -679,7 +686,7 @@ fn forward_binary(
             Err(_) if is_read && sh.miss_on_backend_error => {
                 BinaryResponse::error(op as u8, opaque, Status::KEY_NOT_FOUND)
             }
-            Err(e) => binary_failure(op, opaque, e),
+            Err(e) => binary_failure(op, opaque, &e),
         };
         encode_binary(op, resp)
     })
