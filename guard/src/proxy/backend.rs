@@ -9,13 +9,18 @@
 //! step. A request that outlives its deadline, a parse error or an I/O
 //! error discards the whole connection (its queue can no longer be trusted
 //! to line up) and fails everything queued on it; the task then reconnects
-//! with backoff, failing new requests at once while it is down.
+//! with backoff, failing new requests at once while it is down. The
+//! backoff starts over only after a connection that answered something or
+//! stayed up for the longest backoff (1 s), so a backend that accepts and
+//! then hangs up or talks nonsense (memcached at its connection limit) is
+//! retried ever more slowly too, not every 10 ms.
 //!
 //! Every failure is a [`ProxyError`] naming the backend and its cause
 //! (the I/O error, the reply that did not parse, the deadline); clients
-//! are told only [`ProxyError::reply_text`]. Failures are logged by the
-//! connection task when the connection goes down or an attempt to bring
-//! it up fails, never per request.
+//! are told only [`ProxyError::reply_text`]. The connection task logs
+//! failures, never a request: the first of each kind in an outage as a
+//! warning, repeats (at most one per backoff) at debug level, and one line
+//! when the backend answers again.
 
 use std::{
     collections::VecDeque,
@@ -29,7 +34,7 @@ use std::{
 };
 
 use bytes::{Bytes, BytesMut};
-use log::{info, warn};
+use log::{Level, debug, info, log};
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::TcpStream,
@@ -190,7 +195,9 @@ impl BackendPool {
     }
 }
 
+/// The first wait before reconnecting.
 const MIN_BACKOFF: Duration = Duration::from_millis(10);
+/// The longest wait before reconnecting; the wait doubles up to it.
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
 
 fn backend_limits() -> Limits {
@@ -211,6 +218,7 @@ async fn run_connection(
     stats: Arc<ProxyStats>,
 ) {
     let mut backoff = MIN_BACKOFF;
+    let mut outage = Outage::default();
     loop {
         let connect = timeout(settings.connect_timeout, TcpStream::connect(addr));
         let stream = tokio::select! {
@@ -219,39 +227,92 @@ async fn run_connection(
             // failure is answered at once.
             () = fail_incoming(addr, &mut rx) => return,
         };
-        match stream {
+        let failure = match stream {
             Ok(Ok(stream)) => {
                 let _ = stream.set_nodelay(true);
                 ProxyStats::add(&stats.backend_connects, 1);
-                info!("backend {addr}: connected");
-                up.store(true, Ordering::Relaxed);
-                backoff = MIN_BACKOFF;
-                let end = serve(addr, stream, &mut rx, settings.request_timeout).await;
-                up.store(false, Ordering::Relaxed);
-                match end {
-                    None => return,
-                    Some(e) => {
-                        if e.kind() == ErrorKind::Timeout {
-                            ProxyStats::add(&stats.backend_timeouts, 1);
-                        }
-                        warn!("{}; reconnecting", e.report());
-                    }
+                if outage.failures == 0 {
+                    info!("backend {addr}: connected");
+                } else {
+                    debug!("backend {addr}: connected");
                 }
+                up.store(true, Ordering::Relaxed);
+                let since = Instant::now();
+                let answered = || {
+                    // A connection that answers is healthy: the next
+                    // reconnect may start from the shortest backoff.
+                    backoff = MIN_BACKOFF;
+                    if let Some((failures, over)) = outage.over(Instant::now()) {
+                        info!(
+                            "backend {addr}: answering again after {failures} failed \
+                             attempt(s) over {over:?}"
+                        );
+                    }
+                };
+                let end = serve(addr, stream, &mut rx, settings.request_timeout, answered).await;
+                up.store(false, Ordering::Relaxed);
+                // So is one that lasted as long as the longest backoff
+                // (idle, it had nothing to answer): reconnecting it at
+                // once cannot be faster than backing off would have been.
+                if since.elapsed() >= MAX_BACKOFF {
+                    backoff = MIN_BACKOFF;
+                }
+                let Some(e) = end else { return };
+                if e.kind() == ErrorKind::Timeout {
+                    ProxyStats::add(&stats.backend_timeouts, 1);
+                }
+                e
             }
-            Ok(Err(e)) => warn!("{}", connect_error(addr, e).report()),
-            Err(_) => warn!(
-                "{}",
-                ProxyError::backend(addr, ErrorKind::ConnectTimeout)
-                    .because(Cause::Elapsed(settings.connect_timeout))
-                    .report()
-            ),
-        }
+            Ok(Err(e)) => connect_error(addr, e),
+            Err(_) => ProxyError::backend(addr, ErrorKind::ConnectTimeout)
+                .because(Cause::Elapsed(settings.connect_timeout)),
+        };
+        log!(
+            outage.failure(failure.kind(), Instant::now()),
+            "{}; retrying in {backoff:?}",
+            failure.report()
+        );
         let until = Instant::now() + backoff;
         tokio::select! {
             () = sleep_until(until) => {}
             () = fail_incoming(addr, &mut rx) => return,
         }
         backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// One connection's failed attempts since it last got a reply: what keeps
+/// a backend that stays down, or keeps failing the same way, from logging
+/// a warning per attempt.
+#[derive(Debug, Default)]
+struct Outage {
+    /// Connects that failed, and connections that ended before answering.
+    failures: u32,
+    /// When the first of them happened.
+    since: Option<Instant>,
+    /// The kind last logged as a warning in this outage.
+    warned: Option<ErrorKind>,
+}
+
+impl Outage {
+    /// Counts a failed attempt and says how to log it: a warning when its
+    /// kind is news in this outage, debug when it repeats the last one.
+    fn failure(&mut self, kind: ErrorKind, now: Instant) -> Level {
+        self.failures = self.failures.saturating_add(1);
+        self.since.get_or_insert(now);
+        if self.warned.replace(kind) == Some(kind) {
+            Level::Debug
+        } else {
+            Level::Warn
+        }
+    }
+
+    /// The backend answered: ends the outage, returning how many attempts
+    /// failed and since how long, if any did.
+    fn over(&mut self, now: Instant) -> Option<(u32, Duration)> {
+        self.warned = None;
+        let since = self.since.take()?;
+        Some((std::mem::take(&mut self.failures), now - since))
     }
 }
 
@@ -284,12 +345,14 @@ struct Pending {
 }
 
 /// Runs one connection until it fails (`Some`) or the pool is dropped
-/// (`None`). Everything still queued is failed before returning.
+/// (`None`), calling `answered` at its first reply. Everything still
+/// queued is failed before returning.
 async fn serve(
     addr: SocketAddr,
     stream: TcpStream,
     rx: &mut mpsc::UnboundedReceiver<Batch>,
     request_timeout: Duration,
+    answered: impl FnOnce() + Send,
 ) -> Option<ProxyError> {
     let (mut rd, mut wr) = stream.into_split();
     let pending: Mutex<VecDeque<Pending>> = Mutex::new(VecDeque::new());
@@ -326,6 +389,7 @@ async fn serve(
     };
 
     let reader = async {
+        let mut answered = Some(answered);
         let mut buf = BytesMut::with_capacity(16 * 1024);
         // Armed at most once per oldest-request deadline rather than
         // re-created on every read: deadlines are queued in increasing
@@ -345,6 +409,9 @@ async fn serve(
                                 .because(Cause::unrequested(&r));
                         };
                         front.got.push(r);
+                        if let Some(f) = answered.take() {
+                            f();
+                        }
                         if front.got.len() == front.count {
                             let done = p.pop_front().expect("front exists");
                             drop(p);
@@ -525,6 +592,48 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Unavailable);
+    }
+
+    #[tokio::test]
+    async fn a_backend_that_hangs_up_at_once_is_retried_ever_more_slowly() {
+        // memcached at its connection limit accepts, says so and hangs up.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::Relaxed);
+                let _ = s.write_all(b"ERROR Too many open connections\r\n").await;
+            }
+        });
+        let (_pool, _tasks) =
+            BackendPool::start(addr, &settings(Duration::from_secs(1)), Arc::default());
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        // Backing off from 10 ms: attempts at 0, 10, 30, 70, 150 and 310
+        // ms. Starting over at every connect made that one every ~10 ms.
+        let n = accepted.load(Ordering::Relaxed);
+        assert!((2..=8).contains(&n), "{n} connections in 400 ms");
+    }
+
+    #[test]
+    fn an_outage_warns_once_per_kind_and_ends_at_the_first_reply() {
+        let t0 = Instant::now();
+        let mut o = Outage::default();
+        // A healthy start: nothing to report.
+        assert_eq!(o.over(t0), None);
+        assert_eq!(o.failure(ErrorKind::ConnectRefused, t0), Level::Warn);
+        for _ in 0..10 {
+            assert_eq!(o.failure(ErrorKind::ConnectRefused, t0), Level::Debug);
+        }
+        // A different failure is news, and so is the old one after it.
+        assert_eq!(o.failure(ErrorKind::ConnectTimeout, t0), Level::Warn);
+        assert_eq!(o.failure(ErrorKind::ConnectRefused, t0), Level::Warn);
+        let t1 = t0 + Duration::from_secs(3);
+        assert_eq!(o.over(t1), Some((13, Duration::from_secs(3))));
+        assert_eq!(o.over(t1), None);
+        // After a reply, the same failure warns again.
+        assert_eq!(o.failure(ErrorKind::ConnectRefused, t1), Level::Warn);
     }
 
     #[tokio::test]
