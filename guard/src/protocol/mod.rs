@@ -32,7 +32,9 @@ pub use binary::{BinaryRequest, BinaryResponse, Extras, Opcode, Status};
 pub use error::{ErrorKind, ProtocolError};
 pub use meta::{ArithMode, MetaCode, MetaCommand, MetaFlag, MetaRequest, MetaResponse, StoreMode};
 pub use reader::{FrameReader, Next, RequestParser, RequestReader};
-pub use text::{GetKind, GetRequest, StoreCommand, StoreRequest, TextRequest, TextResponse};
+pub use text::{
+    ErrorReplyKind, GetKind, GetRequest, StoreCommand, StoreRequest, TextRequest, TextResponse,
+};
 pub use wire::is_valid_text_key;
 
 /// Size limits enforced while parsing.

@@ -512,15 +512,59 @@ mod text_responses {
         );
         assert_eq!(
             t(b"CLIENT_ERROR bad data chunk\r\n"),
-            TextResponse::ClientError(b("bad data chunk"))
+            TextResponse::ClientError {
+                kind: ErrorReplyKind::Other,
+                message: b("bad data chunk")
+            }
         );
         assert_eq!(
             t(b"SERVER_ERROR out of memory storing object\r\n"),
-            TextResponse::ServerError(b("out of memory storing object"))
+            TextResponse::ServerError {
+                kind: ErrorReplyKind::OutOfMemory,
+                message: b("out of memory storing object")
+            }
         );
         assert_eq!(
             t(b"ITEM foo [5 b; 0 s]\r\n"),
             TextResponse::Other(b("ITEM foo [5 b; 0 s]"))
+        );
+    }
+
+    #[test]
+    fn error_lines_get_their_kind_when_parsed() {
+        use ErrorReplyKind::*;
+        let kind = |input: &[u8]| match t(input) {
+            TextResponse::ClientError { kind, .. } | TextResponse::ServerError { kind, .. } => kind,
+            other => panic!("not an error line: {other:?}"),
+        };
+        assert_eq!(
+            kind(b"SERVER_ERROR object too large for cache\r\n"),
+            TooLarge
+        );
+        assert_eq!(kind(b"SERVER_ERROR out of memory\r\n"), OutOfMemory);
+        assert_eq!(
+            kind(b"SERVER_ERROR out of memory storing object\r\n"),
+            OutOfMemory
+        );
+        assert_eq!(
+            kind(b"CLIENT_ERROR cannot increment or decrement non-numeric value\r\n"),
+            NonNumeric
+        );
+        // Whole messages or memcached's prefix, as sent; nothing else.
+        assert_eq!(
+            kind(b"SERVER_ERROR Out of memory allocating new item\r\n"),
+            Other
+        );
+        assert_eq!(kind(b"SERVER_ERROR object too large for cache!\r\n"), Other);
+        assert_eq!(kind(b"SERVER_ERROR value too large\r\n"), Other);
+        assert_eq!(kind(b"CLIENT_ERROR bad data chunk\r\n"), Other);
+        assert_eq!(kind(b"CLIENT_ERROR \r\n"), Other);
+        assert_eq!(
+            TextResponse::server_error(b("out of memory")),
+            TextResponse::ServerError {
+                kind: OutOfMemory,
+                message: b("out of memory")
+            }
         );
     }
 
@@ -566,7 +610,7 @@ mod text_responses {
     #[test]
     fn multi_terminators() {
         assert!(TextResponse::End.ends_multi());
-        assert!(TextResponse::ServerError(b("x")).ends_multi());
+        assert!(TextResponse::server_error(b("x")).ends_multi());
         assert!(!TextResponse::Stored.ends_multi());
         assert!(
             !TextResponse::Stat {

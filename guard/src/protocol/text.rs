@@ -600,13 +600,77 @@ pub enum TextResponse {
         value: Bytes,
     },
     Error,
-    ClientError(Bytes),
-    ServerError(Bytes),
+    /// `CLIENT_ERROR <message>`: memcached refused the request.
+    ClientError {
+        /// What the message reports, read from it when parsed.
+        kind: ErrorReplyKind,
+        message: Bytes,
+    },
+    /// `SERVER_ERROR <message>`: memcached could not carry the request out.
+    ServerError {
+        /// What the message reports, read from it when parsed.
+        kind: ErrorReplyKind,
+        message: Bytes,
+    },
     /// Any other line, e.g. `ITEM`/`PREFIX` rows of stats sub-commands.
     Other(Bytes),
 }
 
+/// What a memcached error line reports, as far as a proxy tells failures
+/// apart: the ones the binary protocol has a status of its own for.
+///
+/// memcached's messages are fixed strings (`proto_text.c`), so they are
+/// recognised whole, or by the prefix memcached's out-of-memory messages
+/// share, never by searching the text for a word.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorReplyKind {
+    /// `object too large for cache`: larger than memcached's item size
+    /// limit (`-I`).
+    TooLarge,
+    /// `out of memory …` (memcached says after it what it was doing):
+    /// no memory for the item or the reply. memcached's one capitalised
+    /// message, `Out of memory allocating new item`, is not this kind but
+    /// [`Self::Other`], as it has always been answered.
+    OutOfMemory,
+    /// `cannot increment or decrement non-numeric value`.
+    NonNumeric,
+    /// Any other message: the line's class (client or server) is all
+    /// there is to go on.
+    Other,
+}
+
+impl ErrorReplyKind {
+    /// Reads the kind from an error line's message (the text after
+    /// `CLIENT_ERROR ` or `SERVER_ERROR `).
+    pub fn of(message: &[u8]) -> Self {
+        match message {
+            b"object too large for cache" => ErrorReplyKind::TooLarge,
+            b"cannot increment or decrement non-numeric value" => ErrorReplyKind::NonNumeric,
+            m if m.starts_with(b"out of memory") => ErrorReplyKind::OutOfMemory,
+            _ => ErrorReplyKind::Other,
+        }
+    }
+}
+
 impl TextResponse {
+    /// `CLIENT_ERROR <message>`, its kind read from the message.
+    pub fn client_error(message: impl Into<Bytes>) -> Self {
+        let message = message.into();
+        TextResponse::ClientError {
+            kind: ErrorReplyKind::of(&message),
+            message,
+        }
+    }
+
+    /// `SERVER_ERROR <message>`, its kind read from the message.
+    pub fn server_error(message: impl Into<Bytes>) -> Self {
+        let message = message.into();
+        TextResponse::ServerError {
+            kind: ErrorReplyKind::of(&message),
+            message,
+        }
+    }
+
     /// Writes the reply in wire form.
     pub fn encode(&self, out: &mut BytesMut) {
         let word: &[u8] = match self {
@@ -661,8 +725,9 @@ impl TextResponse {
                 out.put_slice(b"\r\n");
                 return;
             }
-            TextResponse::ClientError(m) | TextResponse::ServerError(m) => {
-                out.put_slice(if matches!(self, TextResponse::ClientError(_)) {
+            TextResponse::ClientError { message: m, .. }
+            | TextResponse::ServerError { message: m, .. } => {
+                out.put_slice(if matches!(self, TextResponse::ClientError { .. }) {
                     b"CLIENT_ERROR "
                 } else {
                     b"SERVER_ERROR "
@@ -683,8 +748,8 @@ impl TextResponse {
             self,
             TextResponse::End
                 | TextResponse::Error
-                | TextResponse::ClientError(_)
-                | TextResponse::ServerError(_)
+                | TextResponse::ClientError { .. }
+                | TextResponse::ServerError { .. }
                 | TextResponse::Reset
                 | TextResponse::Ok
         )
@@ -733,8 +798,8 @@ pub fn parse_response(
         b"RESET" if exact => TextResponse::Reset,
         b"ERROR" if exact => TextResponse::Error,
         b"VERSION" => TextResponse::Version(rest()),
-        b"CLIENT_ERROR" => TextResponse::ClientError(rest()),
-        b"SERVER_ERROR" => TextResponse::ServerError(rest()),
+        b"CLIENT_ERROR" => TextResponse::client_error(rest()),
+        b"SERVER_ERROR" => TextResponse::server_error(rest()),
         b"STAT" => {
             let rest = rest();
             let sp = rest.iter().position(|&b| b == b' ').unwrap_or(rest.len());

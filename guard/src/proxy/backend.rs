@@ -9,10 +9,22 @@
 //! step. A request that outlives its deadline, a parse error or an I/O
 //! error discards the whole connection (its queue can no longer be trusted
 //! to line up) and fails everything queued on it; the task then reconnects
-//! with backoff, failing new requests at once while it is down.
+//! with backoff, failing new requests at once while it is down. The
+//! backoff starts over only after a connection that answered something or
+//! stayed up for the longest backoff (1 s), so a backend that accepts and
+//! then hangs up or talks nonsense (memcached at its connection limit) is
+//! retried ever more slowly too, not every 10 ms.
+//!
+//! Every failure is a [`ProxyError`] naming the backend and its cause
+//! (the I/O error, the reply that did not parse, the deadline); clients
+//! are told only [`ProxyError::reply_text`]. The connection task logs
+//! failures, never a request: the first of each kind in an outage as a
+//! warning, repeats (at most one per backoff) at debug level, and one line
+//! when the backend answers again.
 
 use std::{
     collections::VecDeque,
+    io,
     net::SocketAddr,
     sync::{
         Arc, Mutex,
@@ -22,7 +34,7 @@ use std::{
 };
 
 use bytes::{Bytes, BytesMut};
-use log::{info, warn};
+use log::{Level, debug, info, log};
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::TcpStream,
@@ -31,22 +43,11 @@ use tokio::{
     time::{Instant, sleep_until, timeout},
 };
 
-use super::stats::ProxyStats;
+use super::{
+    error::{Cause, ErrorKind, ProxyError, Side},
+    stats::ProxyStats,
+};
 use crate::protocol::{self, Limits, Response};
-
-/// Why a backend request failed.
-#[derive(Copy, Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum BackendError {
-    /// No connection to the backend is up.
-    #[error("backend unavailable")]
-    Unavailable,
-    /// The reply did not arrive within the request timeout.
-    #[error("backend timeout")]
-    Timeout,
-    /// The connection broke or the backend sent something unparsable.
-    #[error("backend connection lost")]
-    Lost,
-}
 
 /// Timeouts and limits every backend connection applies.
 #[derive(Clone, Debug)]
@@ -57,12 +58,13 @@ pub struct BackendSettings {
 }
 
 /// Replies to one batch of meta requests, in request order.
-pub type BatchResult = Result<Vec<Response>, BackendError>;
+pub type BatchResult = Result<Vec<Response>, ProxyError>;
 
 /// A batch in flight: resolves when all its replies are in, or on failure.
 #[derive(Debug)]
 pub struct Call {
     rx: oneshot::Receiver<BatchResult>,
+    backend: SocketAddr,
 }
 
 impl Call {
@@ -72,13 +74,23 @@ impl Call {
     /// (No timer of its own: one per request cost a timer-wheel insertion
     /// and, most of the time, a wake-up write to the runtime's eventfd.)
     pub async fn wait(self) -> BatchResult {
-        self.rx.await.unwrap_or(Err(BackendError::Lost))
+        let backend = self.backend;
+        self.rx.await.unwrap_or_else(|_| {
+            Err(ProxyError::new(Side::Internal, ErrorKind::Abandoned).at(backend))
+        })
     }
 
-    fn failed(e: BackendError) -> Self {
+    /// The backend the batch went to.
+    pub fn backend(&self) -> SocketAddr {
+        self.backend
+    }
+
+    /// A call that has already failed with `kind`: no allocation beyond
+    /// the channel, as a dead backend under load fails every request so.
+    fn failed(backend: SocketAddr, kind: ErrorKind) -> Self {
         let (tx, rx) = oneshot::channel();
-        let _ = tx.send(Err(e));
-        Self { rx }
+        let _ = tx.send(Err(ProxyError::backend(backend, kind)));
+        Self { rx, backend }
     }
 }
 
@@ -145,7 +157,7 @@ impl BackendPool {
     pub fn call_any(&self, bytes: Bytes, count: usize) -> Call {
         match self.conns.iter().position(|c| c.up.load(Ordering::Relaxed)) {
             Some(i) => self.call(bytes, count, i),
-            None => Call::failed(BackendError::Unavailable),
+            None => Call::failed(self.addr, ErrorKind::Unavailable),
         }
     }
 
@@ -173,14 +185,19 @@ impl BackendPool {
                 reply: tx,
             };
             if conn.tx.send(batch).is_ok() {
-                return Call { rx };
+                return Call {
+                    rx,
+                    backend: self.addr,
+                };
             }
         }
-        Call::failed(BackendError::Unavailable)
+        Call::failed(self.addr, ErrorKind::Unavailable)
     }
 }
 
+/// The first wait before reconnecting.
 const MIN_BACKOFF: Duration = Duration::from_millis(10);
+/// The longest wait before reconnecting; the wait doubles up to it.
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
 
 fn backend_limits() -> Limits {
@@ -201,53 +218,122 @@ async fn run_connection(
     stats: Arc<ProxyStats>,
 ) {
     let mut backoff = MIN_BACKOFF;
+    let mut outage = Outage::default();
     loop {
         let connect = timeout(settings.connect_timeout, TcpStream::connect(addr));
         let stream = tokio::select! {
             r = connect => r,
             // Nothing is routed here while down; a batch that raced the
             // failure is answered at once.
-            () = fail_incoming(&mut rx) => return,
+            () = fail_incoming(addr, &mut rx) => return,
         };
-        match stream {
+        let failure = match stream {
             Ok(Ok(stream)) => {
                 let _ = stream.set_nodelay(true);
                 ProxyStats::add(&stats.backend_connects, 1);
-                info!("backend {addr}: connected");
-                up.store(true, Ordering::Relaxed);
-                backoff = MIN_BACKOFF;
-                let end = serve(stream, &mut rx, settings.request_timeout).await;
-                up.store(false, Ordering::Relaxed);
-                match end {
-                    None => return,
-                    Some(e) => {
-                        if e == BackendError::Timeout {
-                            ProxyStats::add(&stats.backend_timeouts, 1);
-                        }
-                        warn!("backend {addr}: {e}; reconnecting");
-                    }
+                if outage.failures == 0 {
+                    info!("backend {addr}: connected");
+                } else {
+                    debug!("backend {addr}: connected");
                 }
+                up.store(true, Ordering::Relaxed);
+                let since = Instant::now();
+                let answered = || {
+                    // A connection that answers is healthy: the next
+                    // reconnect may start from the shortest backoff.
+                    backoff = MIN_BACKOFF;
+                    if let Some((failures, over)) = outage.over(Instant::now()) {
+                        info!(
+                            "backend {addr}: answering again after {failures} failed \
+                             attempt(s) over {over:?}"
+                        );
+                    }
+                };
+                let end = serve(addr, stream, &mut rx, settings.request_timeout, answered).await;
+                up.store(false, Ordering::Relaxed);
+                // So is one that lasted as long as the longest backoff
+                // (idle, it had nothing to answer): reconnecting it at
+                // once cannot be faster than backing off would have been.
+                if since.elapsed() >= MAX_BACKOFF {
+                    backoff = MIN_BACKOFF;
+                }
+                let Some(e) = end else { return };
+                if e.kind() == ErrorKind::Timeout {
+                    ProxyStats::add(&stats.backend_timeouts, 1);
+                }
+                e
             }
-            Ok(Err(e)) => warn!("backend {addr}: cannot connect: {e}"),
-            Err(_) => warn!(
-                "backend {addr}: connect timed out after {:?}",
-                settings.connect_timeout
-            ),
-        }
+            Ok(Err(e)) => connect_error(addr, e),
+            Err(_) => ProxyError::backend(addr, ErrorKind::ConnectTimeout)
+                .because(Cause::Elapsed(settings.connect_timeout)),
+        };
+        log!(
+            outage.failure(failure.kind(), Instant::now()),
+            "{}; retrying in {backoff:?}",
+            failure.report()
+        );
         let until = Instant::now() + backoff;
         tokio::select! {
             () = sleep_until(until) => {}
-            () = fail_incoming(&mut rx) => return,
+            () = fail_incoming(addr, &mut rx) => return,
         }
         backoff = (backoff * 2).min(MAX_BACKOFF);
     }
 }
 
+/// One connection's failed attempts since it last got a reply: what keeps
+/// a backend that stays down, or keeps failing the same way, from logging
+/// a warning per attempt.
+#[derive(Debug, Default)]
+struct Outage {
+    /// Connects that failed, and connections that ended before answering.
+    failures: u32,
+    /// When the first of them happened.
+    since: Option<Instant>,
+    /// The kind last logged as a warning in this outage.
+    warned: Option<ErrorKind>,
+}
+
+impl Outage {
+    /// Counts a failed attempt and says how to log it: a warning when its
+    /// kind is news in this outage, debug when it repeats the last one.
+    fn failure(&mut self, kind: ErrorKind, now: Instant) -> Level {
+        self.failures = self.failures.saturating_add(1);
+        self.since.get_or_insert(now);
+        if self.warned.replace(kind) == Some(kind) {
+            Level::Debug
+        } else {
+            Level::Warn
+        }
+    }
+
+    /// The backend answered: ends the outage, returning how many attempts
+    /// failed and since how long, if any did.
+    fn over(&mut self, now: Instant) -> Option<(u32, Duration)> {
+        self.warned = None;
+        let since = self.since.take()?;
+        Some((std::mem::take(&mut self.failures), now - since))
+    }
+}
+
+/// A failed connect: refused (nothing listens there) told apart from the
+/// rest (unreachable, reset, out of ports…).
+fn connect_error(addr: SocketAddr, e: io::Error) -> ProxyError {
+    let kind = if e.kind() == io::ErrorKind::ConnectionRefused {
+        ErrorKind::ConnectRefused
+    } else {
+        ErrorKind::ConnectFailed
+    };
+    ProxyError::backend(addr, kind).because(e)
+}
+
 /// Answers every batch that arrives with `Unavailable`; returns when the
 /// pool is gone.
-async fn fail_incoming(rx: &mut mpsc::UnboundedReceiver<Batch>) {
+async fn fail_incoming(addr: SocketAddr, rx: &mut mpsc::UnboundedReceiver<Batch>) {
     while let Some(b) = rx.recv().await {
-        let _ = b.reply.send(Err(BackendError::Unavailable));
+        let _ = b
+            .reply
+            .send(Err(ProxyError::backend(addr, ErrorKind::Unavailable)));
     }
 }
 
@@ -259,12 +345,15 @@ struct Pending {
 }
 
 /// Runs one connection until it fails (`Some`) or the pool is dropped
-/// (`None`). Everything still queued is failed before returning.
+/// (`None`), calling `answered` at its first reply. Everything still
+/// queued is failed before returning.
 async fn serve(
+    addr: SocketAddr,
     stream: TcpStream,
     rx: &mut mpsc::UnboundedReceiver<Batch>,
     request_timeout: Duration,
-) -> Option<BackendError> {
+    answered: impl FnOnce() + Send,
+) -> Option<ProxyError> {
     let (mut rd, mut wr) = stream.into_split();
     let pending: Mutex<VecDeque<Pending>> = Mutex::new(VecDeque::new());
     let queued = Notify::new();
@@ -292,14 +381,15 @@ async fn serve(
                 }
             }
             queued.notify_one();
-            if wr.write_all(&out).await.is_err() {
-                return Some(BackendError::Lost);
+            if let Err(e) = wr.write_all(&out).await {
+                return Some(ProxyError::backend(addr, ErrorKind::ConnectionLost).because(e));
             }
             out.clear();
         }
     };
 
     let reader = async {
+        let mut answered = Some(answered);
         let mut buf = BytesMut::with_capacity(16 * 1024);
         // Armed at most once per oldest-request deadline rather than
         // re-created on every read: deadlines are queued in increasing
@@ -315,9 +405,13 @@ async fn serve(
                     Ok(Some(r)) => {
                         let mut p = pending.lock().expect("pending lock");
                         let Some(front) = p.front_mut() else {
-                            return BackendError::Lost;
+                            return ProxyError::backend(addr, ErrorKind::UnexpectedReply)
+                                .because(Cause::unrequested(&r));
                         };
                         front.got.push(r);
+                        if let Some(f) = answered.take() {
+                            f();
+                        }
                         if front.got.len() == front.count {
                             let done = p.pop_front().expect("front exists");
                             drop(p);
@@ -326,7 +420,9 @@ async fn serve(
                         }
                     }
                     Ok(None) => break,
-                    Err(_) => return BackendError::Lost,
+                    Err(e) => {
+                        return ProxyError::backend(addr, ErrorKind::ReplyParse).because(e);
+                    }
                 }
             }
             let deadline = pending
@@ -340,13 +436,17 @@ async fn serve(
             }
             tokio::select! {
                 r = rd.read_buf(&mut buf) => match r {
-                    Ok(0) | Err(_) => return BackendError::Lost,
+                    Ok(0) => return ProxyError::backend(addr, ErrorKind::ConnectionClosed),
+                    Err(e) => {
+                        return ProxyError::backend(addr, ErrorKind::ConnectionLost).because(e);
+                    }
                     Ok(_) => {}
                 },
                 () = &mut timer, if armed => {
                     armed = false;
                     if deadline.is_some_and(|d| d <= Instant::now()) {
-                        return BackendError::Timeout;
+                        return ProxyError::backend(addr, ErrorKind::Timeout)
+                            .because(Cause::Elapsed(request_timeout));
                     }
                 }
                 () = queued.notified() => {}
@@ -358,9 +458,197 @@ async fn serve(
         e = writer => e,
         e = reader => Some(e),
     };
-    let failure = end.unwrap_or(BackendError::Lost);
+    // No error means the pool is gone: whoever still waits hears why.
+    let failure = end
+        .clone()
+        .unwrap_or_else(|| ProxyError::new(Side::Internal, ErrorKind::Abandoned).at(addr));
     for p in pending.lock().expect("pending lock").drain(..) {
-        let _ = p.reply.send(Err(failure));
+        let _ = p.reply.send(Err(failure.clone()));
     }
     end
+}
+
+#[cfg(test)]
+mod tests {
+    use std::error::Error as _;
+
+    use tokio::{io::AsyncReadExt as _, net::TcpListener};
+
+    use super::*;
+
+    fn settings(request_timeout: Duration) -> BackendSettings {
+        BackendSettings {
+            connect_timeout: Duration::from_millis(500),
+            request_timeout,
+            connections: 1,
+        }
+    }
+
+    /// A pool on one connection to `addr`, once that connection is up.
+    async fn pool_up(
+        addr: SocketAddr,
+        request_timeout: Duration,
+    ) -> (BackendPool, Vec<JoinHandle<()>>) {
+        let (pool, tasks) = BackendPool::start(addr, &settings(request_timeout), Arc::default());
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !pool.is_up() {
+            assert!(Instant::now() < deadline, "never connected");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        (pool, tasks)
+    }
+
+    /// Accepts one connection, reads one request line, then answers it
+    /// with `reply` (`None`: closes instead; empty: never answers).
+    async fn fake_backend(reply: Option<&'static [u8]>) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut got = Vec::new();
+            while !got.ends_with(b"\n") {
+                if s.read_buf(&mut got).await.unwrap_or(0) == 0 {
+                    return;
+                }
+            }
+            match reply {
+                Some(r) => {
+                    s.write_all(r).await.unwrap();
+                    // Hold the connection open.
+                    std::future::pending::<()>().await;
+                }
+                None => drop(s),
+            }
+        });
+        addr
+    }
+
+    async fn one_call(pool: &BackendPool) -> BatchResult {
+        pool.call(Bytes::from_static(b"mg k v\r\n"), 1, 0)
+            .wait()
+            .await
+    }
+
+    #[tokio::test]
+    async fn an_unparsable_reply_names_the_backend_and_the_parse_error() {
+        let addr = fake_backend(Some(b"VA x\r\n")).await;
+        let (pool, _tasks) = pool_up(addr, Duration::from_secs(5)).await;
+        let e = one_call(&pool).await.unwrap_err();
+        assert_eq!((e.side(), e.kind()), (Side::Backend, ErrorKind::ReplyParse));
+        assert_eq!(e.backend_addr(), Some(addr));
+        assert!(
+            matches!(e.cause(), Some(Cause::Protocol(p)) if p.kind == protocol::ErrorKind::BadResponse)
+        );
+        assert!(
+            e.report()
+                .to_string()
+                .starts_with(&format!("backend {addr}: reply parse error: "))
+        );
+        assert_eq!(e.reply_text(), "backend connection lost");
+    }
+
+    #[tokio::test]
+    async fn a_backend_that_closes_is_a_closed_connection() {
+        let addr = fake_backend(None).await;
+        let (pool, _tasks) = pool_up(addr, Duration::from_secs(5)).await;
+        let e = one_call(&pool).await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::ConnectionClosed);
+        assert_eq!(e.to_string(), format!("backend {addr}: connection closed"));
+        assert!(e.source().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_late_reply_is_a_timeout_with_its_deadline() {
+        let addr = fake_backend(Some(b"")).await;
+        let (pool, _tasks) = pool_up(addr, Duration::from_millis(50)).await;
+        let e = one_call(&pool).await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Timeout);
+        assert_eq!(
+            e.report().to_string(),
+            format!("backend {addr}: timeout: nothing within 50ms")
+        );
+        assert_eq!(e.reply_text(), "backend timeout");
+        assert!(!e.retryable());
+    }
+
+    #[tokio::test]
+    async fn a_down_connection_fails_at_once_as_unavailable_and_retryable() {
+        // Nothing listens on a port just released.
+        let addr = TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let (pool, _tasks) =
+            BackendPool::start(addr, &settings(Duration::from_secs(1)), Arc::default());
+        let e = one_call(&pool).await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Unavailable);
+        assert_eq!(e.backend_addr(), Some(addr));
+        assert!(e.retryable());
+        assert!(e.cause().is_none());
+        let e = pool
+            .call_any(Bytes::from_static(b"mn\r\n"), 1)
+            .wait()
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Unavailable);
+    }
+
+    #[tokio::test]
+    async fn a_backend_that_hangs_up_at_once_is_retried_ever_more_slowly() {
+        // memcached at its connection limit accepts, says so and hangs up.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::Relaxed);
+                let _ = s.write_all(b"ERROR Too many open connections\r\n").await;
+            }
+        });
+        let (_pool, _tasks) =
+            BackendPool::start(addr, &settings(Duration::from_secs(1)), Arc::default());
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        // Backing off from 10 ms: attempts at 0, 10, 30, 70, 150 and 310
+        // ms. Starting over at every connect made that one every ~10 ms.
+        let n = accepted.load(Ordering::Relaxed);
+        assert!((2..=8).contains(&n), "{n} connections in 400 ms");
+    }
+
+    #[test]
+    fn an_outage_warns_once_per_kind_and_ends_at_the_first_reply() {
+        let t0 = Instant::now();
+        let mut o = Outage::default();
+        // A healthy start: nothing to report.
+        assert_eq!(o.over(t0), None);
+        assert_eq!(o.failure(ErrorKind::ConnectRefused, t0), Level::Warn);
+        for _ in 0..10 {
+            assert_eq!(o.failure(ErrorKind::ConnectRefused, t0), Level::Debug);
+        }
+        // A different failure is news, and so is the old one after it.
+        assert_eq!(o.failure(ErrorKind::ConnectTimeout, t0), Level::Warn);
+        assert_eq!(o.failure(ErrorKind::ConnectRefused, t0), Level::Warn);
+        let t1 = t0 + Duration::from_secs(3);
+        assert_eq!(o.over(t1), Some((13, Duration::from_secs(3))));
+        assert_eq!(o.over(t1), None);
+        // After a reply, the same failure warns again.
+        assert_eq!(o.failure(ErrorKind::ConnectRefused, t1), Level::Warn);
+    }
+
+    #[tokio::test]
+    async fn a_refused_connect_is_told_apart_from_other_failures() {
+        let addr: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        let refused = io::Error::from(io::ErrorKind::ConnectionRefused);
+        assert_eq!(
+            connect_error(addr, refused).kind(),
+            ErrorKind::ConnectRefused
+        );
+        let other = io::Error::from(io::ErrorKind::HostUnreachable);
+        let e = connect_error(addr, other);
+        assert_eq!(e.kind(), ErrorKind::ConnectFailed);
+        assert!(
+            matches!(e.cause(), Some(Cause::Io(io)) if io.kind() == io::ErrorKind::HostUnreachable)
+        );
+    }
 }

@@ -14,12 +14,16 @@ use std::{future::Future, pin::Pin, sync::Arc, time::Duration};
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-use super::{BackendError, Shared, stats::ProxyStats};
+use super::{
+    Shared,
+    error::{ErrorKind, ProxyError, Side},
+    stats::ProxyStats,
+};
 use crate::{
     protocol::{
-        BinaryRequest, BinaryResponse, Extras, GetKind, GetRequest, MetaCode, MetaCommand,
-        MetaFlag, MetaRequest, MetaResponse, Opcode, Request, Response, Status, StoreCommand,
-        StoreRequest, TextRequest, TextResponse, is_valid_text_key,
+        BinaryRequest, BinaryResponse, ErrorReplyKind, Extras, GetKind, GetRequest, MetaCode,
+        MetaCommand, MetaFlag, MetaRequest, MetaResponse, Opcode, Request, Response, Status,
+        StoreCommand, StoreRequest, TextRequest, TextResponse, is_valid_text_key,
     },
     tenant::{Identity, KeyNamespace, Tenant, auth},
 };
@@ -224,14 +228,15 @@ fn forward(
     sh: &Cx,
     bkey: &[u8],
     request: BytesMut,
-    render: impl FnOnce(&Shared, Result<Response, BackendError>) -> Reply + Send + 'static,
+    render: impl FnOnce(&Shared, Result<Response, ProxyError>) -> Reply + Send + 'static,
 ) -> Slot {
     let call = sh.router.call_one(bkey, request.freeze(), sh.affinity);
+    let backend = call.backend();
     let sh = sh.sh.clone();
     waiting(async move {
         let r = match call.wait().await {
             Ok(mut v) if v.len() == 1 => Ok(v.pop().expect("one reply")),
-            Ok(_) => Err(BackendError::Lost),
+            Ok(_) => Err(ProxyError::new(Side::Internal, ErrorKind::ReplyCount).at(backend)),
             Err(e) => Err(e),
         };
         if r.is_err() {
@@ -285,8 +290,10 @@ fn stat_rows(cx: &Cx) -> Vec<(Bytes, Bytes)> {
 
 // ---------------------------------------------------------------- text
 
-fn server_error(e: BackendError) -> Reply {
-    Reply::bytes(format!("SERVER_ERROR {e}\r\n").as_bytes())
+/// `SERVER_ERROR` and the fixed words for the failure; the cause is for
+/// guard's log, not the client.
+fn server_error(e: &ProxyError) -> Reply {
+    Reply::bytes(format!("SERVER_ERROR {}\r\n", e.reply_text()).as_bytes())
 }
 
 const BAD_REPLY: &[u8] = b"SERVER_ERROR bad backend reply\r\n";
@@ -294,12 +301,12 @@ const BAD_REPLY: &[u8] = b"SERVER_ERROR bad backend reply\r\n";
 /// A text reply for a one-key command: the meta code's text word, or the
 /// backend's own error line.
 fn text_status(
-    r: Result<Response, BackendError>,
+    r: Result<Response, ProxyError>,
     noreply: bool,
     word: impl Fn(MetaCode) -> Option<&'static str>,
 ) -> Reply {
     let reply = match r {
-        Err(e) => server_error(e),
+        Err(e) => server_error(&e),
         Ok(Response::Meta(m)) => match word(m.code) {
             Some(w) => Reply::bytes(format!("{w}\r\n").as_bytes()),
             None => Reply::bytes(BAD_REPLY),
@@ -451,7 +458,7 @@ fn text_get(g: GetRequest, sh: &Cx) -> Slot {
                     if sh.miss_on_backend_error {
                         ProxyStats::add(&stats.get_misses, 1);
                     } else {
-                        return server_error(e);
+                        return server_error(&e);
                     }
                 }
             }
@@ -605,7 +612,7 @@ fn meta(mut req: MetaRequest, sh: &Cx) -> Slot {
                     }
                     m.encode(&mut out);
                 } else {
-                    return server_error(e);
+                    return server_error(&e);
                 }
             }
         }
@@ -615,31 +622,37 @@ fn meta(mut req: MetaRequest, sh: &Cx) -> Slot {
 
 // ---------------------------------------------------------------- binary
 
-fn binary_failure(op: Opcode, opaque: u32, e: BackendError) -> BinaryResponse {
+fn binary_failure(op: Opcode, opaque: u32, e: &ProxyError) -> BinaryResponse {
     BinaryResponse {
         status: Status::TEMPORARY_FAILURE,
-        value: Bytes::from(e.to_string()),
+        value: Bytes::from_static(e.reply_text().as_bytes()),
         ..BinaryResponse::new(op as u8, opaque)
     }
 }
 
-/// The binary status for an error line from the backend.
+/// The binary status for a backend reply that is not a meta reply: for
+/// memcached's error lines, the status its binary protocol has for the
+/// failure their parsed kind names, else one for the line's class; for
+/// anything else (`ERROR`, a stray line), an internal error.
 fn binary_error_status(r: &Response) -> Status {
-    let text = match r {
-        Response::Text(TextResponse::ServerError(m) | TextResponse::ClientError(m)) => &m[..],
-        _ => &b""[..],
-    };
-    let has = |needle: &[u8]| text.windows(needle.len()).any(|w| w == needle);
-    if has(b"too large") {
-        Status::VALUE_TOO_LARGE
-    } else if has(b"out of memory") {
-        Status::OUT_OF_MEMORY
-    } else if has(b"non-numeric") {
-        Status::NON_NUMERIC
-    } else if matches!(r, Response::Text(TextResponse::ClientError(_))) {
-        Status::INVALID_ARGUMENTS
-    } else {
-        Status::INTERNAL_ERROR
+    match r {
+        Response::Text(TextResponse::ClientError { kind, .. }) => {
+            error_reply_status(*kind).unwrap_or(Status::INVALID_ARGUMENTS)
+        }
+        Response::Text(TextResponse::ServerError { kind, .. }) => {
+            error_reply_status(*kind).unwrap_or(Status::INTERNAL_ERROR)
+        }
+        _ => Status::INTERNAL_ERROR,
+    }
+}
+
+/// The binary status of a failure the binary protocol names itself.
+fn error_reply_status(kind: ErrorReplyKind) -> Option<Status> {
+    match kind {
+        ErrorReplyKind::TooLarge => Some(Status::VALUE_TOO_LARGE),
+        ErrorReplyKind::OutOfMemory => Some(Status::OUT_OF_MEMORY),
+        ErrorReplyKind::NonNumeric => Some(Status::NON_NUMERIC),
+        ErrorReplyKind::Other => None,
     }
 }
 
@@ -679,7 +692,7 @@ fn forward_binary(
             Err(_) if is_read && sh.miss_on_backend_error => {
                 BinaryResponse::error(op as u8, opaque, Status::KEY_NOT_FOUND)
             }
-            Err(e) => binary_failure(op, opaque, e),
+            Err(e) => binary_failure(op, opaque, &e),
         };
         encode_binary(op, resp)
     })
@@ -921,4 +934,246 @@ fn binary_arith(req: BinaryRequest, sh: &Cx) -> Slot {
             _ => BinaryResponse::error(op as u8, opaque, Status::INTERNAL_ERROR),
         },
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{Limits, parse_response};
+
+    fn parsed(line: &[u8]) -> Response {
+        let mut buf = BytesMut::from(line);
+        let r = parse_response(&mut buf, &Limits::default())
+            .unwrap()
+            .unwrap();
+        assert!(buf.is_empty());
+        r
+    }
+
+    /// How the status was chosen before error lines got a kind when
+    /// parsed, by searching their text; kept to show that every line
+    /// memcached sends still maps as it did.
+    fn by_searching_text(r: &Response) -> Status {
+        let text = match r {
+            Response::Text(
+                TextResponse::ServerError { message, .. }
+                | TextResponse::ClientError { message, .. },
+            ) => &message[..],
+            _ => &b""[..],
+        };
+        let has = |needle: &[u8]| text.windows(needle.len()).any(|w| w == needle);
+        if has(b"too large") {
+            Status::VALUE_TOO_LARGE
+        } else if has(b"out of memory") {
+            Status::OUT_OF_MEMORY
+        } else if has(b"non-numeric") {
+            Status::NON_NUMERIC
+        } else if matches!(r, Response::Text(TextResponse::ClientError { .. })) {
+            Status::INVALID_ARGUMENTS
+        } else {
+            Status::INTERNAL_ERROR
+        }
+    }
+
+    /// Every error line memcached 1.6's text and meta commands send
+    /// (proto_text.c, memcached.c), and the status a binary client gets
+    /// for it through guard.
+    const MEMCACHED: &[(&[u8], Status)] = &[
+        (
+            b"SERVER_ERROR object too large for cache\r\n",
+            Status::VALUE_TOO_LARGE,
+        ),
+        (
+            b"SERVER_ERROR out of memory storing object\r\n",
+            Status::OUT_OF_MEMORY,
+        ),
+        (b"SERVER_ERROR out of memory\r\n", Status::OUT_OF_MEMORY),
+        (
+            b"SERVER_ERROR out of memory writing get response\r\n",
+            Status::OUT_OF_MEMORY,
+        ),
+        (
+            b"SERVER_ERROR out of memory writing stats\r\n",
+            Status::OUT_OF_MEMORY,
+        ),
+        (
+            b"SERVER_ERROR out of memory reading request\r\n",
+            Status::OUT_OF_MEMORY,
+        ),
+        // `ma … N` that cannot allocate the item it creates: capitalised,
+        // so the text search never matched it.
+        (
+            b"SERVER_ERROR Out of memory allocating new item\r\n",
+            Status::INTERNAL_ERROR,
+        ),
+        (
+            b"SERVER_ERROR refcount overflow during fetch\r\n",
+            Status::INTERNAL_ERROR,
+        ),
+        (
+            b"SERVER_ERROR Unhandled storage type.\r\n",
+            Status::INTERNAL_ERROR,
+        ),
+        (
+            b"CLIENT_ERROR cannot increment or decrement non-numeric value\r\n",
+            Status::NON_NUMERIC,
+        ),
+        (
+            b"CLIENT_ERROR bad data chunk\r\n",
+            Status::INVALID_ARGUMENTS,
+        ),
+        (
+            b"CLIENT_ERROR bad command line format\r\n",
+            Status::INVALID_ARGUMENTS,
+        ),
+        (
+            b"CLIENT_ERROR bad token in command line format\r\n",
+            Status::INVALID_ARGUMENTS,
+        ),
+        (b"CLIENT_ERROR invalid flag\r\n", Status::INVALID_ARGUMENTS),
+        (
+            b"CLIENT_ERROR duplicate flag\r\n",
+            Status::INVALID_ARGUMENTS,
+        ),
+        (
+            b"CLIENT_ERROR invalid or duplicate flag\r\n",
+            Status::INVALID_ARGUMENTS,
+        ),
+        (
+            b"CLIENT_ERROR options flags are too long\r\n",
+            Status::INVALID_ARGUMENTS,
+        ),
+        (
+            b"CLIENT_ERROR options flags too long\r\n",
+            Status::INVALID_ARGUMENTS,
+        ),
+        (
+            b"CLIENT_ERROR opaque token too long\r\n",
+            Status::INVALID_ARGUMENTS,
+        ),
+        (
+            b"CLIENT_ERROR incorrect length for M token\r\n",
+            Status::INVALID_ARGUMENTS,
+        ),
+        (
+            b"CLIENT_ERROR invalid mode for ms M token\r\n",
+            Status::INVALID_ARGUMENTS,
+        ),
+        (
+            b"CLIENT_ERROR invalid mode for ma M token\r\n",
+            Status::INVALID_ARGUMENTS,
+        ),
+        (
+            b"CLIENT_ERROR invalid numeric initial value\r\n",
+            Status::INVALID_ARGUMENTS,
+        ),
+        (
+            b"CLIENT_ERROR invalid numeric delta value\r\n",
+            Status::INVALID_ARGUMENTS,
+        ),
+        (
+            b"CLIENT_ERROR invalid numeric delta argument\r\n",
+            Status::INVALID_ARGUMENTS,
+        ),
+        (
+            b"CLIENT_ERROR invalid exptime argument\r\n",
+            Status::INVALID_ARGUMENTS,
+        ),
+        (
+            b"CLIENT_ERROR error decoding key\r\n",
+            Status::INVALID_ARGUMENTS,
+        ),
+        (b"CLIENT_ERROR line too long\r\n", Status::INVALID_ARGUMENTS),
+        (b"ERROR\r\n", Status::INTERNAL_ERROR),
+        (
+            b"ERROR Too many open connections\r\n",
+            Status::INTERNAL_ERROR,
+        ),
+    ];
+
+    #[test]
+    fn each_memcached_error_line_maps_as_the_text_search_did() {
+        for &(line, status) in MEMCACHED {
+            let r = parsed(line);
+            let name = String::from_utf8_lossy(line);
+            assert_eq!(binary_error_status(&r), status, "{name}");
+            assert_eq!(binary_error_status(&r), by_searching_text(&r), "{name}");
+        }
+    }
+
+    #[test]
+    fn each_kind_has_its_status_and_other_falls_back_to_the_class() {
+        use ErrorReplyKind::*;
+        assert_eq!(error_reply_status(TooLarge), Some(Status::VALUE_TOO_LARGE));
+        assert_eq!(error_reply_status(OutOfMemory), Some(Status::OUT_OF_MEMORY));
+        assert_eq!(error_reply_status(NonNumeric), Some(Status::NON_NUMERIC));
+        assert_eq!(error_reply_status(Other), None);
+        let status = |r: TextResponse| binary_error_status(&Response::Text(r));
+        assert_eq!(
+            status(TextResponse::client_error("new words")),
+            Status::INVALID_ARGUMENTS
+        );
+        assert_eq!(
+            status(TextResponse::client_error("")),
+            Status::INVALID_ARGUMENTS
+        );
+        assert_eq!(
+            status(TextResponse::server_error("new words")),
+            Status::INTERNAL_ERROR
+        );
+        assert_eq!(
+            status(TextResponse::server_error("")),
+            Status::INTERNAL_ERROR
+        );
+        // The kind decides, whichever class the line has.
+        assert_eq!(
+            status(TextResponse::ClientError {
+                kind: OutOfMemory,
+                message: Bytes::new()
+            }),
+            Status::OUT_OF_MEMORY
+        );
+    }
+
+    #[test]
+    fn replies_that_are_not_error_lines_are_internal_errors() {
+        for line in [
+            &b"STORED\r\n"[..],
+            b"END\r\n",
+            b"42\r\n",
+            b"ITEM x\r\n",
+            b"HD\r\n",
+        ] {
+            let r = parsed(line);
+            assert_eq!(binary_error_status(&r), Status::INTERNAL_ERROR, "{r:?}");
+            assert_eq!(binary_error_status(&r), by_searching_text(&r), "{r:?}");
+        }
+        let binary = Response::Binary(BinaryResponse::error(0x01, 0, Status::KEY_NOT_FOUND));
+        assert_eq!(binary_error_status(&binary), Status::INTERNAL_ERROR);
+    }
+
+    #[test]
+    fn words_in_lines_memcached_never_sends_no_longer_decide() {
+        // The text search took these for the failures they mention.
+        for (line, searched) in [
+            (
+                &b"SERVER_ERROR value too large\r\n"[..],
+                Status::VALUE_TOO_LARGE,
+            ),
+            (b"CLIENT_ERROR key too large\r\n", Status::VALUE_TOO_LARGE),
+            (
+                b"SERVER_ERROR cache out of memory\r\n",
+                Status::OUT_OF_MEMORY,
+            ),
+            (b"CLIENT_ERROR non-numeric\r\n", Status::NON_NUMERIC),
+        ] {
+            let r = parsed(line);
+            assert_eq!(by_searching_text(&r), searched);
+            let class = match r {
+                Response::Text(TextResponse::ClientError { .. }) => Status::INVALID_ARGUMENTS,
+                _ => Status::INTERNAL_ERROR,
+            };
+            assert_eq!(binary_error_status(&r), class, "{r:?}");
+        }
+    }
 }

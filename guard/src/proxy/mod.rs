@@ -9,11 +9,14 @@
 //! [`crate::tenant::KeyNamespace`]) and the replies back, [`router`] picks
 //! the backend with [`ketama`] and fans multi-key gets out, and [`backend`]
 //! pipelines everything over a few persistent connections per memcached.
+//! A failure on the way is an [`error::ProxyError`]: its side, kind and
+//! cause go to the log, fixed words to the client.
 
 pub mod auth;
 pub mod backend;
 pub mod command;
 pub mod connection;
+pub mod error;
 pub mod generations;
 pub mod ketama;
 pub mod listener;
@@ -34,7 +37,7 @@ use tokio::{
     sync::{Semaphore, mpsc, watch},
 };
 
-pub use backend::BackendError;
+pub use error::ProxyError;
 
 use crate::{
     config::ProxyConfig,

@@ -7,7 +7,8 @@ use bytes::{Bytes, BytesMut};
 use tokio::task::JoinHandle;
 
 use super::{
-    backend::{BackendPool, BackendSettings, BatchResult, Call},
+    backend::{BackendPool, BackendSettings, Call},
+    error::{ErrorKind, ProxyError, Side},
     ketama::{Ketama, server_identity},
     stats::ProxyStats,
 };
@@ -104,27 +105,36 @@ pub struct FanOut {
 
 impl FanOut {
     /// Each key's reply (or its backend's failure), in request order.
-    pub async fn wait(self) -> Vec<Result<crate::protocol::Response, super::BackendError>> {
+    pub async fn wait(self) -> Vec<Result<crate::protocol::Response, ProxyError>> {
         let mut out: Vec<Option<Result<_, _>>> = (0..self.slots).map(|_| None).collect();
         // Every batch is already on the wire; awaiting them in turn costs
         // only the slowest one.
         for (call, idx) in self.calls {
-            let r: BatchResult = call.wait().await;
-            match r {
+            let backend = call.backend();
+            match call.wait().await {
                 Ok(replies) => {
-                    for (i, reply) in idx.into_iter().zip(replies) {
-                        out[i] = Some(Ok(reply));
+                    // A connection completes a batch only with one reply
+                    // per request; should that ever break, the keys left
+                    // without a reply fail, naming the backend.
+                    let mut replies = replies.into_iter();
+                    for i in idx {
+                        out[i] = Some(replies.next().ok_or_else(|| {
+                            ProxyError::new(Side::Internal, ErrorKind::ReplyCount).at(backend)
+                        }));
                     }
                 }
                 Err(e) => {
                     for i in idx {
-                        out[i] = Some(Err(e));
+                        out[i] = Some(Err(e.clone()));
                     }
                 }
             }
         }
+        // Every slot belongs to exactly one call, so none is left empty.
         out.into_iter()
-            .map(|r| r.unwrap_or(Err(super::BackendError::Lost)))
+            .map(|r| {
+                r.unwrap_or_else(|| Err(ProxyError::new(Side::Internal, ErrorKind::ReplyCount)))
+            })
             .collect()
     }
 }
