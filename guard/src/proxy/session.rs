@@ -4,7 +4,7 @@
 //! meta) and kept for the connection's life, as memcached does
 //! ([`ClientConnection`]). Requests are dispatched as soon as they are
 //! parsed, so a pipeline's requests run on their backends concurrently;
-//! replies are written strictly in request order ([`Pipeline`]). The
+//! replies are written strictly in request order (`Pipeline`). The
 //! client's side is read all along, even while replies are pending, so an
 //! EOF or reset ends the session and frees its socket at once; replies
 //! still in flight are dropped by the backend connections.
