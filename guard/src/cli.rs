@@ -176,6 +176,9 @@ pub struct RunArgs {
     /// Persistent connections per backend.
     #[arg(long)]
     pub backend_connections: Option<usize>,
+    /// Most requests outstanding on one backend connection.
+    #[arg(long)]
+    pub backend_max_in_flight: Option<usize>,
     /// Runtime threads (1: everything on one thread; 0: by CPU count).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -276,6 +279,7 @@ impl RunArgs {
             }
         };
         set(&mut p.backend_connections, self.backend_connections);
+        set(&mut p.backend_max_in_flight, self.backend_max_in_flight);
         set(&mut p.threads, self.threads);
         set(&mut p.max_connections, self.max_connections);
         set(

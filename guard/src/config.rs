@@ -163,6 +163,9 @@ pub struct ProxyConfig {
     pub request_timeout_ms: u64,
     /// Persistent connections per backend; requests are pipelined on them.
     pub backend_connections: usize,
+    /// Most requests outstanding on one backend connection; beyond it a
+    /// request is refused at once (`SERVER_ERROR backend overloaded`).
+    pub backend_max_in_flight: usize,
     /// Threads serving the proxy (and the XDP side): 1 runs everything on
     /// one thread, 0 picks one by CPU count (see [`Self::runtime_threads`]).
     pub threads: usize,
@@ -209,6 +212,11 @@ impl Default for ProxyConfig {
             // Pipelining keeps a few connections busy; more only spread load
             // over memcached's worker threads.
             backend_connections: 2,
+            // A healthy memcached answers a few hundred pipelined requests
+            // in well under the request timeout; a connection holding more
+            // is on a backend that stopped keeping up, and queueing on it
+            // only turns its slowness into everyone's.
+            backend_max_in_flight: 1024,
             threads: 0,
             // Below a default 64k descriptor limit with room for backends.
             max_connections: 50_000,
@@ -288,6 +296,12 @@ impl ProxyConfig {
             bail!(
                 "backend-connections must be 1..=64, got {}",
                 self.backend_connections
+            );
+        }
+        if !(1..=1_000_000).contains(&self.backend_max_in_flight) {
+            bail!(
+                "backend-max-in-flight must be 1..=1000000, got {}",
+                self.backend_max_in_flight
             );
         }
         if self.threads > 1024 {

@@ -55,6 +55,8 @@ pub struct BackendSettings {
     pub connect_timeout: Duration,
     pub request_timeout: Duration,
     pub connections: usize,
+    /// Most requests outstanding on one connection.
+    pub max_in_flight: usize,
 }
 
 /// Replies to one batch of meta requests, in request order.
@@ -98,11 +100,46 @@ struct Batch {
     bytes: Bytes,
     count: usize,
     reply: oneshot::Sender<BatchResult>,
+    /// Holds the batch's place in its connection's in-flight count until
+    /// the batch is answered, failed or dropped, whichever path it takes.
+    _slot: InFlight,
+}
+
+/// `count` requests counted against a connection's in-flight bound;
+/// released on drop.
+struct InFlight {
+    count: usize,
+    of: Arc<AtomicUsize>,
+}
+
+impl InFlight {
+    /// Takes `count` places, or `None` when the connection already holds
+    /// `max`. A lone batch larger than `max` is let through on an idle
+    /// connection: the bound is on what queues, not on one multi-get.
+    fn take(of: &Arc<AtomicUsize>, count: usize, max: usize) -> Option<Self> {
+        let before = of.fetch_add(count, Ordering::AcqRel);
+        if before > 0 && before + count > max {
+            of.fetch_sub(count, Ordering::AcqRel);
+            return None;
+        }
+        Some(Self {
+            count,
+            of: of.clone(),
+        })
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.of.fetch_sub(self.count, Ordering::AcqRel);
+    }
 }
 
 struct Conn {
     tx: mpsc::UnboundedSender<Batch>,
     up: Arc<AtomicBool>,
+    /// Requests sent on it and not yet answered (or still queued to it).
+    in_flight: Arc<AtomicUsize>,
 }
 
 /// One memcached server and its connection pool.
@@ -110,6 +147,8 @@ pub struct BackendPool {
     addr: SocketAddr,
     conns: Vec<Conn>,
     next: AtomicUsize,
+    max_in_flight: usize,
+    stats: Arc<ProxyStats>,
 }
 
 impl BackendPool {
@@ -132,12 +171,18 @@ impl BackendPool {
                 up.clone(),
                 stats.clone(),
             )));
-            conns.push(Conn { tx, up });
+            conns.push(Conn {
+                tx,
+                up,
+                in_flight: Arc::default(),
+            });
         }
         let pool = Self {
             addr,
             conns,
             next: AtomicUsize::new(0),
+            max_in_flight: settings.max_in_flight,
+            stats,
         };
         (pool, tasks)
     }
@@ -175,14 +220,23 @@ impl BackendPool {
     /// session switching connections as they go down and come back could
     /// have a later request overtake an earlier one. Waiting for a
     /// reconnect instead is the slowness that turns into reconnect storms.
+    ///
+    /// A connection holding `max_in_flight` requests refuses more at once
+    /// (`Overloaded`): a backend that stopped keeping up costs its own
+    /// keys an error, not a queue that grows until the request timeout.
     pub fn call(&self, bytes: Bytes, count: usize, affinity: usize) -> Call {
         let conn = &self.conns[affinity % self.conns.len()];
         if conn.up.load(Ordering::Relaxed) {
+            let Some(slot) = InFlight::take(&conn.in_flight, count, self.max_in_flight) else {
+                ProxyStats::add(&self.stats.backend_overloaded, 1);
+                return Call::failed(self.addr, ErrorKind::Overloaded);
+            };
             let (tx, rx) = oneshot::channel();
             let batch = Batch {
                 bytes,
                 count,
                 reply: tx,
+                _slot: slot,
             };
             if conn.tx.send(batch).is_ok() {
                 return Call {
@@ -342,6 +396,7 @@ struct Pending {
     got: Vec<Response>,
     reply: oneshot::Sender<BatchResult>,
     deadline: Instant,
+    _slot: InFlight,
 }
 
 /// Runs one connection until it fails (`Some`) or the pool is dropped
@@ -374,6 +429,7 @@ async fn serve(
                         got: Vec::with_capacity(b.count),
                         reply: b.reply,
                         deadline,
+                        _slot: b._slot,
                     });
                     if out.len() < 64 * 1024 {
                         next = rx.try_recv().ok();
@@ -481,6 +537,7 @@ mod tests {
             connect_timeout: Duration::from_millis(500),
             request_timeout,
             connections: 1,
+            max_in_flight: 1024,
         }
     }
 
@@ -521,6 +578,46 @@ mod tests {
             }
         });
         addr
+    }
+
+    /// A connection that holds its bound refuses more at once, unsent;
+    /// every way a batch ends gives its places back.
+    #[tokio::test]
+    async fn a_full_connection_refuses_at_once_and_frees_its_places() {
+        let addr = fake_backend(Some(b"")).await;
+        let mut s = settings(Duration::from_millis(300));
+        s.max_in_flight = 3;
+        let stats = Arc::new(ProxyStats::default());
+        let (pool, _tasks) = BackendPool::start(addr, &s, stats.clone());
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !pool.is_up() {
+            assert!(Instant::now() < deadline, "never connected");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let get = || Bytes::from_static(b"mg k v\r\n");
+        let held: Vec<Call> = (0..3).map(|_| pool.call(get(), 1, 0)).collect();
+        let started = Instant::now();
+        let e = pool.call(get(), 1, 0).wait().await.unwrap_err();
+        assert_eq!((e.side(), e.kind()), (Side::Backend, ErrorKind::Overloaded));
+        assert!(e.retryable());
+        assert_eq!(e.reply_text(), "backend overloaded");
+        assert!(
+            started.elapsed() < Duration::from_millis(300),
+            "refused before the held requests' timeout"
+        );
+        assert_eq!(stats.backend_overloaded.load(Ordering::Relaxed), 1);
+        assert_eq!(pool.conns[0].in_flight.load(Ordering::Relaxed), 3);
+        // The held ones time out; their places come back with them.
+        for c in held {
+            assert_eq!(c.wait().await.unwrap_err().kind(), ErrorKind::Timeout);
+        }
+        assert_eq!(pool.conns[0].in_flight.load(Ordering::Relaxed), 0);
+        // A failed call holds nothing, and a lone multi-get larger than
+        // the bound still goes out on an idle connection.
+        let big = InFlight::take(&pool.conns[0].in_flight, 5, 3).expect("idle: let through");
+        assert!(InFlight::take(&pool.conns[0].in_flight, 1, 3).is_none());
+        drop(big);
+        assert_eq!(pool.conns[0].in_flight.load(Ordering::Relaxed), 0);
     }
 
     async fn one_call(pool: &BackendPool) -> BatchResult {

@@ -62,6 +62,9 @@ pub enum ErrorKind {
     /// A batch came back with a different number of replies than it had
     /// requests.
     ReplyCount,
+    /// The connection already held `backend_max_in_flight` requests; this
+    /// one was refused without being sent.
+    Overloaded,
 }
 
 impl ErrorKind {
@@ -79,6 +82,7 @@ impl ErrorKind {
             ErrorKind::UnexpectedReply => "reply to no request",
             ErrorKind::Abandoned => "request abandoned",
             ErrorKind::ReplyCount => "reply count mismatch",
+            ErrorKind::Overloaded => "too many requests in flight",
         }
     }
 
@@ -93,6 +97,7 @@ impl ErrorKind {
                 | ErrorKind::ConnectRefused
                 | ErrorKind::ConnectFailed
                 | ErrorKind::ConnectTimeout
+                | ErrorKind::Overloaded
         )
     }
 }
@@ -234,6 +239,7 @@ impl ProxyError {
             | ErrorKind::ConnectFailed
             | ErrorKind::ConnectTimeout => "backend unavailable",
             ErrorKind::Timeout => "backend timeout",
+            ErrorKind::Overloaded => "backend overloaded",
             ErrorKind::ConnectionClosed
             | ErrorKind::ConnectionLost
             | ErrorKind::ReplyParse

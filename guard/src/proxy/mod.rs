@@ -153,6 +153,7 @@ impl Proxy {
             connect_timeout: Duration::from_millis(config.connect_timeout_ms),
             request_timeout: Duration::from_millis(config.request_timeout_ms),
             connections: config.backend_connections,
+            max_in_flight: config.backend_max_in_flight,
         };
         let (router, backend_tasks) = Router::start(&config.backends, &settings, &stats);
         let limits = Limits {

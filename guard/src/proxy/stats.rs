@@ -106,6 +106,9 @@ counters! {
     backend_errors,
     /// Backend connections discarded after a request timed out.
     backend_timeouts,
+    /// Requests refused unsent because their backend connection already
+    /// held `backend_max_in_flight` requests.
+    backend_overloaded,
     /// Backend connections (re)established.
     backend_connects,
     /// Authentication attempts (SASL or text), as memcached counts them.
