@@ -969,6 +969,31 @@ mod tests {
     }
 
     #[test]
+    fn backend_max_in_flight_defaults_and_bounds() {
+        let mut c = Config::parse(
+            "[proxy]\nlisten = [\"127.0.0.1:11311\"]\nbackends = [{ addr = \"10.0.0.5:11211\" }]\n\
+             backend_max_in_flight = 64\n",
+        )
+        .unwrap();
+        assert_eq!(c.proxy.backend_max_in_flight, 64);
+        assert_eq!(ProxyConfig::default().backend_max_in_flight, 1024);
+        for (max, ok) in [(0, false), (1, true), (1_000_000, true), (1_000_001, false)] {
+            c.proxy.backend_max_in_flight = max;
+            match c.validate() {
+                Ok(()) => assert!(ok, "{max} accepted"),
+                Err(e) => {
+                    assert!(!ok, "{max} refused: {e}");
+                    assert!(
+                        e.to_string()
+                            .contains("backend-max-in-flight must be 1..=1000000"),
+                        "{e}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
     fn backlog_defaults_and_bounds() {
         let mut c = Config::parse(
             "[proxy]\nlisten = [\"127.0.0.1:11311\"]\nbackends = [{ addr = \"10.0.0.5:11211\" }]\n",
