@@ -63,9 +63,12 @@ fn burst_of_16000_clients_is_accepted_at_once_and_released_at_once() {
             // One client host opens them all.
             "--max-connections-per-source",
             "0",
-            // The gets stay in flight for the whole test, never timed out.
+            // The gets stay in flight for the whole test, never timed out
+            // nor refused for filling the backend connections.
             "--request-timeout-ms",
             "60000",
+            "--backend-max-in-flight",
+            "1000000",
             "--drain-grace-secs",
             "1",
         ],

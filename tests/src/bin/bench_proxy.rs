@@ -762,6 +762,10 @@ fn main() {
             &BURST_BACKLOG.to_string(),
             "--request-timeout-ms",
             "60000",
+            // Every get stays pending, as it does in nutcracker, rather
+            // than being refused once a backend connection holds 1024.
+            "--backend-max-in-flight",
+            "1000000",
         ],
     );
     // Each proxy's backend connections are up before the backends stop.
