@@ -175,7 +175,13 @@ fn setup() -> anyhow::Result<()> {
             "nightly",
         ]))?;
     }
-    if !quiet_ok(Command::new("bpf-linker").arg("--version")) {
+    // It links against the nightly's own libLLVM, which rustc puts on the
+    // library path when it runs the linker: ask the same way.
+    if !quiet_ok(
+        Command::new("bpf-linker")
+            .arg("--version")
+            .env("LD_LIBRARY_PATH", sysroot.join("lib")),
+    ) {
         install_bpf_linker(&sysroot)?;
     }
     // The fuzz targets run in every test pass.
