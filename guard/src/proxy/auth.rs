@@ -115,7 +115,7 @@ pub async fn authenticate(
     sh: &Shared,
     registry: Arc<TenantRegistry>,
     phase: &mut watch::Receiver<Phase>,
-    peer: Option<IpAddr>,
+    peer: IpAddr,
 ) -> Result<(Arc<Identity>, ConnectionPermit), SessionEnd> {
     let deadline = Instant::now() + sh.auth_timeout;
     let mut limits = conn.reader().limits().clone();
@@ -187,8 +187,8 @@ pub async fn authenticate(
                         if wr.write_all(&reply).await.is_err() {
                             return Err(SessionEnd::WriteFailed);
                         }
-                        if let (Some(tx), Some(ip)) = (&sh.learned, peer) {
-                            let _ = tx.try_send((ip, identity.tenant.id));
+                        if let Some(tx) = &sh.learned {
+                            let _ = tx.try_send((peer, identity.tenant.id));
                         }
                         return Ok((identity, permit));
                     }

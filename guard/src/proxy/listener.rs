@@ -239,7 +239,7 @@ fn start(
     let sh = sh.clone();
     let phase = phase.clone();
     tokio::spawn(async move {
-        session::serve(stream, sh.clone(), phase).await;
+        session::serve(stream, peer, sh.clone(), phase).await;
         sh.stats
             .curr_connections
             .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);

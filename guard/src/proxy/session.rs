@@ -92,24 +92,26 @@ session_ends! {
 
 /// Serves one client until it leaves, misbehaves beyond repair, idles out,
 /// or the proxy stops; counts and logs why it ended.
-pub async fn serve(stream: TcpStream, sh: Arc<Shared>, phase: watch::Receiver<Phase>) {
-    let peer = stream.peer_addr().ok().map(|a| a.ip().to_canonical());
+/// `peer` is the address `accept` returned.
+pub async fn serve(
+    stream: TcpStream,
+    peer: std::net::SocketAddr,
+    sh: Arc<Shared>,
+    phase: watch::Receiver<Phase>,
+) {
+    let peer = peer.ip().to_canonical();
     let end = run(stream, &sh, phase, peer).await;
     if let Some(counter) = sh.stats.session_ends.get(end as usize) {
         ProxyStats::add(counter, 1);
     }
-    debug!(
-        "session {}: ended ({})",
-        peer.map_or_else(|| "?".into(), |p| p.to_string()),
-        end.label()
-    );
+    debug!("session {}: ended ({})", peer, end.label());
 }
 
 async fn run(
     stream: TcpStream,
     sh: &Arc<Shared>,
     mut phase: watch::Receiver<Phase>,
-    peer: Option<IpAddr>,
+    peer: IpAddr,
 ) -> SessionEnd {
     let (rd, mut wr) = stream.into_split();
     let mut conn = ClientConnection::new(rd, sh.limits.clone());
@@ -319,7 +321,7 @@ impl Deadlines {
 /// An authenticated session.
 struct Session<'a> {
     sh: &'a Arc<Shared>,
-    peer: Option<IpAddr>,
+    peer: IpAddr,
     client: Client,
     reloads: watch::Receiver<u64>,
     /// The registry version this session's identity reflects.
@@ -506,8 +508,7 @@ impl Session<'_> {
             None => {
                 info!(
                     "closing {} ({}): its credential is no longer configured",
-                    self.peer
-                        .map_or_else(|| "a client".into(), |p| p.to_string()),
+                    self.peer,
                     self.client
                         .identity
                         .username
