@@ -17,7 +17,7 @@ pub mod settings;
 
 use std::{
     fs,
-    path::Path,
+    path::{Path, PathBuf},
     time::{SystemTime, UNIX_EPOCH},
 };
 
@@ -133,8 +133,9 @@ impl XdpGuard {
             .load()
             .context("the verifier rejected the XDP program")?;
 
+        let older = paths.older_layouts();
         let mut old = AttachState::load(paths).unwrap_or_default();
-        for (_, state_dir) in paths.older_layouts() {
+        for (_, state_dir) in &older {
             let older: AttachState = crate::paths::read_state(&state_dir.join("xdp.json"))
                 .ok()
                 .flatten()
@@ -149,7 +150,7 @@ impl XdpGuard {
         for iface in interfaces {
             let pin = paths.link_pin(iface);
             if !pin.exists() {
-                take_over_older_link(paths, iface, &pin)?;
+                take_over_older_link(&older, iface, &pin)?;
             }
             let adopted = if pin.exists() {
                 adopt(program, &pin, iface)?
@@ -202,7 +203,7 @@ impl XdpGuard {
         }
         state.save(paths)?;
         attempt.commit();
-        remove_older_layouts(paths);
+        remove_older_layouts(&older);
         Ok(Self { _ebpf: ebpf, state })
     }
 
@@ -310,8 +311,12 @@ fn attach_new(
 /// Moves the link an older layout pinned for `iface` to `pin`, where
 /// [`adopt`] then swaps this program into it: the interface is never
 /// without a program.
-fn take_over_older_link(paths: &Paths, iface: &str, pin: &Path) -> anyhow::Result<()> {
-    for (pin_dir, _) in paths.older_layouts() {
+fn take_over_older_link(
+    older: &[(PathBuf, PathBuf)],
+    iface: &str,
+    pin: &Path,
+) -> anyhow::Result<()> {
+    for (pin_dir, _) in older {
         let old = pin_dir.join("links").join(iface);
         if !old.exists() {
             continue;
@@ -332,11 +337,12 @@ fn take_over_older_link(paths: &Paths, iface: &str, pin: &Path) -> anyhow::Resul
     Ok(())
 }
 
-/// Removes what daemons of older layouts left: links no longer wanted are
-/// detached, their maps and state files removed. Best effort: what cannot
-/// be removed is said and left for `guard xdp detach`.
-fn remove_older_layouts(paths: &Paths) {
-    for (pin_dir, state_dir) in paths.older_layouts() {
+/// Removes what daemons of older layouts (`older`, from
+/// [`Paths::older_layouts`]) left: links still pinned there are detached,
+/// their maps and state files removed. Best effort: what cannot be
+/// removed is said and left for `guard xdp detach`.
+fn remove_older_layouts(older: &[(PathBuf, PathBuf)]) {
+    for (pin_dir, state_dir) in older {
         if let Ok(links) = fs::read_dir(pin_dir.join("links")) {
             for link in links.flatten() {
                 let name = link.file_name().to_string_lossy().into_owned();
@@ -348,7 +354,7 @@ fn remove_older_layouts(paths: &Paths) {
                 }
             }
         }
-        for dir in [&pin_dir, &state_dir] {
+        for dir in [pin_dir, state_dir] {
             if dir.exists() {
                 match fs::remove_dir_all(dir) {
                     Ok(()) => info!("removed {} (an older map layout)", dir.display()),
@@ -384,7 +390,10 @@ fn remove_map_pins(paths: &Paths) {
 /// state file. Idempotent.
 pub fn detach_all(paths: &Paths) -> anyhow::Result<Vec<String>> {
     let mut detached = Vec::new();
-    for (pin_dir, _) in paths.older_layouts() {
+    // Detached here rather than left to `remove_older_layouts`, so that a
+    // link that cannot be detached fails the command.
+    let older = paths.older_layouts();
+    for (pin_dir, _) in &older {
         if let Ok(links) = fs::read_dir(pin_dir.join("links")) {
             for link in links.flatten() {
                 detach_link(&link.path())?;
@@ -392,7 +401,7 @@ pub fn detach_all(paths: &Paths) -> anyhow::Result<Vec<String>> {
             }
         }
     }
-    remove_older_layouts(paths);
+    remove_older_layouts(&older);
     let link_dir = paths.link_dir();
     if link_dir.exists() {
         for entry in fs::read_dir(&link_dir)? {
