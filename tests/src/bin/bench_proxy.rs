@@ -381,6 +381,18 @@ struct BurstRow {
     still_open: usize,
 }
 
+/// `clients` connect to `addr` at once: the burst, and the listen queue
+/// overflows the kernel counted meanwhile.
+fn run_burst(addr: SocketAddr, clients: usize) -> (guard_tests::Burst, u64) {
+    let config = BurstConfig {
+        clients,
+        ..BurstConfig::default()
+    };
+    let overflows_before = listen_overflows();
+    let b = guard_tests::burst(None, addr, &config).expect("burst");
+    (b, listen_overflows().saturating_sub(overflows_before))
+}
+
 /// The same burst against a listener with the same backlog whose thread
 /// accepts and closes: what the kernel and the load generator need, with
 /// no proxy work at all.
@@ -404,13 +416,7 @@ fn burst_on_plain_listener(clients: usize) -> BurstRow {
             }
         }
     });
-    let config = BurstConfig {
-        clients,
-        ..BurstConfig::default()
-    };
-    let overflows_before = listen_overflows();
-    let b = guard_tests::burst(None, addr, &config).expect("burst");
-    let overflows = listen_overflows().saturating_sub(overflows_before);
+    let (b, overflows) = run_burst(addr, clients);
     let deadline = Instant::now() + BURST_WAIT;
     let mut all_accepted = None;
     while Instant::now() < deadline {
@@ -445,13 +451,7 @@ fn burst_on_plain_listener(clients: usize) -> BurstRow {
 fn burst_on(proxy: &'static str, pid: u32, addr: SocketAddr, clients: usize) -> BurstRow {
     std::thread::sleep(Duration::from_millis(200));
     let (rss_before, fds_before) = (rss_kib(pid), open_fds(pid));
-    let config = BurstConfig {
-        clients,
-        ..BurstConfig::default()
-    };
-    let overflows_before = listen_overflows();
-    let b = guard_tests::burst(None, addr, &config).expect("burst");
-    let overflows = listen_overflows().saturating_sub(overflows_before);
+    let (b, overflows) = run_burst(addr, clients);
     let accepted = wait_fds(pid, fds_before + b.streams.len(), false, BURST_WAIT);
     // The gets are read and forwarded by now; the backends hold them.
     std::thread::sleep(Duration::from_millis(500));
