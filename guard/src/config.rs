@@ -634,6 +634,31 @@ impl Config {
     }
 }
 
+/// A file using most of the XDP settings and two tenants, for the tests of
+/// the config and of what is built from it.
+#[cfg(test)]
+pub(crate) const EXAMPLE: &str = r#"
+[xdp]
+interfaces = ["eth0", "eth1"]
+mode = "skb"
+protect = ["0.0.0.0:11211", "[::]:11211", "*:11300"]
+syn_rate = 10
+syn_burst = 20
+ipv6_prefix = 56
+allow_udp = true
+deny = ["192.0.2.0/24"]
+allow = ["10.0.0.0/8", "2001:db8::/32"]
+
+[[tenant]]
+name = "acme"
+syn_rate = 500
+syn_burst = 600
+listen = ["10.0.0.1:11212"]
+
+[[tenant]]
+name = "globex"
+"#;
+
 /// Most limit events per second (and burst) the XDP program may send.
 const MAX_EVENT_RATE: u64 = 100_000;
 
@@ -786,29 +811,7 @@ mod tests {
 
     #[test]
     fn parses_full_file() {
-        let c = Config::parse(
-            r#"
-            [xdp]
-            interfaces = ["eth0", "eth1"]
-            mode = "skb"
-            protect = ["0.0.0.0:11211", "[::]:11211", "*:11300"]
-            syn_rate = 10
-            syn_burst = 20
-            ipv6_prefix = 56
-            deny = ["192.0.2.0/24"]
-            allow = ["10.0.0.0/8", "2001:db8::/32"]
-
-            [[tenant]]
-            name = "acme"
-            syn_rate = 500
-            syn_burst = 600
-            listen = ["10.0.0.1:11212"]
-
-            [[tenant]]
-            name = "globex"
-            "#,
-        )
-        .unwrap();
+        let c = Config::parse(EXAMPLE).unwrap();
         c.validate().unwrap();
         assert_eq!(c.xdp.mode, XdpModeSetting::Skb);
         assert_eq!(c.xdp.protect.len(), 3);

@@ -88,27 +88,7 @@ mod tests {
 
     #[test]
     fn a_config_becomes_map_values() {
-        let c = Config::parse(
-            r#"
-            [xdp]
-            interfaces = ["eth0"]
-            protect = ["0.0.0.0:11211", "[::]:11211", "*:11300"]
-            syn_rate = 10
-            syn_burst = 20
-            ipv6_prefix = 56
-            allow_udp = true
-
-            [[tenant]]
-            name = "acme"
-            syn_rate = 500
-            syn_burst = 600
-            listen = ["10.0.0.1:11212"]
-
-            [[tenant]]
-            name = "globex"
-            "#,
-        )
-        .unwrap();
+        let c = Config::parse(crate::config::EXAMPLE).unwrap();
         c.validate().unwrap();
         // 2 explicit + 2 for the wildcard + 1 tenant listener.
         let protected = protected(&c);
