@@ -166,10 +166,7 @@ fn status_table(paths: &Paths, state: &AttachState, maps: &GuardMaps) -> anyhow:
         writeln!(out, "{name:<18} {value:>16}")?;
     }
     if let Some(report) = OffenderReport::load(paths)? {
-        let age = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs())
-            .saturating_sub(report.updated_unix);
+        let age = ebpf::unix_now().saturating_sub(report.updated_unix);
         for (title, rows) in [
             (
                 format!(

@@ -529,7 +529,7 @@ pub async fn watch_events(
                     }
                 };
                 let current = settings.borrow().clone();
-                let (lines, offenders) = report.close(&totals, &current, unix_now());
+                let (lines, offenders) = report.close(&totals, &current, super::unix_now());
                 for line in lines {
                     info!("{line}");
                 }
@@ -556,12 +556,6 @@ fn new_tick(interval: Duration) -> tokio::time::Interval {
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick
-}
-
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 #[cfg(test)]

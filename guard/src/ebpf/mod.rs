@@ -422,7 +422,8 @@ pub fn detach_all(paths: &Paths) -> anyhow::Result<Vec<String>> {
     Ok(detached)
 }
 
-fn unix_now() -> u64 {
+/// Seconds since the Unix epoch, as the state files record times.
+pub fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
