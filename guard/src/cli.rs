@@ -6,7 +6,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::{
     cidr::Cidr,
-    config::{BackendConfig, Config, Listener, XdpModeSetting},
+    config::{BackendConfig, Config, EjectPolicy, KeyMode, Listener, XdpModeSetting},
     paths::{DEFAULT_PIN_ROOT, DEFAULT_STATE_ROOT, Paths},
 };
 
@@ -209,6 +209,35 @@ pub struct RunArgs {
     /// With tenants, milliseconds a client has to authenticate.
     #[arg(long)]
     pub auth_timeout_ms: Option<u64>,
+    /// The open tenant's keys: namespaced, or raw (stored and hashed as
+    /// the client sent them, as twemproxy does).
+    #[arg(long)]
+    pub keys: Option<KeyMode>,
+    /// An ejected backend's keys: redistribute (to the next live backend)
+    /// or fail-fast (answered with an error at once).
+    #[arg(long)]
+    pub eject: Option<EjectPolicy>,
+    /// Consecutive backend failures that eject it (0 = never).
+    #[arg(long)]
+    pub eject_after_errors: Option<u32>,
+    /// Latency outlier: this many times its peers' median (0 = never).
+    #[arg(long)]
+    pub outlier_ratio: Option<f64>,
+    /// Latency outlier: and at least this many milliseconds above it.
+    #[arg(long)]
+    pub outlier_min_gap_ms: Option<u64>,
+    /// Milliseconds between latency comparisons.
+    #[arg(long)]
+    pub outlier_interval_ms: Option<u64>,
+    /// Most backends ejected at once, percent of the pool.
+    #[arg(long)]
+    pub max_ejected_percent: Option<u32>,
+    /// First ejection's length in milliseconds; doubles on each repeat.
+    #[arg(long)]
+    pub eject_time_ms: Option<u64>,
+    /// Longest ejection in milliseconds.
+    #[arg(long)]
+    pub max_eject_time_ms: Option<u64>,
 }
 
 impl RunArgs {
@@ -273,6 +302,25 @@ impl RunArgs {
             p.backlog = b;
         }
         set(&mut p.auth_timeout_ms, self.auth_timeout_ms);
+        set(&mut p.outlier_min_gap_ms, self.outlier_min_gap_ms);
+        set(&mut p.outlier_interval_ms, self.outlier_interval_ms);
+        set(&mut p.eject_time_ms, self.eject_time_ms);
+        set(&mut p.max_eject_time_ms, self.max_eject_time_ms);
+        if let Some(k) = self.keys {
+            p.keys = k;
+        }
+        if let Some(e) = self.eject {
+            p.eject = e;
+        }
+        if let Some(n) = self.eject_after_errors {
+            p.eject_after_errors = n;
+        }
+        if let Some(r) = self.outlier_ratio {
+            p.outlier_ratio = r;
+        }
+        if let Some(n) = self.max_ejected_percent {
+            p.max_ejected_percent = n;
+        }
         let set = |dst: &mut usize, v: Option<usize>| {
             if let Some(v) = v {
                 *dst = v;
@@ -348,6 +396,24 @@ mod tests {
             "--backlog",
             "128",
             "--miss-on-backend-error",
+            "--eject",
+            "fail-fast",
+            "--keys",
+            "raw",
+            "--eject-after-errors",
+            "5",
+            "--outlier-ratio",
+            "4.5",
+            "--outlier-min-gap-ms",
+            "7",
+            "--outlier-interval-ms",
+            "250",
+            "--max-ejected-percent",
+            "25",
+            "--eject-time-ms",
+            "100",
+            "--max-eject-time-ms",
+            "800",
         ])
         .unwrap();
         let Command::Run(args) = cli.command else {
@@ -359,7 +425,22 @@ mod tests {
         assert_eq!(c.proxy.request_timeout_ms, 50);
         assert_eq!(c.proxy.backlog, 128);
         assert!(c.proxy.miss_on_backend_error);
+        assert_eq!(c.proxy.eject, EjectPolicy::FailFast);
+        assert_eq!(c.proxy.keys, KeyMode::Raw);
+        assert_eq!(c.proxy.eject_after_errors, 5);
+        assert_eq!(c.proxy.outlier_ratio, 4.5);
+        assert_eq!(c.proxy.outlier_min_gap_ms, 7);
+        assert_eq!(c.proxy.outlier_interval_ms, 250);
+        assert_eq!(c.proxy.max_ejected_percent, 25);
+        assert_eq!(
+            (c.proxy.eject_time_ms, c.proxy.max_eject_time_ms),
+            (100, 800)
+        );
         assert!(parse(&["run", "--backend", "nohost"]).is_err());
+        let e = parse(&["run", "--eject", "drop"]).unwrap_err().to_string();
+        assert!(e.contains("unknown eject policy `drop`"), "{e}");
+        let e = parse(&["run", "--keys", "plain"]).unwrap_err().to_string();
+        assert!(e.contains("unknown key mode `plain`"), "{e}");
     }
 
     #[test]

@@ -25,6 +25,11 @@ pub const DEFAULT_AUTH_TIMEOUT: std::time::Duration = std::time::Duration::from_
 /// reserved for it, so no configured tenant can take them.
 pub const OPEN_NAMESPACE: &str = "_";
 
+/// The first byte of every key guard itself stores on the backends
+/// (probe keys, keys of an ejected backend held by another): no tenant
+/// namespace may start with it, so no client key can meet them.
+pub const INTERNAL_KEY_PREFIX: char = '~';
+
 /// The whole configuration.
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -191,6 +196,92 @@ pub struct ProxyConfig {
     /// With tenants configured, a client that has not authenticated this
     /// many milliseconds after connecting is closed.
     pub auth_timeout_ms: u64,
+    /// How the open tenant's keys are stored and hashed: in its namespace,
+    /// or as the client sent them (a drop-in for twemproxy).
+    pub keys: KeyMode,
+    /// What happens to an ejected backend's keys.
+    pub eject: EjectPolicy,
+    /// Consecutive failures (connects, timeouts, lost connections) that
+    /// eject a backend (0 = never for errors).
+    pub eject_after_errors: u32,
+    /// A backend whose recent 90th-percentile latency is this many times
+    /// the median of its peers' is an outlier (0 = never for latency).
+    pub outlier_ratio: f64,
+    /// ... and only if it is also this many milliseconds above it, so a
+    /// fast pool does not eject over microseconds.
+    pub outlier_min_gap_ms: u64,
+    /// How often latencies are compared; an outlier in two intervals in a
+    /// row is ejected.
+    pub outlier_interval_ms: u64,
+    /// Most backends ejected at once, as a percentage of the pool.
+    pub max_ejected_percent: u32,
+    /// How long the first ejection lasts before the backend is probed;
+    /// each repeat doubles it, up to `max_eject_time_ms`.
+    pub eject_time_ms: u64,
+    /// The longest an ejection lasts before the next probe.
+    pub max_eject_time_ms: u64,
+}
+
+/// How the open tenant's keys reach the backends.
+#[derive(Copy, Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum KeyMode {
+    /// Under the open namespace and its flush generation
+    /// (`_:<generation>:<key>`), hashed as stored.
+    #[default]
+    Namespaced,
+    /// As the client sent them, hashed as twemproxy hashes them, so guard
+    /// can replace twemproxy in front of a warm cache. Only without
+    /// tenants; `flush_all` is refused.
+    Raw,
+}
+
+impl FromStr for KeyMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "namespaced" => Ok(Self::Namespaced),
+            "raw" => Ok(Self::Raw),
+            other => Err(format!("unknown key mode `{other}`: use namespaced or raw")),
+        }
+    }
+}
+
+/// Where an ejected backend's keys go.
+#[derive(Copy, Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum EjectPolicy {
+    /// To the next live backend on the ring, as twemproxy's
+    /// `auto_eject_hosts` places them.
+    #[default]
+    Redistribute,
+    /// Nowhere: they are answered `SERVER_ERROR backend unavailable` (or a
+    /// miss) at once.
+    FailFast,
+}
+
+impl FromStr for EjectPolicy {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "redistribute" => Ok(Self::Redistribute),
+            "fail-fast" => Ok(Self::FailFast),
+            other => Err(format!(
+                "unknown eject policy `{other}`: use redistribute or fail-fast"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for EjectPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Redistribute => "redistribute",
+            Self::FailFast => "fail-fast",
+        })
+    }
 }
 
 impl Default for ProxyConfig {
@@ -232,6 +323,27 @@ impl Default for ProxyConfig {
             miss_on_backend_error: false,
             drain_grace_secs: 5,
             auth_timeout_ms: DEFAULT_AUTH_TIMEOUT.as_millis() as u64,
+            keys: KeyMode::Namespaced,
+            eject: EjectPolicy::Redistribute,
+            // twemproxy ejects after two; one more rides out a single
+            // reset connection.
+            eject_after_errors: 3,
+            // A backend at three times its peers' latency is costing its
+            // keys' clients far more than the others; below that, noise.
+            outlier_ratio: 3.0,
+            // memcached answers in well under a millisecond; 10 ms above
+            // the pool is a backend clients notice, not scheduling jitter.
+            outlier_min_gap_ms: 10,
+            // Two intervals in a row: a slow backend is out within about
+            // a second, a single stall is not enough.
+            outlier_interval_ms: 500,
+            // Half the pool serving everything beats no pool; ejecting
+            // more would move the load of many onto few.
+            max_ejected_percent: 50,
+            // Long enough that a flapping node is not probed every
+            // moment; doubling on every repeat.
+            eject_time_ms: 10_000,
+            max_eject_time_ms: 300_000,
         }
     }
 }
@@ -335,6 +447,51 @@ impl ProxyConfig {
             bail!(
                 "drain-grace-secs must be at most 3600, got {}",
                 self.drain_grace_secs
+            );
+        }
+        self.validate_ejection()
+    }
+
+    fn validate_ejection(&self) -> anyhow::Result<()> {
+        if self.eject_after_errors > 1_000 {
+            bail!(
+                "eject-after-errors must be 0..=1000 (0 = never), got {}",
+                self.eject_after_errors
+            );
+        }
+        let r = self.outlier_ratio;
+        if !(r == 0.0 || (1.1..=1000.0).contains(&r)) {
+            bail!("outlier-ratio must be 0 (never) or 1.1..=1000, got {r}");
+        }
+        if self.outlier_min_gap_ms > 60_000 {
+            bail!(
+                "outlier-min-gap-ms must be at most 60000, got {}",
+                self.outlier_min_gap_ms
+            );
+        }
+        if !(50..=60_000).contains(&self.outlier_interval_ms) {
+            bail!(
+                "outlier-interval-ms must be 50..=60000, got {}",
+                self.outlier_interval_ms
+            );
+        }
+        if self.max_ejected_percent > 100 {
+            bail!(
+                "max-ejected-percent must be 0..=100, got {}",
+                self.max_ejected_percent
+            );
+        }
+        if !(10..=86_400_000).contains(&self.eject_time_ms) {
+            bail!(
+                "eject-time-ms must be 10..=86400000, got {}",
+                self.eject_time_ms
+            );
+        }
+        if !(self.eject_time_ms..=86_400_000).contains(&self.max_eject_time_ms) {
+            bail!(
+                "max-eject-time-ms must be eject-time-ms ({}) ..=86400000, got {}",
+                self.eject_time_ms,
+                self.max_eject_time_ms
             );
         }
         Ok(())
@@ -628,6 +785,12 @@ impl Config {
             }
             check_tenant_budgets(t)?;
         }
+        if self.proxy.keys == KeyMode::Raw && !self.tenants.is_empty() {
+            bail!(
+                "keys = \"raw\" is for the open tenant only: tenants' keys always live in \
+                 their namespaces"
+            );
+        }
         check_namespaces(&self.tenants)?;
         check_credentials(&self.tenants)?;
         Ok(())
@@ -711,6 +874,12 @@ fn check_namespaces(tenants: &[TenantConfig]) -> anyhow::Result<()> {
                 "tenant `{}` namespace `{}` has a space or control character",
                 t.name,
                 ns.escape_debug()
+            );
+        }
+        if ns.starts_with(INTERNAL_KEY_PREFIX) {
+            bail!(
+                "tenant `{}` namespace `{ns}`: `{INTERNAL_KEY_PREFIX}` starts guard's own keys",
+                t.name
             );
         }
         let open = OPEN_NAMESPACE;
@@ -807,6 +976,75 @@ mod tests {
     #[test]
     fn defaults_validate_without_interfaces() {
         Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn ejection_settings_parse_and_are_bounded() {
+        let base =
+            "[proxy]\nlisten = [\"127.0.0.1:11311\"]\nbackends = [{ addr = \"10.0.0.5:11211\" }]\n";
+        let c = Config::parse(base).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.proxy.eject, EjectPolicy::Redistribute);
+        assert_eq!(c.proxy.keys, KeyMode::Namespaced);
+        assert_eq!(c.proxy.eject_after_errors, 3);
+        assert_eq!(c.proxy.max_ejected_percent, 50);
+        let c = Config::parse(&format!(
+            "{base}eject = \"fail-fast\"\nkeys = \"raw\"\noutlier_ratio = 2.5\n\
+             outlier_min_gap_ms = 0\neject_time_ms = 100\nmax_eject_time_ms = 100\n"
+        ))
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.proxy.eject, EjectPolicy::FailFast);
+        assert_eq!(c.proxy.keys, KeyMode::Raw);
+        assert_eq!(c.proxy.outlier_ratio, 2.5);
+        let e = Config::parse(&format!("{base}eject = \"drop\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown variant `drop`"), "{e}");
+        let bad: [(fn(&mut ProxyConfig), &str); 8] = [
+            (
+                |p| p.eject_after_errors = 1001,
+                "eject-after-errors must be 0..=1000",
+            ),
+            (
+                |p| p.outlier_ratio = 1.0,
+                "outlier-ratio must be 0 (never) or 1.1..=1000",
+            ),
+            (|p| p.outlier_ratio = f64::NAN, "outlier-ratio"),
+            (|p| p.outlier_min_gap_ms = 60_001, "outlier-min-gap-ms"),
+            (
+                |p| p.outlier_interval_ms = 10,
+                "outlier-interval-ms must be 50..=60000",
+            ),
+            (
+                |p| p.max_ejected_percent = 101,
+                "max-ejected-percent must be 0..=100",
+            ),
+            (
+                |p| p.eject_time_ms = 5,
+                "eject-time-ms must be 10..=86400000",
+            ),
+            (
+                |p| p.max_eject_time_ms = 50,
+                "max-eject-time-ms must be eject-time-ms (10000)",
+            ),
+        ];
+        for (break_it, wanted) in bad {
+            let mut c = Config::parse(base).unwrap();
+            break_it(&mut c.proxy);
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains(wanted), "{e} (wanted {wanted})");
+        }
+        // Raw keys have no namespace to keep tenants apart.
+        let mut c = Config::parse(EXAMPLE).unwrap();
+        c.proxy.keys = KeyMode::Raw;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("open tenant only"), "{e}");
+        // `~` starts guard's own keys.
+        let mut c = Config::parse(EXAMPLE).unwrap();
+        c.tenants[0].namespace = Some("~acme".into());
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("starts guard's own keys"), "{e}");
     }
 
     #[test]
