@@ -18,6 +18,7 @@ pub mod command;
 pub mod connection;
 pub mod error;
 pub mod generations;
+pub mod health;
 pub mod ketama;
 pub mod listener;
 pub mod router;
