@@ -45,6 +45,7 @@ use tokio::{
 
 use super::{
     error::{Cause, ErrorKind, ProxyError, Side},
+    health::BackendHealth,
     stats::ProxyStats,
 };
 use crate::protocol::{self, Limits, Response};
@@ -89,7 +90,7 @@ impl Call {
 
     /// A call that has already failed with `kind`: no allocation beyond
     /// the channel, as a dead backend under load fails every request so.
-    fn failed(backend: SocketAddr, kind: ErrorKind) -> Self {
+    pub fn failed(backend: SocketAddr, kind: ErrorKind) -> Self {
         let (tx, rx) = oneshot::channel();
         let _ = tx.send(Err(ProxyError::backend(backend, kind)));
         Self { rx, backend }
@@ -146,21 +147,27 @@ struct Conn {
 pub struct BackendPool {
     addr: SocketAddr,
     conns: Vec<Conn>,
-    next: AtomicUsize,
     max_in_flight: usize,
     stats: Arc<ProxyStats>,
+    health: Arc<BackendHealth>,
+    /// Cuts a reconnect backoff short.
+    wake: Arc<Notify>,
+    tasks: Vec<JoinHandle<()>>,
 }
 
 impl BackendPool {
-    /// Starts the pool's connection tasks; they live until the pool is
-    /// dropped (or their handles are aborted).
+    /// Starts the pool's connection tasks, which report every answer and
+    /// failure to `health`. Once the pool is dropped they answer what is
+    /// still queued on them and end; [`Self::abort`] ends them at once.
     pub fn start(
         addr: SocketAddr,
         settings: &BackendSettings,
         stats: Arc<ProxyStats>,
-    ) -> (Self, Vec<JoinHandle<()>>) {
+        health: Arc<BackendHealth>,
+    ) -> Self {
         let mut conns = Vec::new();
         let mut tasks = Vec::new();
+        let wake = Arc::new(Notify::new());
         for _ in 0..settings.connections {
             let (tx, rx) = mpsc::unbounded_channel();
             let up = Arc::new(AtomicBool::new(false));
@@ -168,8 +175,12 @@ impl BackendPool {
                 addr,
                 settings.clone(),
                 rx,
-                up.clone(),
-                stats.clone(),
+                Link {
+                    up: up.clone(),
+                    stats: stats.clone(),
+                    health: health.clone(),
+                    wake: wake.clone(),
+                },
             )));
             conns.push(Conn {
                 tx,
@@ -177,14 +188,15 @@ impl BackendPool {
                 in_flight: Arc::default(),
             });
         }
-        let pool = Self {
+        Self {
             addr,
             conns,
-            next: AtomicUsize::new(0),
             max_in_flight: settings.max_in_flight,
             stats,
-        };
-        (pool, tasks)
+            health,
+            wake,
+            tasks,
+        }
     }
 
     /// The backend's address.
@@ -192,9 +204,35 @@ impl BackendPool {
         self.addr
     }
 
+    /// What its connections have seen of it.
+    pub fn health(&self) -> &Arc<BackendHealth> {
+        &self.health
+    }
+
     /// Whether any connection is up.
     pub fn is_up(&self) -> bool {
         self.conns.iter().any(|c| c.up.load(Ordering::Relaxed))
+    }
+
+    /// Requests queued to or awaiting replies on its connections.
+    pub fn in_flight(&self) -> usize {
+        self.conns
+            .iter()
+            .map(|c| c.in_flight.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// Connections waiting to reconnect try now (the backend passed a
+    /// probe and is about to take traffic again).
+    pub fn reconnect_now(&self) {
+        self.wake.notify_waiters();
+    }
+
+    /// Ends the connection tasks now, failing what they hold.
+    pub fn abort(&self) {
+        for t in &self.tasks {
+            t.abort();
+        }
     }
 
     /// Like [`Self::call`], on the first connection that is up: for
@@ -204,13 +242,6 @@ impl BackendPool {
             Some(i) => self.call(bytes, count, i),
             None => Call::failed(self.addr, ErrorKind::Unavailable),
         }
-    }
-
-    /// A connection choice for one client session. A session sends all
-    /// its requests to a backend over the same connection, so memcached
-    /// executes them in the order the client sent them.
-    pub fn affinity(&self) -> usize {
-        self.next.fetch_add(1, Ordering::Relaxed)
     }
 
     /// Sends `count` encoded meta requests as one batch on the connection
@@ -264,13 +295,27 @@ fn backend_limits() -> Limits {
     }
 }
 
+/// What a connection task shares with its pool.
+struct Link {
+    /// Whether the connection is up.
+    up: Arc<AtomicBool>,
+    stats: Arc<ProxyStats>,
+    health: Arc<BackendHealth>,
+    wake: Arc<Notify>,
+}
+
 async fn run_connection(
     addr: SocketAddr,
     settings: BackendSettings,
     mut rx: mpsc::UnboundedReceiver<Batch>,
-    up: Arc<AtomicBool>,
-    stats: Arc<ProxyStats>,
+    link: Link,
 ) {
+    let Link {
+        up,
+        stats,
+        health,
+        wake,
+    } = link;
     let mut backoff = MIN_BACKOFF;
     let mut outage = Outage::default();
     loop {
@@ -303,7 +348,14 @@ async fn run_connection(
                         );
                     }
                 };
-                let end = serve(addr, stream, &mut rx, settings.request_timeout, answered).await;
+                let end = serve(
+                    addr,
+                    stream,
+                    &mut rx,
+                    (settings.request_timeout, &health),
+                    answered,
+                )
+                .await;
                 up.store(false, Ordering::Relaxed);
                 // So is one that lasted as long as the longest backoff
                 // (idle, it had nothing to answer): reconnecting it at
@@ -321,6 +373,7 @@ async fn run_connection(
             Err(_) => ProxyError::backend(addr, ErrorKind::ConnectTimeout)
                 .because(Cause::Elapsed(settings.connect_timeout)),
         };
+        health.failed(failure.kind());
         log!(
             outage.failure(failure.kind(), Instant::now()),
             "{}; retrying in {backoff:?}",
@@ -329,6 +382,7 @@ async fn run_connection(
         let until = Instant::now() + backoff;
         tokio::select! {
             () = sleep_until(until) => {}
+            () = wake.notified() => {}
             () = fail_incoming(addr, &mut rx) => return,
         }
         backoff = (backoff * 2).min(MAX_BACKOFF);
@@ -395,30 +449,42 @@ struct Pending {
     count: usize,
     got: Vec<Response>,
     reply: oneshot::Sender<BatchResult>,
+    /// When it was written: its latency is counted from here.
+    written: Instant,
     deadline: Instant,
     _slot: InFlight,
 }
 
-/// Runs one connection until it fails (`Some`) or the pool is dropped
-/// (`None`), calling `answered` at its first reply. Everything still
-/// queued is failed before returning.
+/// Runs one connection until it fails (`Some`), or until the pool is
+/// dropped and every request written has its reply (`None`), reporting
+/// each answered batch's latency to `health` and calling `answered` at
+/// the first reply. Everything still queued is failed before returning.
 async fn serve(
     addr: SocketAddr,
     stream: TcpStream,
     rx: &mut mpsc::UnboundedReceiver<Batch>,
-    request_timeout: Duration,
+    (request_timeout, health): (Duration, &BackendHealth),
     answered: impl FnOnce() + Send,
 ) -> Option<ProxyError> {
     let (mut rd, mut wr) = stream.into_split();
     let pending: Mutex<VecDeque<Pending>> = Mutex::new(VecDeque::new());
     let queued = Notify::new();
+    // Set once the pool is gone: the reader then ends when nothing is
+    // left to answer, so a backend removed by a reload finishes what it
+    // was sent instead of failing it.
+    let closing = AtomicBool::new(false);
     let limits = backend_limits();
 
     let writer = async {
         let mut out = BytesMut::new();
         loop {
-            let first = rx.recv().await?;
-            let deadline = Instant::now() + request_timeout;
+            let Some(first) = rx.recv().await else {
+                closing.store(true, Ordering::Release);
+                queued.notify_one();
+                return std::future::pending().await;
+            };
+            let written = Instant::now();
+            let deadline = written + request_timeout;
             {
                 let mut p = pending.lock().expect("pending lock");
                 let mut next = Some(first);
@@ -428,6 +494,7 @@ async fn serve(
                         count: b.count,
                         got: Vec::with_capacity(b.count),
                         reply: b.reply,
+                        written,
                         deadline,
                         _slot: b._slot,
                     });
@@ -461,8 +528,10 @@ async fn serve(
                     Ok(Some(r)) => {
                         let mut p = pending.lock().expect("pending lock");
                         let Some(front) = p.front_mut() else {
-                            return ProxyError::backend(addr, ErrorKind::UnexpectedReply)
-                                .because(Cause::unrequested(&r));
+                            return Some(
+                                ProxyError::backend(addr, ErrorKind::UnexpectedReply)
+                                    .because(Cause::unrequested(&r)),
+                            );
                         };
                         front.got.push(r);
                         if let Some(f) = answered.take() {
@@ -471,13 +540,14 @@ async fn serve(
                         if front.got.len() == front.count {
                             let done = p.pop_front().expect("front exists");
                             drop(p);
+                            health.answered(done.written.elapsed());
                             // The client may have left; the reply is dropped.
                             let _ = done.reply.send(Ok(done.got));
                         }
                     }
                     Ok(None) => break,
                     Err(e) => {
-                        return ProxyError::backend(addr, ErrorKind::ReplyParse).because(e);
+                        return Some(ProxyError::backend(addr, ErrorKind::ReplyParse).because(e));
                     }
                 }
             }
@@ -486,23 +556,26 @@ async fn serve(
                 .expect("pending lock")
                 .front()
                 .map(|p| p.deadline);
+            if deadline.is_none() && closing.load(Ordering::Acquire) {
+                return None;
+            }
             if let Some(d) = deadline.filter(|_| !armed) {
                 timer.as_mut().reset(d);
                 armed = true;
             }
             tokio::select! {
                 r = rd.read_buf(&mut buf) => match r {
-                    Ok(0) => return ProxyError::backend(addr, ErrorKind::ConnectionClosed),
+                    Ok(0) => return Some(ProxyError::backend(addr, ErrorKind::ConnectionClosed)),
                     Err(e) => {
-                        return ProxyError::backend(addr, ErrorKind::ConnectionLost).because(e);
+                        return Some(ProxyError::backend(addr, ErrorKind::ConnectionLost).because(e));
                     }
                     Ok(_) => {}
                 },
                 () = &mut timer, if armed => {
                     armed = false;
                     if deadline.is_some_and(|d| d <= Instant::now()) {
-                        return ProxyError::backend(addr, ErrorKind::Timeout)
-                            .because(Cause::Elapsed(request_timeout));
+                        return Some(ProxyError::backend(addr, ErrorKind::Timeout)
+                            .because(Cause::Elapsed(request_timeout)));
                     }
                 }
                 () = queued.notified() => {}
@@ -512,7 +585,7 @@ async fn serve(
 
     let end = tokio::select! {
         e = writer => e,
-        e = reader => Some(e),
+        e = reader => e,
     };
     // No error means the pool is gone: whoever still waits hears why.
     let failure = end
@@ -542,17 +615,18 @@ mod tests {
     }
 
     /// A pool on one connection to `addr`, once that connection is up.
-    async fn pool_up(
-        addr: SocketAddr,
-        request_timeout: Duration,
-    ) -> (BackendPool, Vec<JoinHandle<()>>) {
-        let (pool, tasks) = BackendPool::start(addr, &settings(request_timeout), Arc::default());
+    async fn pool_up(addr: SocketAddr, request_timeout: Duration) -> BackendPool {
+        let pool = start(addr, &settings(request_timeout), Arc::default());
         let deadline = Instant::now() + Duration::from_secs(5);
         while !pool.is_up() {
             assert!(Instant::now() < deadline, "never connected");
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        (pool, tasks)
+        pool
+    }
+
+    fn start(addr: SocketAddr, s: &BackendSettings, stats: Arc<ProxyStats>) -> BackendPool {
+        BackendPool::start(addr, s, stats, Arc::default())
     }
 
     /// Accepts one connection, reads one request line, then answers it
@@ -588,7 +662,7 @@ mod tests {
         let mut s = settings(Duration::from_millis(300));
         s.max_in_flight = 3;
         let stats = Arc::new(ProxyStats::default());
-        let (pool, _tasks) = BackendPool::start(addr, &s, stats.clone());
+        let pool = start(addr, &s, stats.clone());
         let deadline = Instant::now() + Duration::from_secs(5);
         while !pool.is_up() {
             assert!(Instant::now() < deadline, "never connected");
@@ -629,7 +703,7 @@ mod tests {
     #[tokio::test]
     async fn an_unparsable_reply_names_the_backend_and_the_parse_error() {
         let addr = fake_backend(Some(b"VA x\r\n")).await;
-        let (pool, _tasks) = pool_up(addr, Duration::from_secs(5)).await;
+        let pool = pool_up(addr, Duration::from_secs(5)).await;
         let e = one_call(&pool).await.unwrap_err();
         assert_eq!((e.side(), e.kind()), (Side::Backend, ErrorKind::ReplyParse));
         assert_eq!(e.backend_addr(), Some(addr));
@@ -647,7 +721,7 @@ mod tests {
     #[tokio::test]
     async fn a_backend_that_closes_is_a_closed_connection() {
         let addr = fake_backend(None).await;
-        let (pool, _tasks) = pool_up(addr, Duration::from_secs(5)).await;
+        let pool = pool_up(addr, Duration::from_secs(5)).await;
         let e = one_call(&pool).await.unwrap_err();
         assert_eq!(e.kind(), ErrorKind::ConnectionClosed);
         assert_eq!(e.to_string(), format!("backend {addr}: connection closed"));
@@ -657,7 +731,7 @@ mod tests {
     #[tokio::test]
     async fn a_late_reply_is_a_timeout_with_its_deadline() {
         let addr = fake_backend(Some(b"")).await;
-        let (pool, _tasks) = pool_up(addr, Duration::from_millis(50)).await;
+        let pool = pool_up(addr, Duration::from_millis(50)).await;
         let e = one_call(&pool).await.unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Timeout);
         assert_eq!(
@@ -676,8 +750,7 @@ mod tests {
             .unwrap()
             .local_addr()
             .unwrap();
-        let (pool, _tasks) =
-            BackendPool::start(addr, &settings(Duration::from_secs(1)), Arc::default());
+        let pool = start(addr, &settings(Duration::from_secs(1)), Arc::default());
         let e = one_call(&pool).await.unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Unavailable);
         assert_eq!(e.backend_addr(), Some(addr));
@@ -704,8 +777,7 @@ mod tests {
                 let _ = s.write_all(b"ERROR Too many open connections\r\n").await;
             }
         });
-        let (_pool, _tasks) =
-            BackendPool::start(addr, &settings(Duration::from_secs(1)), Arc::default());
+        let _pool = start(addr, &settings(Duration::from_secs(1)), Arc::default());
         tokio::time::sleep(Duration::from_millis(400)).await;
         // Backing off from 10 ms: attempts at 0, 10, 30, 70, 150 and 310
         // ms. Starting over at every connect made that one every ~10 ms.

@@ -65,6 +65,9 @@ pub enum ErrorKind {
     /// The connection already held `backend_max_in_flight` requests; this
     /// one was refused without being sent.
     Overloaded,
+    /// The key's backend is ejected and the policy is `fail-fast` (or no
+    /// backend is live): refused without being sent.
+    Ejected,
 }
 
 impl ErrorKind {
@@ -83,6 +86,7 @@ impl ErrorKind {
             ErrorKind::Abandoned => "request abandoned",
             ErrorKind::ReplyCount => "reply count mismatch",
             ErrorKind::Overloaded => "too many requests in flight",
+            ErrorKind::Ejected => "ejected",
         }
     }
 
@@ -98,6 +102,7 @@ impl ErrorKind {
                 | ErrorKind::ConnectFailed
                 | ErrorKind::ConnectTimeout
                 | ErrorKind::Overloaded
+                | ErrorKind::Ejected
         )
     }
 }
@@ -237,7 +242,8 @@ impl ProxyError {
             ErrorKind::Unavailable
             | ErrorKind::ConnectRefused
             | ErrorKind::ConnectFailed
-            | ErrorKind::ConnectTimeout => "backend unavailable",
+            | ErrorKind::ConnectTimeout
+            | ErrorKind::Ejected => "backend unavailable",
             ErrorKind::Timeout => "backend timeout",
             ErrorKind::Overloaded => "backend overloaded",
             ErrorKind::ConnectionClosed
@@ -278,7 +284,7 @@ mod tests {
     use crate::protocol::{ErrorKind as ParseKind, Limits, TextResponse, parse_response};
     use bytes::Bytes;
 
-    const ALL: [ErrorKind; 11] = [
+    const ALL: [ErrorKind; 13] = [
         ErrorKind::Unavailable,
         ErrorKind::ConnectRefused,
         ErrorKind::ConnectFailed,
@@ -290,6 +296,8 @@ mod tests {
         ErrorKind::UnexpectedReply,
         ErrorKind::Abandoned,
         ErrorKind::ReplyCount,
+        ErrorKind::Overloaded,
+        ErrorKind::Ejected,
     ];
 
     fn addr() -> SocketAddr {
@@ -351,6 +359,13 @@ mod tests {
                 false,
                 "backend connection lost",
             ),
+            (
+                Overloaded,
+                "too many requests in flight",
+                true,
+                "backend overloaded",
+            ),
+            (Ejected, "ejected", true, "backend unavailable"),
         ];
         assert_eq!(expected.len(), ALL.len());
         for ((kind, text, retry, reply), listed) in expected.into_iter().zip(ALL) {

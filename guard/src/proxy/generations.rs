@@ -31,7 +31,7 @@ use bytes::{BufMut as _, Bytes, BytesMut};
 use log::{info, warn};
 use tokio::{sync::watch, time::Instant};
 
-use super::{Phase, Shared};
+use super::{Phase, Shared, router::Backend};
 use crate::{
     protocol::{
         Response,
@@ -89,6 +89,9 @@ pub async fn run(sh: Arc<Shared>, mut phase: watch::Receiver<Phase>) {
     loop {
         tokio::select! {
             () = tokio::time::sleep(wait) => {}
+            // A backend rejoined (flushed, or with older markers): give it
+            // the generations now.
+            () = sh.router.changed().notified() => {}
             r = reloads.changed() => if r.is_err() {
                 return;
             },
@@ -97,7 +100,7 @@ pub async fn run(sh: Arc<Shared>, mut phase: watch::Receiver<Phase>) {
             },
         }
         let pass = sync(&sh).await;
-        wait = if pass.answered > 0 || sh.router.pools().is_empty() {
+        wait = if pass.answered > 0 || sh.router.live_backends().is_empty() {
             SYNC_INTERVAL
         } else {
             RETRY_INTERVAL
@@ -120,7 +123,7 @@ pub async fn initial_sync(sh: &Shared, limit: Duration) {
         }
         // Every backend: the one holding the newest marker may be the last
         // to connect, and one that restarted empty knows nothing.
-        let pools = sh.router.pools().len();
+        let pools = sh.router.live_backends().len();
         if pass.answered == pools {
             return;
         }
@@ -136,7 +139,8 @@ pub async fn initial_sync(sh: &Shared, limit: Duration) {
     }
 }
 
-/// One pass over every namespace of the registry in force.
+/// One pass over every namespace of the registry in force, on the
+/// backends live now (an ejected one gets its markers when it rejoins).
 pub async fn sync(sh: &Shared) -> Pass {
     let namespaces: Vec<KeyNamespace> = sh
         .tenants
@@ -145,10 +149,11 @@ pub async fn sync(sh: &Shared) -> Pass {
         .iter()
         .map(|t| t.namespace.clone())
         .collect();
-    let reads = read(sh, &namespaces).await;
+    let pools = sh.router.live_backends();
+    let reads = read(&pools, &namespaces).await;
     let moved = observe(&namespaces, &reads);
     let targets: Vec<u64> = namespaces.iter().map(KeyNamespace::generation).collect();
-    write(sh, &namespaces, &targets, &reads).await;
+    write(&pools, &namespaces, &targets, &reads).await;
     Pass {
         moved,
         answered: reads.iter().flatten().count(),
@@ -168,19 +173,20 @@ pub async fn flush(sh: Arc<Shared>, ns: KeyNamespace) {
     let namespaces = [ns];
     let mut target = 0;
     for _ in 0..FLUSH_ROUNDS {
-        let reads = read(&sh, &namespaces).await;
+        let pools = sh.router.live_backends();
+        let reads = read(&pools, &namespaces).await;
         let newest = newest(&reads, 0).max(namespaces[0].generation());
         target = target.max(KeyNamespace::generation_after(newest));
-        if write(&sh, &namespaces, &[target], &reads).await == 0 {
+        if write(&pools, &namespaces, &[target], &reads).await == 0 {
             break;
         }
     }
     namespaces[0].flush_to(target);
 }
 
-/// Every backend's markers for `namespaces`; `None` for a backend that did
-/// not answer.
-async fn read(sh: &Shared, namespaces: &[KeyNamespace]) -> Vec<Option<Vec<Marker>>> {
+/// Each of `pools`' markers for `namespaces`; `None` for a backend that
+/// did not answer.
+async fn read(pools: &[Arc<Backend>], namespaces: &[KeyNamespace]) -> Vec<Option<Vec<Marker>>> {
     if namespaces.is_empty() {
         return Vec::new();
     }
@@ -191,11 +197,9 @@ async fn read(sh: &Shared, namespaces: &[KeyNamespace]) -> Vec<Option<Vec<Marker
         req.put_slice(b" v c\r\n");
     }
     let req = req.freeze();
-    let calls: Vec<_> = sh
-        .router
-        .pools()
+    let calls: Vec<_> = pools
         .iter()
-        .map(|p| p.call_any(req.clone(), namespaces.len()))
+        .map(|b| b.pool.call_any(req.clone(), namespaces.len()))
         .collect();
     let mut reads = Vec::with_capacity(calls.len());
     for call in calls {
@@ -241,12 +245,11 @@ fn observe(namespaces: &[KeyNamespace], reads: &[Option<Vec<Marker>>]) -> usize 
 /// nothing, or nonsense. Compare-and-swap: a marker that changed since it
 /// was read is left as it is. Returns how many writes lost such a race.
 async fn write(
-    sh: &Shared,
+    pools: &[Arc<Backend>],
     namespaces: &[KeyNamespace],
     targets: &[u64],
     reads: &[Option<Vec<Marker>>],
 ) -> usize {
-    let pools = sh.router.pools();
     let mut calls = Vec::new();
     for (b, markers) in reads.iter().enumerate() {
         let Some(markers) = markers else { continue };
@@ -277,7 +280,7 @@ async fn write(
             count += 1;
         }
         if count > 0 {
-            calls.push((b, pools[b].call_any(req.freeze(), count)));
+            calls.push((b, pools[b].pool.call_any(req.freeze(), count)));
         }
     }
     let mut lost = 0;
@@ -294,17 +297,11 @@ async fn write(
                         {
                             lost += 1;
                         }
-                        _ => warn!(
-                            "{} refused a flush generation marker: {r:?}",
-                            pools[b].addr()
-                        ),
+                        _ => warn!("{} refused a flush generation marker: {r:?}", pools[b].addr),
                     }
                 }
             }
-            Err(e) => warn!(
-                "cannot record flush generations on {}: {e}",
-                pools[b].addr()
-            ),
+            Err(e) => warn!("cannot record flush generations on {}: {e}", pools[b].addr),
         }
     }
     lost

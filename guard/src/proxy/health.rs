@@ -9,9 +9,16 @@
 //! each interval's histogram and compares the backends with each other.
 
 use std::{
-    sync::atomic::{AtomicU32, AtomicU64, Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicU32, AtomicU64, Ordering},
+    },
     time::Duration,
 };
+
+use tokio::sync::Notify;
+
+use super::error::ErrorKind;
 
 /// When a latency is an outlier against its peers': above `ratio` times
 /// their median and also `min_gap` above it, so a pool answering in
@@ -144,9 +151,23 @@ pub struct BackendHealth {
     consecutive_failures: AtomicU32,
     /// Failures since start.
     failures: AtomicU64,
+    /// The kind of the last failure, for the line that reports an
+    /// ejection.
+    last_failure: std::sync::Mutex<Option<ErrorKind>>,
+    /// Woken at every failure, so errors eject without waiting for the
+    /// next latency interval.
+    alarm: Option<Arc<Notify>>,
 }
 
 impl BackendHealth {
+    /// Health that wakes `alarm` at every failure.
+    pub fn new(alarm: Arc<Notify>) -> Self {
+        Self {
+            alarm: Some(alarm),
+            ..Self::default()
+        }
+    }
+
     /// A batch was answered `latency` after it was written.
     pub fn answered(&self, latency: Duration) {
         let ns = u64::try_from(latency.as_nanos()).unwrap_or(u64::MAX);
@@ -164,16 +185,27 @@ impl BackendHealth {
 
     /// A connect, a connection or a request failed; returns the failures
     /// in a row so far.
-    pub fn failed(&self) -> u32 {
+    pub fn failed(&self, kind: ErrorKind) -> u32 {
         self.failures.fetch_add(1, Ordering::Relaxed);
-        self.consecutive_failures
+        *self.last_failure.lock().expect("last failure lock") = Some(kind);
+        let n = self
+            .consecutive_failures
             .fetch_add(1, Ordering::Relaxed)
-            .saturating_add(1)
+            .saturating_add(1);
+        if let Some(a) = &self.alarm {
+            a.notify_one();
+        }
+        n
     }
 
     /// Failures since the last answer.
     pub fn consecutive_failures(&self) -> u32 {
         self.consecutive_failures.load(Ordering::Relaxed)
+    }
+
+    /// What the last failure was.
+    pub fn last_failure(&self) -> Option<ErrorKind> {
+        *self.last_failure.lock().expect("last failure lock")
     }
 
     /// Failures since start.
@@ -274,11 +306,12 @@ mod tests {
     #[test]
     fn failures_count_in_a_row_until_an_answer() {
         let h = BackendHealth::default();
-        assert_eq!(h.failed(), 1);
-        assert_eq!(h.failed(), 2);
+        assert_eq!(h.failed(ErrorKind::ConnectRefused), 1);
+        assert_eq!(h.failed(ErrorKind::Timeout), 2);
+        assert_eq!(h.last_failure(), Some(ErrorKind::Timeout));
         h.answered(ms(1));
         assert_eq!(h.consecutive_failures(), 0);
-        assert_eq!(h.failed(), 1);
+        assert_eq!(h.failed(ErrorKind::Timeout), 1);
         assert_eq!(h.failures(), 3);
     }
 }

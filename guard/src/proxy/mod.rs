@@ -96,7 +96,7 @@ impl Default for ProxyContext {
 
 /// State every session shares.
 pub struct Shared {
-    pub router: Router,
+    pub router: Arc<Router>,
     pub stats: Arc<ProxyStats>,
     /// The tenants in force (loaded by each session as it starts).
     pub tenants: Arc<SharedRegistry>,
@@ -156,7 +156,17 @@ impl Proxy {
             connections: config.backend_connections,
             max_in_flight: config.backend_max_in_flight,
         };
-        let (router, backend_tasks) = Router::start(&config.backends, &settings, &stats);
+        let alarm = Arc::new(tokio::sync::Notify::new());
+        let members = config
+            .backends
+            .iter()
+            .map(|b| {
+                let health = Arc::new(health::BackendHealth::new(alarm.clone()));
+                let pool = backend::BackendPool::start(b.addr, &settings, stats.clone(), health);
+                router::Member::live(Arc::new(router::Backend::new(pool)), b.weight)
+            })
+            .collect();
+        let router = Arc::new(Router::new(router::Topology::new(members, config.eject)));
         let limits = Limits {
             max_value_len: config.max_value_size,
             max_pipeline_depth: config.max_pipeline_depth,
@@ -225,8 +235,8 @@ impl Proxy {
         // One last pass, so a flush just before the stop is recorded.
         generations::sync(&shared).await;
         syncing.abort();
-        for t in backend_tasks {
-            t.abort();
+        for m in shared.router.topology().members() {
+            m.backend.pool.abort();
         }
         info!("proxy stopped");
         Ok(())

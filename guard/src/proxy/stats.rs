@@ -122,6 +122,20 @@ counters! {
     tenant_rejected_connections,
     /// Writes refused to read-only identities.
     permission_denied,
+    /// Backends ejected (for errors or latency) since start.
+    backend_ejections,
+    /// Ejected backends that passed a probe and rejoined.
+    backend_readmissions,
+    /// Probes of ejected or new backends that failed.
+    backend_probe_failures,
+    /// Backends added by a reload that passed their probe and joined.
+    backends_added,
+    /// Backends removed by a reload.
+    backends_removed,
+    /// Backends ejected now (a gauge).
+    backends_ejected,
+    /// Backends added by a reload and not yet joined (a gauge).
+    backends_joining,
 }
 
 impl ProxyStats {

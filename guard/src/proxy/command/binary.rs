@@ -64,9 +64,9 @@ fn forward_binary(
             BinaryResponse::error(op as u8, opaque, Status::INVALID_ARGUMENTS),
         ));
     };
-    let encoded = meta_req(command, &bkey, flags, value);
     let is_read = command == MetaCommand::Get;
-    forward(sh, &bkey, encoded, move |sh, r| {
+    let encode = |key: &[u8]| meta_req(command, key, flags, value);
+    forward(sh, &bkey, encode, move |sh, r| {
         let resp = match r {
             Ok(Response::Meta(m)) => render(sh, m),
             Ok(other) => BinaryResponse::error(op as u8, opaque, binary_error_status(&other)),

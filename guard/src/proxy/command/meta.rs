@@ -15,11 +15,6 @@ pub(super) fn dispatch(mut req: MetaRequest, sh: &Cx) -> Slot {
         Ok(k) => k,
         Err(slot) => return slot,
     };
-    if req.base64_key() {
-        req.set_decoded_key(&bkey);
-    } else {
-        req.key = bkey.clone();
-    }
     match command {
         MetaCommand::Get => ProxyStats::add(&sh.stats.cmd_get, 1),
         MetaCommand::Set => ProxyStats::add(&sh.stats.cmd_set, 1),
@@ -28,10 +23,18 @@ pub(super) fn dispatch(mut req: MetaRequest, sh: &Cx) -> Slot {
     let opaque = req.opaque().cloned();
     let wants_key = req.has_flag(b'k');
     let base64 = req.base64_key();
-    let mut encoded = BytesMut::new();
-    req.encode(&mut encoded);
+    let encode = |key: &[u8]| {
+        if base64 {
+            req.set_decoded_key(key);
+        } else {
+            req.key = Bytes::copy_from_slice(key);
+        }
+        let mut encoded = BytesMut::new();
+        req.encode(&mut encoded);
+        encoded
+    };
     let ns = sh.ns.clone();
-    forward(sh, &bkey, encoded, move |sh, r| {
+    forward(sh, &bkey, encode, move |sh, r| {
         let mut out = BytesMut::new();
         match r {
             Ok(Response::Meta(mut m)) => {

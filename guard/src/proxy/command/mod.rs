@@ -226,15 +226,17 @@ fn flag_u64(m: &MetaResponse, f: u8) -> Option<u64> {
     std::str::from_utf8(&m.flag(f)?.token).ok()?.parse().ok()
 }
 
-/// Sends one request for one key; `render` turns the reply (or the
-/// backend's failure) into the client's bytes.
+/// Sends one request for one key, `encode`d with the name the key has
+/// where the router sends it (see [`super::router::gutter_key`]);
+/// `render` turns the reply (or the backend's failure) into the client's
+/// bytes.
 fn forward(
     sh: &Cx,
     bkey: &[u8],
-    request: BytesMut,
+    encode: impl FnOnce(&[u8]) -> BytesMut,
     render: impl FnOnce(&Shared, Result<Response, ProxyError>) -> Reply + Send + 'static,
 ) -> Slot {
-    let call = sh.router.call_one(bkey, request.freeze(), sh.affinity);
+    let call = sh.router.call_one(bkey, encode, sh.affinity);
     let backend = call.backend();
     let sh = sh.sh.clone();
     waiting(async move {

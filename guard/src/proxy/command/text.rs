@@ -44,7 +44,7 @@ pub(super) fn dispatch(req: TextRequest, sh: &Cx) -> Slot {
                 Ok(k) => k,
                 Err(slot) => return slot,
             };
-            let req = meta_req(MetaCommand::Delete, &bkey, Vec::new(), None);
+            let req = |key: &[u8]| meta_req(MetaCommand::Delete, key, Vec::new(), None);
             forward(sh, &bkey, req, move |_, r| {
                 text_status(r, noreply, |c| match c {
                     MetaCode::Hd => Some("DELETED"),
@@ -64,12 +64,10 @@ pub(super) fn dispatch(req: TextRequest, sh: &Cx) -> Slot {
                 Ok(k) => k,
                 Err(slot) => return slot,
             };
-            let req = meta_req(
-                MetaCommand::Get,
-                &bkey,
-                vec![MetaFlag::new(b'T', token(exptime))],
-                None,
-            );
+            let req = |key: &[u8]| {
+                let touch = vec![MetaFlag::new(b'T', token(exptime))];
+                meta_req(MetaCommand::Get, key, touch, None)
+            };
             forward(sh, &bkey, req, move |_, r| {
                 text_status(r, noreply, |c| match c {
                     MetaCode::Hd => Some("TOUCHED"),
@@ -119,16 +117,17 @@ fn text_get(g: GetRequest, sh: &Cx) -> Slot {
         flags.push(MetaFlag::new(b'T', token(e)));
         ProxyStats::add(&sh.stats.cmd_touch, g.keys.len() as u64);
     }
-    let mut requests = Vec::with_capacity(g.keys.len());
+    let mut bkeys = Vec::with_capacity(g.keys.len());
     for k in &g.keys {
-        let bkey = match sh.text_key(k) {
-            Ok(k) => k,
+        match sh.text_key(k) {
+            Ok(k) => bkeys.push(k),
             Err(slot) => return slot,
-        };
-        let req = meta_req(MetaCommand::Get, &bkey, flags.clone(), None);
-        requests.push((bkey, req));
+        }
     }
-    let fan = sh.router.fan_out(requests, sh.affinity);
+    let encode = |key: &[u8], out: &mut BytesMut| {
+        out.unsplit(meta_req(MetaCommand::Get, key, flags.clone(), None));
+    };
+    let fan = sh.router.fan_out(&bkeys, encode, sh.affinity);
     let sh = sh.sh.clone();
     let with_cas = g.kind.returns_cas();
     waiting(async move {
@@ -195,7 +194,8 @@ fn text_store(s: StoreRequest, sh: &Cx) -> Slot {
     if let StoreCommand::Cas(c) = s.command {
         flags.push(MetaFlag::new(b'C', token(c)));
     }
-    let req = meta_req(MetaCommand::Set, &bkey, flags, Some(s.value));
+    let value = s.value;
+    let req = |key: &[u8]| meta_req(MetaCommand::Set, key, flags, Some(value));
     let noreply = s.noreply;
     forward(sh, &bkey, req, move |_, r| {
         text_status(r, noreply, |c| match c {
@@ -218,7 +218,7 @@ fn text_arith(sh: &Cx, key: &[u8], delta: u64, mode: &'static [u8], noreply: boo
         MetaFlag::new(b'M', Bytes::from_static(mode)),
         MetaFlag::new(b'D', token(delta)),
     ];
-    let req = meta_req(MetaCommand::Arithmetic, &bkey, flags, None);
+    let req = |key: &[u8]| meta_req(MetaCommand::Arithmetic, key, flags, None);
     forward(sh, &bkey, req, move |_, r| {
         let reply = match r {
             Ok(Response::Meta(m)) if m.code == MetaCode::Va => {
