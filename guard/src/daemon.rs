@@ -225,6 +225,21 @@ fn reload(
         report.send_replace(report_settings(&new));
     }
     tenants.reload(&new)?;
+    let registry = tenants.load();
+    // Said on its own: unlike the other settings that wait for a restart,
+    // this one decides where every key is, and a reload looks as if it
+    // switched it.
+    if !registry.requires_auth() && registry.key_mode() != new.proxy.keys {
+        let name = |k| match k {
+            config::KeyMode::Namespaced => "namespaced",
+            config::KeyMode::Raw => "raw",
+        };
+        warn!(
+            "keys = \"{}\" applies at restart: the open tenant's keys stay {} until then",
+            name(new.proxy.keys),
+            name(registry.key_mode())
+        );
+    }
     Ok(new)
 }
 
