@@ -226,9 +226,9 @@ fn reload(
     }
     tenants.reload(&new)?;
     let registry = tenants.load();
-    // Said on its own: unlike the other settings that wait for a restart,
-    // this one decides where every key is, and a reload looks as if it
-    // switched it.
+    // Warned about on its own, beyond the reload line's "other proxy
+    // settings apply at restart": this setting decides where every key
+    // lives, and an operator who edited it must not believe it took.
     if !registry.requires_auth() && registry.key_mode() != new.proxy.keys {
         let name = |k| match k {
             config::KeyMode::Namespaced => "namespaced",

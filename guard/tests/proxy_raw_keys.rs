@@ -337,7 +337,9 @@ fn keys_of_250_bytes_and_guards_prefix_are_stored_as_sent() {
     assert_eq!(c.read_line(), "CLIENT_ERROR bad command line format");
 }
 
-/// `cmd_get` and `cmd_set` of each backend.
+/// `cmd_get` and `cmd_set` of each backend: every read and write, so
+/// nothing else guard sends on its own may touch keys while they are
+/// compared (the markers were the only such traffic when this was written).
 fn backend_requests(servers: &[Memcached]) -> Vec<(String, String)> {
     servers
         .iter()

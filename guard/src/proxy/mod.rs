@@ -143,9 +143,9 @@ impl Proxy {
 
     /// Serves clients on `listeners`, with the tenants of `cx` (whose
     /// registry, not `config`, decides how the open tenant's keys are
-    /// stored), until
-    /// `shutdown` completes, then drains: stops accepting, lets in-flight
-    /// requests finish within `drain_grace_secs`, and closes what is left.
+    /// stored), until `shutdown` completes, then drains: stops accepting,
+    /// lets in-flight requests finish within `drain_grace_secs`, and closes
+    /// what is left.
     ///
     /// The accept loops run inside this future, not as tasks of their
     /// own, so whoever polls it sets their priority. `guard run` polls it
