@@ -27,7 +27,9 @@ pub const OPEN_NAMESPACE: &str = "_";
 
 /// The first byte of every key guard itself stores on the backends
 /// (probe keys, keys of an ejected backend held by another): no tenant
-/// namespace may start with it, so no client key can meet them.
+/// namespace may start with it, so no namespaced client key can meet
+/// them. Raw keys (`keys = "raw"`) are stored as sent, so a raw client key
+/// starting with it shares that part of the key space with guard's own.
 pub const INTERNAL_KEY_PREFIX: char = '~';
 
 /// The whole configuration.
@@ -1001,8 +1003,8 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("unknown variant `drop`"), "{e}");
-        type Breaks = fn(&mut ProxyConfig);
-        let bad: [(Breaks, &str); 8] = [
+        type Change = fn(&mut ProxyConfig);
+        let bad: [(Change, &str); 8] = [
             (
                 |p| p.eject_after_errors = 1001,
                 "eject-after-errors must be 0..=1000",

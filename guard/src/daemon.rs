@@ -225,6 +225,21 @@ fn reload(
         report.send_replace(report_settings(&new));
     }
     tenants.reload(&new)?;
+    let registry = tenants.load();
+    // Warned about on its own, beyond the reload line's "other proxy
+    // settings apply at restart": this setting decides where every key
+    // lives, and an operator who edited it must not believe it took.
+    if !registry.requires_auth() && registry.key_mode() != new.proxy.keys {
+        let name = |k| match k {
+            config::KeyMode::Namespaced => "namespaced",
+            config::KeyMode::Raw => "raw",
+        };
+        warn!(
+            "keys = \"{}\" applies at restart: the open tenant's keys stay {} until then",
+            name(new.proxy.keys),
+            name(registry.key_mode())
+        );
+    }
     Ok(new)
 }
 

@@ -20,6 +20,10 @@
 //! - Before the proxy accepts its first client it retries a pass until
 //!   every backend answers (for at most [`INITIAL_SYNC_LIMIT`]).
 //!
+//! A raw namespace (`keys = "raw"`) has no generation, so it has no marker:
+//! nothing is read or written for it, and a proxy with only that namespace
+//! asks the backends nothing at all.
+//!
 //! Writes are compare-and-swap (`ms … C<cas>`, or add mode where there was
 //! no marker), so a proxy holding an older generation can never overwrite a
 //! newer one that landed since it read. Markers are read every interval and
@@ -77,8 +81,24 @@ enum Marker {
 /// What a pass saw: local generations moved, backends that answered.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Pass {
+    /// Namespaces with markers: none means nothing was asked.
+    pub namespaces: usize,
     pub moved: usize,
     pub answered: usize,
+}
+
+impl Pass {
+    /// Whether the start-up sync is done: every one of `pools` backends
+    /// answered, or there was nothing to ask them.
+    fn complete(&self, pools: usize) -> bool {
+        self.namespaces == 0 || self.answered == pools
+    }
+
+    /// Whether the next pass should come soon: markers to read and
+    /// backends to read them from, but none answered.
+    fn retry_soon(&self, pools: usize) -> bool {
+        self.namespaces > 0 && pools > 0 && self.answered == 0
+    }
 }
 
 /// Passes until the proxy stops: every interval, after every reload, and
@@ -100,10 +120,10 @@ pub async fn run(sh: Arc<Shared>, mut phase: watch::Receiver<Phase>) {
             },
         }
         let pass = sync(&sh).await;
-        wait = if pass.answered > 0 || sh.router.live_backends().is_empty() {
-            SYNC_INTERVAL
-        } else {
+        wait = if pass.retry_soon(sh.router.live_backends().len()) {
             RETRY_INTERVAL
+        } else {
+            SYNC_INTERVAL
         };
     }
 }
@@ -124,7 +144,7 @@ pub async fn initial_sync(sh: &Shared, limit: Duration) {
         // Every backend: the one holding the newest marker may be the last
         // to connect, and one that restarted empty knows nothing.
         let pools = sh.router.live_backends().len();
-        if pass.answered == pools {
+        if pass.complete(pools) {
             return;
         }
         if Instant::now() >= deadline {
@@ -139,8 +159,9 @@ pub async fn initial_sync(sh: &Shared, limit: Duration) {
     }
 }
 
-/// One pass over every namespace of the registry in force, on the
-/// backends live now (an ejected one gets its markers when it rejoins).
+/// One pass over every namespace of the registry in force that has a
+/// generation (every one but a raw namespace), on the backends live now
+/// (an ejected one gets its markers when it rejoins).
 pub async fn sync(sh: &Shared) -> Pass {
     let namespaces: Vec<KeyNamespace> = sh
         .tenants
@@ -148,6 +169,7 @@ pub async fn sync(sh: &Shared) -> Pass {
         .served_tenants()
         .iter()
         .map(|t| t.namespace.clone())
+        .filter(|ns| !ns.is_raw())
         .collect();
     let pools = sh.router.live_backends();
     let reads = read(&pools, &namespaces).await;
@@ -155,6 +177,7 @@ pub async fn sync(sh: &Shared) -> Pass {
     let targets: Vec<u64> = namespaces.iter().map(KeyNamespace::generation).collect();
     write(&pools, &namespaces, &targets, &reads).await;
     Pass {
+        namespaces: namespaces.len(),
         moved,
         answered: reads.iter().flatten().count(),
     }
@@ -170,6 +193,9 @@ const FLUSH_ROUNDS: usize = 5;
 /// proxy flushing too) sends it round again, so two concurrent flushes
 /// never land on the same generation.
 pub async fn flush(sh: Arc<Shared>, ns: KeyNamespace) {
+    if ns.is_raw() {
+        return;
+    }
     let namespaces = [ns];
     let mut target = 0;
     for _ in 0..FLUSH_ROUNDS {
@@ -377,6 +403,26 @@ mod tests {
         // Memcached matches keys whole, and the shortest client key in the
         // namespace is longer.
         assert!(ns.backend_key(b"k").unwrap().len() > marker.len());
+    }
+
+    #[test]
+    fn nothing_to_ask_is_a_finished_pass() {
+        let pass = |namespaces, answered| Pass {
+            namespaces,
+            moved: 0,
+            answered,
+        };
+        // A raw open tenant alone: no marker to wait for, nothing to retry,
+        // whether or not the backends are up.
+        assert!(pass(0, 0).complete(3));
+        assert!(!pass(0, 0).retry_soon(3));
+        // With markers, start-up waits for every backend and retries soon
+        // while none answers.
+        assert!(!pass(1, 2).complete(3));
+        assert!(pass(1, 3).complete(3));
+        assert!(pass(1, 0).retry_soon(3));
+        assert!(!pass(1, 1).retry_soon(3));
+        assert!(!pass(1, 0).retry_soon(0));
     }
 
     #[test]

@@ -41,7 +41,7 @@ use tokio::{
 pub use error::ProxyError;
 
 use crate::{
-    config::ProxyConfig,
+    config::{KeyMode, ProxyConfig},
     protocol::Limits,
     tenant::{SharedRegistry, TenantConnections, TenantRegistry},
 };
@@ -83,14 +83,23 @@ pub struct ProxyContext {
     pub limit_events: Arc<AtomicU64>,
 }
 
-impl Default for ProxyContext {
-    /// One open tenant, nobody listening for authentications.
-    fn default() -> Self {
+impl ProxyContext {
+    /// One open tenant whose keys are stored as `keys` says, nobody
+    /// listening for authentications.
+    pub fn open(keys: KeyMode) -> Self {
         Self {
-            tenants: Arc::new(SharedRegistry::new(TenantRegistry::open())),
+            tenants: Arc::new(SharedRegistry::new(TenantRegistry::open_with_keys(keys))),
             learned: None,
             limit_events: Arc::default(),
         }
+    }
+}
+
+impl Default for ProxyContext {
+    /// One open tenant with namespaced keys, nobody listening for
+    /// authentications.
+    fn default() -> Self {
+        Self::open(KeyMode::Namespaced)
     }
 }
 
@@ -120,19 +129,23 @@ pub struct Shared {
 pub struct Proxy;
 
 impl Proxy {
-    /// Serves clients on `listeners` as one open tenant until `shutdown`
-    /// completes, then drains (see [`Self::run_with`]).
+    /// Serves clients on `listeners` as one open tenant, its keys as
+    /// `config.keys` says, until `shutdown` completes, then drains (see
+    /// [`Self::run_with`]).
     pub async fn run(
         listeners: Vec<TcpListener>,
         config: ProxyConfig,
         shutdown: impl Future<Output = ()>,
     ) -> anyhow::Result<()> {
-        Self::run_with(listeners, config, ProxyContext::default(), shutdown).await
+        let cx = ProxyContext::open(config.keys);
+        Self::run_with(listeners, config, cx, shutdown).await
     }
 
-    /// Serves clients on `listeners`, with the tenants of `cx`, until
-    /// `shutdown` completes, then drains: stops accepting, lets in-flight
-    /// requests finish within `drain_grace_secs`, and closes what is left.
+    /// Serves clients on `listeners`, with the tenants of `cx` (whose
+    /// registry, not `config`, decides how the open tenant's keys are
+    /// stored), until `shutdown` completes, then drains: stops accepting,
+    /// lets in-flight requests finish within `drain_grace_secs`, and closes
+    /// what is left.
     ///
     /// The accept loops run inside this future, not as tasks of their
     /// own, so whoever polls it sets their priority. `guard run` polls it

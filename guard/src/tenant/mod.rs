@@ -6,8 +6,9 @@
 //!   configuration, swapped whole on reload ([`SharedRegistry`]). With no
 //!   credentials configured it is *open*: every connection is the single
 //!   open tenant, whose keys live in [`namespace::OPEN_NAMESPACE`] (so its
-//!   `flush_all` is a generation too), and no authentication is asked for
-//!   ([`TenantRegistry::requires_auth`]). Otherwise every
+//!   `flush_all` is a generation too), or with `[proxy] keys = "raw"` in
+//!   the raw key space ([`KeyNamespace::raw`]), and no authentication is
+//!   asked for ([`TenantRegistry::requires_auth`]). Otherwise every
 //!   connection must authenticate before anything else, within
 //!   [`AUTH_DEADLINE`] (the proxy's `[proxy] auth_timeout_ms` defaults to
 //!   it).
@@ -18,7 +19,8 @@
 //!   storm of correct passwords costs one HMAC each, and wrong passwords
 //!   cannot take more than a bounded number of cores.
 //! - [`KeyNamespace`] prefixes every key with the tenant's namespace and
-//!   flush generation; `flush_all` moves only that tenant on.
+//!   flush generation (a raw open tenant's keys stay as sent); `flush_all`
+//!   moves only that tenant on.
 //! - [`auth`] has the wire side: SASL PLAIN (binary), memcached's `-Y`
 //!   text authentication, and the replies.
 //! - [`TenantConnections`] caps each tenant's connections.
@@ -74,7 +76,7 @@ pub use namespace::{KeyNamespace, KeyTooLong};
 pub use password::PasswordHash;
 pub use verifier::{AuthSettings, AuthStats};
 
-use crate::config::{Config, TenantConfig, tenant_id};
+use crate::config::{Config, KeyMode, TenantConfig, tenant_id};
 use verifier::{Candidate, Verifier};
 
 /// How long a client has to authenticate after connecting, unless the
@@ -169,6 +171,9 @@ pub struct TenantRegistry {
     open: Option<Arc<Identity>>,
     users: HashMap<Box<[u8]>, Vec<Credential>>,
     verifier: Arc<Verifier>,
+    /// How the open tenant's keys are stored, as the process started:
+    /// kept by every reload.
+    key_mode: KeyMode,
 }
 
 impl std::fmt::Debug for TenantRegistry {
@@ -177,6 +182,7 @@ impl std::fmt::Debug for TenantRegistry {
             .field("tenants", &self.tenants)
             .field("open", &self.open.is_some())
             .field("users", &self.users.len())
+            .field("key_mode", &self.key_mode)
             .finish()
     }
 }
@@ -185,14 +191,23 @@ impl TenantRegistry {
     /// The open registry: one tenant, no authentication, keys in
     /// [`namespace::OPEN_NAMESPACE`].
     pub fn open() -> Self {
-        Self::open_with(Arc::new(Verifier::new(AuthSettings::default())))
+        Self::open_with_keys(KeyMode::Namespaced)
     }
 
-    fn open_with(verifier: Arc<Verifier>) -> Self {
+    /// The open registry with its keys stored as `keys` says.
+    pub fn open_with_keys(keys: KeyMode) -> Self {
+        Self::open_with(Arc::new(Verifier::new(AuthSettings::default())), keys)
+    }
+
+    fn open_with(verifier: Arc<Verifier>, key_mode: KeyMode) -> Self {
+        let namespace = match key_mode {
+            KeyMode::Namespaced => KeyNamespace::open(),
+            KeyMode::Raw => KeyNamespace::raw(),
+        };
         let tenant = Arc::new(Tenant {
             name: OPEN_TENANT.into(),
             id: DEFAULT_TENANT,
-            namespace: KeyNamespace::open(),
+            namespace,
             limits: TenantLimits::default(),
         });
         Self {
@@ -205,6 +220,7 @@ impl TenantRegistry {
             })),
             users: HashMap::new(),
             verifier,
+            key_mode,
         }
     }
 
@@ -220,9 +236,10 @@ impl TenantRegistry {
     }
 
     /// The registry of a new configuration, keeping what must survive a
-    /// reload: flush generations of unchanged namespaces, and remembered
+    /// reload: flush generations of unchanged namespaces, remembered
     /// correct passwords (an entry only matches while its stored hash is
-    /// still configured). Remembered failures are forgotten.
+    /// still configured), and the open tenant's key mode. Remembered
+    /// failures are forgotten.
     pub fn reload(&self, config: &Config) -> anyhow::Result<Self> {
         self.verifier.forget_failures();
         Self::build(config, Some(self), self.verifier.settings().clone())
@@ -237,6 +254,13 @@ impl TenantRegistry {
             Some(p) => p.verifier.clone(),
             None => Arc::new(Verifier::new(settings)),
         };
+        // Like every `[proxy]` setting but the tenants, the key mode applies
+        // at restart: switching it at run time would orphan every key
+        // stored so far, and move the open tenant between placements while
+        // its clients are connected. So the open tenant keeps the mode the
+        // process started with, even if it comes back after a reload that
+        // had tenants.
+        let key_mode = previous.map_or(config.proxy.keys, |p| p.key_mode);
         if config.tenants.iter().all(|t| t.credentials.is_empty()) {
             return Ok(match previous.and_then(|p| p.open.as_ref()) {
                 // Keep the open tenant itself: nothing about it changed.
@@ -245,8 +269,9 @@ impl TenantRegistry {
                     open: Some(open.clone()),
                     users: HashMap::new(),
                     verifier,
+                    key_mode,
                 },
-                None => Self::open_with(verifier),
+                None => Self::open_with(verifier, key_mode),
             });
         }
         let mut tenants = Vec::new();
@@ -290,7 +315,14 @@ impl TenantRegistry {
             open: None,
             users,
             verifier,
+            key_mode,
         })
+    }
+
+    /// How the open tenant's keys are stored: the mode this process
+    /// started with (a reload never changes it).
+    pub fn key_mode(&self) -> KeyMode {
+        self.key_mode
     }
 
     /// Whether connections must authenticate.

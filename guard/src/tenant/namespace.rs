@@ -13,7 +13,7 @@
 //! The open tenant (no credentials configured) is namespaced too, as
 //! [`OPEN_NAMESPACE`] (`_:<generation>:<key>`, 240 bytes of client key), so
 //! its `flush_all` never flushes a backend either; tenants cannot take that
-//! namespace (see `config`).
+//! namespace (see `config`). Unless it is raw (below).
 //! The prefix holds no spaces or control characters (the config forbids
 //! them in namespaces), so a backend key is a valid text key exactly when
 //! the client key is. Keys are raw bytes: meta-protocol base64 keys (`b`
@@ -26,6 +26,14 @@
 //! A delayed flush (`flush_all 60`) is stored as a deadline and applied by
 //! the first key operation after it, without threads or timers. As in
 //! memcached, a later flush replaces a pending delayed one.
+//!
+//! A *raw* namespace ([`KeyNamespace::raw`], the open tenant with `[proxy]
+//! keys = "raw"`) has no prefix and no generation: a backend key is the
+//! client key itself, up to memcached's 250 bytes, so guard stores and
+//! hashes keys exactly as twemproxy does and can take over its warm cache.
+//! It has nothing to flush ([`KeyNamespace::flush`] refuses), and it shares
+//! the backends' key space with everything else on them, guard's own keys
+//! under `config::INTERNAL_KEY_PREFIX` included.
 //!
 //! A reload keeps generations (see `TenantRegistry::reload`); across
 //! restarts and between proxy hosts that share backends the proxy carries
@@ -73,7 +81,10 @@ pub struct KeyNamespace {
 
 #[derive(Debug)]
 struct Inner {
+    /// Empty for a raw namespace.
     namespace: Box<[u8]>,
+    /// Keys are stored as the client sent them: no prefix, no generation.
+    raw: bool,
     generation: AtomicU64,
     /// Nanoseconds after `epoch` plus one at which a delayed flush is due;
     /// 0 when none is pending.
@@ -84,7 +95,7 @@ struct Inner {
 impl KeyNamespace {
     /// The namespace `name` (already validated by the config).
     pub fn new(name: &str) -> Self {
-        Self::build(name.as_bytes())
+        Self::build(name.as_bytes(), false)
     }
 
     /// The open tenant's namespace, [`OPEN_NAMESPACE`].
@@ -92,10 +103,17 @@ impl KeyNamespace {
         Self::new(OPEN_NAMESPACE)
     }
 
-    fn build(namespace: &[u8]) -> Self {
+    /// The raw key space: client keys are backend keys, unprefixed, and
+    /// there is no generation to flush.
+    pub fn raw() -> Self {
+        Self::build(b"", true)
+    }
+
+    fn build(namespace: &[u8], raw: bool) -> Self {
         Self {
             inner: Arc::new(Inner {
                 namespace: namespace.into(),
+                raw,
                 generation: AtomicU64::new(0),
                 flush_at: AtomicU64::new(0),
                 epoch: Instant::now(),
@@ -103,13 +121,21 @@ impl KeyNamespace {
         }
     }
 
-    /// The namespace as configured.
+    /// The namespace as configured; empty for a raw namespace.
     pub fn name(&self) -> &[u8] {
         &self.inner.namespace
     }
 
+    /// Whether keys are stored as the client sent them ([`Self::raw`]).
+    pub fn is_raw(&self) -> bool {
+        self.inner.raw
+    }
+
     /// Bytes the prefix adds to every key.
     pub fn prefix_len(&self) -> usize {
+        if self.inner.raw {
+            return 0;
+        }
         self.inner.namespace.len() + 2 + GENERATION_WIDTH
     }
 
@@ -125,8 +151,12 @@ impl KeyNamespace {
     }
 
     /// Moves the generation forward to `generation` if it is ahead (a
-    /// restored or another host's generation); never moves it back.
+    /// restored or another host's generation); never moves it back. A raw
+    /// namespace stays at 0: it has no generation.
     pub fn observe_generation(&self, generation: u64) {
+        if self.inner.raw {
+            return;
+        }
         self.inner
             .generation
             .fetch_max(generation % GENERATION_MODULUS, Ordering::AcqRel);
@@ -156,7 +186,9 @@ impl KeyNamespace {
     }
 
     /// `flush_all` for this tenant: now (`None` or zero), or after
-    /// `delay`, replacing any pending delayed flush. Always true.
+    /// `delay`, replacing any pending delayed flush. False, and nothing
+    /// done, for a raw namespace: it has no generation to move on, and its
+    /// keys share the backends with everyone's.
     pub fn flush(&self, delay: Option<Duration>) -> bool {
         self.flush_at_time(delay, Instant::now())
     }
@@ -173,6 +205,15 @@ impl KeyNamespace {
                 max,
             });
         }
+        if self.inner.raw {
+            // Keys starting with `config::INTERNAL_KEY_PREFIX` pass too:
+            // twemproxy takes them, and a drop-in that refused them would
+            // break the clients that use them on the day of the switch.
+            // Guard's own keys are few and named by guard, so meeting one
+            // takes a client key of exactly that name; the README tells
+            // raw-mode users to keep clear of the prefix.
+            return Ok(Bytes::copy_from_slice(client_key));
+        }
         self.apply_due(now);
         let mut out = BytesMut::with_capacity(self.prefix_len() + client_key.len());
         self.put_prefix(&mut out);
@@ -181,6 +222,9 @@ impl KeyNamespace {
     }
 
     fn matching_prefix(&self, backend_key: &[u8], now: Instant) -> Option<usize> {
+        if self.inner.raw {
+            return Some(0);
+        }
         self.apply_due(now);
         let mut prefix = BytesMut::with_capacity(self.prefix_len());
         self.put_prefix(&mut prefix);
@@ -188,6 +232,9 @@ impl KeyNamespace {
     }
 
     pub(crate) fn flush_at_time(&self, delay: Option<Duration>, now: Instant) -> bool {
+        if self.inner.raw {
+            return false;
+        }
         match delay.filter(|d| !d.is_zero()) {
             None => {
                 self.inner.flush_at.store(0, Ordering::Release);
@@ -403,6 +450,43 @@ mod tests {
         ns.flush(Some(Duration::from_millis(20)));
         std::thread::sleep(Duration::from_millis(40));
         assert_eq!(ns.client_key(&key), None);
+    }
+
+    #[test]
+    fn raw_keys_are_client_keys() {
+        let raw = KeyNamespace::raw();
+        assert!(raw.is_raw());
+        assert!(!KeyNamespace::open().is_raw());
+        assert_eq!(raw.prefix_len(), 0);
+        assert_eq!(raw.max_client_key_len(), MAX_BACKEND_KEY_LEN);
+        // Whatever the key looks like, including what a namespaced key
+        // or guard's own keys look like: stored and read back as sent.
+        for key in [&b"user:1"[..], b"_:0000000:x", b"acme:gen", b"~probe", b""] {
+            let k = raw.backend_key(key).unwrap();
+            assert_eq!(&k[..], key);
+            assert_eq!(raw.client_key(key).unwrap(), key);
+            assert_eq!(raw.strip(&Bytes::copy_from_slice(key)).unwrap(), key);
+        }
+        // memcached's own limit, and nothing less.
+        assert_eq!(raw.backend_key(&[b'k'; 250]).unwrap().len(), 250);
+        assert_eq!(
+            raw.backend_key(&[b'k'; 251]),
+            Err(KeyTooLong { len: 251, max: 250 })
+        );
+    }
+
+    #[test]
+    fn raw_namespace_has_no_generation() {
+        let raw = KeyNamespace::raw();
+        let k = raw.backend_key(b"k").unwrap();
+        assert!(!raw.flush(None));
+        assert!(!raw.flush(Some(Duration::from_secs(5))));
+        assert!(!raw.flush_pending());
+        raw.observe_generation(1_000);
+        raw.flush_to(2_000);
+        assert_eq!(raw.generation(), 0);
+        assert_eq!(raw.backend_key(b"k").unwrap(), k);
+        assert_eq!(raw.client_key(&k).unwrap(), &b"k"[..]);
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::{
 };
 
 use super::*;
-use crate::config::{Config, CredentialConfig};
+use crate::config::{Config, CredentialConfig, KeyMode};
 
 fn hash(password: &str) -> PasswordHash {
     PasswordHash::generate(password.as_bytes(), password::MIN_ITERATIONS).unwrap()
@@ -433,6 +433,50 @@ fn reload_refreshes_sessions_by_credential() {
     assert!(open.load().refresh(&anon).is_none());
     assert!(TenantRegistry::open().refresh(&new).is_none());
     assert!(TenantRegistry::open().refresh(&anon).is_some());
+}
+
+#[test]
+fn raw_key_mode_is_the_open_tenants_and_fixed_at_start() {
+    let raw_config = || {
+        let mut c = Config::default();
+        c.proxy.keys = KeyMode::Raw;
+        c.validate().unwrap();
+        c
+    };
+    let is_raw = |r: &TenantRegistry| r.open_identity().unwrap().tenant.namespace.is_raw();
+    for r in [
+        TenantRegistry::open_with_keys(KeyMode::Raw),
+        TenantRegistry::from_config(&raw_config()).unwrap(),
+    ] {
+        assert!(!r.requires_auth());
+        assert_eq!(r.key_mode(), KeyMode::Raw);
+        assert!(is_raw(&r));
+        assert_eq!(r.served_tenants().len(), 1);
+    }
+    assert_eq!(TenantRegistry::open().key_mode(), KeyMode::Namespaced);
+    assert!(!is_raw(&TenantRegistry::open()));
+
+    // Started raw: a reload to namespaced keys keeps them raw, and so does
+    // one that adds tenants and then takes them away again.
+    let shared = SharedRegistry::new(TenantRegistry::from_config(&raw_config()).unwrap());
+    shared.reload(&Config::default()).unwrap();
+    assert!(is_raw(&shared.load()));
+    shared.reload(&config()).unwrap();
+    let with_tenants = shared.load();
+    assert!(with_tenants.requires_auth());
+    assert!(with_tenants.tenants().iter().all(|t| !t.namespace.is_raw()));
+    shared.reload(&Config::default()).unwrap();
+    assert!(is_raw(&shared.load()));
+
+    // Started namespaced: a file that says raw changes nothing until a
+    // restart, with or without tenants in between.
+    let shared = SharedRegistry::new(TenantRegistry::from_config(&config()).unwrap());
+    shared.reload(&raw_config()).unwrap();
+    assert_eq!(shared.load().key_mode(), KeyMode::Namespaced);
+    assert!(!is_raw(&shared.load()));
+    let shared = SharedRegistry::new(TenantRegistry::open());
+    shared.reload(&raw_config()).unwrap();
+    assert!(!is_raw(&shared.load()));
 }
 
 #[test]

@@ -50,9 +50,11 @@ impl GuardProxy {
         p
     }
 
-    /// Starts the proxy without waiting for its backends.
+    /// Starts the proxy as one open tenant (its keys as `config.keys`
+    /// says) without waiting for its backends.
     pub fn start_unchecked(config: ProxyConfig) -> Self {
-        Self::start_with(config, guard::proxy::ProxyContext::default())
+        let cx = guard::proxy::ProxyContext::open(config.keys);
+        Self::start_with(config, cx)
     }
 
     /// Starts the proxy with the daemon's context (tenants, where logins

@@ -113,10 +113,17 @@ pub(super) fn dispatch(req: BinaryRequest, sh: &Cx) -> Slot {
                 Extras::Exptime(d) => i64::from(d),
                 _ => 0,
             };
+            // memcached `-F` answers both forms with its auth error
+            // (`process_bin_flush`), the quiet one too: quiet hides
+            // success only.
             flush(
                 sh,
                 delay,
                 encode_binary(op, BinaryResponse::new(op as u8, opaque)),
+                encode_binary(
+                    op,
+                    BinaryResponse::error(op as u8, opaque, Status::AUTH_ERROR),
+                ),
             )
         }
         Noop | Verbosity => local(BinaryResponse::new(op as u8, opaque)),

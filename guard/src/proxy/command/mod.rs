@@ -7,7 +7,9 @@
 //! are applied here, on the way back, by suppressing what the client's
 //! protocol would have suppressed. Keys gain the tenant's namespace prefix
 //! on the way out and lose it on the way back; `flush_all` moves only the
-//! tenant's namespace on and never reaches a backend. A read-only identity
+//! tenant's namespace on and never reaches a backend. Raw keys (the open
+//! tenant with `keys = "raw"`) pass as they are, and their `flush_all` is
+//! refused as memcached `-F` refuses it. A read-only identity
 //! gets every write refused here, before anything is sent.
 
 mod binary;
@@ -34,6 +36,8 @@ use crate::{
 
 /// Text reply to a write from a read-only identity.
 pub const TEXT_PERMISSION_DENIED: &[u8] = b"CLIENT_ERROR permission denied\r\n";
+/// Text reply to `flush_all` with raw keys: memcached `-F`'s, to the byte.
+const TEXT_FLUSH_REFUSED: &[u8] = b"CLIENT_ERROR flush_all not allowed\r\n";
 /// Text reply to a key that does not fit the tenant's namespace. The
 /// parser refuses such keys first, with the same line.
 const TEXT_BAD_KEY: &[u8] = b"CLIENT_ERROR bad command line format\r\n";
@@ -254,9 +258,18 @@ fn forward(
 
 /// `flush_all [delay]`: the tenant's namespace moves on (now, or after
 /// `delay` seconds); no backend is flushed. An immediate flush answers
-/// `reply` once its generation is recorded on the backends.
-fn flush(cx: &Cx, delay: i64, reply: Reply) -> Slot {
+/// `reply` once its generation is recorded on the backends. In a raw
+/// namespace it is `refused` instead.
+fn flush(cx: &Cx, delay: i64, reply: Reply, refused: Reply) -> Slot {
+    // Counted either way, as memcached counts a flush it refuses.
     ProxyStats::add(&cx.stats.cmd_flush, 1);
+    if cx.ns.is_raw() {
+        // Raw keys have no generation to move on, and flushing the
+        // backends would empty a cache other clients (other proxies, a
+        // twemproxy still beside guard) share: refused as by memcached
+        // started with `-F`, which clients already know how to take.
+        return Slot::Ready(refused);
+    }
     match u64::try_from(delay).ok().filter(|&d| d > 0) {
         Some(d) => {
             cx.ns.flush(Some(Duration::from_secs(d)));

@@ -76,15 +76,15 @@ pub(super) fn dispatch(req: TextRequest, sh: &Cx) -> Slot {
                 })
             })
         }
-        TextRequest::FlushAll { delay, noreply } => flush(
-            sh,
-            i64::from(delay.unwrap_or(0)),
-            if noreply {
-                Reply::default()
+        TextRequest::FlushAll { delay, noreply } => {
+            // memcached `-F` keeps noreply's silence for its refusal too.
+            let (ok, refused) = if noreply {
+                (Reply::default(), Reply::default())
             } else {
-                Reply::bytes(b"OK\r\n")
-            },
-        ),
+                (Reply::bytes(b"OK\r\n"), Reply::bytes(TEXT_FLUSH_REFUSED))
+            };
+            flush(sh, i64::from(delay.unwrap_or(0)), ok, refused)
+        }
         TextRequest::Version => Slot::Ready(Reply::bytes(
             format!("VERSION {}\r\n", crate::proxy::version()).as_bytes(),
         )),
