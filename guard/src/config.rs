@@ -1001,7 +1001,8 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("unknown variant `drop`"), "{e}");
-        let bad: [(fn(&mut ProxyConfig), &str); 8] = [
+        type Break = fn(&mut ProxyConfig);
+        let bad: [(Break, &str); 8] = [
             (
                 |p| p.eject_after_errors = 1001,
                 "eject-after-errors must be 0..=1000",
