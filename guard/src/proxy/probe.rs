@@ -421,9 +421,9 @@ impl Expect<'_> {
     }
 }
 
-/// The probe's connection, split so a pipeline is written while its
-/// replies are read: a large burst written first would fill both ends'
-/// buffers and stall.
+/// The probe's connection, split so a pipeline's replies are read while
+/// it is still being written: whatever the sizes, neither side waits for
+/// buffers the other is not emptying.
 struct Link {
     addr: SocketAddr,
     request_timeout: Duration,
@@ -842,10 +842,19 @@ mod tests {
         assert!(keys.is_empty(), "left behind: {keys:?}");
     }
 
+    /// What the fake memcached gets wrong.
+    #[derive(Copy, Clone)]
+    enum Fault {
+        None,
+        /// A get of a value this picks answers as many `x` instead.
+        Corrupt(fn(&[u8]) -> bool),
+        /// A delete answers `HD` and keeps the key.
+        KeepDeleted,
+    }
+
     /// A memcached of a few lines for one connection: `ms`, `mg` (`v`)
-    /// and `md` on a map, except that a get whose value `corrupt` picks
-    /// answers as many `x` instead.
-    async fn fake_memcached(corrupt: fn(&[u8]) -> bool) -> SocketAddr {
+    /// and `md` on a map, with `fault`.
+    async fn fake_memcached(fault: Fault) -> SocketAddr {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move {
@@ -870,7 +879,7 @@ mod tests {
                     }
                     ["mg", key, ..] => match store.get(key) {
                         Some(v) => {
-                            let v = if corrupt(v) {
+                            let v = if matches!(fault, Fault::Corrupt(c) if c(v)) {
                                 vec![b'x'; v.len()]
                             } else {
                                 v.clone()
@@ -882,6 +891,7 @@ mod tests {
                         }
                         None => b"EN\r\n".to_vec(),
                     },
+                    ["md", _] if matches!(fault, Fault::KeepDeleted) => b"HD\r\n".to_vec(),
                     ["md", key] => match store.remove(key) {
                         Some(_) => b"HD\r\n".to_vec(),
                         None => b"NF\r\n".to_vec(),
@@ -899,13 +909,13 @@ mod tests {
     #[tokio::test]
     async fn the_fake_answers_right_when_it_corrupts_nothing() {
         // So the failures below are the corruption's, not the fake's.
-        let addr = fake_memcached(|_| false).await;
+        let addr = fake_memcached(Fault::None).await;
         probe(addr, &ProbeSettings::default()).await.unwrap();
     }
 
     #[tokio::test]
     async fn a_wrong_value_fails_the_get_showing_what_came_back() {
-        let addr = fake_memcached(|_| true).await;
+        let addr = fake_memcached(Fault::Corrupt(|_| true)).await;
         let e = probe(addr, &ProbeSettings::default()).await.unwrap_err();
         assert!(
             matches!(
@@ -929,7 +939,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_wrong_value_in_the_burst_fails_the_burst() {
-        let addr = fake_memcached(|v| v.len() > 1_000).await;
+        let addr = fake_memcached(Fault::Corrupt(|v| v.len() > 1_000)).await;
         let e = probe(addr, &ProbeSettings::default()).await.unwrap_err();
         assert!(
             matches!(
@@ -951,6 +961,23 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_delete_that_keeps_the_key_fails_the_get_after_it() {
+        let addr = fake_memcached(Fault::KeepDeleted).await;
+        let e = probe(addr, &ProbeSettings::default()).await.unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ProbeError::WrongReply {
+                    op: ProbeOp::GetDeleted,
+                    expected: "EN",
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+    }
+
+    #[tokio::test]
     async fn a_silent_node_times_out_naming_the_request() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -964,9 +991,11 @@ mod tests {
             request_timeout: Duration::from_millis(100),
             ..ProbeSettings::default()
         };
-        let started = Instant::now();
-        let e = probe(addr, &settings).await.unwrap_err();
-        assert!(started.elapsed() < Duration::from_secs(2), "{e}");
+        // The test's own bound, so a probe that waits for ever fails it.
+        let e = timeout(Duration::from_secs(2), probe(addr, &settings))
+            .await
+            .expect("the probe gave up within 2 s")
+            .unwrap_err();
         assert!(
             matches!(e, ProbeError::Timeout { op: ProbeOp::Set, after, .. } if after == Duration::from_millis(100)),
             "{e:?}"
