@@ -927,12 +927,14 @@ mod tests {
             ),
             "{e:?}"
         );
-        // The probe's first key, 31 bytes, came back as as many `x`.
+        // The value set was the first key (`…:0`; its length varies with
+        // the pid); as many `x` came back.
+        let n = key_prefix().len() + 1;
         assert_eq!(
             e.to_string(),
             format!(
-                "{addr}: the get got \"VA 31\\r\\n{}\\r\\n\" instead of VA with the value set",
-                "x".repeat(31)
+                "{addr}: the get got \"VA {n}\\r\\n{}\\r\\n\" instead of VA with the value set",
+                "x".repeat(n)
             )
         );
     }
