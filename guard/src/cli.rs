@@ -12,6 +12,7 @@ use crate::{
         XdpModeSetting,
     },
     paths::{DEFAULT_PIN_ROOT, DEFAULT_STATE_ROOT, Paths},
+    proxy::probe::ProbeSettings,
 };
 
 /// guard: an XDP connection guard in front of a multi-tenant memcache proxy.
@@ -80,10 +81,18 @@ pub struct ProbeArgs {
     #[arg(long, default_value_t = ProxyConfig::default().outlier_min_gap_ms)]
     pub outlier_min_gap_ms: u64,
     /// Connect timeout and each request's timeout, in milliseconds.
-    #[arg(long, default_value_t = 250, value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    #[arg(
+        long,
+        default_value_t = ProbeSettings::default().request_timeout.as_millis() as u64,
+        value_parser = clap::value_parser!(u64).range(1..=60_000)
+    )]
     pub timeout_ms: u64,
     /// Set/get/delete/get cycles per node, each request timed.
-    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    #[arg(
+        long,
+        default_value_t = ProbeSettings::default().round_trips as u32,
+        value_parser = clap::value_parser!(u32).range(1..=10_000)
+    )]
     pub round_trips: u32,
 }
 

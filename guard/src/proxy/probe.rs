@@ -344,7 +344,7 @@ fn comparison(name: &str, value: Duration, peers: Duration) -> String {
 
 /// Milliseconds for people: two decimals below 1 ms, where a fast node's
 /// figures are, one above.
-pub fn ms(d: Duration) -> String {
+fn ms(d: Duration) -> String {
     let v = d.as_secs_f64() * 1e3;
     if v < 1.0 {
         format!("{v:.2} ms")
