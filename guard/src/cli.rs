@@ -1,13 +1,18 @@
-//! Command-line interface: `guard run`, `guard xdp …`, `guard deny|allow …`.
+//! Command-line interface: `guard run`, `guard xdp …`, `guard deny|allow …`,
+//! `guard probe …`.
 
-use std::path::PathBuf;
+use std::{net::SocketAddr, path::PathBuf};
 
 use clap::{Args, Parser, Subcommand};
 
 use crate::{
     cidr::Cidr,
-    config::{BackendConfig, Config, EjectPolicy, KeyMode, Listener, XdpModeSetting},
+    config::{
+        BackendConfig, Config, EjectPolicy, KeyMode, Listener, OUTLIER_RATIOS, ProxyConfig,
+        XdpModeSetting,
+    },
     paths::{DEFAULT_PIN_ROOT, DEFAULT_STATE_ROOT, Paths},
+    proxy::probe::ProbeSettings,
 };
 
 /// guard: an XDP connection guard in front of a multi-tenant memcache proxy.
@@ -50,6 +55,58 @@ pub enum Command {
     /// Tenant credentials.
     #[command(subcommand)]
     Tenant(TenantCommand),
+    /// Check memcached nodes before they serve: each must store, return
+    /// and delete correctly, and answer about as fast as its peers. Fails
+    /// if any candidate does not.
+    Probe(ProbeArgs),
+}
+
+/// `guard probe`.
+#[derive(Debug, Args)]
+pub struct ProbeArgs {
+    /// Nodes to check.
+    #[arg(required = true, value_name = "ADDR:PORT")]
+    pub candidates: Vec<SocketAddr>,
+    /// Healthy nodes to compare them with (one or more).
+    #[arg(long, value_name = "ADDR:PORT", num_args = 1..)]
+    pub against: Vec<SocketAddr>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Slower than this many times the peers' median fails (0 = latency
+    /// not judged).
+    #[arg(long, value_parser = outlier_ratio, default_value_t = ProxyConfig::default().outlier_ratio)]
+    pub outlier_ratio: f64,
+    /// ... when also at least this many milliseconds above it.
+    #[arg(long, default_value_t = ProxyConfig::default().outlier_min_gap_ms)]
+    pub outlier_min_gap_ms: u64,
+    /// Connect timeout and each request's timeout, in milliseconds.
+    #[arg(
+        long,
+        default_value_t = ProbeSettings::default().request_timeout.as_millis() as u64,
+        value_parser = clap::value_parser!(u64).range(1..=60_000)
+    )]
+    pub timeout_ms: u64,
+    /// Set/get/delete/get cycles per node, each request timed.
+    #[arg(
+        long,
+        default_value_t = ProbeSettings::default().round_trips as u32,
+        value_parser = clap::value_parser!(u32).range(1..=10_000)
+    )]
+    pub round_trips: u32,
+}
+
+fn outlier_ratio(s: &str) -> Result<f64, String> {
+    let r: f64 = s.parse().map_err(|e| format!("{e}"))?;
+    if r == 0.0 || OUTLIER_RATIOS.contains(&r) {
+        Ok(r)
+    } else {
+        Err(format!(
+            "must be 0 (latency not judged) or {}..={}",
+            OUTLIER_RATIOS.start(),
+            OUTLIER_RATIOS.end()
+        ))
+    }
 }
 
 /// `guard tenant …`.
@@ -486,6 +543,45 @@ mod tests {
         };
         let e = args.resolve().unwrap_err().to_string();
         assert_eq!(e, "backlog must be 1..=65535, got 0");
+    }
+
+    #[test]
+    fn probe_flags_take_the_proxy_defaults_and_several_peers() {
+        let cli = parse(&[
+            "probe",
+            "127.0.0.1:1",
+            "[::1]:2",
+            "--against",
+            "127.0.0.1:3",
+            "127.0.0.1:4",
+        ])
+        .unwrap();
+        let Command::Probe(args) = cli.command else {
+            panic!("not probe")
+        };
+        assert_eq!(args.candidates.len(), 2);
+        assert_eq!(args.against.len(), 2);
+        let proxy = ProxyConfig::default();
+        assert_eq!(args.outlier_ratio, proxy.outlier_ratio);
+        assert_eq!(args.outlier_min_gap_ms, proxy.outlier_min_gap_ms);
+        assert_eq!((args.timeout_ms, args.round_trips), (250, 20));
+        let cli = parse(&[
+            "probe",
+            "127.0.0.1:1",
+            "--outlier-ratio",
+            "0",
+            "--against",
+            "127.0.0.1:3",
+            "--against",
+            "127.0.0.1:4",
+        ])
+        .unwrap();
+        let Command::Probe(args) = cli.command else {
+            panic!("not probe")
+        };
+        assert_eq!(args.outlier_ratio, 0.0);
+        assert_eq!(args.against.len(), 2);
+        assert!(parse(&["probe", "127.0.0.1:1", "--outlier-ratio", "1000.5"]).is_err());
     }
 
     #[test]

@@ -32,6 +32,10 @@ pub const OPEN_NAMESPACE: &str = "_";
 /// starting with it shares that part of the key space with guard's own.
 pub const INTERNAL_KEY_PREFIX: char = '~';
 
+/// The values `outlier_ratio` may take besides 0 (never); `guard probe`
+/// takes the same.
+pub const OUTLIER_RATIOS: std::ops::RangeInclusive<f64> = 1.1..=1000.0;
+
 /// The whole configuration.
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -462,7 +466,7 @@ impl ProxyConfig {
             );
         }
         let r = self.outlier_ratio;
-        if !(r == 0.0 || (1.1..=1000.0).contains(&r)) {
+        if !(r == 0.0 || OUTLIER_RATIOS.contains(&r)) {
             bail!("outlier-ratio must be 0 (never) or 1.1..=1000, got {r}");
         }
         if self.outlier_min_gap_ms > 60_000 {

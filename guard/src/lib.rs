@@ -20,7 +20,9 @@
 //!   override it, [`cidr`] the prefixes both use, [`paths`] every pin and
 //!   state location, [`shutdown`] the signals.
 //! - [`ctl`] holds the operator commands that act on a running guard's
-//!   pinned state (`guard xdp status`, `guard deny add`, …).
+//!   pinned state (`guard xdp status`, `guard deny add`, …);
+//!   [`proxy::probe`] is `guard probe`, which checks memcached nodes
+//!   before they serve.
 //!
 //! Following a memcache request:
 //!
@@ -91,6 +93,14 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Xdp(cmd) => ctl::xdp(&paths, cmd),
         Command::Deny(cmd) => ctl::cidr(&paths, ebpf::maps::CidrList::Deny, cmd),
         Command::Allow(cmd) => ctl::cidr(&paths, ebpf::maps::CidrList::Allow, cmd),
+        Command::Probe(args) => {
+            // A few sockets per node: one thread runs every probe.
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("cannot start the async runtime")?;
+            runtime.block_on(proxy::probe::command(&args))
+        }
         Command::Tenant(cli::TenantCommand::HashPassword { iterations }) => {
             let hash = tenant::hash_password_from(&mut std::io::stdin().lock(), iterations)?;
             println!("{hash}");

@@ -86,3 +86,30 @@ fn operator_commands_without_pins_explain_themselves() {
     assert!(!ok);
     assert!(err.contains("is guard attached?"), "{err}");
 }
+
+#[test]
+fn probe_rejects_bad_addresses_and_settings_before_probing() {
+    let cases: &[(&[&str], &str)] = &[
+        (&["probe"], "<ADDR:PORT>"),
+        (&["probe", "nohost"], "invalid value 'nohost'"),
+        (
+            &["probe", "127.0.0.1:11211", "--against", "10.0.0.1"],
+            "invalid value '10.0.0.1'",
+        ),
+        (
+            &["probe", "127.0.0.1:11211", "--outlier-ratio", "0.5"],
+            "must be 0 (latency not judged) or 1.1..=1000",
+        ),
+        (
+            &["probe", "127.0.0.1:11211", "--timeout-ms", "0"],
+            "--timeout-ms",
+        ),
+    ];
+    for (args, needle) in cases {
+        let (ok, err) = guard(args);
+        assert!(!ok, "{args:?} must fail");
+        let first = err.lines().next().unwrap_or_default();
+        assert!(first.starts_with("error: "), "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+}

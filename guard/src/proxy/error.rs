@@ -132,22 +132,28 @@ pub enum Cause {
 }
 
 impl Cause {
-    /// Longest excerpt of an unrequested reply kept.
-    const EXCERPT: usize = 64;
-
     /// A [`Cause::Unrequested`] showing the start of `reply`'s wire form.
     pub fn unrequested(reply: &Response) -> Self {
         let mut wire = BytesMut::new();
         reply.encode(&mut wire);
-        let cut = wire.len().min(Self::EXCERPT);
-        let mut text: String = String::from_utf8_lossy(&wire[..cut])
-            .escape_debug()
-            .collect();
-        if cut < wire.len() {
-            text.push('…');
-        }
-        Cause::Unrequested(text)
+        Cause::Unrequested(excerpt(&wire))
     }
+}
+
+/// Longest excerpt of a reply kept by [`excerpt`].
+const EXCERPT: usize = 64;
+
+/// The start of `wire`, escaped for one log line (CR, LF and control
+/// bytes spelled out) and marked `…` where cut short.
+pub fn excerpt(wire: &[u8]) -> String {
+    let cut = wire.len().min(EXCERPT);
+    let mut text: String = String::from_utf8_lossy(&wire[..cut])
+        .escape_debug()
+        .collect();
+    if cut < wire.len() {
+        text.push('…');
+    }
+    text
 }
 
 /// A failure of the proxy: its side, kind, backend and cause.

@@ -10,7 +10,9 @@
 //! the backend with [`ketama`] and fans multi-key gets out, and [`backend`]
 //! pipelines everything over a few persistent connections per memcached.
 //! A failure on the way is an [`error::ProxyError`]: its side, kind and
-//! cause go to the log, fixed words to the client.
+//! cause go to the log, fixed words to the client. Apart from the data
+//! path, [`probe`] checks a backend on a connection of its own (is it
+//! correct, is it as fast as its peers) before it may serve.
 
 pub mod auth;
 pub mod backend;
@@ -21,6 +23,7 @@ pub mod generations;
 pub mod health;
 pub mod ketama;
 pub mod listener;
+pub mod probe;
 pub mod router;
 pub mod session;
 pub mod stats;
