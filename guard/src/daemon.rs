@@ -60,6 +60,8 @@ pub async fn run(paths: Paths, args: RunArgs) -> anyhow::Result<()> {
     };
 
     let mut proxy = None;
+    // Reloaded backend lists reach the proxy's ejection controller.
+    let (backends_tx, backends_rx) = tokio::sync::watch::channel(config.proxy.backends.clone());
     if !config.proxy.listen.is_empty() {
         descriptors::fit(&mut config.proxy)?;
         let backlog = config.proxy.backlog;
@@ -92,6 +94,7 @@ pub async fn run(paths: Paths, args: RunArgs) -> anyhow::Result<()> {
             tenants: tenants.clone(),
             learned: learned_tx,
             limit_events: limit_events.clone(),
+            backends: Some(backends_rx),
         };
         // Polled here, in the runtime's main future, not spawned: its
         // accept loops then take their turn before every round of tasks
@@ -138,9 +141,14 @@ pub async fn run(paths: Paths, args: RunArgs) -> anyhow::Result<()> {
                 Signal::Stop => break,
                 Signal::Reload => match reload(&paths, &args, &config, &mut xdp, &tenants) {
                     Ok(new) => {
+                        backends_tx.send_if_modified(|b| {
+                            let changed = *b != new.proxy.backends;
+                            b.clone_from(&new.proxy.backends);
+                            changed
+                        });
                         config = new;
                         info!(
-                            "configuration reloaded: tenants ({}){}; other proxy settings apply at restart",
+                            "configuration reloaded: tenants ({}), backends{}; other proxy settings apply at restart",
                             describe_tenants(&tenants),
                             if xdp.is_some() { " and XDP settings" } else { "" },
                         );

@@ -28,7 +28,7 @@ use std::{
     net::SocketAddr,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -152,6 +152,9 @@ pub struct BackendPool {
     health: Arc<BackendHealth>,
     /// Cuts a reconnect backoff short.
     wake: Arc<Notify>,
+    /// Probes passed: each starts the connections' backoff and outage
+    /// over.
+    passed: Arc<AtomicU64>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -168,6 +171,7 @@ impl BackendPool {
         let mut conns = Vec::new();
         let mut tasks = Vec::new();
         let wake = Arc::new(Notify::new());
+        let passed = Arc::new(AtomicU64::new(0));
         for _ in 0..settings.connections {
             let (tx, rx) = mpsc::unbounded_channel();
             let up = Arc::new(AtomicBool::new(false));
@@ -180,6 +184,7 @@ impl BackendPool {
                     stats: stats.clone(),
                     health: health.clone(),
                     wake: wake.clone(),
+                    passed: passed.clone(),
                 },
             )));
             conns.push(Conn {
@@ -195,6 +200,7 @@ impl BackendPool {
             stats,
             health,
             wake,
+            passed,
             tasks,
         }
     }
@@ -222,9 +228,12 @@ impl BackendPool {
             .sum()
     }
 
-    /// Connections waiting to reconnect try now (the backend passed a
-    /// probe and is about to take traffic again).
-    pub fn reconnect_now(&self) {
+    /// The backend passed a probe and is about to take traffic again:
+    /// connections waiting to reconnect try now, and the next failure is
+    /// news again, counted from the shortest backoff (a backend killed
+    /// right after its return is then ejected as fast as the first time).
+    pub fn passed_probe(&self) {
+        self.passed.fetch_add(1, Ordering::Relaxed);
         self.wake.notify_waiters();
     }
 
@@ -302,6 +311,7 @@ struct Link {
     stats: Arc<ProxyStats>,
     health: Arc<BackendHealth>,
     wake: Arc<Notify>,
+    passed: Arc<AtomicU64>,
 }
 
 async fn run_connection(
@@ -315,7 +325,9 @@ async fn run_connection(
         stats,
         health,
         wake,
+        passed,
     } = link;
+    let mut probes_seen = passed.load(Ordering::Relaxed);
     let mut backoff = MIN_BACKOFF;
     let mut outage = Outage::default();
     loop {
@@ -373,6 +385,12 @@ async fn run_connection(
             Err(_) => ProxyError::backend(addr, ErrorKind::ConnectTimeout)
                 .because(Cause::Elapsed(settings.connect_timeout)),
         };
+        let probes = passed.load(Ordering::Relaxed);
+        if probes != probes_seen {
+            probes_seen = probes;
+            backoff = MIN_BACKOFF;
+            outage = Outage::default();
+        }
         health.failed(failure.kind());
         log!(
             outage.failure(failure.kind(), Instant::now()),

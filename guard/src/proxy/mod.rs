@@ -18,6 +18,7 @@ pub mod auth;
 pub mod backend;
 pub mod command;
 pub mod connection;
+pub mod ejection;
 pub mod error;
 pub mod generations;
 pub mod health;
@@ -84,6 +85,9 @@ pub struct ProxyContext {
     /// XDP limit events the daemon has received, for `stats`; zero
     /// without XDP.
     pub limit_events: Arc<AtomicU64>,
+    /// The backend lists of reloaded configurations; `None`: the
+    /// backends never change.
+    pub backends: Option<watch::Receiver<Vec<crate::config::BackendConfig>>>,
 }
 
 impl ProxyContext {
@@ -94,6 +98,7 @@ impl ProxyContext {
             tenants: Arc::new(SharedRegistry::new(TenantRegistry::open_with_keys(keys))),
             learned: None,
             limit_events: Arc::default(),
+            backends: None,
         }
     }
 }
@@ -172,17 +177,8 @@ impl Proxy {
             connections: config.backend_connections,
             max_in_flight: config.backend_max_in_flight,
         };
-        let alarm = Arc::new(tokio::sync::Notify::new());
-        let members = config
-            .backends
-            .iter()
-            .map(|b| {
-                let health = Arc::new(health::BackendHealth::new(alarm.clone()));
-                let pool = backend::BackendPool::start(b.addr, &settings, stats.clone(), health);
-                router::Member::live(Arc::new(router::Backend::new(pool)), b.weight)
-            })
-            .collect();
-        let router = Arc::new(Router::new(router::Topology::new(members, config.eject)));
+        let (router, controller) =
+            ejection::Controller::start(&config, settings.clone(), stats.clone());
         let limits = Limits {
             max_value_len: config.max_value_size,
             max_pipeline_depth: config.max_pipeline_depth,
@@ -210,6 +206,7 @@ impl Proxy {
         generations::initial_sync(&shared, settings.connect_timeout + settings.request_timeout)
             .await;
         let syncing = tokio::spawn(generations::run(shared.clone(), phase_rx.clone()));
+        let controlling = tokio::spawn(controller.run(cx.backends));
         let permits = Arc::new(Semaphore::new(config.max_connections));
         let sources = Arc::new(SourceLimits::new(config.max_connections_per_source));
         for l in &listeners {
@@ -251,6 +248,7 @@ impl Proxy {
         // One last pass, so a flush just before the stop is recorded.
         generations::sync(&shared).await;
         syncing.abort();
+        controlling.abort();
         for m in shared.router.topology().members() {
             m.backend.pool.abort();
         }
