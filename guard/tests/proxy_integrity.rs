@@ -19,6 +19,14 @@
 //! a bump may come from a restarted, empty memcached, and is checked with
 //! "absent" added.
 //!
+//! Each kill also ejects the dead backend (its failed reconnects), its
+//! keys move to the others under fresh gutter names, and after the
+//! restart it is probed, flushed and re-admitted, so keys change backends
+//! twice per kill while the pipelines run. From the kill until the
+//! re-admission is seen in `stats` the run is *unsettled*: every reply
+//! may be a miss (the gutter and the flushed node start empty), but never
+//! a wrong or older value, and always the reply to its own request.
+//!
 //! The same workload runs over the binary protocol (set/add/replace/
 //! append/prepend/delete, their quiet forms, getk, and getkq+noop
 //! multi-gets; opaques tie every response to its request).
@@ -301,6 +309,10 @@ struct Model {
     version: u64,
     /// The kill epoch the model has accounted for.
     epoch: u64,
+    /// The last few things that happened to each key, for the failure
+    /// message.
+    history: Vec<std::collections::VecDeque<String>>,
+    start: Instant,
 }
 
 impl Model {
@@ -310,7 +322,22 @@ impl Model {
             keys: vec![State::Known(vec![None]); KEYS_PER_CLIENT],
             version: 0,
             epoch: 0,
+            history: vec![Default::default(); KEYS_PER_CLIENT],
+            start: Instant::now(),
         }
+    }
+
+    fn note(&mut self, key: usize, what: String) {
+        let h = &mut self.history[key];
+        if h.len() == 12 {
+            h.pop_front();
+        }
+        h.push_back(format!("{:.3?} {what}", self.start.elapsed()));
+    }
+
+    fn recent(&self, key: usize) -> String {
+        let h: Vec<&str> = self.history[key].iter().map(String::as_str).collect();
+        format!("\n    recently: {}", h.join("\n              "))
     }
 
     fn key_name(&self, key: usize) -> String {
@@ -344,6 +371,7 @@ impl Model {
 
     /// A kill may have emptied the key's backend.
     fn may_be_absent(&mut self, key: usize) {
+        self.note(key, "may be absent".into());
         if let State::Known(ps) = &mut self.keys[key] {
             let mut ps = std::mem::take(ps);
             ps.push(None);
@@ -369,6 +397,8 @@ impl Model {
     /// a backend failure: applied or not).
     fn step(&mut self, op: &KeyOp, reply: Option<Outcome>) -> Result<(), String> {
         let flags = self.flags(op.key);
+        let shown = String::from_utf8_lossy(&op.value[..op.value.len().min(16)]).into_owned();
+        self.note(op.key, format!("{:?} {shown} -> {reply:?}", op.kind));
         let next = match (&self.keys[op.key], reply) {
             (State::Known(ps), None) => {
                 let mut next = ps.clone();
@@ -386,10 +416,11 @@ impl Model {
                     .collect();
                 if next.is_empty() {
                     return Err(format!(
-                        "reply {o:?} to {:?} on {} is impossible; the cache may hold {}",
+                        "reply {o:?} to {:?} on {} is impossible; the cache may hold {}{}",
                         op.kind,
                         self.key_name(op.key),
-                        describe(ps)
+                        describe(ps),
+                        self.recent(op.key)
                     ));
                 }
                 normalize(next)
@@ -440,6 +471,7 @@ impl Model {
     /// Narrows `key` by what a get saw.
     fn observe(&mut self, key: usize, seen: &Seen) -> Result<(), String> {
         let flags = self.flags(key);
+        self.note(key, format!("get saw {}", describe_seen(seen)));
         let next = match (&self.keys[key], seen) {
             (State::Known(ps), _) => {
                 let next: Vec<Possible> = ps
@@ -457,10 +489,11 @@ impl Model {
                     .collect();
                 if next.is_empty() {
                     return Err(format!(
-                        "get {} saw {}; the cache may hold {}",
+                        "get {} saw {}; the cache may hold {}{}",
                         self.key_name(key),
                         describe_seen(seen),
-                        describe(ps)
+                        describe(ps),
+                        self.recent(key)
                     ));
                 }
                 State::Known(next)
@@ -1003,9 +1036,12 @@ fn binary_client(
                                 format!("answered with opaque {}, expected {mine}", r.opaque),
                             ));
                         }
-                        loose |= run.epoch.load(SeqCst) != e0;
+                        loose |= run.loose_since(e0);
                         binary_outcome(&k.kind, r.status).map_err(|e| context(i, e))?
                     } else {
+                        // Silent, so no reply to read the run's state
+                        // after: now is as late as this can be known.
+                        loose |= run.loose_since(e0);
                         // Quiet and silent: it succeeded.
                         Some(match k.kind {
                             Kind::Delete => Outcome::Deleted,
@@ -1032,7 +1068,7 @@ fn binary_client(
                             !quiet || w.peek_opaque().map_err(|e| context(i, e))? == mine;
                         let seen = if answered {
                             let r = w.bin_reply().map_err(|e| context(i, e))?;
-                            loose |= run.epoch.load(SeqCst) != e0;
+                            loose |= run.loose_since(e0);
                             if r.opaque != mine {
                                 return Err(context(
                                     i,
@@ -1065,6 +1101,9 @@ fn binary_client(
                                 }
                             }
                         } else {
+                            // Silence is the miss: it was decided no
+                            // earlier than the next reply peeked at.
+                            loose |= run.loose_since(e0);
                             Some(Seen::Miss)
                         };
                         if loose {
@@ -1118,7 +1157,17 @@ struct Run {
     clients_done: AtomicUsize,
     /// Backends killed and restarted so far.
     kills_done: AtomicUsize,
+    /// Set from a kill until the backend is back in the ring.
+    unsettled: AtomicBool,
     start: Instant,
+}
+
+impl Run {
+    /// Whether a reply read now may be a miss for a reason the model does
+    /// not see: the epoch moved since `e0`, or a backend is out.
+    fn loose_since(&self, e0: u64) -> bool {
+        self.epoch.load(SeqCst) != e0 || self.unsettled.load(SeqCst)
+    }
 }
 
 impl Run {
@@ -1182,6 +1231,14 @@ fn text_client(
         for (i, op) in ops.iter().enumerate() {
             match op {
                 Op::One(k) if k.noreply => {
+                    // No reply to read the run's state after: what it is
+                    // now is as late as this op can be known to have run.
+                    // (A re-admission's flush can empty the key's backend
+                    // just before it runs, in the same batch.)
+                    loose |= run.loose_since(e0);
+                    if loose {
+                        m.may_be_absent(k.key);
+                    }
                     m.step(k, None).map_err(|e| context(i, e))?;
                     if loose {
                         m.may_be_absent(k.key);
@@ -1189,7 +1246,7 @@ fn text_client(
                 }
                 Op::One(k) => {
                     let line = w.line().map_err(|e| context(i, e))?;
-                    loose |= run.epoch.load(SeqCst) != e0;
+                    loose |= run.loose_since(e0);
                     if loose {
                         m.may_be_absent(k.key);
                     }
@@ -1206,7 +1263,7 @@ fn text_client(
                 }
                 Op::Get { keys, cas } => {
                     let got = read_text_get(&mut w, &m, keys, *cas).map_err(|e| context(i, e))?;
-                    loose |= run.epoch.load(SeqCst) != e0;
+                    loose |= run.loose_since(e0);
                     let Some(seen) = got else {
                         t.server_errors += 1;
                         continue;
@@ -1277,7 +1334,32 @@ fn final_text_check(addr: SocketAddr, m: &mut Model, epoch: u64) -> Result<(), S
 
 /// Kills one backend (SIGKILL) at 20%, 45% and 70% of the workload and
 /// restarts it on the same port after a short outage.
-fn controller(backends: &mut [Option<Memcached>], ports: &[u16], seed: u64, run: &Run) -> usize {
+/// One of guard's `stats` counters.
+fn stat(proxy: SocketAddr, name: &str) -> u64 {
+    let mut s = TcpStream::connect(proxy).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"stats\r\n").unwrap();
+    let mut got = Vec::new();
+    while !got.ends_with(b"END\r\n") {
+        let mut chunk = [0u8; 8192];
+        let n = s.read(&mut chunk).expect("stats reply");
+        assert!(n > 0, "stats: connection closed");
+        got.extend_from_slice(&chunk[..n]);
+    }
+    let prefix = format!("STAT {name} ");
+    String::from_utf8_lossy(&got)
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix)?.parse().ok())
+        .unwrap_or_else(|| panic!("no stat {name}"))
+}
+
+fn controller(
+    backends: &mut [Option<Memcached>],
+    ports: &[u16],
+    seed: u64,
+    run: &Run,
+    proxy: SocketAddr,
+) -> usize {
     let mut rng = Rng(seed ^ 0xC0FF_EE00);
     let total = CLIENTS * OPS_PER_CLIENT;
     let mut kills = 0;
@@ -1292,12 +1374,15 @@ fn controller(backends: &mut [Option<Memcached>], ports: &[u16], seed: u64, run:
             std::thread::sleep(Duration::from_millis(5));
         }
         let victim = rng.below(backends.len());
+        run.unsettled.store(true, SeqCst);
         run.epoch.fetch_add(1, SeqCst);
         // Memcached's drop is SIGKILL and reap.
         drop(backends[victim].take());
         run.epoch.fetch_add(1, SeqCst);
         kills += 1;
-        let outage = Duration::from_millis(rng.below(500) as u64);
+        // Long enough for three failed reconnects (10, 20, 40 ms apart):
+        // the dead backend is ejected before it returns.
+        let outage = Duration::from_millis(300 + rng.below(500) as u64);
         eprintln!(
             "integrity: killed backend {victim} (port {}) at {:.1?}, {} ops done; restarting after {outage:?}",
             ports[victim],
@@ -1306,11 +1391,29 @@ fn controller(backends: &mut [Option<Memcached>], ports: &[u16], seed: u64, run:
         );
         std::thread::sleep(outage);
         backends[victim] = Some(Memcached::start_on(ports[victim]));
-        run.kills_done.fetch_add(1, SeqCst);
         eprintln!(
             "integrity: backend {victim} back at {:.1?}",
             run.start.elapsed()
         );
+        // Probed, flushed and in the ring again: only then is the run
+        // settled, after one more epoch so replies read meanwhile stay
+        // loose.
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while stat(proxy, "backend_readmissions") < kills as u64 {
+            if Instant::now() > deadline {
+                eprintln!("integrity: backend {victim} was not re-admitted within 15 s");
+                run.failed.store(true, SeqCst);
+                return kills;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        eprintln!(
+            "integrity: backend {victim} re-admitted at {:.1?}",
+            run.start.elapsed()
+        );
+        run.epoch.fetch_add(1, SeqCst);
+        run.unsettled.store(false, SeqCst);
+        run.kills_done.fetch_add(1, SeqCst);
     }
     kills
 }
@@ -1320,6 +1423,7 @@ type ClientFn = fn(SocketAddr, usize, u64, &Run) -> Result<(Model, Tally), Strin
 /// Runs `client` on every client thread while the controller kills and
 /// restarts backends, then checks every key once more over text.
 fn workload(client: ClientFn) {
+    let _ = env_logger::builder().is_test(true).try_init();
     let seed = seed();
     eprintln!("integrity: seed {seed} (GUARD_INTEGRITY_SEED={seed} to replay)");
     let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
@@ -1336,6 +1440,13 @@ fn workload(client: ClientFn) {
     // timeouts (after which a request may still run late, which this model
     // does not allow for).
     cfg.request_timeout_ms = 3_000;
+    // Ejections come from the kills alone: latency on a loaded debug
+    // build is no reason, and a miss with no kill behind it would be one
+    // the model cannot allow. Re-admission soon after a restart, so keys
+    // move back while the pipelines run.
+    cfg.outlier_ratio = 0.0;
+    cfg.eject_time_ms = 200;
+    cfg.max_eject_time_ms = 400;
     let guard = GuardProxy::start(cfg);
     let addr = guard.addr;
     let run = Run {
@@ -1344,6 +1455,7 @@ fn workload(client: ClientFn) {
         failed: AtomicBool::new(false),
         clients_done: AtomicUsize::new(0),
         kills_done: AtomicUsize::new(0),
+        unsettled: AtomicBool::new(false),
         start: Instant::now(),
     };
 
@@ -1361,7 +1473,7 @@ fn workload(client: ClientFn) {
                 })
             })
             .collect();
-        let kills = controller(&mut backends, &ports, seed, &run);
+        let kills = controller(&mut backends, &ports, seed, &run, addr);
         let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
         (results, kills)
     });
@@ -1403,6 +1515,13 @@ fn workload(client: ClientFn) {
     assert_eq!(
         kills, KILLS,
         "seed {seed}: the workload ended before every kill"
+    );
+    // Every kill ejected its backend and the restart brought it back.
+    assert_eq!(stat(addr, "backend_ejections"), KILLS as u64, "seed {seed}");
+    assert_eq!(
+        stat(addr, "backend_readmissions"),
+        KILLS as u64,
+        "seed {seed}"
     );
     // The run must have exercised something on both sides of the failures.
     assert!(
