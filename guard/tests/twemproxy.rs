@@ -2,6 +2,8 @@
 //! `nutcracker` (ketama + md5) and then looked up directly on each
 //! memcached to see where twemproxy put them.
 
+mod common;
+
 use std::collections::HashMap;
 use std::fs;
 use std::io::{BufRead, BufReader, Write};
@@ -417,4 +419,173 @@ fn ejected_server_is_left_out() {
         keys.iter()
             .any(|k| all.server_for(k.as_bytes()) != Some(found[k]))
     );
+}
+
+/// Keys memcached at `addr` holds, decoded from `lru_crawler metadump`.
+fn stored_keys(addr: SocketAddr) -> Vec<String> {
+    let mut conn = Conn::open(addr);
+    write!(conn.writer, "lru_crawler metadump all\r\n").unwrap();
+    let mut keys = Vec::new();
+    loop {
+        // Dump lines end in a bare LF, `END` in CRLF.
+        let mut line = String::new();
+        conn.reader.read_line(&mut line).unwrap();
+        let line = line.trim_end();
+        assert!(!line.is_empty(), "metadump ended early");
+        if line == "END" {
+            return keys;
+        }
+        let Some(enc) = line.split(' ').find_map(|f| f.strip_prefix("key=")) else {
+            continue;
+        };
+        let mut key = Vec::new();
+        let b = enc.as_bytes();
+        let mut i = 0;
+        while i < b.len() {
+            if b[i] == b'%' && i + 2 < b.len() {
+                key.push(u8::from_str_radix(&enc[i + 1..i + 3], 16).unwrap());
+                i += 3;
+            } else {
+                key.push(b[i]);
+                i += 1;
+            }
+        }
+        keys.push(String::from_utf8(key).unwrap());
+    }
+}
+
+/// guard, over the same servers with raw keys, ejects a dead one as
+/// twemproxy does and sends that server's keys where twemproxy sends
+/// them (under its gutter names, so they are never read back as stale
+/// values). Keys of live servers stay where they were: with equal
+/// weights that is where twemproxy puts them too; with unequal weights
+/// twemproxy, recomputing every server's share, also moves some keys
+/// between live servers, and guard does not.
+#[test]
+fn guard_sends_an_ejected_servers_keys_where_twemproxy_does() {
+    for weights in [[1, 1, 1], [1, 2, 1]] {
+        let backends: Vec<Backend> = weights.into_iter().map(Backend::new).collect();
+        let list: Vec<_> = backends.iter().map(Backend::identity).collect();
+        let mut servers: Vec<Option<Memcached>> =
+            backends.iter().map(|b| Some(b.start())).collect();
+        let (_proxy, proxy_addr) = start_nutcracker(
+            &backends,
+            "  auto_eject_hosts: true\n  server_failure_limit: 1\n  server_retry_timeout: 600000\n",
+        );
+        let guard = common::GuardProxy::start(guard::config::ProxyConfig {
+            listen: vec![SocketAddr::from((Ipv4Addr::LOCALHOST, 0))],
+            backends: backends
+                .iter()
+                .map(|b| guard::config::BackendConfig {
+                    addr: b.addr(),
+                    weight: b.weight,
+                })
+                .collect(),
+            keys: guard::config::KeyMode::Raw,
+            eject_time_ms: 600_000,
+            max_eject_time_ms: 600_000,
+            ..guard::config::ProxyConfig::default()
+        });
+        const DEAD: usize = 1;
+        servers[DEAD] = None;
+        let all = Ketama::new(&list);
+        let probe = keys("probe:", 1000)
+            .into_iter()
+            .find(|k| all.server_for(k.as_bytes()) == Some(DEAD))
+            .unwrap();
+        assert!(
+            Conn::open(proxy_addr)
+                .set(&probe, "x")
+                .starts_with("SERVER_ERROR")
+        );
+        // guard ejects it for its failed reconnects.
+        let deadline = std::time::Instant::now() + IO_TIMEOUT;
+        let mut g = Conn::open(guard.addr);
+        while !stats_line(&mut g, "backends_ejected").ends_with(" 1") {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "guard never ejected it"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+
+        let keys = keys("guard:", KEYS);
+        let twemproxy = placement(proxy_addr, &backends, &keys);
+        // Now through guard, under other names so the two do not meet.
+        let mine: Vec<String> = keys.iter().map(|k| format!("g{k}")).collect();
+        for k in &mine {
+            assert_eq!(g.set(k, k), "STORED", "set {k} via guard");
+        }
+        let mut placed: HashMap<String, (usize, bool)> = HashMap::new();
+        for (index, b) in backends.iter().enumerate() {
+            if index == DEAD {
+                continue;
+            }
+            for name in stored_keys(b.addr()) {
+                // `~` and 13 digits name the ejection; then `:` and the key.
+                let (key, gutter) = match name.strip_prefix('~') {
+                    Some(rest) => (rest[14..].to_string(), true),
+                    None => (name, false),
+                };
+                if key.starts_with("gguard:") {
+                    assert_eq!(placed.insert(key.clone(), (index, gutter)), None, "{key}");
+                }
+            }
+        }
+        assert_eq!(placed.len(), mine.len(), "{weights:?}: keys missing");
+        let (mut agree, mut kept_home) = (0, 0);
+        for (k, g) in keys.iter().zip(&mine) {
+            let (on, gutter) = placed[g];
+            let home = all.server_for(g.as_bytes()).unwrap();
+            // Where twemproxy puts the same key, over the same live set.
+            let theirs = Ketama::with_live(&list, |i| i != DEAD).server_for(g.as_bytes());
+            if home == DEAD {
+                assert!(
+                    gutter,
+                    "{g}: a key of the ejected server under its own name"
+                );
+                assert_eq!(Some(on), theirs, "{weights:?} {g}");
+                agree += 1;
+            } else {
+                assert!(!gutter, "{g}");
+                assert_eq!(on, home, "{weights:?}: {g} left its live home");
+                kept_home += usize::from(Some(on) != theirs);
+            }
+            // The oracle is twemproxy itself for the keys it placed.
+            assert_eq!(
+                Ketama::with_live(&list, |i| i != DEAD).server_for(k.as_bytes()),
+                Some(twemproxy[k])
+            );
+        }
+        assert!(agree > 100, "{weights:?}: {agree}");
+        if weights == [1, 1, 1] {
+            assert_eq!(
+                kept_home, 0,
+                "equal weights: every key where twemproxy puts it"
+            );
+        } else {
+            // Two servers of weight 1 left: each now gets 160 points
+            // instead of 120, and takes some keys from the other.
+            assert!(kept_home > 0, "{weights:?}");
+        }
+        eprintln!(
+            "weights {weights:?}: {agree} keys of the ejected server placed as twemproxy \
+             does; {kept_home} keys of live servers that twemproxy moves stay home"
+        );
+    }
+}
+
+/// The `stats` line named `name` from guard.
+fn stats_line(c: &mut Conn, name: &str) -> String {
+    write!(c.writer, "stats\r\n").unwrap();
+    let mut found = String::new();
+    loop {
+        let line = c.line();
+        if line == "END" {
+            return found;
+        }
+        if line.starts_with(&format!("STAT {name} ")) {
+            found = line;
+        }
+    }
 }
