@@ -38,8 +38,14 @@
 //!   connection cap to the descriptor limit, [`proxy::command`]
 //!   translates requests to backend meta requests in the client's tenant
 //!   namespace, [`proxy::router`] routes with [`proxy::ketama`] (as
-//!   twemproxy does), and [`proxy::backend`] pipelines over pooled backend
-//!   connections.
+//!   twemproxy does) over the ring in force, and [`proxy::backend`]
+//!   pipelines over pooled backend connections, reporting each answer's
+//!   latency and each failure to [`proxy::health`].
+//! - [`proxy::ejection`] is where a backend is judged: it ejects one that
+//!   keeps failing or is a latency outlier against its peers, re-admits
+//!   it once [`proxy::probe`] (also `guard probe`) passes, and probes
+//!   backends a reload adds (tested in `guard/tests/proxy_ejection.rs`,
+//!   with a delaying relay for the slow node).
 //! - [`tenant`] knows who a client is and what it may touch: credentials
 //!   and their verification, SASL and text authentication, per-tenant key
 //!   namespaces with their own `flush_all`, and connection caps (charged

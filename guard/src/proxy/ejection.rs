@@ -48,7 +48,7 @@ use tokio::{
 
 use super::{
     backend::{BackendPool, BackendSettings},
-    health::{BackendHealth, LatencySnapshot, OutlierRule, median},
+    health::{BackendHealth, LatencySnapshot, OutlierRule, human, median},
     probe::{self, ProbeSettings, Verdict},
     router::{Backend, Member, Router, Topology, gutter_tag},
     stats::ProxyStats,
@@ -187,23 +187,11 @@ impl std::fmt::Display for Reason {
             Reason::Latency { p90, peers } => write!(
                 f,
                 "90th-percentile latency {} vs its peers' {} ({:.0}×)",
-                fmt_duration(*p90),
-                fmt_duration(*peers),
+                human(*p90),
+                human(*peers),
                 self.severity()
             ),
         }
-    }
-}
-
-/// A duration as an operator reads it: `212 ms`, `0.4 ms`, `12 s`.
-pub fn fmt_duration(d: Duration) -> String {
-    let ms = d.as_secs_f64() * 1e3;
-    if ms >= 10_000.0 {
-        format!("{:.0} s", ms / 1e3)
-    } else if ms >= 10.0 {
-        format!("{ms:.0} ms")
-    } else {
-        format!("{ms:.1} ms")
     }
 }
 
@@ -457,7 +445,7 @@ impl Controller {
                 "backend {} ejected: {reason}; {}, probed in {}; {keys}",
                 t.addr(),
                 in_a_row(t.ejections),
-                fmt_duration(lasts)
+                human(lasts)
             );
             changed = true;
         }
@@ -580,7 +568,7 @@ impl Controller {
             "backend {} failed its probe: {}; {what}, probed again in {}",
             t.addr(),
             done.verdict.reason,
-            fmt_duration(lasts)
+            human(lasts)
         );
     }
 
@@ -755,7 +743,7 @@ async fn probe_backend(
 async fn flush_all(addr: SocketAddr, s: &ProbeSettings) -> Result<(), String> {
     let stream = timeout(s.connect_timeout, TcpStream::connect(addr))
         .await
-        .map_err(|_| format!("no connection within {}", fmt_duration(s.connect_timeout)))?
+        .map_err(|_| format!("no connection within {}", human(s.connect_timeout)))?
         .map_err(|e| e.to_string())?;
     let mut stream = BufReader::new(stream);
     let exchange = async {
@@ -766,7 +754,7 @@ async fn flush_all(addr: SocketAddr, s: &ProbeSettings) -> Result<(), String> {
     };
     let line = timeout(s.request_timeout, exchange)
         .await
-        .map_err(|_| format!("no reply within {}", fmt_duration(s.request_timeout)))?
+        .map_err(|_| format!("no reply within {}", human(s.request_timeout)))?
         .map_err(|e| e.to_string())?;
     if line == "OK\r\n" {
         Ok(())
@@ -808,7 +796,7 @@ mod tests {
         };
         assert_eq!(
             r.to_string(),
-            "90th-percentile latency 212 ms vs its peers' 0.4 ms (530×)"
+            "90th-percentile latency 212.0 ms vs its peers' 0.40 ms (530×)"
         );
         let r = Reason::Errors {
             count: 3,

@@ -41,6 +41,23 @@ impl OutlierRule {
     }
 }
 
+/// A duration as an operator reads it in a log line or a table: two
+/// decimals of a millisecond below one (where a healthy node's figures
+/// are), one decimal below a second, then seconds: `0.40 ms`, `201.3 ms`,
+/// `1.5 s`, `10 s`.
+pub fn human(d: Duration) -> String {
+    let ms = d.as_secs_f64() * 1e3;
+    if ms < 1.0 {
+        format!("{ms:.2} ms")
+    } else if ms < 1_000.0 {
+        format!("{ms:.1} ms")
+    } else if (ms / 1e3).fract() < 0.05 {
+        format!("{:.0} s", ms / 1e3)
+    } else {
+        format!("{:.1} s", ms / 1e3)
+    }
+}
+
 /// The median of `values` (the lower of the middle two for an even
 /// count), or `None` when there are none.
 pub fn median(values: &[Duration]) -> Option<Duration> {
@@ -254,6 +271,14 @@ mod tests {
         assert!(!rule.is_outlier(ms(1), ms(200)));
         let off = OutlierRule { ratio: 0.0, ..rule };
         assert!(!off.is_outlier(ms(10_000), ms(1)));
+    }
+
+    #[test]
+    fn durations_read_as_people_write_them() {
+        assert_eq!(human(Duration::from_micros(400)), "0.40 ms");
+        assert_eq!(human(Duration::from_micros(201_349)), "201.3 ms");
+        assert_eq!(human(ms(1_500)), "1.5 s");
+        assert_eq!(human(ms(10_000)), "10 s");
     }
 
     #[test]

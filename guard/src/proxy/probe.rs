@@ -33,7 +33,7 @@ use tokio::{
 
 use super::{
     error::excerpt,
-    health::{OutlierRule, median},
+    health::{OutlierRule, human, median},
 };
 use crate::{
     cli::ProbeArgs,
@@ -155,8 +155,8 @@ pub enum ProbeError {
     #[error(
         "{addr}: {count} of its first {of} requests took longer than {} \
          (the slowest {}), so its round-trip p90 will too",
-        ms(*limit),
-        ms(*slowest)
+        human(*limit),
+        human(*slowest)
     )]
     Slow {
         addr: SocketAddr,
@@ -341,8 +341,8 @@ pub fn judge(
             pass: true,
             reason: format!(
                 "answered correctly; no peers to compare with (round-trip p90 {}, burst {})",
-                ms(c.round_trip_p90),
-                ms(c.burst)
+                human(c.round_trip_p90),
+                human(c.burst)
             ),
         };
     };
@@ -388,18 +388,11 @@ fn comparison(name: &str, value: Duration, peers: Duration) -> String {
             format!("{r:.1}×")
         }
     };
-    format!("{name} {} vs peers' {} ({times})", ms(value), ms(peers))
-}
-
-/// Milliseconds for people: two decimals below 1 ms, where a fast node's
-/// figures are, one above.
-fn ms(d: Duration) -> String {
-    let v = d.as_secs_f64() * 1e3;
-    if v < 1.0 {
-        format!("{v:.2} ms")
-    } else {
-        format!("{v:.1} ms")
-    }
+    format!(
+        "{name} {} vs peers' {} ({times})",
+        human(value),
+        human(peers)
+    )
 }
 
 /// The nearest-rank percentile `q` of `sorted`; zero when empty.
@@ -661,7 +654,7 @@ fn report_table(nodes: &[Node]) -> String {
                 f.round_trip_max,
                 f.burst,
             ]
-            .map(ms),
+            .map(human),
             Err(_) => std::array::from_fn(|_| "-".to_owned()),
         };
         let (role, verdict) = match (&n.verdict, &n.outcome) {
