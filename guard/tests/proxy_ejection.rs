@@ -15,7 +15,6 @@
 mod common;
 
 use std::{
-    collections::HashMap,
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpStream},
     sync::{
@@ -26,7 +25,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Client, GuardProxy, Memcached};
+use common::{Client, GuardProxy, Memcached, stat, stats};
 use guard::{
     config::{BackendConfig, EjectPolicy, KeyMode, ProxyConfig},
     proxy::ketama::{Ketama, server_identity},
@@ -42,9 +41,9 @@ fn serial() -> MutexGuard<'static, ()> {
 /// How long a slow node takes to answer.
 const SLOW: Duration = Duration::from_millis(200);
 
-/// Raw keys, latency judged every 200 ms, first ejection 1 s, and a
-/// request timeout well above `SLOW`, so only latency can eject a slow
-/// node.
+/// Raw keys, latency judged every 200 ms, first ejection 1 s, a request
+/// timeout well above `SLOW`, so only latency can eject a slow node, and
+/// a gap (50 ms) no healthy node on a busy test machine comes near.
 fn ejection_config(backends: &[SocketAddr]) -> ProxyConfig {
     ProxyConfig {
         listen: vec![SocketAddr::from(([127, 0, 0, 1], 0))],
@@ -54,6 +53,7 @@ fn ejection_config(backends: &[SocketAddr]) -> ProxyConfig {
             .collect(),
         keys: KeyMode::Raw,
         outlier_interval_ms: 200,
+        outlier_min_gap_ms: 50,
         eject_time_ms: 1_000,
         max_eject_time_ms: 60_000,
         request_timeout_ms: 2_000,
@@ -72,28 +72,6 @@ fn home(backends: &[SocketAddr], key: &str) -> usize {
 
 fn keys(prefix: &str, n: usize) -> Vec<String> {
     (0..n).map(|i| format!("{prefix}{i}")).collect()
-}
-
-/// guard's `stats`, by name.
-fn stats(addr: SocketAddr) -> HashMap<String, String> {
-    let mut c = Client::connect(addr);
-    c.send(b"stats\r\n");
-    let raw = c.read_until_suffix(b"END\r\n");
-    String::from_utf8_lossy(&raw)
-        .lines()
-        .filter_map(|l| {
-            let mut p = l.strip_prefix("STAT ")?.splitn(2, ' ');
-            Some((p.next()?.to_string(), p.next()?.to_string()))
-        })
-        .collect()
-}
-
-fn stat(addr: SocketAddr, name: &str) -> u64 {
-    let s = stats(addr);
-    s.get(name)
-        .unwrap_or_else(|| panic!("no stat {name}"))
-        .parse()
-        .unwrap()
 }
 
 /// Waits until `stat(name)` satisfies `ok`, for at most `within`; returns
@@ -372,6 +350,16 @@ fn a_slow_node_is_ejected_then_probed_and_readmitted_without_stale_reads() {
         assert_eq!(set(&mut c, k, &format!("v2-{k}")), "STORED");
         assert_eq!(get(&mut c, k), Some(format!("v2-{k}")));
     }
+    // A meta client asking for the key back gets its own, not the name
+    // it has in the gutter.
+    let k = &slow[0];
+    c.send(format!("mg {k} k v\r\n").as_bytes());
+    let head = c.read_line();
+    assert!(
+        head.starts_with("VA ") && head.ends_with(&format!(" k{k}")),
+        "{head}"
+    );
+    assert_eq!(c.read_line(), format!("v2-{k}"));
 
     let load = Load::start(proxy.addr, all.clone(), all.clone(), "late");
     pool.relay.set_delay(Duration::ZERO);
@@ -687,10 +675,11 @@ fn flush_generation_markers_survive_an_ejection() {
             |v| v == 1,
             Duration::from_secs(15),
         );
+        // At once, not at the next marker pass a second later.
         let start = Instant::now();
         while marker(pool.mcs[2].addr()) != Some(g2) {
             assert!(
-                start.elapsed() < Duration::from_secs(3),
+                start.elapsed() < Duration::from_millis(600),
                 "{policy}: the returning node holds {:?}, not {g2}",
                 marker(pool.mcs[2].addr())
             );
@@ -860,4 +849,99 @@ fn reloads_probe_new_backends_and_remove_old_ones_without_errors() {
         assert_eq!(direct_get(on, k), Some(format!("v3-{k}")), "{k} on {on}");
     }
     drop(relay);
+}
+
+/// Two backends out at once: while X is ejected its key K goes to C's
+/// gutter, then (C out too) to B's, then (C back) to C's again; when C
+/// leaves again K must not read what B's gutter held from before C came
+/// back. Gutter names are drawn again whenever the live set changes.
+#[test]
+fn an_ejected_nodes_gutter_never_serves_what_an_earlier_live_set_left() {
+    let _one = serial();
+    let mcs: Vec<Memcached> = (0..4).map(|_| Memcached::start()).collect();
+    let x = DelayRelay::start(mcs[0].addr());
+    let c = DelayRelay::start(mcs[1].addr());
+    let backends = [x.addr(), c.addr(), mcs[2].addr(), mcs[3].addr()];
+    let proxy = GuardProxy::start(ejection_config(&backends));
+    let list: Vec<(String, u32)> = backends
+        .iter()
+        .map(|a| (server_identity(&a.ip().to_string(), a.port(), None), 1))
+        .collect();
+    let without = |out: &'static [usize]| Ketama::with_live(&list, |i| !out.contains(&i));
+    // A key at home on X, whose gutter is on C while X alone is out.
+    let k = (0..)
+        .map(|i| format!("flap{i}"))
+        .find(|k| home(&backends, k) == 0 && without(&[0]).server_for(k.as_bytes()) == Some(1))
+        .unwrap();
+    let others: Vec<String> = keys("o", 200).into_iter().filter(|o| *o != k).collect();
+    let mut cl = Client::connect(proxy.addr);
+    let mut ejections = 0;
+    let mut turn_slow = |relay: &DelayRelay| {
+        let load = Load::start(proxy.addr, others.clone(), Vec::new(), "load");
+        relay.set_delay(SLOW);
+        ejections += 1;
+        let n = ejections;
+        wait_stat(
+            proxy.addr,
+            "backend_ejections",
+            |v| v == n,
+            Duration::from_secs(10),
+        );
+        load.finish();
+    };
+
+    turn_slow(&x);
+    assert_eq!(set(&mut cl, &k, "v1"), "STORED"); // C's gutter
+    turn_slow(&c);
+    assert_eq!(get(&mut cl, &k), None, "a fresh gutter on B");
+    assert_eq!(set(&mut cl, &k, "v2"), "STORED"); // B's gutter
+    c.set_delay(Duration::ZERO);
+    wait_stat(
+        proxy.addr,
+        "backend_readmissions",
+        |v| v == 1,
+        Duration::from_secs(15),
+    );
+    assert_eq!(get(&mut cl, &k), None, "C came back flushed");
+    assert_eq!(set(&mut cl, &k, "v3"), "STORED"); // C's gutter again
+    assert_eq!(get(&mut cl, &k).as_deref(), Some("v3"));
+    turn_slow(&c);
+    assert_eq!(
+        get(&mut cl, &k),
+        None,
+        "B's gutter served v2, older than v3, once C left again"
+    );
+    assert_eq!(stat(proxy.addr, "backends_ejected"), 2);
+}
+
+/// A reload that leaves no live backend lets the new ones in at once,
+/// as at start, rather than refuse every key until they pass a probe.
+#[test]
+fn a_reload_that_replaces_every_backend_serves_at_once() {
+    let _one = serial();
+    let (a, b) = (Memcached::start(), Memcached::start());
+    let (tx, rx) = tokio::sync::watch::channel(vec![BackendConfig {
+        addr: a.addr(),
+        weight: 1,
+    }]);
+    let cx = guard::proxy::ProxyContext {
+        backends: Some(rx),
+        ..guard::proxy::ProxyContext::open(KeyMode::Raw)
+    };
+    let proxy = GuardProxy::start_with(ejection_config(&[a.addr()]), cx);
+    let mut c = Client::connect(proxy.addr);
+    tx.send(vec![BackendConfig {
+        addr: b.addr(),
+        weight: 1,
+    }])
+    .unwrap();
+    wait_stat(
+        proxy.addr,
+        "backends_removed",
+        |v| v == 1,
+        Duration::from_secs(5),
+    );
+    assert_eq!(stat(proxy.addr, "backends_joining"), 0);
+    assert_eq!(set(&mut c, "k", "v"), "STORED");
+    assert_eq!(direct_get(b.addr(), "k").as_deref(), Some("v"));
 }

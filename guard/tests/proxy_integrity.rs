@@ -43,7 +43,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{GuardProxy, Memcached, config, free_port};
+use common::{GuardProxy, Memcached, config, free_port, stat};
 
 const CLIENTS: usize = 16;
 const KEYS_PER_CLIENT: usize = 48;
@@ -1334,25 +1334,6 @@ fn final_text_check(addr: SocketAddr, m: &mut Model, epoch: u64) -> Result<(), S
 
 /// Kills one backend (SIGKILL) at 20%, 45% and 70% of the workload and
 /// restarts it on the same port after a short outage.
-/// One of guard's `stats` counters.
-fn stat(proxy: SocketAddr, name: &str) -> u64 {
-    let mut s = TcpStream::connect(proxy).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    s.write_all(b"stats\r\n").unwrap();
-    let mut got = Vec::new();
-    while !got.ends_with(b"END\r\n") {
-        let mut chunk = [0u8; 8192];
-        let n = s.read(&mut chunk).expect("stats reply");
-        assert!(n > 0, "stats: connection closed");
-        got.extend_from_slice(&chunk[..n]);
-    }
-    let prefix = format!("STAT {name} ");
-    String::from_utf8_lossy(&got)
-        .lines()
-        .find_map(|l| l.strip_prefix(&prefix)?.parse().ok())
-        .unwrap_or_else(|| panic!("no stat {name}"))
-}
-
 fn controller(
     backends: &mut [Option<Memcached>],
     ports: &[u16],

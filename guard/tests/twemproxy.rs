@@ -501,7 +501,7 @@ fn guard_sends_an_ejected_servers_keys_where_twemproxy_does() {
         // guard ejects it for its failed reconnects.
         let deadline = std::time::Instant::now() + IO_TIMEOUT;
         let mut g = Conn::open(guard.addr);
-        while !stats_line(&mut g, "backends_ejected").ends_with(" 1") {
+        while common::stat(guard.addr, "backends_ejected") != 1 {
             assert!(
                 std::time::Instant::now() < deadline,
                 "guard never ejected it"
@@ -572,20 +572,5 @@ fn guard_sends_an_ejected_servers_keys_where_twemproxy_does() {
             "weights {weights:?}: {agree} keys of the ejected server placed as twemproxy \
              does; {kept_home} keys of live servers that twemproxy moves stay home"
         );
-    }
-}
-
-/// The `stats` line named `name` from guard.
-fn stats_line(c: &mut Conn, name: &str) -> String {
-    write!(c.writer, "stats\r\n").unwrap();
-    let mut found = String::new();
-    loop {
-        let line = c.line();
-        if line == "END" {
-            return found;
-        }
-        if line.starts_with(&format!("STAT {name} ")) {
-            found = line;
-        }
     }
 }

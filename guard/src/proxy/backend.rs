@@ -154,7 +154,7 @@ pub struct BackendPool {
     wake: Arc<Notify>,
     /// Probes passed: each starts the connections' backoff and outage
     /// over.
-    passed: Arc<AtomicU64>,
+    probe_passes: Arc<AtomicU64>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -171,7 +171,7 @@ impl BackendPool {
         let mut conns = Vec::new();
         let mut tasks = Vec::new();
         let wake = Arc::new(Notify::new());
-        let passed = Arc::new(AtomicU64::new(0));
+        let probe_passes = Arc::new(AtomicU64::new(0));
         for _ in 0..settings.connections {
             let (tx, rx) = mpsc::unbounded_channel();
             let up = Arc::new(AtomicBool::new(false));
@@ -179,12 +179,12 @@ impl BackendPool {
                 addr,
                 settings.clone(),
                 rx,
-                Link {
+                PoolLink {
                     up: up.clone(),
                     stats: stats.clone(),
                     health: health.clone(),
                     wake: wake.clone(),
-                    passed: passed.clone(),
+                    probe_passes: probe_passes.clone(),
                 },
             )));
             conns.push(Conn {
@@ -200,7 +200,7 @@ impl BackendPool {
             stats,
             health,
             wake,
-            passed,
+            probe_passes,
             tasks,
         }
     }
@@ -220,6 +220,12 @@ impl BackendPool {
         self.conns.iter().any(|c| c.up.load(Ordering::Relaxed))
     }
 
+    /// Whether every connection is up: sessions are spread over all of
+    /// them.
+    pub fn all_up(&self) -> bool {
+        self.conns.iter().all(|c| c.up.load(Ordering::Relaxed))
+    }
+
     /// Requests queued to or awaiting replies on its connections.
     pub fn in_flight(&self) -> usize {
         self.conns
@@ -233,7 +239,7 @@ impl BackendPool {
     /// news again, counted from the shortest backoff (a backend killed
     /// right after its return is then ejected as fast as the first time).
     pub fn passed_probe(&self) {
-        self.passed.fetch_add(1, Ordering::Relaxed);
+        self.probe_passes.fetch_add(1, Ordering::Relaxed);
         self.wake.notify_waiters();
     }
 
@@ -305,29 +311,29 @@ fn backend_limits() -> Limits {
 }
 
 /// What a connection task shares with its pool.
-struct Link {
+struct PoolLink {
     /// Whether the connection is up.
     up: Arc<AtomicBool>,
     stats: Arc<ProxyStats>,
     health: Arc<BackendHealth>,
     wake: Arc<Notify>,
-    passed: Arc<AtomicU64>,
+    probe_passes: Arc<AtomicU64>,
 }
 
 async fn run_connection(
     addr: SocketAddr,
     settings: BackendSettings,
     mut rx: mpsc::UnboundedReceiver<Batch>,
-    link: Link,
+    link: PoolLink,
 ) {
-    let Link {
+    let PoolLink {
         up,
         stats,
         health,
         wake,
-        passed,
+        probe_passes,
     } = link;
-    let mut probes_seen = passed.load(Ordering::Relaxed);
+    let mut probes_seen = probe_passes.load(Ordering::Relaxed);
     let mut backoff = MIN_BACKOFF;
     let mut outage = Outage::default();
     loop {
@@ -341,6 +347,10 @@ async fn run_connection(
         let failure = match stream {
             Ok(Ok(stream)) => {
                 let _ = stream.set_nodelay(true);
+                // Closing resets: requests not yet sent when a connection
+                // is discarded (a timeout) are dropped by the kernel, not
+                // delivered late (after a flush that re-admits it, say).
+                let _ = stream.set_zero_linger();
                 ProxyStats::add(&stats.backend_connects, 1);
                 if outage.failures == 0 {
                     info!("backend {addr}: connected");
@@ -364,7 +374,10 @@ async fn run_connection(
                     addr,
                     stream,
                     &mut rx,
-                    (settings.request_timeout, &health),
+                    Served {
+                        request_timeout: settings.request_timeout,
+                        health: &health,
+                    },
                     answered,
                 )
                 .await;
@@ -385,7 +398,7 @@ async fn run_connection(
             Err(_) => ProxyError::backend(addr, ErrorKind::ConnectTimeout)
                 .because(Cause::Elapsed(settings.connect_timeout)),
         };
-        let probes = passed.load(Ordering::Relaxed);
+        let probes = probe_passes.load(Ordering::Relaxed);
         if probes != probes_seen {
             probes_seen = probes;
             backoff = MIN_BACKOFF;
@@ -463,6 +476,13 @@ async fn fail_incoming(addr: SocketAddr, rx: &mut mpsc::UnboundedReceiver<Batch>
     }
 }
 
+/// What `serve` applies to a connection.
+struct Served<'a> {
+    request_timeout: Duration,
+    /// Where each answered batch's latency goes.
+    health: &'a BackendHealth,
+}
+
 struct Pending {
     count: usize,
     got: Vec<Response>,
@@ -481,7 +501,10 @@ async fn serve(
     addr: SocketAddr,
     stream: TcpStream,
     rx: &mut mpsc::UnboundedReceiver<Batch>,
-    (request_timeout, health): (Duration, &BackendHealth),
+    Served {
+        request_timeout,
+        health,
+    }: Served<'_>,
     answered: impl FnOnce() + Send,
 ) -> Option<ProxyError> {
     let (mut rd, mut wr) = stream.into_split();
@@ -710,6 +733,37 @@ mod tests {
         assert!(InFlight::take(&pool.conns[0].in_flight, 1, 3).is_none());
         drop(big);
         assert_eq!(pool.conns[0].in_flight.load(Ordering::Relaxed), 0);
+    }
+
+    /// A pool dropped (its backend removed by a reload) answers what it
+    /// was sent before its connections end, rather than failing it.
+    #[tokio::test]
+    async fn a_dropped_pool_answers_what_it_was_sent() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut got = Vec::new();
+            while got.iter().filter(|&&b| b == b'\n').count() < 5 {
+                if s.read_buf(&mut got).await.unwrap_or(0) == 0 {
+                    return;
+                }
+            }
+            // Slow, but within the request timeout.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            s.write_all(&b"EN\r\n".repeat(5)).await.unwrap();
+            std::future::pending::<()>().await;
+        });
+        let pool = pool_up(addr, Duration::from_secs(5)).await;
+        let calls: Vec<Call> = (0..5)
+            .map(|_| pool.call(Bytes::from_static(b"mg k v\r\n"), 1, 0))
+            .collect();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        drop(pool);
+        for c in calls {
+            let r = c.wait().await.expect("answered after the pool was dropped");
+            assert_eq!(r.len(), 1);
+        }
     }
 
     async fn one_call(pool: &BackendPool) -> BatchResult {

@@ -39,7 +39,7 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 use bytes::Bytes;
 use log::{info, warn};
 use tokio::{
-    io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
+    io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
     net::TcpStream,
     sync::{Notify, watch},
     task::JoinSet,
@@ -58,6 +58,9 @@ use crate::config::{BackendConfig, EjectPolicy, ProxyConfig};
 /// Answers a backend needs in an interval to be judged on latency, or to
 /// count as a peer.
 pub const MIN_SAMPLES: u64 = 5;
+
+/// The longest ejection the config allows: a day.
+const MAX_EJECT_TIME_MS: u64 = 86_400_000;
 
 /// Intervals in a row an outlier must stay one to be ejected.
 const STRIKES: u32 = 2;
@@ -86,10 +89,13 @@ impl EjectionSettings {
                 ratio: config.outlier_ratio,
                 min_gap: Duration::from_millis(config.outlier_min_gap_ms),
             },
-            interval: Duration::from_millis(config.outlier_interval_ms),
-            max_percent: config.max_ejected_percent,
-            eject_time: Duration::from_millis(config.eject_time_ms),
-            max_eject_time: Duration::from_millis(config.max_eject_time_ms),
+            interval: Duration::from_millis(config.outlier_interval_ms.max(1)),
+            max_percent: config.max_ejected_percent.min(100),
+            // Within what `validate` allows, whoever builds the config.
+            eject_time: Duration::from_millis(config.eject_time_ms.clamp(10, MAX_EJECT_TIME_MS)),
+            max_eject_time: Duration::from_millis(
+                config.max_eject_time_ms.clamp(10, MAX_EJECT_TIME_MS),
+            ),
             probe: ProbeSettings {
                 connect_timeout: Duration::from_millis(config.connect_timeout_ms),
                 request_timeout: Duration::from_millis(config.request_timeout_ms),
@@ -108,20 +114,32 @@ impl EjectionSettings {
 }
 
 /// What a backend is doing, as the controller sees it.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 enum State {
     /// In the ring, taking its keys.
     Live { since: Instant },
     /// In the ring, its keys elsewhere (or refused) until it passes a
-    /// probe, which is due at `until`.
+    /// probe, which is due at `probe_at`.
     Ejected {
-        until: Instant,
-        /// Names this ejection's gutter keys.
+        probe_at: Instant,
+        /// Names this ejection's gutter keys; drawn again whenever the
+        /// live set changes (see `Controller::publish`).
         episode: u64,
-        probing: bool,
+        probe: Option<ProbeTask>,
     },
     /// Added by a reload; joins the ring once it passes a probe.
-    Joining { until: Instant, probing: bool },
+    Joining {
+        probe_at: Instant,
+        probe: Option<ProbeTask>,
+    },
+}
+
+/// A probe running for one backend: only its own result counts, and it
+/// is stopped if the backend is removed meanwhile.
+#[derive(Debug)]
+struct ProbeTask {
+    id: tokio::task::Id,
+    abort: tokio::task::AbortHandle,
 }
 
 /// One backend the controller knows.
@@ -131,10 +149,10 @@ struct Tracked {
     state: State,
     /// Intervals in a row it was a latency outlier.
     strikes: u32,
-    /// Ejections and failed probes in a row: the next one lasts longer.
-    ejections: u32,
-    /// Said once while the cap keeps it in, not every interval.
-    capped: bool,
+    /// Ejections and failed probes in a row: each doubles the next wait.
+    backoff_steps: u32,
+    /// The cap kept it in while it was a candidate: said once per spell.
+    cap_warned: bool,
 }
 
 impl Tracked {
@@ -148,6 +166,27 @@ impl Tracked {
 
     fn in_ring(&self) -> bool {
         !matches!(self.state, State::Joining { .. })
+    }
+
+    fn is_live(&self) -> bool {
+        matches!(self.state, State::Live { .. })
+    }
+
+    /// The probe running for it, if any.
+    fn probe(&self) -> Option<&ProbeTask> {
+        match &self.state {
+            State::Ejected { probe, .. } | State::Joining { probe, .. } => probe.as_ref(),
+            State::Live { .. } => None,
+        }
+    }
+}
+
+impl Drop for Tracked {
+    /// A removed backend's probe must not go on to flush it.
+    fn drop(&mut self) {
+        if let Some(p) = self.probe() {
+            p.abort.abort();
+        }
     }
 }
 
@@ -204,12 +243,6 @@ fn in_a_row(n: u32) -> String {
     }
 }
 
-/// How a probe went, sent back by its task.
-struct ProbeDone {
-    addr: SocketAddr,
-    verdict: Verdict,
-}
-
 /// The controller; run it with [`Controller::run`].
 pub struct Controller {
     router: Arc<Router>,
@@ -218,9 +251,11 @@ pub struct Controller {
     stats: Arc<ProxyStats>,
     alarm: Arc<Notify>,
     tracked: Vec<Tracked>,
-    probes: JoinSet<ProbeDone>,
-    /// Whom each running probe is for, should its task fail.
-    probing: std::collections::HashMap<tokio::task::Id, SocketAddr>,
+    probes: JoinSet<Verdict>,
+    /// The live backends and weights the last published ring had: when
+    /// they change, the continuum of live backends changes, and with it
+    /// where an ejected backend's keys go.
+    live_set: Vec<(SocketAddr, u32)>,
 }
 
 impl Controller {
@@ -243,7 +278,7 @@ impl Controller {
             alarm,
             tracked: Vec::new(),
             probes: JoinSet::new(),
-            probing: std::collections::HashMap::new(),
+            live_set: Vec::new(),
         };
         for b in &config.backends {
             let backend = c.new_backend(b.addr);
@@ -252,8 +287,8 @@ impl Controller {
                 weight: b.weight,
                 state: State::Live { since: now },
                 strikes: 0,
-                ejections: 0,
-                capped: false,
+                backoff_steps: 0,
+                cap_warned: false,
             });
         }
         c.publish();
@@ -277,7 +312,7 @@ impl Controller {
                 _ = tick.tick() => {
                     self.judge_latency();
                     self.judge_errors();
-                    self.forget_old_ejections();
+                    self.forget_old_backoff();
                 }
                 () = self.alarm.notified() => self.judge_errors(),
                 r = async {
@@ -300,21 +335,15 @@ impl Controller {
                     }
                 } => self.start_due_probes(),
                 Some(done) = self.probes.join_next_with_id() => match done {
-                    Ok((id, done)) => {
-                        self.probing.remove(&id);
-                        self.probe_done(done);
-                    }
-                    // Counted as a failed probe, so the backend is tried
-                    // again rather than left waiting for a result.
-                    Err(e) => if let Some(addr) = self.probing.remove(&e.id()) {
-                        self.probe_done(ProbeDone {
-                            addr,
-                            verdict: Verdict {
-                                pass: false,
-                                reason: format!("the probe's task failed: {e}"),
-                            },
-                        });
-                    },
+                    Ok((id, verdict)) => self.probe_done(id, verdict),
+                    // A probe aborted with its backend's removal has no
+                    // one to report to; one that failed otherwise counts
+                    // as failed, so the backend is tried again.
+                    Err(e) if e.is_cancelled() => {}
+                    Err(e) => self.probe_done(e.id(), Verdict {
+                        pass: false,
+                        reason: format!("the probe's task failed: {e}"),
+                    }),
                 },
             }
         }
@@ -342,20 +371,21 @@ impl Controller {
         if n == 0 {
             return;
         }
-        let candidates: Vec<(usize, Reason)> = self
-            .tracked
-            .iter()
-            .enumerate()
-            .filter(|(_, t)| matches!(t.state, State::Live { .. }))
-            .filter(|(_, t)| t.health().consecutive_failures() >= n)
-            .map(|(i, t)| {
-                let reason = Reason::Errors {
-                    count: t.health().consecutive_failures(),
-                    last: t.health().last_failure(),
-                };
-                (i, reason)
-            })
-            .collect();
+        let mut candidates = Vec::new();
+        for (i, t) in self.tracked.iter_mut().enumerate() {
+            if !t.is_live() {
+                continue;
+            }
+            let count = t.health().consecutive_failures();
+            if count >= n {
+                let last = t.health().last_failure();
+                candidates.push((i, Reason::Errors { count, last }));
+            } else if t.strikes < STRIKES {
+                // No longer a candidate for anything: the next spell
+                // the cap keeps it in is news again.
+                t.cap_warned = false;
+            }
+        }
         self.eject(candidates);
     }
 
@@ -372,9 +402,7 @@ impl Controller {
             .tracked
             .iter()
             .zip(&snapshots)
-            .map(|(t, s)| {
-                (matches!(t.state, State::Live { .. }) && s.count >= MIN_SAMPLES).then_some(s.p90)
-            })
+            .map(|(t, s)| (t.is_live() && s.count >= MIN_SAMPLES).then_some(s.p90))
             .collect();
         let mut candidates = Vec::new();
         for (i, t) in self.tracked.iter_mut().enumerate() {
@@ -393,7 +421,7 @@ impl Controller {
                 continue;
             };
             if self.settings.rule.is_outlier(p90, peers) {
-                t.strikes += 1;
+                t.strikes = t.strikes.saturating_add(1);
                 if t.strikes >= STRIKES {
                     candidates.push((i, Reason::Latency { p90, peers }));
                 }
@@ -415,26 +443,26 @@ impl Controller {
             let (ejected, max, members) = (self.ejected(), self.max_ejected(), self.members());
             let t = &mut self.tracked[i];
             if ejected >= max {
-                if !t.capped {
-                    t.capped = true;
+                if !t.cap_warned {
+                    t.cap_warned = true;
                     warn!(
-                        "backend {}: {reason}, but {ejected} of {members} backends are ejected \
-                         already (max_ejected_percent = {}): it stays in",
+                        "backend {}: {reason}, but it stays in: {ejected} of {members} backend(s) \
+                         ejected already, and max_ejected_percent = {} allows {max}",
                         t.addr(),
                         self.settings.max_percent
                     );
                 }
                 continue;
             }
-            t.ejections += 1;
-            let lasts = self.settings.eject_time(t.ejections);
+            t.backoff_steps = t.backoff_steps.saturating_add(1);
+            let lasts = self.settings.eject_time(t.backoff_steps);
             t.state = State::Ejected {
-                until: now + lasts,
+                probe_at: now + lasts,
                 episode: new_episode(),
-                probing: false,
+                probe: None,
             };
             t.strikes = 0;
-            t.capped = false;
+            t.cap_warned = false;
             t.health().clear_failures();
             ProxyStats::add(&self.stats.backend_ejections, 1);
             let keys = match self.settings.policy {
@@ -444,7 +472,7 @@ impl Controller {
             warn!(
                 "backend {} ejected: {reason}; {}, probed in {}; {keys}",
                 t.addr(),
-                in_a_row(t.ejections),
+                in_a_row(t.backoff_steps),
                 human(lasts)
             );
             changed = true;
@@ -456,14 +484,14 @@ impl Controller {
 
     /// A backend that has stayed in for the longest ejection time starts
     /// again from the shortest.
-    fn forget_old_ejections(&mut self) {
+    fn forget_old_backoff(&mut self) {
         let max = self.settings.max_eject_time;
         for t in &mut self.tracked {
             if let State::Live { since } = t.state
-                && t.ejections > 0
+                && t.backoff_steps > 0
                 && since.elapsed() >= max
             {
-                t.ejections = 0;
+                t.backoff_steps = 0;
             }
         }
     }
@@ -471,16 +499,16 @@ impl Controller {
     fn next_probe_due(&self) -> Option<Instant> {
         self.tracked
             .iter()
-            .filter_map(|t| match t.state {
+            .filter_map(|t| match &t.state {
                 State::Ejected {
-                    until,
-                    probing: false,
+                    probe_at,
+                    probe: None,
                     ..
                 }
                 | State::Joining {
-                    until,
-                    probing: false,
-                } => Some(until),
+                    probe_at,
+                    probe: None,
+                } => Some(*probe_at),
                 _ => None,
             })
             .min()
@@ -491,73 +519,84 @@ impl Controller {
         let peers: Vec<SocketAddr> = self
             .tracked
             .iter()
-            .filter(|t| matches!(t.state, State::Live { .. }))
+            .filter(|t| t.is_live())
             .map(Tracked::addr)
             .collect();
         for t in &mut self.tracked {
-            let (until, probing) = match &mut t.state {
-                State::Ejected { until, probing, .. } | State::Joining { until, probing } => {
-                    (*until, probing)
-                }
-                State::Live { .. } => continue,
-            };
-            if *probing || until > now {
-                continue;
-            }
-            *probing = true;
             // A joining backend may hold anything from an earlier life; a
             // returning one holds values older than those written
             // elsewhere while it was out. Under fail-fast nothing was
             // written elsewhere.
             let flush = matches!(t.state, State::Joining { .. })
                 || self.settings.policy == EjectPolicy::Redistribute;
-            let backend = t.backend.clone();
-            let peers: Vec<SocketAddr> = peers.iter().copied().filter(|&p| p != t.addr()).collect();
-            let settings = self.settings.clone();
-            let task = self
-                .probes
-                .spawn(probe_backend(backend, peers, settings, flush));
-            self.probing.insert(task.id(), t.backend.addr);
+            let (State::Ejected {
+                probe_at, probe, ..
+            }
+            | State::Joining { probe_at, probe }) = &mut t.state
+            else {
+                continue;
+            };
+            if probe.is_some() || *probe_at > now {
+                continue;
+            }
+            let peers: Vec<SocketAddr> = peers
+                .iter()
+                .copied()
+                .filter(|&p| p != t.backend.addr)
+                .collect();
+            let task = self.probes.spawn(probe_backend(
+                t.backend.clone(),
+                peers,
+                self.settings.clone(),
+                flush,
+            ));
+            *probe = Some(ProbeTask {
+                id: task.id(),
+                abort: task,
+            });
         }
     }
 
-    fn probe_done(&mut self, done: ProbeDone) {
+    fn probe_done(&mut self, id: tokio::task::Id, verdict: Verdict) {
         let now = Instant::now();
-        let Some(i) = self.tracked.iter().position(|t| t.addr() == done.addr) else {
-            return; // removed by a reload meanwhile
+        // Only the probe the backend is waiting for counts: a backend
+        // removed meanwhile is gone (its probe was aborted).
+        let Some(i) = self
+            .tracked
+            .iter()
+            .position(|t| t.probe().is_some_and(|p| p.id == id))
+        else {
+            return;
         };
         let settings = &self.settings;
         let t = &mut self.tracked[i];
         let joining = matches!(t.state, State::Joining { .. });
-        if done.verdict.pass {
-            let was = match t.state {
-                State::Ejected { .. } => "re-admitted",
-                _ => "joined the ring",
-            };
+        if verdict.pass {
             t.state = State::Live { since: now };
             t.strikes = 0;
             t.health().clear_failures();
             // Latencies from before it left say nothing of it now.
             t.health().take_interval();
-            let counter = if joining {
-                &self.stats.backends_added
+            let (counter, was) = if joining {
+                (&self.stats.backends_added, "joined the ring")
             } else {
-                &self.stats.backend_readmissions
+                (&self.stats.backend_readmissions, "re-admitted")
             };
             ProxyStats::add(counter, 1);
-            info!("backend {} {was}: {}", t.addr(), done.verdict.reason);
+            info!("backend {} {was}: {}", t.addr(), verdict.reason);
             self.publish();
             return;
         }
         ProxyStats::add(&self.stats.backend_probe_failures, 1);
-        t.ejections += 1;
-        let lasts = settings.eject_time(t.ejections);
-        match &mut t.state {
-            State::Ejected { until, probing, .. } | State::Joining { until, probing } => {
-                *until = now + lasts;
-                *probing = false;
-            }
-            State::Live { .. } => return,
+        t.backoff_steps = t.backoff_steps.saturating_add(1);
+        let lasts = settings.eject_time(t.backoff_steps);
+        if let State::Ejected {
+            probe_at, probe, ..
+        }
+        | State::Joining { probe_at, probe } = &mut t.state
+        {
+            *probe_at = now + lasts;
+            *probe = None;
         }
         let what = if joining {
             "new backend refused"
@@ -567,7 +606,7 @@ impl Controller {
         warn!(
             "backend {} failed its probe: {}; {what}, probed again in {}",
             t.addr(),
-            done.verdict.reason,
+            verdict.reason,
             human(lasts)
         );
     }
@@ -596,12 +635,12 @@ impl Controller {
                         backend: self.new_backend(b.addr),
                         weight: b.weight,
                         state: State::Joining {
-                            until: now,
-                            probing: false,
+                            probe_at: now,
+                            probe: None,
                         },
                         strikes: 0,
-                        ejections: 0,
-                        capped: false,
+                        backoff_steps: 0,
+                        cap_warned: false,
                     });
                 }
             }
@@ -619,11 +658,59 @@ impl Controller {
             }
         }
         self.tracked = next;
+        if !self.tracked.iter().any(Tracked::is_live) {
+            // A ring with no live backend refuses every key: rather than
+            // wait for probes, serve with what is configured, as at start.
+            for t in &mut self.tracked {
+                if matches!(t.state, State::Joining { .. }) {
+                    warn!(
+                        "backend {}: no live backend is left, so it joins without a probe",
+                        t.addr()
+                    );
+                    t.state = State::Live { since: now };
+                }
+            }
+        }
+        // Fewer backends may allow fewer ejected: the excess is probed now.
+        let mut excess = self.ejected().saturating_sub(self.max_ejected());
+        for t in &mut self.tracked {
+            if excess == 0 {
+                break;
+            }
+            if let State::Ejected {
+                probe_at,
+                probe: None,
+                ..
+            } = &mut t.state
+            {
+                *probe_at = now;
+                excess -= 1;
+            }
+        }
         self.publish();
     }
 
-    /// Puts the ring the tracked states describe in force.
-    fn publish(&self) {
+    /// Puts the ring the tracked states describe in force. When the live
+    /// backends (or their weights) changed, every ejected backend's
+    /// gutter gets a new name: its keys now go to other backends, and
+    /// one of those may hold copies from an earlier spell of this same
+    /// ejection (before a peer left and came back), older than what was
+    /// written since.
+    fn publish(&mut self) {
+        let live_set: Vec<(SocketAddr, u32)> = self
+            .tracked
+            .iter()
+            .filter(|t| t.is_live())
+            .map(|t| (t.addr(), t.weight))
+            .collect();
+        if live_set != self.live_set {
+            self.live_set = live_set;
+            for t in &mut self.tracked {
+                if let State::Ejected { episode, .. } = &mut t.state {
+                    *episode = new_episode();
+                }
+            }
+        }
         let members = self
             .tracked
             .iter()
@@ -651,13 +738,6 @@ impl Controller {
             .backends_joining
             .store(joining, std::sync::atomic::Ordering::Relaxed);
     }
-
-    /// Ends every backend connection now (the proxy is stopping).
-    pub fn abort_all(&self) {
-        for t in &self.tracked {
-            t.backend.pool.abort();
-        }
-    }
 }
 
 /// A name for one ejection's gutter keys, different from every other
@@ -674,29 +754,56 @@ fn new_episode() -> u64 {
     u64::from_le_bytes(b)
 }
 
-/// Probes `backend` beside its live `peers`, and flushes it if it passes
-/// and `flush`; a backend that cannot be flushed fails.
+/// Probes `backend` beside its live `peers` and, if it passes and
+/// `flush`, flushes it; then waits for its pooled connections to come up.
+/// Any step that fails fails the probe.
 async fn probe_backend(
     backend: Arc<Backend>,
     peers: Vec<SocketAddr>,
     settings: EjectionSettings,
     flush: bool,
-) -> ProbeDone {
+) -> Verdict {
+    let mut verdict = probe_and_judge(&backend, &peers, &settings).await;
+    if verdict.pass
+        && let Err(reason) = take_back(&backend, &settings.probe, flush).await
+    {
+        verdict = Verdict {
+            pass: false,
+            reason: format!("{}; but {reason}", verdict.reason),
+        };
+    } else if verdict.pass && flush {
+        verdict
+            .reason
+            .push_str("; flushed before it takes its keys back");
+    }
+    verdict
+}
+
+async fn probe_and_judge(
+    backend: &Backend,
+    peers: &[SocketAddr],
+    settings: &EjectionSettings,
+) -> Verdict {
     let addr = backend.addr;
     let s = &settings.probe;
+    // A backend still down is told so without probing every peer again.
+    if let Err(e) = timeout(s.connect_timeout, TcpStream::connect(addr))
+        .await
+        .map_err(|_| format!("no connection within {}", human(s.connect_timeout)))
+        .and_then(|r| r.map_err(|e| e.to_string()))
+    {
+        return Verdict {
+            pass: false,
+            reason: e,
+        };
+    }
     // The peers first: what they take now sets the bar the candidate
     // must clear, and a candidate far above it is given up on early.
-    let mut peer_probes = JoinSet::new();
-    for p in peers {
-        let s = s.clone();
-        peer_probes.spawn(async move { probe::probe(p, &s).await });
-    }
-    let mut peers = Vec::new();
-    while let Some(r) = peer_probes.join_next().await {
-        if let Ok(Ok(figures)) = r {
-            peers.push(figures);
-        }
-    }
+    let peers: Vec<_> = probe::probe_all(peers, s)
+        .await
+        .into_iter()
+        .filter_map(Result::ok)
+        .collect();
     let p90s: Vec<Duration> = peers.iter().map(|p| p.round_trip_p90).collect();
     let rule = settings.rule;
     let slow_above = median(&p90s)
@@ -715,28 +822,40 @@ async fn probe_backend(
     if let Some(rest) = verdict.reason.strip_prefix(&format!("{addr}: ")) {
         verdict.reason = rest.to_owned();
     }
-    if verdict.pass && flush {
-        match flush_all(addr, s).await {
-            Ok(()) => verdict
-                .reason
-                .push_str("; flushed before it takes its keys back"),
-            Err(e) => {
-                verdict = Verdict {
-                    pass: false,
-                    reason: format!("passed the probe but could not be flushed: {e}"),
-                }
-            }
+    verdict
+}
+
+/// Readies a backend that passed its probe to take its keys: nothing it
+/// was sent before it left is still outstanding, it is flushed (if
+/// `flush`), and every pooled connection is up.
+async fn take_back(backend: &Backend, s: &ProbeSettings, flush: bool) -> Result<(), String> {
+    let pool = &backend.pool;
+    // What it was sent before it left is answered or failed within the
+    // request timeout (a connection discarded on a timeout resets, so
+    // what it had not sent is dropped, not delivered after the flush).
+    let deadline = Instant::now() + s.request_timeout + Duration::from_millis(100);
+    while pool.in_flight() > 0 {
+        if Instant::now() >= deadline {
+            return Err("requests sent before its ejection are still outstanding".into());
         }
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    if verdict.pass {
-        // Its pooled connections may be waiting out a reconnect backoff.
-        backend.pool.passed_probe();
-        let deadline = Instant::now() + s.connect_timeout + Duration::from_millis(100);
-        while !backend.pool.is_up() && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(5)).await;
+    if flush {
+        flush_all(backend.addr, s)
+            .await
+            .map_err(|e| format!("it could not be flushed: {e}"))?;
+    }
+    // Its pooled connections may be waiting out a reconnect backoff; a
+    // session pinned to one still down would be refused.
+    pool.passed_probe();
+    let deadline = Instant::now() + s.connect_timeout + Duration::from_millis(100);
+    while !pool.all_up() {
+        if Instant::now() >= deadline {
+            return Err("its pooled connections did not come up".into());
         }
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    ProbeDone { addr, verdict }
+    Ok(())
 }
 
 /// `flush_all` on its own connection, within the probe's timeouts.
@@ -749,7 +868,8 @@ async fn flush_all(addr: SocketAddr, s: &ProbeSettings) -> Result<(), String> {
     let exchange = async {
         stream.get_mut().write_all(b"flush_all\r\n").await?;
         let mut line = String::new();
-        stream.read_line(&mut line).await?;
+        // `OK`, or an error line; never more than a short line.
+        (&mut stream).take(256).read_line(&mut line).await?;
         Ok::<_, std::io::Error>(line)
     };
     let line = timeout(s.request_timeout, exchange)

@@ -105,13 +105,16 @@ impl Pass {
 /// quickly again while no backend answers.
 pub async fn run(sh: Arc<Shared>, mut phase: watch::Receiver<Phase>) {
     let mut reloads = sh.tenants.subscribe();
+    let mut ring = sh.router.subscribe();
     let mut wait = SYNC_INTERVAL;
     loop {
         tokio::select! {
             () = tokio::time::sleep(wait) => {}
             // A backend rejoined (flushed, or with older markers): give it
             // the generations now.
-            () = sh.router.changed().notified() => {}
+            r = ring.changed() => if r.is_err() {
+                return;
+            },
             r = reloads.changed() => if r.is_err() {
                 return;
             },

@@ -206,7 +206,7 @@ impl Proxy {
         generations::initial_sync(&shared, settings.connect_timeout + settings.request_timeout)
             .await;
         let syncing = tokio::spawn(generations::run(shared.clone(), phase_rx.clone()));
-        let controlling = tokio::spawn(controller.run(cx.backends));
+        let mut controlling = tokio::spawn(controller.run(cx.backends));
         let permits = Arc::new(Semaphore::new(config.max_connections));
         let sources = Arc::new(SourceLimits::new(config.max_connections_per_source));
         for l in &listeners {
@@ -227,6 +227,16 @@ impl Proxy {
         let accepted_all = tokio::select! {
             () = shutdown => false,
             () = &mut accepting => true,
+            // It runs until aborted: ending means it panicked, and a
+            // proxy that can no longer eject or take back a backend must
+            // not go on as if it could.
+            r = &mut controlling => {
+                let why = match r {
+                    Err(e) => e.to_string(),
+                    Ok(()) => "it returned".to_owned(),
+                };
+                anyhow::bail!("the backend ejection controller stopped: {why}");
+            }
         };
         info!("proxy draining");
         let _ = phase_tx.send(Phase::Draining);

@@ -60,6 +60,9 @@ pub struct ProbeSettings {
     /// 300 ms fails after nine requests instead of eighty. The proxy sets
     /// it from the peers it probed first; `None` runs every round trip.
     pub slow_above: Option<Duration>,
+    /// The longest the whole probe may take: a node answering each
+    /// request just within the timeout cannot hold it for minutes.
+    pub deadline: Duration,
 }
 
 impl Default for ProbeSettings {
@@ -75,6 +78,7 @@ impl Default for ProbeSettings {
             burst: 32,
             burst_value_size: 4096,
             slow_above: None,
+            deadline: Duration::from_secs(30),
         }
     }
 }
@@ -152,6 +156,8 @@ pub enum ProbeError {
     },
     #[error("{addr}: closed the connection during the {op}")]
     Closed { addr: SocketAddr, op: ProbeOp },
+    #[error("{addr}: the probe took longer than {}", human(*after))]
+    Deadline { addr: SocketAddr, after: Duration },
     #[error(
         "{addr}: {count} of its first {of} requests took longer than {} \
          (the slowest {}), so its round-trip p90 will too",
@@ -176,8 +182,21 @@ pub enum ProbeError {
 /// Probes the memcached at `addr`: connects, runs
 /// [`ProbeSettings::round_trips`] set/get/delete/get cycles one request
 /// at a time, then the burst, and deletes what it stored. Any wrong,
-/// missing or late reply fails it.
+/// missing or late reply fails it, and so does taking longer than
+/// [`ProbeSettings::deadline`] in all.
 pub async fn probe(addr: SocketAddr, settings: &ProbeSettings) -> Result<ProbeFigures, ProbeError> {
+    timeout(settings.deadline, probe_within(addr, settings))
+        .await
+        .unwrap_or(Err(ProbeError::Deadline {
+            addr,
+            after: settings.deadline,
+        }))
+}
+
+async fn probe_within(
+    addr: SocketAddr,
+    settings: &ProbeSettings,
+) -> Result<ProbeFigures, ProbeError> {
     let started = Instant::now();
     let stream = match timeout(settings.connect_timeout, TcpStream::connect(addr)).await {
         Err(_) => {
@@ -867,6 +886,24 @@ mod tests {
                 return keys;
             }
             keys.push(line.trim_end().to_owned());
+        }
+    }
+
+    /// Every reply within its timeout, yet the whole probe too long.
+    #[tokio::test]
+    async fn a_probe_past_its_deadline_fails() {
+        let mc = Memcached::start();
+        let relay = DelayRelay::start(mc.addr());
+        relay.set_delay(Duration::from_millis(20));
+        let settings = ProbeSettings {
+            deadline: Duration::from_millis(300),
+            ..ProbeSettings::default()
+        };
+        match probe(relay.addr(), &settings).await {
+            Err(e @ ProbeError::Deadline { .. }) => {
+                assert!(e.to_string().ends_with("took longer than 300.0 ms"), "{e}")
+            }
+            other => panic!("{other:?}"),
         }
     }
 

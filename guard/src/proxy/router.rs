@@ -32,7 +32,7 @@ use std::{
 use arc_swap::ArcSwap;
 use bytes::{BufMut as _, Bytes, BytesMut};
 use md5::{Digest as _, Md5};
-use tokio::sync::Notify;
+use tokio::sync::watch;
 
 use super::{
     backend::{BackendPool, Call},
@@ -145,11 +145,6 @@ impl Topology {
             .map(|m| &m.backend)
     }
 
-    /// The ejection policy in force.
-    pub fn policy(&self) -> EjectPolicy {
-        self.policy
-    }
-
     fn target(&self, bkey: &[u8]) -> Target<'_> {
         let Some(home) = self.full.server_for(bkey) else {
             return Target::Refused(None);
@@ -164,16 +159,6 @@ impl Topology {
         match self.live.server_for(bkey) {
             Some(i) => Target::Gutter(&self.members[i].backend, gutter),
             None => Target::Refused(Some(m.backend.addr)),
-        }
-    }
-
-    /// The backend a key's requests go to now and the name they use
-    /// there; `None` when they are refused.
-    pub fn route(&self, bkey: &[u8]) -> Option<(SocketAddr, Bytes)> {
-        match self.target(bkey) {
-            Target::Home(b) => Some((b.addr, Bytes::copy_from_slice(bkey))),
-            Target::Gutter(b, tag) => Some((b.addr, gutter_key(tag, bkey))),
-            Target::Refused(_) => None,
         }
     }
 }
@@ -196,8 +181,8 @@ pub fn gutter_tag(episode: u64) -> Bytes {
 
 /// The name `bkey` has on another backend while its home is ejected:
 /// `<tag>:<bkey>`, or, when that would pass memcached's 250 bytes,
-/// `<tag>#<md5 of bkey in hex>`. Every name starts with `~`, which no
-/// tenant's keys do.
+/// `<tag>#<md5 of bkey in hex>`. Every name starts with `~`, as no
+/// tenant's namespaced key does (raw keys may; see the README).
 pub fn gutter_key(tag: &[u8], bkey: &[u8]) -> Bytes {
     let mut out = BytesMut::with_capacity(MAX_BACKEND_KEY_LEN);
     out.put_slice(tag);
@@ -217,9 +202,10 @@ pub fn gutter_key(tag: &[u8], bkey: &[u8]) -> Bytes {
 pub struct Router {
     topology: ArcSwap<Topology>,
     next_affinity: AtomicUsize,
-    /// Woken whenever a backend joins or leaves the live set, so flush
-    /// generations reach it at once.
-    changed: Notify,
+    /// Counts the rings published, so flush generations reach a backend
+    /// that rejoined at once (a watch, so no change is missed while the
+    /// marker pass is busy).
+    changed: watch::Sender<u64>,
 }
 
 impl Router {
@@ -228,7 +214,7 @@ impl Router {
         Self {
             topology: ArcSwap::from_pointee(topology),
             next_affinity: AtomicUsize::new(0),
-            changed: Notify::new(),
+            changed: watch::channel(0).0,
         }
     }
 
@@ -241,12 +227,12 @@ impl Router {
     /// they went.
     pub fn publish(&self, topology: Topology) {
         self.topology.store(Arc::new(topology));
-        self.changed.notify_waiters();
+        self.changed.send_modify(|n| *n += 1);
     }
 
-    /// Woken at every [`Self::publish`].
-    pub fn changed(&self) -> &Notify {
-        &self.changed
+    /// Changes at every [`Self::publish`].
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
     }
 
     /// The live backends now.
@@ -366,5 +352,115 @@ impl FanOut {
                 r.unwrap_or_else(|| Err(ProxyError::new(Side::Internal, ErrorKind::ReplyCount)))
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proxy::{backend::BackendSettings, stats::ProxyStats};
+    use std::time::Duration;
+
+    /// A backend nobody listens for: its connections fail in the
+    /// background, which routing does not look at.
+    fn backend(port: u16) -> Arc<Backend> {
+        let settings = BackendSettings {
+            connect_timeout: Duration::from_millis(50),
+            request_timeout: Duration::from_millis(50),
+            connections: 1,
+            max_in_flight: 16,
+        };
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let pool = BackendPool::start(
+            addr,
+            &settings,
+            Arc::<ProxyStats>::default(),
+            Arc::default(),
+        );
+        Arc::new(Backend::new(pool))
+    }
+
+    fn ring(ejected: &[usize], policy: EjectPolicy) -> Topology {
+        let members = (0..3)
+            .map(|i| Member {
+                backend: backend(9 + i as u16),
+                weight: 1,
+                gutter: ejected.contains(&i).then(|| gutter_tag(40 + i as u64)),
+            })
+            .collect();
+        Topology::new(members, policy)
+    }
+
+    /// Where a key goes: the backend's index and the name it has there,
+    /// or `None` when refused.
+    fn place(t: &Topology, key: &[u8]) -> Option<(usize, Bytes)> {
+        let index = |b: &Backend| t.members.iter().position(|m| std::ptr::eq(&*m.backend, b));
+        match t.target(key) {
+            Target::Home(b) => Some((index(b)?, Bytes::copy_from_slice(key))),
+            Target::Gutter(b, tag) => Some((index(b)?, gutter_key(tag, key))),
+            Target::Refused(_) => None,
+        }
+    }
+
+    #[test]
+    fn gutter_names_start_with_the_ejection_and_fit_memcached() {
+        assert_eq!(&gutter_tag(0)[..], b"~0000000000000");
+        assert_eq!(&gutter_tag(35)[..], b"~000000000000z");
+        assert_eq!(gutter_tag(u64::MAX).len(), 14);
+        let tag = gutter_tag(7);
+        assert_eq!(
+            &gutter_key(&tag, b"_:0000000:k")[..],
+            b"~0000000000007:_:0000000:k"
+        );
+        // 235 bytes still fit with the tag; 236 take the hashed form.
+        let fits = vec![b'a'; 235];
+        assert_eq!(gutter_key(&tag, &fits).len(), 250);
+        let long = vec![b'a'; 236];
+        let hashed = gutter_key(&tag, &long);
+        assert_eq!(hashed.len(), 14 + 1 + 32);
+        assert_eq!(hashed[14], b'#');
+        assert_ne!(hashed, gutter_key(&tag, &vec![b'b'; 236]));
+    }
+
+    #[tokio::test]
+    async fn an_ejected_homes_keys_go_elsewhere_under_gutter_names_and_nothing_else_moves() {
+        let all = ring(&[], EjectPolicy::Redistribute);
+        let out = ring(&[1], EjectPolicy::Redistribute);
+        let mut moved = 0;
+        for i in 0..2_000 {
+            let key = format!("key:{i}");
+            let (home, name) = place(&all, key.as_bytes()).unwrap();
+            assert_eq!(&name[..], key.as_bytes());
+            let (now, name) = place(&out, key.as_bytes()).unwrap();
+            if home == 1 {
+                moved += 1;
+                assert_ne!(now, 1, "{key}");
+                assert_eq!(name, gutter_key(&gutter_tag(41), key.as_bytes()));
+            } else {
+                assert_eq!((now, &name[..]), (home, key.as_bytes()), "{key}");
+            }
+        }
+        assert!(moved > 400, "{moved}");
+    }
+
+    #[tokio::test]
+    async fn fail_fast_and_an_all_ejected_ring_refuse_the_ejected_homes_keys() {
+        let ff = ring(&[1], EjectPolicy::FailFast);
+        let all = ring(&[], EjectPolicy::FailFast);
+        for i in 0..500 {
+            let key = format!("key:{i}");
+            let home = place(&all, key.as_bytes()).unwrap().0;
+            assert_eq!(place(&ff, key.as_bytes()).is_none(), home == 1, "{key}");
+        }
+        let none = ring(&[0, 1, 2], EjectPolicy::Redistribute);
+        assert!(place(&none, b"any").is_none());
+        let router = Router::new(none);
+        let e = router
+            .call_one(b"any", |k| BytesMut::from(k), 0)
+            .wait()
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Ejected);
+        assert_eq!(e.reply_text(), "backend unavailable");
     }
 }

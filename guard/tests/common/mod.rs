@@ -237,6 +237,30 @@ impl Client {
     }
 }
 
+/// `stats` from guard (or a memcached), by name.
+pub fn stats(addr: SocketAddr) -> std::collections::HashMap<String, String> {
+    let mut c = Client::connect(addr);
+    c.send(b"stats\r\n");
+    let raw = c.read_until_suffix(b"END\r\n");
+    String::from_utf8_lossy(&raw)
+        .lines()
+        .filter_map(|l| {
+            let mut p = l.strip_prefix("STAT ")?.splitn(2, ' ');
+            Some((p.next()?.to_string(), p.next()?.to_string()))
+        })
+        .collect()
+}
+
+/// One numeric `stats` value; panics, naming it, if there is none.
+#[track_caller]
+pub fn stat(addr: SocketAddr, name: &str) -> u64 {
+    stats(addr)
+        .get(name)
+        .unwrap_or_else(|| panic!("no stat {name} from {addr}"))
+        .parse()
+        .unwrap_or_else(|e| panic!("stat {name}: {e}"))
+}
+
 /// A binary request frame.
 pub fn bin(op: u8, key: &[u8], extras: &[u8], value: &[u8], cas: u64, opaque: u32) -> Vec<u8> {
     let mut f = vec![0x80, op];

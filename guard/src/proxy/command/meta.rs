@@ -33,7 +33,6 @@ pub(super) fn dispatch(mut req: MetaRequest, sh: &Cx) -> Slot {
         req.encode(&mut encoded);
         encoded
     };
-    let ns = sh.ns.clone();
     forward(sh, &bkey, encode, move |sh, r| {
         let mut out = BytesMut::new();
         match r {
@@ -50,15 +49,15 @@ pub(super) fn dispatch(mut req: MetaRequest, sh: &Cx) -> Slot {
                 if quiet && command.quiet_suppresses(m.code) {
                     return Reply::default();
                 }
+                // One key per request: the client's own, whatever name it
+                // had on the backend (namespaced, or a gutter name while
+                // its home is ejected, which a raw namespace would pass
+                // through unchanged).
                 if m.flag(b'k').is_some() {
-                    let key = m
-                        .returned_key()
-                        .and_then(|k| ns.client_key(&k))
-                        .unwrap_or_else(|| client_key.clone());
-                    m.set_returned_key(&key);
+                    m.set_returned_key(&client_key);
                 }
-                if let Some(k) = &m.key {
-                    m.key = Some(ns.client_key(k).unwrap_or_else(|| client_key.clone()));
+                if m.key.is_some() {
+                    m.key = Some(client_key.clone());
                 }
                 m.encode(&mut out);
             }
