@@ -251,6 +251,21 @@ impl Drop for Load {
     }
 }
 
+/// Slows `relay`'s node down under a reading load on `reads` (latency
+/// needs answers to be judged) until guard has ejected `n` backends in
+/// all.
+fn slow_until_ejected(proxy: SocketAddr, relay: &DelayRelay, reads: &[String], n: u64) {
+    let load = Load::start(proxy, reads.to_vec(), Vec::new(), "load");
+    relay.set_delay(SLOW);
+    wait_stat(
+        proxy,
+        "backend_ejections",
+        |v| v == n,
+        Duration::from_secs(10),
+    );
+    assert_eq!(load.finish(), 0, "a client saw an error as the node slowed");
+}
+
 fn read_line(s: &mut TcpStream, buf: &mut Vec<u8>) -> Result<String, String> {
     loop {
         if let Some(i) = buf.windows(2).position(|w| w == b"\r\n") {
@@ -489,15 +504,7 @@ fn fail_fast_refuses_an_ejected_nodes_keys_at_once() {
         let all = keys("f", 300);
         let (slow, rest) = pool.split(&all);
         set_all(proxy.addr, &all, "v1");
-        let load = Load::start(proxy.addr, all.clone(), Vec::new(), "load");
-        pool.relay.set_delay(SLOW);
-        wait_stat(
-            proxy.addr,
-            "backends_ejected",
-            |v| v == 1,
-            Duration::from_secs(10),
-        );
-        load.finish();
+        slow_until_ejected(proxy.addr, &pool.relay, &all, 1);
         std::thread::sleep(SLOW * 2);
         let mut c = Client::connect(proxy.addr);
         for k in slow.iter().take(20) {
@@ -647,15 +654,7 @@ fn flush_generation_markers_survive_an_ejection() {
 
         let all = keys("g", 300);
         set_all(proxy.addr, &all, "v1");
-        let load = Load::start(proxy.addr, all.clone(), Vec::new(), "load");
-        pool.relay.set_delay(SLOW);
-        wait_stat(
-            proxy.addr,
-            "backends_ejected",
-            |v| v == 1,
-            Duration::from_secs(10),
-        );
-        load.finish();
+        slow_until_ejected(proxy.addr, &pool.relay, &all, 1);
         // Generations are whole seconds: the next flush must land on a
         // later one.
         std::thread::sleep(Duration::from_millis(1_100));
@@ -875,24 +874,9 @@ fn an_ejected_nodes_gutter_never_serves_what_an_earlier_live_set_left() {
         .unwrap();
     let others: Vec<String> = keys("o", 200).into_iter().filter(|o| *o != k).collect();
     let mut cl = Client::connect(proxy.addr);
-    let mut ejections = 0;
-    let mut turn_slow = |relay: &DelayRelay| {
-        let load = Load::start(proxy.addr, others.clone(), Vec::new(), "load");
-        relay.set_delay(SLOW);
-        ejections += 1;
-        let n = ejections;
-        wait_stat(
-            proxy.addr,
-            "backend_ejections",
-            |v| v == n,
-            Duration::from_secs(10),
-        );
-        load.finish();
-    };
-
-    turn_slow(&x);
+    slow_until_ejected(proxy.addr, &x, &others, 1);
     assert_eq!(set(&mut cl, &k, "v1"), "STORED"); // C's gutter
-    turn_slow(&c);
+    slow_until_ejected(proxy.addr, &c, &others, 2);
     assert_eq!(get(&mut cl, &k), None, "a fresh gutter on B");
     assert_eq!(set(&mut cl, &k, "v2"), "STORED"); // B's gutter
     c.set_delay(Duration::ZERO);
@@ -905,7 +889,7 @@ fn an_ejected_nodes_gutter_never_serves_what_an_earlier_live_set_left() {
     assert_eq!(get(&mut cl, &k), None, "C came back flushed");
     assert_eq!(set(&mut cl, &k, "v3"), "STORED"); // C's gutter again
     assert_eq!(get(&mut cl, &k).as_deref(), Some("v3"));
-    turn_slow(&c);
+    slow_until_ejected(proxy.addr, &c, &others, 3);
     assert_eq!(
         get(&mut cl, &k),
         None,

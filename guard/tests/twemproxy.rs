@@ -380,6 +380,21 @@ fn md5_words(data: &[u8]) -> [u32; 4] {
     })
 }
 
+/// A request for the dead server `dead` fails and makes twemproxy (with
+/// `server_failure_limit: 1`) eject it.
+fn make_eject(proxy: &Nutcracker, proxy_addr: SocketAddr, all: &Ketama, dead: usize) {
+    let probe = keys("probe:", 1000)
+        .into_iter()
+        .find(|k| all.server_for(k.as_bytes()) == Some(dead))
+        .unwrap();
+    let reply = Conn::open(proxy_addr).set(&probe, "x");
+    assert!(
+        reply.starts_with("SERVER_ERROR"),
+        "{reply}\n{}",
+        proxy.log()
+    );
+}
+
 /// With `auto_eject_hosts`, a failed server is dropped from the continuum
 /// and the rest is rebuilt over the live servers only.
 #[test]
@@ -393,20 +408,8 @@ fn ejected_server_is_left_out() {
     );
     const DEAD: usize = 1;
     servers[DEAD] = None;
-
-    // A request for the dead server fails and makes twemproxy eject it.
     let all = Ketama::new(&list);
-    let probe = keys("probe:", 1000)
-        .into_iter()
-        .find(|k| all.server_for(k.as_bytes()) == Some(DEAD))
-        .unwrap();
-    let mut conn = Conn::open(proxy_addr);
-    let reply = conn.set(&probe, "x");
-    assert!(
-        reply.starts_with("SERVER_ERROR"),
-        "{reply}\n{}",
-        proxy.log()
-    );
+    make_eject(&proxy, proxy_addr, &all, DEAD);
 
     let keys = keys("guard:", KEYS);
     let found = placement(proxy_addr, &backends, &keys);
@@ -468,7 +471,7 @@ fn guard_sends_an_ejected_servers_keys_where_twemproxy_does() {
         let list: Vec<_> = backends.iter().map(Backend::identity).collect();
         let mut servers: Vec<Option<Memcached>> =
             backends.iter().map(|b| Some(b.start())).collect();
-        let (_proxy, proxy_addr) = start_nutcracker(
+        let (nutcracker, proxy_addr) = start_nutcracker(
             &backends,
             "  auto_eject_hosts: true\n  server_failure_limit: 1\n  server_retry_timeout: 600000\n",
         );
@@ -489,15 +492,7 @@ fn guard_sends_an_ejected_servers_keys_where_twemproxy_does() {
         const DEAD: usize = 1;
         servers[DEAD] = None;
         let all = Ketama::new(&list);
-        let probe = keys("probe:", 1000)
-            .into_iter()
-            .find(|k| all.server_for(k.as_bytes()) == Some(DEAD))
-            .unwrap();
-        assert!(
-            Conn::open(proxy_addr)
-                .set(&probe, "x")
-                .starts_with("SERVER_ERROR")
-        );
+        make_eject(&nutcracker, proxy_addr, &all, DEAD);
         // guard ejects it for its failed reconnects.
         let deadline = std::time::Instant::now() + IO_TIMEOUT;
         let mut g = Conn::open(guard.addr);
