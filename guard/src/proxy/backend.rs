@@ -38,13 +38,14 @@ use log::{Level, debug, info, log};
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::TcpStream,
-    sync::{Notify, mpsc, oneshot},
+    sync::{Notify, oneshot},
     task::JoinHandle,
     time::{Instant, sleep_until, timeout},
 };
 
 use super::{
     error::{Cause, ErrorKind, ProxyError, Side},
+    fair::{self, FairQueue},
     health::BackendHealth,
     stats::ProxyStats,
 };
@@ -137,10 +138,18 @@ impl Drop for InFlight {
 }
 
 struct Conn {
-    tx: mpsc::UnboundedSender<Batch>,
+    /// Batches waiting to be written, a queue per tenant.
+    queue: Arc<FairQueue<Batch>>,
     up: Arc<AtomicBool>,
     /// Requests sent on it and not yet answered (or still queued to it).
     in_flight: Arc<AtomicUsize>,
+}
+
+impl Drop for Conn {
+    /// The pool is gone: its task answers what it holds, then ends.
+    fn drop(&mut self) {
+        self.queue.close();
+    }
 }
 
 /// One memcached server and its connection pool.
@@ -173,12 +182,12 @@ impl BackendPool {
         let wake = Arc::new(Notify::new());
         let probe_passes = Arc::new(AtomicU64::new(0));
         for _ in 0..settings.connections {
-            let (tx, rx) = mpsc::unbounded_channel();
+            let queue = Arc::new(FairQueue::default());
             let up = Arc::new(AtomicBool::new(false));
             tasks.push(tokio::spawn(run_connection(
                 addr,
                 settings.clone(),
-                rx,
+                queue.clone(),
                 PoolLink {
                     up: up.clone(),
                     stats: stats.clone(),
@@ -188,7 +197,7 @@ impl BackendPool {
                 },
             )));
             conns.push(Conn {
-                tx,
+                queue,
                 up,
                 in_flight: Arc::default(),
             });
@@ -254,7 +263,7 @@ impl BackendPool {
     /// guard's own requests, which need no order with a session's.
     pub fn call_any(&self, bytes: Bytes, count: usize) -> Call {
         match self.conns.iter().position(|c| c.up.load(Ordering::Relaxed)) {
-            Some(i) => self.call(bytes, count, i),
+            Some(i) => self.call(bytes, count, i, fair::INTERNAL),
             None => Call::failed(self.addr, ErrorKind::Unavailable),
         }
     }
@@ -270,7 +279,9 @@ impl BackendPool {
     /// A connection holding `max_in_flight` requests refuses more at once
     /// (`Overloaded`): a backend that stopped keeping up costs its own
     /// keys an error, not a queue that grows until the request timeout.
-    pub fn call(&self, bytes: Bytes, count: usize, affinity: usize) -> Call {
+    /// The bound counts every tenant's requests together; `tenant` is the
+    /// queue the batch waits in to be written (see [`super::fair`]).
+    pub fn call(&self, bytes: Bytes, count: usize, affinity: usize, tenant: u32) -> Call {
         let conn = &self.conns[affinity % self.conns.len()];
         if conn.up.load(Ordering::Relaxed) {
             let Some(slot) = InFlight::take(&conn.in_flight, count, self.max_in_flight) else {
@@ -278,13 +289,14 @@ impl BackendPool {
                 return Call::failed(self.addr, ErrorKind::Overloaded);
             };
             let (tx, rx) = oneshot::channel();
+            let cost = bytes.len() + fair::REQUEST_WEIGHT * count;
             let batch = Batch {
                 bytes,
                 count,
                 reply: tx,
                 _slot: slot,
             };
-            if conn.tx.send(batch).is_ok() {
+            if conn.queue.push(tenant, batch, cost).is_ok() {
                 return Call {
                     rx,
                     backend: self.addr,
@@ -323,7 +335,7 @@ struct PoolLink {
 async fn run_connection(
     addr: SocketAddr,
     settings: BackendSettings,
-    mut rx: mpsc::UnboundedReceiver<Batch>,
+    queue: Arc<FairQueue<Batch>>,
     link: PoolLink,
 ) {
     let PoolLink {
@@ -340,9 +352,7 @@ async fn run_connection(
         let connect = timeout(settings.connect_timeout, TcpStream::connect(addr));
         let stream = tokio::select! {
             r = connect => r,
-            // Nothing is routed here while down; a batch that raced the
-            // failure is answered at once.
-            () = fail_incoming(addr, &mut rx) => return,
+            () = closed(&queue) => return,
         };
         let failure = match stream {
             Ok(Ok(stream)) => {
@@ -357,6 +367,7 @@ async fn run_connection(
                 } else {
                     debug!("backend {addr}: connected");
                 }
+                queue.set_open(true);
                 up.store(true, Ordering::Relaxed);
                 let since = Instant::now();
                 let answered = || {
@@ -373,7 +384,7 @@ async fn run_connection(
                 let end = serve(
                     addr,
                     stream,
-                    &mut rx,
+                    &queue,
                     Served {
                         request_timeout: settings.request_timeout,
                         health: &health,
@@ -382,6 +393,14 @@ async fn run_connection(
                 )
                 .await;
                 up.store(false, Ordering::Relaxed);
+                // What was queued and not written: the connection it
+                // waited for is gone.
+                let lost = end.clone().unwrap_or_else(|| {
+                    ProxyError::new(Side::Internal, ErrorKind::Abandoned).at(addr)
+                });
+                for b in queue.set_open(false) {
+                    let _ = b.reply.send(Err(lost.clone()));
+                }
                 // So is one that lasted as long as the longest backoff
                 // (idle, it had nothing to answer): reconnecting it at
                 // once cannot be faster than backing off would have been.
@@ -414,7 +433,7 @@ async fn run_connection(
         tokio::select! {
             () = sleep_until(until) => {}
             () = wake.notified() => {}
-            () = fail_incoming(addr, &mut rx) => return,
+            () = closed(&queue) => return,
         }
         backoff = (backoff * 2).min(MAX_BACKOFF);
     }
@@ -466,15 +485,23 @@ fn connect_error(addr: SocketAddr, e: io::Error) -> ProxyError {
     ProxyError::backend(addr, kind).because(e)
 }
 
-/// Answers every batch that arrives with `Unavailable`; returns when the
-/// pool is gone.
-async fn fail_incoming(addr: SocketAddr, rx: &mut mpsc::UnboundedReceiver<Batch>) {
-    while let Some(b) = rx.recv().await {
-        let _ = b
-            .reply
-            .send(Err(ProxyError::backend(addr, ErrorKind::Unavailable)));
+/// Returns once the pool is gone. While the connection is down its queue
+/// takes nothing (sessions are refused at once), so nothing waits in it.
+async fn closed<T>(queue: &FairQueue<T>) {
+    while !queue.is_closed() {
+        queue.changed().await;
     }
 }
+
+/// Most requests written on a connection and not yet answered. Beyond
+/// it batches wait in the connection's tenant-fair queue, where a
+/// tenant's request can be put before another's burst, and not in
+/// memcached's socket, where it cannot.
+pub const WINDOW: usize = 64;
+
+/// Most request bytes written and not yet answered, for the same reason:
+/// a few large values must not hold the wire for everyone.
+pub const WINDOW_BYTES: usize = 256 * 1024;
 
 /// What `serve` applies to a connection.
 struct Served<'a> {
@@ -485,6 +512,8 @@ struct Served<'a> {
 
 struct Pending {
     count: usize,
+    /// Its request bytes, for the window.
+    size: usize,
     got: Vec<Response>,
     reply: oneshot::Sender<BatchResult>,
     /// When it was written: its latency is counted from here.
@@ -500,7 +529,7 @@ struct Pending {
 async fn serve(
     addr: SocketAddr,
     stream: TcpStream,
-    rx: &mut mpsc::UnboundedReceiver<Batch>,
+    queue: &FairQueue<Batch>,
     Served {
         request_timeout,
         health,
@@ -508,40 +537,51 @@ async fn serve(
     answered: impl FnOnce() + Send,
 ) -> Option<ProxyError> {
     let (mut rd, mut wr) = stream.into_split();
-    let pending: Mutex<VecDeque<Pending>> = Mutex::new(VecDeque::new());
+    let pending: Mutex<Written> = Mutex::new(Written::default());
     let queued = Notify::new();
-    // Set once the pool is gone: the reader then ends when nothing is
-    // left to answer, so a backend removed by a reload finishes what it
-    // was sent instead of failing it.
+    // Replies made room in the window.
+    let room = Notify::new();
+    // Set once the pool is gone and its queue is empty: the reader then
+    // ends when nothing is left to answer, so a backend removed by a
+    // reload finishes what it was sent instead of failing it.
     let closing = AtomicBool::new(false);
     let limits = backend_limits();
 
     let writer = async {
         let mut out = BytesMut::new();
         loop {
-            let Some(first) = rx.recv().await else {
-                closing.store(true, Ordering::Release);
-                queued.notify_one();
-                return std::future::pending().await;
-            };
+            // Something to write, and room to write it.
+            loop {
+                if !pending.lock().expect("pending lock").full() {
+                    if !queue.is_empty() {
+                        break;
+                    }
+                    if queue.is_closed() {
+                        closing.store(true, Ordering::Release);
+                        queued.notify_one();
+                        return std::future::pending().await;
+                    }
+                    queue.changed().await;
+                } else {
+                    room.notified().await;
+                }
+            }
             let written = Instant::now();
             let deadline = written + request_timeout;
             {
                 let mut p = pending.lock().expect("pending lock");
-                let mut next = Some(first);
-                while let Some(b) = next.take() {
+                while out.len() < 64 * 1024 && !p.full() {
+                    let Some(b) = queue.pop() else { break };
                     out.extend_from_slice(&b.bytes);
-                    p.push_back(Pending {
+                    p.push(Pending {
                         count: b.count,
+                        size: b.bytes.len(),
                         got: Vec::with_capacity(b.count),
                         reply: b.reply,
                         written,
                         deadline,
                         _slot: b._slot,
                     });
-                    if out.len() < 64 * 1024 {
-                        next = rx.try_recv().ok();
-                    }
                 }
             }
             queued.notify_one();
@@ -568,7 +608,7 @@ async fn serve(
                 match protocol::parse_response(&mut buf, &limits) {
                     Ok(Some(r)) => {
                         let mut p = pending.lock().expect("pending lock");
-                        let Some(front) = p.front_mut() else {
+                        let Some(front) = p.queue.front_mut() else {
                             return Some(
                                 ProxyError::backend(addr, ErrorKind::UnexpectedReply)
                                     .because(Cause::unrequested(&r)),
@@ -579,8 +619,12 @@ async fn serve(
                             f();
                         }
                         if front.got.len() == front.count {
-                            let done = p.pop_front().expect("front exists");
+                            let was_full = p.full();
+                            let done = p.pop().expect("front exists");
                             drop(p);
+                            if was_full {
+                                room.notify_one();
+                            }
                             health.answered(done.written.elapsed());
                             // The client may have left; the reply is dropped.
                             let _ = done.reply.send(Ok(done.got));
@@ -595,6 +639,7 @@ async fn serve(
             let deadline = pending
                 .lock()
                 .expect("pending lock")
+                .queue
                 .front()
                 .map(|p| p.deadline);
             if deadline.is_none() && closing.load(Ordering::Acquire) {
@@ -632,10 +677,40 @@ async fn serve(
     let failure = end
         .clone()
         .unwrap_or_else(|| ProxyError::new(Side::Internal, ErrorKind::Abandoned).at(addr));
-    for p in pending.lock().expect("pending lock").drain(..) {
+    for p in pending.lock().expect("pending lock").queue.drain(..) {
         let _ = p.reply.send(Err(failure.clone()));
     }
     end
+}
+
+/// Batches written and awaiting replies, oldest first, and how much of
+/// the window they take.
+#[derive(Default)]
+struct Written {
+    queue: VecDeque<Pending>,
+    requests: usize,
+    bytes: usize,
+}
+
+impl Written {
+    fn push(&mut self, p: Pending) {
+        self.requests += p.count;
+        self.bytes += p.size;
+        self.queue.push_back(p);
+    }
+
+    fn pop(&mut self) -> Option<Pending> {
+        let p = self.queue.pop_front()?;
+        self.requests -= p.count;
+        self.bytes -= p.size;
+        Some(p)
+    }
+
+    /// No room for another batch (a lone batch larger than the window
+    /// still goes out when nothing else is written).
+    fn full(&self) -> bool {
+        self.requests >= WINDOW || self.bytes >= WINDOW_BYTES
+    }
 }
 
 #[cfg(test)]
@@ -710,9 +785,9 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         let get = || Bytes::from_static(b"mg k v\r\n");
-        let held: Vec<Call> = (0..3).map(|_| pool.call(get(), 1, 0)).collect();
+        let held: Vec<Call> = (0..3).map(|_| pool.call(get(), 1, 0, 0)).collect();
         let started = Instant::now();
-        let e = pool.call(get(), 1, 0).wait().await.unwrap_err();
+        let e = pool.call(get(), 1, 0, 0).wait().await.unwrap_err();
         assert_eq!((e.side(), e.kind()), (Side::Backend, ErrorKind::Overloaded));
         assert!(e.retryable());
         assert_eq!(e.reply_text(), "backend overloaded");
@@ -756,7 +831,7 @@ mod tests {
         });
         let pool = pool_up(addr, Duration::from_secs(5)).await;
         let calls: Vec<Call> = (0..5)
-            .map(|_| pool.call(Bytes::from_static(b"mg k v\r\n"), 1, 0))
+            .map(|_| pool.call(Bytes::from_static(b"mg k v\r\n"), 1, 0, 0))
             .collect();
         tokio::time::sleep(Duration::from_millis(50)).await;
         drop(pool);
@@ -766,8 +841,39 @@ mod tests {
         }
     }
 
+    /// A tenant's request queued behind another tenant's burst on the
+    /// same connection is answered within a turn of it, not after it.
+    #[tokio::test]
+    async fn a_request_is_not_answered_after_another_tenants_burst() {
+        let mc = guard_test_support::Memcached::start();
+        let pool = pool_up(mc.addr(), Duration::from_secs(5)).await;
+        let get = || Bytes::from_static(b"mg k v\r\n");
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let mut tasks = Vec::new();
+        // The burst, all queued before the other tenant's request.
+        let calls: Vec<Call> = (0..500).map(|_| pool.call(get(), 1, 0, 1)).collect();
+        let lone = pool.call(get(), 1, 0, 2);
+        for (tenant, call) in calls.into_iter().map(|c| (1, c)).chain([(2, lone)]) {
+            let order = order.clone();
+            tasks.push(tokio::spawn(async move {
+                call.wait().await.unwrap();
+                order.lock().unwrap().push(tenant);
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let order = order.lock().unwrap();
+        let before = order.iter().position(|&t| t == 2).unwrap();
+        // At most what was written before it (the window) and one turn.
+        assert!(
+            before <= WINDOW + fair::QUANTUM / fair::REQUEST_WEIGHT,
+            "answered after {before} of the burst"
+        );
+    }
+
     async fn one_call(pool: &BackendPool) -> BatchResult {
-        pool.call(Bytes::from_static(b"mg k v\r\n"), 1, 0)
+        pool.call(Bytes::from_static(b"mg k v\r\n"), 1, 0, 0)
             .wait()
             .await
     }

@@ -20,6 +20,7 @@ pub mod command;
 pub mod connection;
 pub mod ejection;
 pub mod error;
+pub mod fair;
 pub mod generations;
 pub mod health;
 pub mod ketama;

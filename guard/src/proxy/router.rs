@@ -198,6 +198,15 @@ pub fn gutter_key(tag: &[u8], bkey: &[u8]) -> Bytes {
     out.freeze()
 }
 
+/// Who sends a request: the session's connection affinity (see
+/// [`Router::affinity`]) and its tenant, whose queue the request waits
+/// in to be written (see [`super::fair`]).
+#[derive(Copy, Clone, Debug)]
+pub struct Caller {
+    pub affinity: usize,
+    pub tenant: u32,
+}
+
 /// The ring in force and what changes it.
 pub struct Router {
     topology: ArcSwap<Topology>,
@@ -253,14 +262,15 @@ impl Router {
         &self,
         bkey: &[u8],
         encode: impl FnOnce(&[u8]) -> BytesMut,
-        affinity: usize,
+        caller: Caller,
     ) -> Call {
         let topology = self.topology.load();
+        let Caller { affinity, tenant } = caller;
         match topology.target(bkey) {
-            Target::Home(b) => b.pool.call(encode(bkey).freeze(), 1, affinity),
+            Target::Home(b) => b.pool.call(encode(bkey).freeze(), 1, affinity, tenant),
             Target::Gutter(b, tag) => {
-                b.pool
-                    .call(encode(&gutter_key(tag, bkey)).freeze(), 1, affinity)
+                let request = encode(&gutter_key(tag, bkey)).freeze();
+                b.pool.call(request, 1, affinity, tenant)
             }
             Target::Refused(addr) => refused(addr),
         }
@@ -274,7 +284,7 @@ impl Router {
         &self,
         bkeys: &[Bytes],
         encode: impl Fn(&[u8], &mut BytesMut),
-        affinity: usize,
+        caller: Caller,
     ) -> FanOut {
         let topology = self.topology.load();
         let slots = bkeys.len();
@@ -300,7 +310,9 @@ impl Router {
             groups[g].2.push(i);
         }
         calls.extend(groups.into_iter().map(|(b, bytes, idx)| {
-            let call = b.pool.call(bytes.freeze(), idx.len(), affinity);
+            let call = b
+                .pool
+                .call(bytes.freeze(), idx.len(), caller.affinity, caller.tenant);
             (call, idx)
         }));
         FanOut { calls, slots }
@@ -456,7 +468,14 @@ mod tests {
         assert!(place(&none, b"any").is_none());
         let router = Router::new(none);
         let e = router
-            .call_one(b"any", |k| BytesMut::from(k), 0)
+            .call_one(
+                b"any",
+                |k| BytesMut::from(k),
+                Caller {
+                    affinity: 0,
+                    tenant: 0,
+                },
+            )
             .wait()
             .await
             .unwrap_err();

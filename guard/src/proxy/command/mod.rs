@@ -185,6 +185,16 @@ impl Cx {
     }
 }
 
+impl Cx {
+    /// Who the router is told sends this request.
+    fn caller(&self) -> super::router::Caller {
+        super::router::Caller {
+            affinity: self.affinity,
+            tenant: self.tenant.id,
+        }
+    }
+}
+
 impl std::ops::Deref for Cx {
     type Target = Arc<Shared>;
 
@@ -240,7 +250,7 @@ fn forward(
     encode: impl FnOnce(&[u8]) -> BytesMut,
     render: impl FnOnce(&Shared, Result<Response, ProxyError>) -> Reply + Send + 'static,
 ) -> Slot {
-    let call = sh.router.call_one(bkey, encode, sh.affinity);
+    let call = sh.router.call_one(bkey, encode, sh.caller());
     let backend = call.backend();
     let sh = sh.sh.clone();
     waiting(async move {

@@ -127,7 +127,7 @@ fn text_get(g: GetRequest, sh: &Cx) -> Slot {
     let encode = |key: &[u8], out: &mut BytesMut| {
         out.unsplit(meta_req(MetaCommand::Get, key, flags.clone(), None));
     };
-    let fan = sh.router.fan_out(&bkeys, encode, sh.affinity);
+    let fan = sh.router.fan_out(&bkeys, encode, sh.caller());
     let sh = sh.sh.clone();
     let with_cas = g.kind.returns_cas();
     waiting(async move {
