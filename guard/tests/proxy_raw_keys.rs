@@ -14,7 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Client, GuardProxy, Memcached, bin, free_port};
+use common::{Client, GuardProxy, Memcached, PeerState, bin, free_port};
 use guard::{
     config::{BackendConfig, KeyMode, ProxyConfig},
     proxy::ketama::md5_hash,
@@ -378,15 +378,26 @@ fn no_flush_generation_markers_for_raw_keys() {
 fn sighup_keeps_the_key_mode_the_process_started_with() {
     let mc = Memcached::start();
     let mut guard = GuardProcess::start(&mc, "keys = \"raw\"", "");
+    // A connection opened just before a reload is served as the registry
+    // it started under, and closed if the reload revokes that: ask again
+    // on a new one until the answer shows the new registry.
+    let first_reply = |guard: &GuardProcess, request: &[u8]| -> (Client, String) {
+        let mut c = Client::connect(guard.addr);
+        c.send(request);
+        let reply = match c.peer_state(Duration::from_secs(2)) {
+            PeerState::Sent(b) => String::from_utf8_lossy(&b).into_owned(),
+            _ => String::new(),
+        };
+        (c, reply)
+    };
     let open_client = |guard: &GuardProcess| {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let mut c = Client::connect(guard.addr);
-            c.send(b"mg __warmup__ v\r\n");
-            if c.read_line() == "EN" {
+            let (c, reply) = first_reply(guard, b"mg __warmup__ v\r\n");
+            if reply == "EN\r\n" {
                 return c;
             }
-            assert!(Instant::now() < deadline, "no open tenant");
+            assert!(Instant::now() < deadline, "no open tenant: {reply:?}");
             std::thread::sleep(Duration::from_millis(20));
         }
     };
@@ -405,12 +416,11 @@ fn sighup_keeps_the_key_mode_the_process_started_with() {
     guard.reload(&mc, "keys = \"namespaced\"", &tenant);
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let mut c = Client::connect(guard.addr);
-        c.send(b"mg x v\r\n");
-        if c.read_line() == "CLIENT_ERROR unauthenticated" {
+        let (_, reply) = first_reply(&guard, b"mg x v\r\n");
+        if reply == "CLIENT_ERROR unauthenticated\r\n" {
             break;
         }
-        assert!(Instant::now() < deadline, "tenants never came");
+        assert!(Instant::now() < deadline, "tenants never came: {reply:?}");
         std::thread::sleep(Duration::from_millis(20));
     }
     guard.reload(&mc, "keys = \"namespaced\"", "");
