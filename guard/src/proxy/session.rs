@@ -144,6 +144,7 @@ async fn run(
         sh,
         peer,
         client: Client {
+            budget: sh.budgets.get(&identity.tenant),
             identity,
             affinity: sh.router.affinity(),
             authenticated,
@@ -449,6 +450,7 @@ impl Session<'_> {
                     return Err(SessionEnd::Revoked);
                 }
             }
+            let buffered = conn.buffered();
             match conn.next_request() {
                 Next::Empty => break,
                 Next::Partial => {
@@ -458,7 +460,10 @@ impl Session<'_> {
                 Next::Frame(req) => {
                     progress.parsed = true;
                     let is_barrier = command::is_barrier(&req);
-                    let slot = command::dispatch(req, sh, &self.client);
+                    // What the request took from the buffer: its bytes as
+                    // sent, for its tenant's byte budget.
+                    let size = buffered.saturating_sub(conn.buffered());
+                    let slot = command::dispatch(req, size, sh, &self.client);
                     if let Slot::Ready(Reply { close: true, .. }) = slot {
                         self.state = State::Closing(SessionEnd::Quit);
                     }

@@ -56,6 +56,7 @@
 //! ```
 
 pub mod auth;
+pub mod budget;
 pub mod connections;
 pub mod namespace;
 pub use crate::password;
@@ -71,6 +72,7 @@ use anyhow::Context as _;
 use guard_common::DEFAULT_TENANT;
 use tokio::sync::watch;
 
+pub use budget::{Charge, Cost, OverBudget, TenantBudget, TenantBudgets};
 pub use connections::{ConnectionPermit, TenantConnections};
 pub use namespace::{KeyNamespace, KeyTooLong};
 pub use password::PasswordHash;
