@@ -246,6 +246,9 @@ struct Progress {
     parsed: bool,
     /// Parsing stopped inside a request.
     partial: bool,
+    /// Parsing stopped at the pipeline's depth cap, maybe with whole
+    /// requests still buffered.
+    full: bool,
 }
 
 /// The idle and request-read deadlines, as one future.
@@ -370,6 +373,12 @@ impl Session<'_> {
                 State::Closing(end) if self.pipeline.is_empty() => return end,
                 _ => {}
             }
+            // Replies guard wrote itself (refusals, `mn`, …) made room, and
+            // no backend reply or new byte may come to wake us: dispatch
+            // what is buffered now.
+            if progress.full && self.pipeline.has_room(sh.max_pipeline_depth) {
+                continue;
+            }
 
             let waiting = self.pipeline.front_waiting();
             // Keep reading while replies are pending, to notice the client
@@ -438,9 +447,11 @@ impl Session<'_> {
     fn dispatch(&mut self, conn: &mut ClientConnection) -> Result<Progress, SessionEnd> {
         let sh = self.sh;
         let mut progress = Progress::default();
-        while matches!(self.state, State::Serving | State::Draining)
-            && self.pipeline.has_room(sh.max_pipeline_depth)
-        {
+        while matches!(self.state, State::Serving | State::Draining) {
+            if !self.pipeline.has_room(sh.max_pipeline_depth) {
+                progress.full = true;
+                break;
+            }
             // A reload not yet seen by the control wait: no request runs
             // under a revoked credential. One atomic load when nothing was
             // reloaded.
