@@ -647,10 +647,15 @@ mod tests {
             (budget.served(), budget.bytes(), budget.in_flight()),
             (0, 0, 0)
         );
+        // The whole burst is still there, and no more.
         let held: Vec<_> = (0..10)
             .map(|_| budget.admit_at(&t, one(0), now).unwrap())
             .collect();
-        assert_eq!(held.len(), 10);
+        assert_eq!(
+            budget.admit_at(&t, one(0), now).unwrap_err(),
+            OverBudget::RequestsPerSec
+        );
+        assert_eq!(budget.in_flight(), held.len() as u64);
     }
 
     #[test]
