@@ -365,6 +365,24 @@ pub fn describe(l: &TenantLimits) -> String {
     )
 }
 
+/// Why `tenant`'s byte budget on this host can never admit the largest
+/// store the proxy takes (a `max_value_size` value and its command line):
+/// a cost above the whole burst is always refused. `None` when it can.
+pub fn burst_below_largest_store(tenant: &Tenant, max_value_size: usize) -> Option<String> {
+    let l = &tenant.limits;
+    let largest = (max_value_size + crate::protocol::Limits::default().max_line_len) as u64;
+    (l.max_bytes_per_sec > 0 && l.bytes_burst < largest).then(|| {
+        format!(
+            "tenant {}: its byte burst on this host ({} bytes) is below the largest store a \
+             client may send ({} bytes: max_value_size and a command line), and such stores are \
+             always refused: raise bytes_burst (it is divided by hosts)",
+            tenant.name,
+            thousands(l.bytes_burst),
+            thousands(largest)
+        )
+    })
+}
+
 /// An admitted request: holds its in-flight slots until dropped.
 #[derive(Debug)]
 #[must_use = "the in-flight slots are released when the charge is dropped"]
@@ -688,6 +706,28 @@ mod tests {
             50
         );
         assert_eq!(again.served(), 60);
+    }
+
+    #[test]
+    fn a_burst_below_the_largest_store_is_named() {
+        let bytes = |burst| {
+            tenant(TenantLimits {
+                max_bytes_per_sec: 1 << 20,
+                bytes_burst: burst,
+                ..Default::default()
+            })
+        };
+        let e = burst_below_largest_store(&bytes(1 << 20), 1 << 20).unwrap();
+        assert!(
+            e.starts_with("tenant acme: its byte burst on this host (1,048,576 bytes)"),
+            "{e}"
+        );
+        assert!(e.contains("(1,050,624 bytes:"), "{e}");
+        assert_eq!(burst_below_largest_store(&bytes(2 << 20), 1 << 20), None);
+        assert_eq!(
+            burst_below_largest_store(&tenant(TenantLimits::default()), 1 << 20),
+            None
+        );
     }
 
     #[test]
