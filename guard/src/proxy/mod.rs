@@ -6,7 +6,8 @@
 //! whichever protocol it speaks through its [`connection`] and writes
 //! replies in order, [`command`] translates
 //! each request into meta requests for the backends (keys in the tenant's
-//! [`crate::tenant::KeyNamespace`]) and the replies back, [`router`] picks
+//! [`crate::tenant::KeyNamespace`]) and the replies back, after charging
+//! it to the tenant's budgets ([`crate::tenant::budget`]), [`router`] picks
 //! the backend with [`ketama`] and fans multi-key gets out, and [`backend`]
 //! pipelines everything over a few persistent connections per memcached.
 //! A failure on the way is an [`error::ProxyError`]: its side, kind and

@@ -23,10 +23,12 @@
 //!   moves only that tenant on.
 //! - [`auth`] has the wire side: SASL PLAIN (binary), memcached's `-Y`
 //!   text authentication, and the replies.
-//! - [`TenantConnections`] caps each tenant's connections.
-//! - [`TenantLimits`] carries the request, byte and in-flight budgets:
-//!   validated, but not yet enforced (only `max_connections` is, by
-//!   [`TenantConnections`]).
+//! - [`TenantLimits`] are a tenant's budgets on this host: its own or
+//!   `[proxy]`'s, divided by `[proxy] hosts` ([`TenantLimits::resolve`]).
+//!   [`TenantConnections`] caps its connections, and [`budget`] enforces
+//!   its requests per second, bytes per second and backend requests in
+//!   flight ([`TenantBudgets`]; charged once per request by
+//!   `proxy::command::dispatch`, refused at once when over).
 //!
 //! How a session uses it:
 //!
@@ -52,7 +54,13 @@
 //! };
 //! let _permit = connections.try_acquire(&identity.tenant)
 //!     .ok_or("SERVER_ERROR too many connections")?;
+//! let budget = budgets.get(&identity.tenant);      // Arc<TenantBudget>, kept by the session
+//! // Per request, with the identity as the latest reload left it:
+//! let charge = budget.admit(&identity.tenant, Cost { requests: keys, bytes: request_len })
+//!     .map_err(|over| format!("SERVER_ERROR {}", over.reply_text()))?;
 //! let backend_key = identity.tenant.namespace.backend_key(&client_key)?;
+//! // … send, await the reply, then:
+//! charge.reply(reply.len());                      // reply bytes, after the fact; slots released
 //! ```
 
 pub mod auth;
