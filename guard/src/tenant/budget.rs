@@ -279,7 +279,8 @@ impl TenantBudget {
                 .unlogged
                 .each_ref()
                 .map(|n| n.swap(0, Ordering::Relaxed));
-            let since = (last != 0).then(|| Duration::from_nanos(now + 1 - last));
+            let since = (last != 0)
+                .then(|| Duration::from_nanos(now.saturating_add(1).saturating_sub(last)));
             warn!("{}", refusal_line(tenant, counts, since));
         }
         why
