@@ -34,11 +34,10 @@ use super::{
     stats::ProxyStats,
 };
 use crate::{
-    protocol::ReplyShape,
     protocol::{
         BinaryRequest, BinaryResponse, ErrorReplyKind, Extras, GetKind, GetRequest, MetaCode,
-        MetaCommand, MetaFlag, MetaRequest, MetaResponse, Opcode, Request, Response, Status,
-        StoreCommand, StoreRequest, TextRequest, TextResponse, is_valid_text_key,
+        MetaCommand, MetaFlag, MetaRequest, MetaResponse, Opcode, ReplyShape, Request, Response,
+        Status, StoreCommand, StoreRequest, TextRequest, TextResponse, is_valid_text_key,
     },
     tenant::{Cost, Identity, KeyNamespace, OverBudget, Tenant, TenantBudget, auth},
 };
