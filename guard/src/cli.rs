@@ -295,6 +295,26 @@ pub struct RunArgs {
     /// Longest ejection in milliseconds.
     #[arg(long)]
     pub max_eject_time_ms: Option<u64>,
+    /// Each tenant's requests per second, service-wide, unless it sets its
+    /// own; also the open tenant's (0 = unlimited).
+    #[arg(long)]
+    pub max_requests_per_sec: Option<u64>,
+    /// Burst for --max-requests-per-sec (default: one second of it).
+    #[arg(long)]
+    pub requests_burst: Option<u64>,
+    /// Each tenant's request and reply bytes per second, service-wide
+    /// (0 = unlimited).
+    #[arg(long)]
+    pub max_bytes_per_sec: Option<u64>,
+    /// Burst for --max-bytes-per-sec (default: one second of it).
+    #[arg(long)]
+    pub bytes_burst: Option<u64>,
+    /// Each tenant's backend requests in flight, service-wide (0 = unlimited).
+    #[arg(long)]
+    pub max_in_flight: Option<u64>,
+    /// Proxy hosts sharing the budgets: each enforces 1/N of them.
+    #[arg(long)]
+    pub hosts: Option<u64>,
 }
 
 impl RunArgs {
@@ -363,6 +383,16 @@ impl RunArgs {
         set(&mut p.outlier_interval_ms, self.outlier_interval_ms);
         set(&mut p.eject_time_ms, self.eject_time_ms);
         set(&mut p.max_eject_time_ms, self.max_eject_time_ms);
+        set(&mut p.max_requests_per_sec, self.max_requests_per_sec);
+        set(&mut p.max_bytes_per_sec, self.max_bytes_per_sec);
+        set(&mut p.max_in_flight, self.max_in_flight);
+        set(&mut p.hosts, self.hosts);
+        if self.requests_burst.is_some() {
+            p.requests_burst = self.requests_burst;
+        }
+        if self.bytes_burst.is_some() {
+            p.bytes_burst = self.bytes_burst;
+        }
         if let Some(k) = self.keys {
             p.keys = k;
         }
@@ -471,6 +501,18 @@ mod tests {
             "100",
             "--max-eject-time-ms",
             "800",
+            "--max-requests-per-sec",
+            "500",
+            "--requests-burst",
+            "50",
+            "--max-bytes-per-sec",
+            "1048576",
+            "--bytes-burst",
+            "2097152",
+            "--max-in-flight",
+            "8",
+            "--hosts",
+            "4",
         ])
         .unwrap();
         let Command::Run(args) = cli.command else {
@@ -493,6 +535,13 @@ mod tests {
             (c.proxy.eject_time_ms, c.proxy.max_eject_time_ms),
             (100, 800)
         );
+        let p = &c.proxy;
+        assert_eq!((p.max_requests_per_sec, p.requests_burst), (500, Some(50)));
+        assert_eq!(
+            (p.max_bytes_per_sec, p.bytes_burst),
+            (1 << 20, Some(2 << 20))
+        );
+        assert_eq!((p.max_in_flight, p.hosts), (8, 4));
         assert!(parse(&["run", "--backend", "nohost"]).is_err());
         let e = parse(&["run", "--eject", "drop"]).unwrap_err().to_string();
         assert!(e.contains("unknown eject policy `drop`"), "{e}");
@@ -543,6 +592,29 @@ mod tests {
         };
         let e = args.resolve().unwrap_err().to_string();
         assert_eq!(e, "backlog must be 1..=65535, got 0");
+        for (flag, value, wanted) in [
+            ("--hosts", "0", "hosts must be 1..=10000, got 0"),
+            (
+                "--requests-burst",
+                "0",
+                "requests-burst must be 1..=1000000000 (leave it out for one second of the rate), got 0",
+            ),
+            (
+                "--max-in-flight",
+                "20000000",
+                "max-in-flight must be 0..=10000000 (0 means unlimited), got 20000000",
+            ),
+        ] {
+            let cli = parse(&["run", flag, value]).unwrap();
+            let Command::Run(args) = cli.command else {
+                panic!("not run")
+            };
+            assert_eq!(args.resolve().unwrap_err().to_string(), wanted);
+        }
+        let e = parse(&["run", "--max-bytes-per-sec", "lots"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--max-bytes-per-sec"), "{e}");
     }
 
     #[test]

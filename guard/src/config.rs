@@ -226,6 +226,23 @@ pub struct ProxyConfig {
     pub eject_time_ms: u64,
     /// The longest an ejection lasts before the next probe.
     pub max_eject_time_ms: u64,
+    /// Each tenant's requests per second, service-wide, unless the tenant
+    /// sets its own; also the open tenant's (0 = unlimited). Like every
+    /// budget in the file it is divided by [`Self::hosts`].
+    pub max_requests_per_sec: u64,
+    /// Burst for [`Self::max_requests_per_sec`] (unset: one second of it).
+    pub requests_burst: Option<u64>,
+    /// Each tenant's request and reply bytes per second, service-wide
+    /// (0 = unlimited).
+    pub max_bytes_per_sec: u64,
+    /// Burst for [`Self::max_bytes_per_sec`] (unset: one second of it).
+    pub bytes_burst: Option<u64>,
+    /// Each tenant's backend requests in flight at once, service-wide
+    /// (0 = unlimited).
+    pub max_in_flight: u64,
+    /// Proxy hosts sharing the tenants' budgets: each enforces 1/hosts of
+    /// every budget in the file (rounded up).
+    pub hosts: u64,
 }
 
 /// How the open tenant's keys reach the backends.
@@ -350,6 +367,14 @@ impl Default for ProxyConfig {
             // moment; doubling on every repeat.
             eject_time_ms: 10_000,
             max_eject_time_ms: 300_000,
+            // Budgets are the operator's to set: a proxy that refused
+            // traffic out of the box would be an outage on upgrade.
+            max_requests_per_sec: 0,
+            requests_burst: None,
+            max_bytes_per_sec: 0,
+            bytes_burst: None,
+            max_in_flight: 0,
+            hosts: 1,
         }
     }
 }
@@ -372,6 +397,21 @@ impl ProxyConfig {
     }
 
     fn validate(&self) -> anyhow::Result<()> {
+        // Checked with or without a listener: the tenants' budgets are
+        // divided by `hosts` either way.
+        if !(1..=MAX_HOSTS).contains(&self.hosts) {
+            bail!("hosts must be 1..={MAX_HOSTS}, got {}", self.hosts);
+        }
+        check_request_budgets(
+            "",
+            &Budgets {
+                max_requests_per_sec: Some(self.max_requests_per_sec),
+                requests_burst: self.requests_burst,
+                max_bytes_per_sec: Some(self.max_bytes_per_sec),
+                bytes_burst: self.bytes_burst,
+                max_in_flight: Some(self.max_in_flight),
+            },
+        )?;
         if self.listen.is_empty() {
             return Ok(());
         }
@@ -557,14 +597,22 @@ pub struct TenantConfig {
     /// may repeat within this tenant (old and new password of one user) but
     /// never across tenants.
     pub credentials: Vec<CredentialConfig>,
-    /// Client connections this tenant may hold at once (0 = unlimited).
+    /// Client connections this tenant may hold at once, service-wide
+    /// (0 = unlimited); each host takes 1/`[proxy] hosts` of it.
     pub max_connections: u64,
-    /// Requests per second (0 = unlimited).
-    pub max_requests_per_sec: u64,
-    /// Request and reply bytes per second (0 = unlimited).
-    pub max_bytes_per_sec: u64,
-    /// Requests in flight to the backends at once (0 = unlimited).
-    pub max_in_flight: u64,
+    /// Requests per second, service-wide (0 = unlimited; unset: `[proxy]`'s).
+    pub max_requests_per_sec: Option<u64>,
+    /// Burst for [`Self::max_requests_per_sec`] (unset: one second of the
+    /// rate; `[proxy]`'s only when the rate is `[proxy]`'s too).
+    pub requests_burst: Option<u64>,
+    /// Request and reply bytes per second, service-wide (0 = unlimited;
+    /// unset: `[proxy]`'s).
+    pub max_bytes_per_sec: Option<u64>,
+    /// Burst for [`Self::max_bytes_per_sec`], as for requests.
+    pub bytes_burst: Option<u64>,
+    /// Backend requests in flight at once, service-wide (0 = unlimited;
+    /// unset: `[proxy]`'s).
+    pub max_in_flight: Option<u64>,
 }
 
 /// Longest tenant namespace, in bytes.
@@ -841,27 +889,91 @@ fn check_budget(what: &str, rate: u64, burst: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Per-tenant proxy budgets: 0 means unlimited; anything else must be
-/// sane.
-fn check_tenant_budgets(t: &TenantConfig) -> anyhow::Result<()> {
-    for (what, value, max) in [
-        ("max_connections", t.max_connections, 10_000_000),
-        (
-            "max_requests_per_sec",
-            t.max_requests_per_sec,
-            1_000_000_000,
-        ),
-        ("max_bytes_per_sec", t.max_bytes_per_sec, 1 << 40),
-        ("max_in_flight", t.max_in_flight, 10_000_000),
+/// Most proxy hosts a budget can be divided over.
+pub const MAX_HOSTS: u64 = 10_000;
+
+/// Highest request rate or burst: one request per nanosecond.
+const MAX_REQUESTS: u64 = 1_000_000_000;
+/// Highest byte rate or burst: 1 TiB.
+const MAX_BYTES: u64 = 1 << 40;
+/// Most requests in flight or connections a budget may name.
+const MAX_COUNT: u64 = 10_000_000;
+
+/// A tenant's request budgets as written (in `[proxy]` as defaults, or
+/// in a `[[tenant]]`); `None` is unset.
+struct Budgets {
+    max_requests_per_sec: Option<u64>,
+    requests_burst: Option<u64>,
+    max_bytes_per_sec: Option<u64>,
+    bytes_burst: Option<u64>,
+    max_in_flight: Option<u64>,
+}
+
+/// Request budgets: 0 means unlimited, a burst is at least 1, and
+/// nothing is beyond what the buckets can count. `who` prefixes the
+/// message (`tenant `acme` `), empty for `[proxy]`, whose names are the
+/// flags'.
+fn check_request_budgets(who: &str, b: &Budgets) -> anyhow::Result<()> {
+    let name = |field: &str| {
+        if who.is_empty() {
+            field.replace('_', "-")
+        } else {
+            format!("{who}{field}")
+        }
+    };
+    for (field, value, max) in [
+        ("max_requests_per_sec", b.max_requests_per_sec, MAX_REQUESTS),
+        ("max_bytes_per_sec", b.max_bytes_per_sec, MAX_BYTES),
+        ("max_in_flight", b.max_in_flight, MAX_COUNT),
     ] {
-        if value > max {
+        if let Some(v) = value.filter(|&v| v > max) {
             bail!(
-                "tenant `{}` {what} {value} is above {max} (0 means unlimited)",
-                t.name
+                "{} must be 0..={max} (0 means unlimited), got {v}",
+                name(field)
+            );
+        }
+    }
+    for (field, value, max) in [
+        ("requests_burst", b.requests_burst, MAX_REQUESTS),
+        ("bytes_burst", b.bytes_burst, MAX_BYTES),
+    ] {
+        if let Some(v) = value.filter(|v| !(1..=max).contains(v)) {
+            bail!(
+                "{} must be 1..={max} (leave it out for one second of the rate), got {v}",
+                name(field)
             );
         }
     }
     Ok(())
+}
+
+/// Per-tenant proxy budgets: 0 means unlimited; anything else must be
+/// sane.
+fn check_tenant_budgets(t: &TenantConfig) -> anyhow::Result<()> {
+    if t.max_connections > MAX_COUNT {
+        bail!(
+            "tenant `{}` max_connections must be 0..={MAX_COUNT} (0 means unlimited), got {}",
+            t.name,
+            t.max_connections
+        );
+    }
+    check_request_budgets(
+        &format!("tenant `{}` ", t.name),
+        &Budgets {
+            max_requests_per_sec: t.max_requests_per_sec,
+            requests_burst: t.requests_burst,
+            max_bytes_per_sec: t.max_bytes_per_sec,
+            bytes_burst: t.bytes_burst,
+            max_in_flight: t.max_in_flight,
+        },
+    )
+}
+
+/// A service-wide budget's share on one of `hosts` proxy hosts: rounded
+/// up, so a non-zero budget never becomes 0 (unlimited) on a host, and
+/// the hosts together never enforce less than the file says.
+pub fn per_host(budget: u64, hosts: u64) -> u64 {
+    budget.div_ceil(hosts.max(1))
 }
 
 /// Namespaces: valid key bytes, bounded, unique, and prefix-free, so no

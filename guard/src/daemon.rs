@@ -48,6 +48,7 @@ pub async fn run(paths: Paths, args: RunArgs) -> anyhow::Result<()> {
     let mut signals = Signals::new().context("cannot install signal handlers")?;
 
     let tenants = Arc::new(SharedRegistry::new(TenantRegistry::from_config(&config)?));
+    warn_small_bursts(&tenants, &config);
     // XDP limit events the reporter receives, shown in the proxy's `stats`.
     let limit_events = Arc::new(std::sync::atomic::AtomicU64::new(0));
     // With XDP in this process, authentications tell it which tenant a
@@ -148,7 +149,7 @@ pub async fn run(paths: Paths, args: RunArgs) -> anyhow::Result<()> {
                         });
                         config = new;
                         info!(
-                            "configuration reloaded: tenants ({}), backends{}; other proxy settings apply at restart",
+                            "configuration reloaded: tenants and their budgets ({}), backends{}; other proxy settings apply at restart",
                             describe_tenants(&tenants),
                             if xdp.is_some() { " and XDP settings" } else { "" },
                         );
@@ -233,6 +234,7 @@ fn reload(
         report.send_replace(report_settings(&new));
     }
     tenants.reload(&new)?;
+    warn_small_bursts(tenants, &new);
     let registry = tenants.load();
     // Warned about on its own, beyond the reload line's "other proxy
     // settings apply at restart": this setting decides where every key
@@ -268,6 +270,19 @@ fn report_settings(config: &Config) -> ebpf::events::ReportSettings {
             .iter()
             .map(|t| (config::tenant_id(&t.name), t.name.to_string()))
             .collect(),
+    }
+}
+
+/// One warning per served tenant whose byte budget can never admit the
+/// largest store: a budget that silently refuses every big value would
+/// look like a broken cache.
+fn warn_small_bursts(tenants: &SharedRegistry, config: &Config) {
+    for t in tenants.load().served_tenants() {
+        if let Some(why) =
+            crate::tenant::budget::burst_below_largest_store(&t, config.proxy.max_value_size)
+        {
+            warn!("{why}");
+        }
     }
 }
 

@@ -49,8 +49,14 @@
 //! - [`tenant`] knows who a client is and what it may touch: credentials
 //!   and their verification, SASL and text authentication, per-tenant key
 //!   namespaces with their own `flush_all`, and connection caps (charged
-//!   in [`proxy::auth`]; tested in `guard/tests/proxy_tenants.rs`). Its
-//!   request, byte and in-flight budgets are validated, not yet enforced.
+//!   in [`proxy::auth`]; tested in `guard/tests/proxy_tenants.rs`).
+//! - [`tenant::budget`] is where a tenant is charged for its requests:
+//!   GCRA buckets for requests and bytes per second and a count of
+//!   backend requests in flight, per tenant, which
+//!   [`proxy::command::dispatch`] charges before a request is sent and
+//!   refuses at once when over (`SERVER_ERROR tenant over budget: …`);
+//!   the reply's bytes are charged when it is ready (tested in
+//!   `guard/tests/proxy_budgets.rs`, with the real binary for SIGHUP).
 //!
 //! The proxy's tests are `guard/tests/proxy_*.rs` against real memcached;
 //! the parsers' are `protocol::tests` (every split point, property tests)

@@ -223,3 +223,21 @@ fn per_source_cap_closes_extra_connections() {
     again.send(b"version\r\n");
     assert!(again.read_line().starts_with("VERSION"));
 }
+
+/// More requests than `max_pipeline_depth` arrive in one read and all are
+/// answered by guard itself (no backend reply wakes the session): the
+/// ones beyond the cap are dispatched once the first are written, not
+/// left in the buffer until the client sends more.
+#[test]
+fn a_pipeline_deeper_than_the_cap_is_answered_whole_without_a_backend() {
+    let mc = Memcached::start();
+    let mut cfg = config(&[&mc]);
+    cfg.max_pipeline_depth = 16;
+    let guard = GuardProxy::start(cfg);
+    let mut c = Client::connect(guard.addr);
+    c.send(&b"mn\r\nversion\r\n".repeat(100));
+    for _ in 0..100 {
+        assert_eq!(c.read_line(), "MN");
+        assert!(c.read_line().starts_with("VERSION "));
+    }
+}

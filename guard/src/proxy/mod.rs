@@ -6,7 +6,8 @@
 //! whichever protocol it speaks through its [`connection`] and writes
 //! replies in order, [`command`] translates
 //! each request into meta requests for the backends (keys in the tenant's
-//! [`crate::tenant::KeyNamespace`]) and the replies back, [`router`] picks
+//! [`crate::tenant::KeyNamespace`]) and the replies back, after charging
+//! it to the tenant's budgets ([`crate::tenant::budget`]), [`router`] picks
 //! the backend with [`ketama`] and fans multi-key gets out, and [`backend`]
 //! pipelines everything over a few persistent connections per memcached.
 //! A failure on the way is an [`error::ProxyError`]: its side, kind and
@@ -48,7 +49,7 @@ pub use error::ProxyError;
 use crate::{
     config::{KeyMode, ProxyConfig},
     protocol::Limits,
-    tenant::{SharedRegistry, TenantConnections, TenantRegistry},
+    tenant::{SharedRegistry, TenantBudgets, TenantConnections, TenantRegistry},
 };
 use backend::BackendSettings;
 use listener::SourceLimits;
@@ -92,11 +93,21 @@ pub struct ProxyContext {
 }
 
 impl ProxyContext {
-    /// One open tenant whose keys are stored as `keys` says, nobody
-    /// listening for authentications.
+    /// One open tenant whose keys are stored as `keys` says, with no
+    /// budgets, nobody listening for authentications.
     pub fn open(keys: KeyMode) -> Self {
+        Self::with_registry(TenantRegistry::open_with_keys(keys))
+    }
+
+    /// One open tenant as `config` has it (its keys, its `[proxy]`
+    /// budgets), nobody listening for authentications.
+    pub fn open_for(config: &ProxyConfig) -> Self {
+        Self::with_registry(TenantRegistry::open_for(config))
+    }
+
+    fn with_registry(registry: TenantRegistry) -> Self {
         Self {
-            tenants: Arc::new(SharedRegistry::new(TenantRegistry::open_with_keys(keys))),
+            tenants: Arc::new(SharedRegistry::new(registry)),
             learned: None,
             limit_events: Arc::default(),
             backends: None,
@@ -120,6 +131,9 @@ pub struct Shared {
     pub tenants: Arc<SharedRegistry>,
     /// Connections per tenant, across reloads.
     pub connections: TenantConnections,
+    /// Request, byte and in-flight budget state per tenant, across
+    /// reloads.
+    pub budgets: TenantBudgets,
     /// See [`ProxyContext::learned`].
     pub learned: Option<mpsc::Sender<SourceTenant>>,
     /// How long a client has to authenticate.
@@ -138,15 +152,15 @@ pub struct Shared {
 pub struct Proxy;
 
 impl Proxy {
-    /// Serves clients on `listeners` as one open tenant, its keys as
-    /// `config.keys` says, until `shutdown` completes, then drains (see
-    /// [`Self::run_with`]).
+    /// Serves clients on `listeners` as one open tenant, its keys and
+    /// budgets as `config` says, until `shutdown` completes, then drains
+    /// (see [`Self::run_with`]).
     pub async fn run(
         listeners: Vec<TcpListener>,
         config: ProxyConfig,
         shutdown: impl Future<Output = ()>,
     ) -> anyhow::Result<()> {
-        let cx = ProxyContext::open(config.keys);
+        let cx = ProxyContext::open_for(&config);
         Self::run_with(listeners, config, cx, shutdown).await
     }
 
@@ -190,6 +204,7 @@ impl Proxy {
             stats,
             tenants: cx.tenants,
             connections: TenantConnections::new(),
+            budgets: TenantBudgets::new(),
             learned: cx.learned,
             auth_timeout: Duration::from_millis(config.auth_timeout_ms),
             read_cap: limits.max_value_len + limits.max_retrieval_line_len + 4096,

@@ -144,6 +144,7 @@ async fn run(
         sh,
         peer,
         client: Client {
+            budget: sh.budgets.get(&identity.tenant),
             identity,
             affinity: sh.router.affinity(),
             authenticated,
@@ -245,6 +246,9 @@ struct Progress {
     parsed: bool,
     /// Parsing stopped inside a request.
     partial: bool,
+    /// Parsing stopped at the pipeline's depth cap, maybe with whole
+    /// requests still buffered.
+    full: bool,
 }
 
 /// The idle and request-read deadlines, as one future.
@@ -369,6 +373,12 @@ impl Session<'_> {
                 State::Closing(end) if self.pipeline.is_empty() => return end,
                 _ => {}
             }
+            // Replies guard wrote itself (refusals, `mn`, …) made room, and
+            // no backend reply or new byte may come to wake us: dispatch
+            // what is buffered now.
+            if progress.full && self.pipeline.has_room(sh.max_pipeline_depth) {
+                continue;
+            }
 
             let waiting = self.pipeline.front_waiting();
             // Keep reading while replies are pending, to notice the client
@@ -437,9 +447,11 @@ impl Session<'_> {
     fn dispatch(&mut self, conn: &mut ClientConnection) -> Result<Progress, SessionEnd> {
         let sh = self.sh;
         let mut progress = Progress::default();
-        while matches!(self.state, State::Serving | State::Draining)
-            && self.pipeline.has_room(sh.max_pipeline_depth)
-        {
+        while matches!(self.state, State::Serving | State::Draining) {
+            if !self.pipeline.has_room(sh.max_pipeline_depth) {
+                progress.full = true;
+                break;
+            }
             // A reload not yet seen by the control wait: no request runs
             // under a revoked credential. One atomic load when nothing was
             // reloaded.
@@ -449,6 +461,7 @@ impl Session<'_> {
                     return Err(SessionEnd::Revoked);
                 }
             }
+            let buffered = conn.buffered();
             match conn.next_request() {
                 Next::Empty => break,
                 Next::Partial => {
@@ -458,7 +471,10 @@ impl Session<'_> {
                 Next::Frame(req) => {
                     progress.parsed = true;
                     let is_barrier = command::is_barrier(&req);
-                    let slot = command::dispatch(req, sh, &self.client);
+                    // What the request took from the buffer: its bytes as
+                    // sent, for its tenant's byte budget.
+                    let size = buffered.saturating_sub(conn.buffered());
+                    let slot = command::dispatch(req, size, sh, &self.client);
                     if let Slot::Ready(Reply { close: true, .. }) = slot {
                         self.state = State::Closing(SessionEnd::Quit);
                     }

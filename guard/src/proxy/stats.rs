@@ -122,6 +122,9 @@ counters! {
     tenant_rejected_connections,
     /// Writes refused to read-only identities.
     permission_denied,
+    /// Requests refused at once because their tenant was over a budget
+    /// (requests/s, bytes/s or in flight; each tenant's `stats` says which).
+    budget_refusals,
     /// Backends ejected (for errors or latency) since start.
     backend_ejections,
     /// Ejected backends that passed a probe and rejoined.

@@ -23,10 +23,12 @@
 //!   moves only that tenant on.
 //! - [`auth`] has the wire side: SASL PLAIN (binary), memcached's `-Y`
 //!   text authentication, and the replies.
-//! - [`TenantConnections`] caps each tenant's connections.
-//! - [`TenantLimits`] carries the request, byte and in-flight budgets:
-//!   validated, but not yet enforced (only `max_connections` is, by
-//!   [`TenantConnections`]).
+//! - [`TenantLimits`] are a tenant's budgets on this host: its own or
+//!   `[proxy]`'s, divided by `[proxy] hosts` ([`TenantLimits::resolve`]).
+//!   [`TenantConnections`] caps its connections, and [`budget`] enforces
+//!   its requests per second, bytes per second and backend requests in
+//!   flight ([`TenantBudgets`]; charged once per request by
+//!   `proxy::command::dispatch`, refused at once when over).
 //!
 //! How a session uses it:
 //!
@@ -52,10 +54,17 @@
 //! };
 //! let _permit = connections.try_acquire(&identity.tenant)
 //!     .ok_or("SERVER_ERROR too many connections")?;
+//! let budget = budgets.get(&identity.tenant);      // Arc<TenantBudget>, kept by the session
+//! // Per request, with the identity as the latest reload left it:
+//! let charge = budget.admit(&identity.tenant, Cost { requests: keys, bytes: request_len })
+//!     .map_err(|over| format!("SERVER_ERROR {}", over.reply_text()))?;
 //! let backend_key = identity.tenant.namespace.backend_key(&client_key)?;
+//! // … send, await the reply, then:
+//! charge.reply(reply.len());                      // reply bytes, after the fact; slots released
 //! ```
 
 pub mod auth;
+pub mod budget;
 pub mod connections;
 pub mod namespace;
 pub use crate::password;
@@ -71,12 +80,13 @@ use anyhow::Context as _;
 use guard_common::DEFAULT_TENANT;
 use tokio::sync::watch;
 
+pub use budget::{Charge, Cost, OverBudget, TenantBudget, TenantBudgets};
 pub use connections::{ConnectionPermit, TenantConnections};
 pub use namespace::{KeyNamespace, KeyTooLong};
 pub use password::PasswordHash;
 pub use verifier::{AuthSettings, AuthStats};
 
-use crate::config::{Config, KeyMode, TenantConfig, tenant_id};
+use crate::config::{Config, KeyMode, ProxyConfig, TenantConfig, tenant_id};
 use verifier::{Candidate, Verifier};
 
 /// How long a client has to authenticate after connecting, unless the
@@ -87,15 +97,22 @@ pub const AUTH_DEADLINE: Duration = crate::config::DEFAULT_AUTH_TIMEOUT;
 /// Name of the open tenant (no credentials configured).
 pub const OPEN_TENANT: &str = "default";
 
-/// Per-tenant budgets; 0 means unlimited.
+/// A tenant's budgets on this host; 0 means unlimited. The file's
+/// budgets are service-wide (the tenant's own, else `[proxy]`'s), and
+/// each of `[proxy] hosts` proxy hosts enforces its share
+/// ([`crate::config::per_host`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct TenantLimits {
     /// Client connections at once.
     pub max_connections: u64,
-    /// Requests per second.
+    /// Backend requests per second (a multi-get counts each key).
     pub max_requests_per_sec: u64,
+    /// Requests that may be spent at once from a full bucket.
+    pub requests_burst: u64,
     /// Request and reply bytes per second.
     pub max_bytes_per_sec: u64,
+    /// Bytes that may be spent at once from a full bucket.
+    pub bytes_burst: u64,
     /// Backend requests in flight at once.
     pub max_in_flight: u64,
 }
@@ -106,12 +123,47 @@ impl TenantLimits {
         (value != 0).then_some(value)
     }
 
-    fn from_config(t: &TenantConfig) -> Self {
+    /// The limits on this host of `tenant` (`None`: the open tenant) under
+    /// `proxy`: each budget the tenant leaves unset is `[proxy]`'s; a
+    /// burst left unset is one second of its rate, and is `[proxy]`'s
+    /// only when the rate is too (a burst sized for another rate means
+    /// nothing); then every budget is divided by `proxy.hosts`.
+    pub fn resolve(tenant: Option<&TenantConfig>, proxy: &ProxyConfig) -> Self {
+        let hosts = proxy.hosts;
+        let share = |v: u64| crate::config::per_host(v, hosts);
+        let pair = |rate: Option<u64>, burst: Option<u64>, default: u64, default_burst| {
+            let (rate, burst) = match rate {
+                Some(r) => (r, burst.unwrap_or(r)),
+                None => (default, burst.or(default_burst).unwrap_or(default)),
+            };
+            match rate {
+                0 => (0, 0),
+                r => (share(r), share(burst)),
+            }
+        };
+        let (requests, requests_burst) = pair(
+            tenant.and_then(|t| t.max_requests_per_sec),
+            tenant.and_then(|t| t.requests_burst),
+            proxy.max_requests_per_sec,
+            proxy.requests_burst,
+        );
+        let (bytes, bytes_burst) = pair(
+            tenant.and_then(|t| t.max_bytes_per_sec),
+            tenant.and_then(|t| t.bytes_burst),
+            proxy.max_bytes_per_sec,
+            proxy.bytes_burst,
+        );
         Self {
-            max_connections: t.max_connections,
-            max_requests_per_sec: t.max_requests_per_sec,
-            max_bytes_per_sec: t.max_bytes_per_sec,
-            max_in_flight: t.max_in_flight,
+            max_connections: share(tenant.map_or(0, |t| t.max_connections)),
+            max_requests_per_sec: requests,
+            requests_burst,
+            max_bytes_per_sec: bytes,
+            bytes_burst,
+            max_in_flight: share(
+                tenant
+                    .and_then(|t| t.max_in_flight)
+                    .unwrap_or(proxy.max_in_flight),
+            ),
         }
     }
 }
@@ -189,26 +241,43 @@ impl std::fmt::Debug for TenantRegistry {
 
 impl TenantRegistry {
     /// The open registry: one tenant, no authentication, keys in
-    /// [`namespace::OPEN_NAMESPACE`].
+    /// [`namespace::OPEN_NAMESPACE`], no budgets.
     pub fn open() -> Self {
         Self::open_with_keys(KeyMode::Namespaced)
     }
 
-    /// The open registry with its keys stored as `keys` says.
+    /// The open registry with its keys stored as `keys` says, no budgets.
     pub fn open_with_keys(keys: KeyMode) -> Self {
-        Self::open_with(Arc::new(Verifier::new(AuthSettings::default())), keys)
+        Self::open_for(&ProxyConfig {
+            keys,
+            ..ProxyConfig::default()
+        })
     }
 
-    fn open_with(verifier: Arc<Verifier>, key_mode: KeyMode) -> Self {
-        let namespace = match key_mode {
-            KeyMode::Namespaced => KeyNamespace::open(),
-            KeyMode::Raw => KeyNamespace::raw(),
-        };
+    /// The open registry of a proxy without tenants: its keys as
+    /// `proxy.keys` says, its budgets `[proxy]`'s.
+    pub fn open_for(proxy: &ProxyConfig) -> Self {
+        let verifier = Arc::new(Verifier::new(AuthSettings::default()));
+        let namespace = open_namespace(proxy.keys);
+        Self::open_with(
+            verifier,
+            proxy.keys,
+            namespace,
+            TenantLimits::resolve(None, proxy),
+        )
+    }
+
+    fn open_with(
+        verifier: Arc<Verifier>,
+        key_mode: KeyMode,
+        namespace: KeyNamespace,
+        limits: TenantLimits,
+    ) -> Self {
         let tenant = Arc::new(Tenant {
             name: OPEN_TENANT.into(),
             id: DEFAULT_TENANT,
             namespace,
-            limits: TenantLimits::default(),
+            limits,
         });
         Self {
             tenants: vec![tenant.clone()],
@@ -262,16 +331,22 @@ impl TenantRegistry {
         // had tenants.
         let key_mode = previous.map_or(config.proxy.keys, |p| p.key_mode);
         if config.tenants.iter().all(|t| t.credentials.is_empty()) {
+            let limits = TenantLimits::resolve(None, &config.proxy);
             return Ok(match previous.and_then(|p| p.open.as_ref()) {
-                // Keep the open tenant itself: nothing about it changed.
-                Some(open) => Self {
+                // Keep the open tenant itself when nothing about it changed.
+                Some(open) if open.tenant.limits == limits => Self {
                     tenants: vec![open.tenant.clone()],
                     open: Some(open.clone()),
                     users: HashMap::new(),
                     verifier,
                     key_mode,
                 },
-                None => Self::open_with(verifier, key_mode),
+                // New budgets: the same key space (and flush generation).
+                Some(open) => {
+                    let namespace = open.tenant.namespace.clone();
+                    Self::open_with(verifier, key_mode, namespace, limits)
+                }
+                None => Self::open_with(verifier, key_mode, open_namespace(key_mode), limits),
             });
         }
         let mut tenants = Vec::new();
@@ -289,7 +364,7 @@ impl TenantRegistry {
                 name: t.name.as_str().into(),
                 id: tenant_id(&t.name),
                 namespace,
-                limits: TenantLimits::from_config(t),
+                limits: TenantLimits::resolve(Some(t), &config.proxy),
             });
             for c in &t.credentials {
                 let hash = c.password_hash.clone();
@@ -440,6 +515,14 @@ impl TenantRegistry {
                 .verify_cached(&tag, &candidates)?
                 .map(|i| creds[i].identity.clone()),
         )
+    }
+}
+
+/// The open tenant's key space under `key_mode`.
+fn open_namespace(key_mode: KeyMode) -> KeyNamespace {
+    match key_mode {
+        KeyMode::Namespaced => KeyNamespace::open(),
+        KeyMode::Raw => KeyNamespace::raw(),
     }
 }
 

@@ -32,9 +32,9 @@ fn config() -> Config {
                     cred("acme-ro", "reader", true),
                 ],
                 max_connections: 3,
-                max_requests_per_sec: 1000,
-                max_bytes_per_sec: 1 << 20,
-                max_in_flight: 64,
+                max_requests_per_sec: Some(1000),
+                max_bytes_per_sec: Some(1 << 20),
+                max_in_flight: Some(64),
                 ..Default::default()
             },
             TenantConfig {
@@ -141,7 +141,9 @@ fn rotation_both_credentials_work_and_read_only_surfaces() {
         TenantLimits {
             max_connections: 3,
             max_requests_per_sec: 1000,
+            requests_burst: 1000,
             max_bytes_per_sec: 1 << 20,
+            bytes_burst: 1 << 20,
             max_in_flight: 64,
         }
     );
@@ -543,7 +545,7 @@ fn config_accepts_tenant_credentials() {
     assert!(t.credentials[1].read_only);
     assert!(!t.credentials[0].read_only);
     assert_eq!(t.max_connections, 100);
-    assert_eq!(t.max_in_flight, 256);
+    assert_eq!(t.max_in_flight, Some(256));
     let r = TenantRegistry::from_config(&c).unwrap();
     assert!(r.authenticate(b"acme-ro", b"pw").unwrap().read_only);
     assert_eq!(r.tenant("acme").unwrap().limits.max_requests_per_sec, 5000);
@@ -647,6 +649,209 @@ fn config_rejects_bad_tenants() {
     );
     // Absurd budgets.
     let mut t = tenant("a", None, &[]);
-    t.max_in_flight = u64::MAX;
+    t.max_in_flight = Some(u64::MAX);
     assert!(check(vec![t]).unwrap_err().contains("max_in_flight"));
+}
+
+#[test]
+fn budgets_default_to_the_proxys_and_divide_by_hosts() {
+    let mut c = Config::parse(
+        r#"
+        [proxy]
+        max_requests_per_sec = 1000
+        requests_burst = 3000
+        max_bytes_per_sec = 1048576
+        max_in_flight = 64
+        hosts = 3
+
+        [[tenant]]
+        name = "inherits"
+        max_connections = 10
+
+        [[tenant]]
+        name = "own-rate"
+        max_requests_per_sec = 500
+
+        [[tenant]]
+        name = "unlimited"
+        max_requests_per_sec = 0
+        max_bytes_per_sec = 0
+        max_in_flight = 0
+
+        [[tenant]]
+        name = "own-burst"
+        requests_burst = 7
+        bytes_burst = 1
+        "#,
+    )
+    .unwrap();
+    c.validate().unwrap();
+    let limits = |c: &Config, i: usize| TenantLimits::resolve(Some(&c.tenants[i]), &c.proxy);
+    // [proxy]'s pair, a third of each, rounded up.
+    assert_eq!(
+        limits(&c, 0),
+        TenantLimits {
+            max_connections: 4,
+            max_requests_per_sec: 334,
+            requests_burst: 1000,
+            max_bytes_per_sec: 349_526,
+            bytes_burst: 349_526,
+            max_in_flight: 22,
+        }
+    );
+    // Its own rate: one second of it, not [proxy]'s burst.
+    let own = limits(&c, 1);
+    assert_eq!((own.max_requests_per_sec, own.requests_burst), (167, 167));
+    assert_eq!(own.max_in_flight, 22);
+    // 0 is unlimited, whatever [proxy] says.
+    let free = limits(&c, 2);
+    assert_eq!(
+        (
+            free.max_requests_per_sec,
+            free.max_bytes_per_sec,
+            free.max_in_flight
+        ),
+        (0, 0, 0)
+    );
+    // Its own burst with [proxy]'s rate; a share never rounds to 0.
+    let burst = limits(&c, 3);
+    assert_eq!((burst.max_requests_per_sec, burst.requests_burst), (334, 3));
+    assert_eq!((burst.max_bytes_per_sec, burst.bytes_burst), (349_526, 1));
+    assert_eq!(crate::config::per_host(1, 10_000), 1);
+    assert_eq!(crate::config::per_host(0, 3), 0);
+    assert_eq!(crate::config::per_host(10, 1), 10);
+    // The open tenant takes [proxy]'s.
+    c.tenants.clear();
+    let open = TenantRegistry::from_config(&c).unwrap();
+    assert_eq!(open.open_identity().unwrap().tenant.limits, limits_of(&c));
+    assert_eq!(
+        TenantRegistry::open_for(&c.proxy)
+            .open_identity()
+            .unwrap()
+            .tenant
+            .limits
+            .max_requests_per_sec,
+        334
+    );
+    // A file without budgets means what it always did: unlimited.
+    let old = Config::parse("[[tenant]]\nname = \"a\"\nmax_connections = 5\n").unwrap();
+    assert_eq!(
+        limits(&old, 0),
+        TenantLimits {
+            max_connections: 5,
+            ..Default::default()
+        }
+    );
+    assert_eq!(
+        TenantRegistry::open().tenants()[0].limits,
+        TenantLimits::default()
+    );
+}
+
+fn limits_of(c: &Config) -> TenantLimits {
+    TenantLimits::resolve(None, &c.proxy)
+}
+
+#[test]
+fn a_reload_changes_the_open_tenants_budgets_and_keeps_its_keys() {
+    let mut c = Config::default();
+    c.proxy.max_requests_per_sec = 100;
+    let shared = SharedRegistry::new(TenantRegistry::from_config(&c).unwrap());
+    let before = shared.load().open_identity().unwrap();
+    before.tenant.namespace.flush(None);
+    let generation = before.tenant.namespace.generation();
+    // Unchanged: the very same tenant.
+    shared.reload(&c).unwrap();
+    let same = shared.load().refresh(&before).unwrap();
+    assert!(Arc::ptr_eq(&same.tenant, &before.tenant));
+    // Changed: new limits, the same key space and flush generation.
+    c.proxy.max_requests_per_sec = 200;
+    shared.reload(&c).unwrap();
+    let after = shared.load().refresh(&before).unwrap();
+    assert_eq!(after.tenant.limits.max_requests_per_sec, 200);
+    assert_eq!(after.tenant.id, before.tenant.id);
+    assert_eq!(after.tenant.namespace.generation(), generation);
+    after.tenant.namespace.flush(None);
+    assert_ne!(before.tenant.namespace.generation(), generation);
+}
+
+#[test]
+fn budget_settings_are_bounded_with_a_clear_message() {
+    let base =
+        "[proxy]\nlisten = [\"127.0.0.1:11311\"]\nbackends = [{ addr = \"10.0.0.5:11211\" }]\n";
+    let c = Config::parse(base).unwrap();
+    c.validate().unwrap();
+    assert_eq!(
+        (
+            c.proxy.max_requests_per_sec,
+            c.proxy.requests_burst,
+            c.proxy.max_bytes_per_sec,
+            c.proxy.bytes_burst,
+            c.proxy.max_in_flight,
+            c.proxy.hosts
+        ),
+        (0, None, 0, None, 0, 1)
+    );
+    for (line, wanted) in [
+        ("hosts = 0", "hosts must be 1..=10000, got 0"),
+        ("hosts = 10001", "hosts must be 1..=10000, got 10001"),
+        (
+            "max_requests_per_sec = 1000000001",
+            "max-requests-per-sec must be 0..=1000000000 (0 means unlimited), got 1000000001",
+        ),
+        (
+            "max_bytes_per_sec = 1099511627777",
+            "max-bytes-per-sec must be 0..=1099511627776",
+        ),
+        (
+            "max_in_flight = 10000001",
+            "max-in-flight must be 0..=10000000",
+        ),
+        (
+            "requests_burst = 0",
+            "requests-burst must be 1..=1000000000 (leave it out for one second of the rate), got 0",
+        ),
+        ("bytes_burst = 0", "bytes-burst must be 1..=1099511627776"),
+    ] {
+        let e = Config::parse(&format!("{base}{line}\n"))
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert_eq!(e.lines().count(), 1, "{e}");
+        assert!(e.contains(wanted), "{line}: {e} (wanted {wanted})");
+    }
+    for (line, wanted) in [
+        (
+            "max_requests_per_sec = 1000000001",
+            "tenant `a` max_requests_per_sec must be 0..=1000000000 (0 means unlimited)",
+        ),
+        (
+            "requests_burst = 0",
+            "tenant `a` requests_burst must be 1..",
+        ),
+        ("bytes_burst = 0", "tenant `a` bytes_burst must be 1.."),
+        (
+            "max_connections = 10000001",
+            "tenant `a` max_connections must be 0..=10000000",
+        ),
+    ] {
+        let e = Config::parse(&format!("[[tenant]]\nname = \"a\"\n{line}\n"))
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(wanted), "{line}: {e} (wanted {wanted})");
+    }
+    let e = Config::parse("[[tenant]]\nname = \"a\"\nmax_in_flight = -1\n")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("max_in_flight"), "{e}");
+    // Printed by `--check` and read back.
+    let c = Config::parse(&format!(
+        "{base}max_requests_per_sec = 5\nbytes_burst = 9\nhosts = 2\n[[tenant]]\nname = \"a\"\nmax_in_flight = 3\n"
+    ))
+    .unwrap();
+    let text = toml::to_string_pretty(&c).unwrap();
+    assert_eq!(Config::parse(&text).unwrap(), c);
 }

@@ -50,10 +50,10 @@ impl GuardProxy {
         p
     }
 
-    /// Starts the proxy as one open tenant (its keys as `config.keys`
-    /// says) without waiting for its backends.
+    /// Starts the proxy as one open tenant (its keys and budgets as
+    /// `config` says) without waiting for its backends.
     pub fn start_unchecked(config: ProxyConfig) -> Self {
-        let cx = guard::proxy::ProxyContext::open(config.keys);
+        let cx = guard::proxy::ProxyContext::open_for(&config);
         Self::start_with(config, cx)
     }
 

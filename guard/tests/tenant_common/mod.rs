@@ -50,13 +50,14 @@ impl GuardProcess {
             format!("{}\n{rest}", proxy_section(mc, port, proxy_extra)),
         )
         .unwrap();
+        let log = std::fs::File::create(dir.join("guard.log")).unwrap();
         let mut child = ChildGuard::spawn(
             Command::new(env!("CARGO_BIN_EXE_guard"))
                 .args(["run", "--config", config_path.to_str().unwrap()])
                 .env("GUARD_PIN_ROOT", dir.join("pins"))
                 .env("RUST_LOG", "info")
                 .stdout(Stdio::null())
-                .stderr(Stdio::null()),
+                .stderr(log),
         )
         .expect("start guard")
         .with_grace(Duration::from_secs(10));
@@ -81,6 +82,11 @@ impl GuardProcess {
         )
         .unwrap();
         self.signal(libc::SIGHUP);
+    }
+
+    /// What guard has logged so far (its stderr).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("guard.log")).unwrap_or_default()
     }
 
     pub fn signal(&mut self, sig: i32) {

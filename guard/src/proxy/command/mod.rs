@@ -11,6 +11,14 @@
 //! tenant with `keys = "raw"`) pass as they are, and their `flush_all` is
 //! refused as memcached `-F` refuses it. A read-only identity
 //! gets every write refused here, before anything is sent.
+//!
+//! Here too each request that goes to the backends is charged to its
+//! tenant's budgets ([`crate::tenant::budget`]), once, in [`dispatch`]:
+//! before it is sent (one request and one in-flight slot per backend
+//! request, its bytes as read), and its reply's bytes when the reply is
+//! ready. Over a budget it is refused at once, whole, never queued:
+//! `SERVER_ERROR tenant over budget: requests/s` (or `bytes/s`, `in
+//! flight`), binary status 0x0086 with the same words.
 
 mod binary;
 mod meta;
@@ -28,10 +36,10 @@ use super::{
 use crate::{
     protocol::{
         BinaryRequest, BinaryResponse, ErrorReplyKind, Extras, GetKind, GetRequest, MetaCode,
-        MetaCommand, MetaFlag, MetaRequest, MetaResponse, Opcode, Request, Response, Status,
-        StoreCommand, StoreRequest, TextRequest, TextResponse, is_valid_text_key,
+        MetaCommand, MetaFlag, MetaRequest, MetaResponse, Opcode, ReplyShape, Request, Response,
+        Status, StoreCommand, StoreRequest, TextRequest, TextResponse, is_valid_text_key,
     },
-    tenant::{Identity, KeyNamespace, Tenant, auth},
+    tenant::{Cost, Identity, KeyNamespace, OverBudget, Tenant, TenantBudget, auth},
 };
 
 /// Text reply to a write from a read-only identity.
@@ -78,15 +86,34 @@ pub struct Client {
     /// Whether the client authenticated (tenants are configured): SASL
     /// opcodes are then answered as by memcached `-S`, not as unknown.
     pub authenticated: bool,
+    /// Its tenant's budget state (the limits are the identity's tenant's).
+    pub budget: Arc<TenantBudget>,
 }
 
-/// Starts a request for `client`: backend calls are on their way when
-/// this returns.
-pub fn dispatch(req: Request, sh: &Arc<Shared>, client: &Client) -> Slot {
+/// Starts a request of `size` bytes (as read) for `client`: backend calls
+/// are on their way when this returns, charged to the client's tenant, or
+/// it is refused at once if they do not fit its budgets.
+pub fn dispatch(req: Request, size: usize, sh: &Arc<Shared>, client: &Client) -> Slot {
     if client.identity.read_only && is_write(&req) {
         ProxyStats::add(&sh.stats.permission_denied, 1);
         return Slot::Ready(permission_denied(&req));
     }
+    let charge = match backend_requests(&req) {
+        None => None,
+        Some(requests) => {
+            let cost = Cost {
+                requests,
+                bytes: size as u64,
+            };
+            match client.budget.admit(&client.identity.tenant, cost) {
+                Ok(charge) => Some(charge),
+                Err(why) => {
+                    ProxyStats::add(&sh.stats.budget_refusals, 1);
+                    return Slot::Ready(over_budget(&req, why));
+                }
+            }
+        }
+    };
     let cx = Cx {
         sh: sh.clone(),
         affinity: client.affinity,
@@ -94,10 +121,86 @@ pub fn dispatch(req: Request, sh: &Arc<Shared>, client: &Client) -> Slot {
         tenant: client.identity.tenant.clone(),
         authenticated: client.authenticated,
     };
-    match req {
+    let slot = match req {
         Request::Text(r) => text::dispatch(r, &cx),
         Request::Meta(r) => meta::dispatch(r, &cx),
         Request::Binary(r) => binary::dispatch(r, &cx),
+    };
+    match (charge, slot) {
+        (None, slot) => slot,
+        // A request that costs backend requests is answered at once only
+        // when none was sent (a key too long for the namespace, say).
+        (Some(charge), Slot::Ready(reply)) => {
+            charge.unsent();
+            Slot::Ready(reply)
+        }
+        (Some(charge), Slot::Waiting(reply)) => waiting(async move {
+            let reply = reply.await;
+            charge.reply(reply.out.len());
+            reply
+        }),
+    }
+}
+
+/// How many backend requests `req` makes, which is what it costs its
+/// tenant in requests and in-flight slots; `None` for what never reaches
+/// a backend and is free (`version`, `stats`, `verbosity`, `quit`, noop,
+/// `flush_all`, which moves a generation, and authentication).
+fn backend_requests(req: &Request) -> Option<u64> {
+    use Opcode::*;
+    match req {
+        Request::Text(t) => match t {
+            TextRequest::Get(g) => Some(g.keys.len() as u64),
+            TextRequest::Store(_)
+            | TextRequest::Incr { .. }
+            | TextRequest::Decr { .. }
+            | TextRequest::Delete { .. }
+            | TextRequest::Touch { .. } => Some(1),
+            TextRequest::FlushAll { .. }
+            | TextRequest::Version
+            | TextRequest::Verbosity { .. }
+            | TextRequest::Stats { .. }
+            | TextRequest::Quit => None,
+        },
+        Request::Meta(m) => match m.command {
+            MetaCommand::Noop => None,
+            MetaCommand::Get
+            | MetaCommand::Set
+            | MetaCommand::Delete
+            | MetaCommand::Arithmetic
+            | MetaCommand::Debug => Some(1),
+        },
+        Request::Binary(b) => match b.opcode {
+            Get | GetQ | GetK | GetKQ | Gat | GatQ | GatK | GatKQ | Touch | Set | Add | Replace
+            | SetQ | AddQ | ReplaceQ | Append | Prepend | AppendQ | PrependQ | Delete | DeleteQ
+            | Increment | Decrement | IncrementQ | DecrementQ => Some(1),
+            Flush | FlushQ | Noop | Version | Quit | QuitQ | Stat | Verbosity | SaslListMechs
+            | SaslAuth | SaslStep => None,
+        },
+    }
+}
+
+/// The refusal of a request over its tenant's budget, as guard answers a
+/// backend failure: `SERVER_ERROR tenant over budget: …` in text and meta
+/// (meta `q` does not hide errors; text `noreply` hides everything, as
+/// for memcached's own `noreply` errors), binary status 0x0086 with the
+/// same words as its value (quiet opcodes hide successes only).
+fn over_budget(req: &Request, why: OverBudget) -> Reply {
+    match req {
+        Request::Binary(b) => {
+            let mut out = BytesMut::new();
+            BinaryResponse {
+                status: Status::TEMPORARY_FAILURE,
+                value: Bytes::from_static(why.reply_text().as_bytes()),
+                ..BinaryResponse::new(b.opcode as u8, b.opaque)
+            }
+            .encode(&mut out);
+            Reply { out, close: false }
+        }
+        Request::Text(_) if req.reply_shape() == ReplyShape::None => Reply::default(),
+        Request::Text(_) | Request::Meta(_) => {
+            Reply::bytes(format!("SERVER_ERROR {}\r\n", why.reply_text()).as_bytes())
+        }
     }
 }
 
@@ -314,6 +417,9 @@ fn stat_rows(cx: &Cx) -> Vec<(Bytes, Bytes)> {
         Bytes::from_static(b"tenant_max_key_length"),
         token(cx.ns.max_client_key_len()),
     ));
+    for (name, value) in cx.budgets.get(t).stat_rows(&t.limits) {
+        rows.push((Bytes::from_static(name.as_bytes()), token(value)));
+    }
     rows
 }
 
