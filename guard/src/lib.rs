@@ -39,8 +39,11 @@
 //!   translates requests to backend meta requests in the client's tenant
 //!   namespace, [`proxy::router`] routes with [`proxy::ketama`] (as
 //!   twemproxy does) over the ring in force, and [`proxy::backend`]
-//!   pipelines over pooled backend connections, reporting each answer's
-//!   latency and each failure to [`proxy::health`].
+//!   pipelines over pooled backend connections, a window ahead of the
+//!   replies, taking what waits from a queue per tenant in turn
+//!   ([`proxy::fair`]; tested in `guard/tests/proxy_noisy_neighbour.rs`),
+//!   and reporting each answer's latency and each failure to
+//!   [`proxy::health`].
 //! - [`proxy::ejection`] is where a backend is judged: it ejects one that
 //!   keeps failing or is a latency outlier against its peers, re-admits
 //!   it once [`proxy::probe`] (also `guard probe`) passes, and probes

@@ -97,7 +97,7 @@ pub struct ProbeFigures {
     pub round_trip_p90: Duration,
     pub round_trip_max: Duration,
     /// From writing the burst to its last reply (the median of
-    /// [`BURST_RUNS`] runs).
+    /// three runs).
     pub burst: Duration,
 }
 
