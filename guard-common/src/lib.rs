@@ -9,7 +9,7 @@
 
 /// Layout version of the maps below. Pins live under a directory named after
 /// it, so a daemon with a different layout never adopts maps it would misread.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// Names of the maps, as the XDP object declares them and as they are pinned.
 pub mod maps {
@@ -45,8 +45,12 @@ pub mod maps {
     /// `Array<BucketState>`, one entry: the host-wide budget of limit
     /// events, spent before ring-buffer space is reserved.
     pub const EVENT_BUCKET: &str = "GUARD_EVENT_BUCKET";
+    /// `HashMap<SourceKey, VerifiedSource>`: sources that proved who they
+    /// are (a login, a valid request). Written only by the daemon, so a
+    /// spoofed flood can never add or evict an entry.
+    pub const VERIFIED: &str = "GUARD_VERIFIED";
     /// Every map, for pin management.
-    pub const ALL: [&str; 14] = [
+    pub const ALL: [&str; 15] = [
         CONFIG,
         LISTENERS,
         PORTS,
@@ -61,6 +65,7 @@ pub mod maps {
         COUNTERS,
         EVENTS,
         EVENT_BUCKET,
+        VERIFIED,
     ];
 }
 
@@ -87,6 +92,9 @@ pub const SOURCE_BUCKETS_CAPACITY: u32 = 65_536;
 pub const SOURCE_TENANT_CAPACITY: u32 = 65_536;
 /// Capacity of each deny/allow trie.
 pub const CIDR_CAPACITY: u32 = 16_384;
+/// Capacity of the verified-source map: the daemon keeps it below this
+/// (expired entries go first, then the oldest).
+pub const VERIFIED_CAPACITY: u32 = 65_536;
 /// Capacity of the protected-listener map.
 pub const LISTENERS_CAPACITY: u32 = 256;
 /// Capacity of the tenant maps.
@@ -120,12 +128,15 @@ pub const CONFIG_HAS_ALLOW_V4: u32 = 1 << 3;
 pub const CONFIG_HAS_ALLOW_V6: u32 = 1 << 4;
 /// See [`CONFIG_HAS_DENY_V4`]: the source → tenant map may hold entries.
 pub const CONFIG_HAS_SOURCE_TENANTS: u32 = 1 << 5;
+/// See [`CONFIG_HAS_DENY_V4`]: the verified-source map may hold entries.
+pub const CONFIG_HAS_VERIFIED: u32 = 1 << 6;
 /// The `HAS_*` flags together.
 pub const CONFIG_HAS_MASK: u32 = CONFIG_HAS_DENY_V4
     | CONFIG_HAS_DENY_V6
     | CONFIG_HAS_ALLOW_V4
     | CONFIG_HAS_ALLOW_V6
-    | CONFIG_HAS_SOURCE_TENANTS;
+    | CONFIG_HAS_SOURCE_TENANTS
+    | CONFIG_HAS_VERIFIED;
 
 /// Number of entries of [`maps::PORTS`].
 pub const PORT_COUNT: u32 = 65_536;
@@ -307,6 +318,30 @@ pub struct SourceKey {
     pub family: u32,
 }
 
+/// A verified source, the value of [`maps::VERIFIED`]: its SYNs are
+/// charged to its own bucket and its tenant's only, never to the shared
+/// budget of sources with no tenant or to the host's, so exhausting those
+/// (a spoofed flood) cannot lock it out.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct VerifiedSource {
+    /// The tenant it proved to be ([`DEFAULT_TENANT`] for the open one).
+    pub tenant: u32,
+    /// Reserved, zero.
+    pub reserved: u32,
+    /// `CLOCK_MONOTONIC` nanoseconds after which it no longer counts as
+    /// verified (each new proof moves it on).
+    pub expires_ns: u64,
+}
+
+impl VerifiedSource {
+    /// Whether it still counts at `now` (monotonic nanoseconds).
+    #[inline(always)]
+    pub const fn active(&self, now: u64) -> bool {
+        now < self.expires_ns
+    }
+}
+
 /// Value of the deny and allow tries.
 #[repr(C)]
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
@@ -423,6 +458,9 @@ counters! {
     EventsSuppressed = "events_suppressed",
     /// Limit events lost because the ring buffer was full.
     EventsLost = "events_lost",
+    /// Judged SYNs from verified sources, charged to their own and their
+    /// tenant's buckets only (whatever their verdict).
+    Verified = "verified",
 }
 
 /// Number of counters.
@@ -439,6 +477,7 @@ const _: () = {
     assert!(core::mem::size_of::<LimitEvent>() == 40);
     assert!(core::mem::size_of::<PortEntry>() == 16);
     assert!(core::mem::size_of::<TenantBucket>() == 32);
+    assert!(core::mem::size_of::<VerifiedSource>() == 16);
     assert!(core::mem::size_of::<CounterBlock>() == 8 * COUNTER_COUNT as usize);
 };
 
@@ -459,6 +498,7 @@ mod pod {
     unsafe impl aya::Pod for PortEntry {}
     unsafe impl aya::Pod for TenantBucket {}
     unsafe impl aya::Pod for CounterBlock {}
+    unsafe impl aya::Pod for VerifiedSource {}
 }
 
 #[cfg(test)]
@@ -512,6 +552,18 @@ mod tests {
             }
         }
         assert!((1000..=1020).contains(&admitted), "admitted {admitted}");
+    }
+
+    #[test]
+    fn a_verified_source_lapses_at_its_expiry() {
+        let v = VerifiedSource {
+            tenant: 7,
+            reserved: 0,
+            expires_ns: 10,
+        };
+        assert!(v.active(9));
+        assert!(!v.active(10));
+        assert!(!VerifiedSource::default().active(0));
     }
 
     #[test]

@@ -34,12 +34,13 @@ use aya_ebpf::{
 };
 use guard_common::{
     BucketState, CIDR_CAPACITY, CONFIG_ALLOW_UDP, CONFIG_HAS_ALLOW_V4, CONFIG_HAS_ALLOW_V6,
-    CONFIG_HAS_DENY_V4, CONFIG_HAS_DENY_V6, CONFIG_HAS_SOURCE_TENANTS, CidrRule, Counter,
-    CounterBlock, DEFAULT_TENANT, EVENT_GLOBAL_LIMIT, EVENT_INTERVAL_NS, EVENT_SOURCE_LIMIT,
-    EVENT_TENANT_LIMIT, EVENTS_BYTES, FAMILY_V4, FAMILY_V6, GuardConfig, LISTENERS_CAPACITY,
-    LimitEvent, ListenerKey, ListenerValue, PORT_COUNT, PORT_SPECIFIC_V4, PORT_SPECIFIC_V6,
-    PORT_WILDCARD_V4, PORT_WILDCARD_V6, PortEntry, RateLimit, SOURCE_BUCKETS_CAPACITY,
-    SOURCE_TENANT_CAPACITY, SourceKey, TENANTS_CAPACITY, TenantBucket, gcra_admit,
+    CONFIG_HAS_DENY_V4, CONFIG_HAS_DENY_V6, CONFIG_HAS_SOURCE_TENANTS, CONFIG_HAS_VERIFIED,
+    CidrRule, Counter, CounterBlock, DEFAULT_TENANT, EVENT_GLOBAL_LIMIT, EVENT_INTERVAL_NS,
+    EVENT_SOURCE_LIMIT, EVENT_TENANT_LIMIT, EVENTS_BYTES, FAMILY_V4, FAMILY_V6, GuardConfig,
+    LISTENERS_CAPACITY, LimitEvent, ListenerKey, ListenerValue, PORT_COUNT, PORT_SPECIFIC_V4,
+    PORT_SPECIFIC_V6, PORT_WILDCARD_V4, PORT_WILDCARD_V6, PortEntry, RateLimit,
+    SOURCE_BUCKETS_CAPACITY, SOURCE_TENANT_CAPACITY, SourceKey, TENANTS_CAPACITY, TenantBucket,
+    VERIFIED_CAPACITY, VerifiedSource, gcra_admit,
 };
 
 #[map(name = "GUARD_CONFIG")]
@@ -69,6 +70,8 @@ static GLOBAL_BUCKET: Array<BucketState> = Array::pinned(1, 0);
 static COUNTERS: PerCpuArray<CounterBlock> = PerCpuArray::pinned(1, 0);
 #[map(name = "GUARD_EVENTS")]
 static EVENTS: RingBuf = RingBuf::pinned(EVENTS_BYTES, 0);
+#[map(name = "GUARD_VERIFIED")]
+static VERIFIED: HashMap<SourceKey, VerifiedSource> = HashMap::pinned(VERIFIED_CAPACITY, 0);
 #[map(name = "GUARD_EVENT_BUCKET")]
 static EVENT_BUCKET: Array<BucketState> = Array::pinned(1, 0);
 
@@ -115,6 +118,8 @@ struct Judged {
     action: u32,
     verdict: Counter,
     notice: Notice,
+    /// The SYN came from a verified source.
+    verified: bool,
 }
 
 impl Judged {
@@ -124,6 +129,7 @@ impl Judged {
             action: xdp_action::XDP_PASS,
             verdict,
             notice: Notice::None,
+            verified: false,
         }
     }
 }
@@ -143,6 +149,9 @@ pub fn guard(ctx: XdpContext) -> u32 {
         bump(values, judged.verdict);
         if is_judgement(judged.verdict) {
             bump(values, Counter::Judged);
+        }
+        if judged.verified {
+            bump(values, Counter::Verified);
         }
         // One counter block per frame: the crossing is counted here rather
         // than with a second lookup where it happened.
@@ -445,6 +454,7 @@ fn judge_udp(ctx: &XdpContext, l3: &L3) -> Result<Judged, Counter> {
             action: xdp_action::XDP_DROP,
             verdict: Counter::DropUdp,
             notice: Notice::None,
+            verified: false,
         });
     }
     Ok(Judged::pass(Counter::Passed))
@@ -461,7 +471,7 @@ fn judge_tcp(ctx: &XdpContext, l3: &L3) -> Result<Judged, Counter> {
     let Some(listener) = protected(l3, port) else {
         return Ok(Judged::pass(Counter::Passed));
     };
-    let (verdict, notice) = judge_syn(l3, port, listener);
+    let (verdict, notice, verified) = judge_syn(l3, port, listener);
     let action = match verdict {
         Counter::Admitted | Counter::Allowed => xdp_action::XDP_PASS,
         _ => xdp_action::XDP_DROP,
@@ -470,17 +480,19 @@ fn judge_tcp(ctx: &XdpContext, l3: &L3) -> Result<Judged, Counter> {
         action,
         verdict,
         notice,
+        verified,
     })
 }
 
 /// Decides a SYN's fate; the returned counter names the verdict, the
-/// notice what became of a limit crossing.
+/// notice what became of a limit crossing, the flag whether the source is
+/// verified.
 #[inline(always)]
-fn judge_syn(l3: &L3, port: u16, listener: ListenerValue) -> (Counter, Notice) {
+fn judge_syn(l3: &L3, port: u16, listener: ListenerValue) -> (Counter, Notice, bool) {
     // SAFETY: bpf_ktime_get_ns has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     let Some(config) = CONFIG.get(0) else {
-        return (Counter::Admitted, Notice::None);
+        return (Counter::Admitted, Notice::None, false);
     };
 
     let src = l3.src();
@@ -489,18 +501,18 @@ fn judge_syn(l3: &L3, port: u16, listener: ListenerValue) -> (Counter, Notice) {
     if l3.family == FAMILY_V4 {
         let key = Key::new(32, [src[0], src[1], src[2], src[3]]);
         if flags & CONFIG_HAS_DENY_V4 != 0 && DENY_V4.get(&key).is_some_and(|r| r.active(now)) {
-            return (Counter::DropDeny, Notice::None);
+            return (Counter::DropDeny, Notice::None, false);
         }
         if flags & CONFIG_HAS_ALLOW_V4 != 0 && ALLOW_V4.get(&key).is_some_and(|r| r.active(now)) {
-            return (Counter::Allowed, Notice::None);
+            return (Counter::Allowed, Notice::None, false);
         }
     } else {
         let key = Key::new(128, src);
         if flags & CONFIG_HAS_DENY_V6 != 0 && DENY_V6.get(&key).is_some_and(|r| r.active(now)) {
-            return (Counter::DropDeny, Notice::None);
+            return (Counter::DropDeny, Notice::None, false);
         }
         if flags & CONFIG_HAS_ALLOW_V6 != 0 && ALLOW_V6.get(&key).is_some_and(|r| r.active(now)) {
-            return (Counter::Allowed, Notice::None);
+            return (Counter::Allowed, Notice::None, false);
         }
     }
 
@@ -515,11 +527,23 @@ fn judge_syn(l3: &L3, port: u16, listener: ListenerValue) -> (Counter, Notice) {
     // The source's bucket also remembers when it last raised an event, so it
     // exists even when sources are unlimited.
     let Some(bucket) = bucket_for(&source) else {
-        return (Counter::Admitted, Notice::None);
+        return (Counter::Admitted, Notice::None, false);
     };
 
+    // Only the daemon writes verified sources: a SYN alone never makes
+    // one, so a spoofed flood cannot buy its way past the shared budgets.
+    let verified = if flags & CONFIG_HAS_VERIFIED != 0 {
+        // SAFETY: plain data copied out at once.
+        unsafe { VERIFIED.get(&source) }
+            .copied()
+            .filter(|v| v.active(now))
+    } else {
+        None
+    };
     let tenant = if listener.tenant != DEFAULT_TENANT {
         listener.tenant
+    } else if let Some(v) = verified {
+        v.tenant
     } else if flags & CONFIG_HAS_SOURCE_TENANTS == 0 {
         DEFAULT_TENANT
     } else {
@@ -528,21 +552,26 @@ fn judge_syn(l3: &L3, port: u16, listener: ListenerValue) -> (Counter, Notice) {
             .copied()
             .unwrap_or(DEFAULT_TENANT)
     };
+    // A verified source pays its own bucket and its tenant's; the shared
+    // budget of sources with no tenant and the host's are what a flood of
+    // unknown sources exhausts, so it skips them.
+    let shared = verified.is_none() || tenant != DEFAULT_TENANT;
 
     let verdict = if !charge(bucket, &config.source, now) {
         Some((Counter::DropSource, EVENT_SOURCE_LIMIT))
-    } else if !charge_tenant(tenant, now) {
+    } else if shared && !charge_tenant(tenant, now) {
         Some((Counter::DropTenant, EVENT_TENANT_LIMIT))
-    } else if !charge_global(&config.global, now) {
+    } else if verified.is_none() && !charge_global(&config.global, now) {
         Some((Counter::DropGlobal, EVENT_GLOBAL_LIMIT))
     } else {
         None
     };
     match verdict {
-        None => (Counter::Admitted, Notice::None),
+        None => (Counter::Admitted, Notice::None, verified.is_some()),
         Some((counter, reason)) => (
             counter,
             notify(&config.events, bucket, &source, reason, tenant, port, now),
+            verified.is_some(),
         ),
     }
 }

@@ -52,6 +52,10 @@ pub enum Command {
     /// Sources whose SYNs pass without being charged.
     #[command(subcommand)]
     Allow(CidrCommand),
+    /// Sources that proved who they are: their SYNs skip the shared and
+    /// host budgets.
+    #[command(subcommand)]
+    Verified(VerifiedCommand),
     /// Tenant credentials.
     #[command(subcommand)]
     Tenant(TenantCommand),
@@ -134,6 +138,23 @@ pub enum XdpCommand {
     Detach,
 }
 
+/// `guard verified …`.
+#[derive(Debug, Subcommand)]
+pub enum VerifiedCommand {
+    /// The verified sources, their tenants and when they lapse.
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Take a source's verified status away (it regains it at its next
+    /// login).
+    Del {
+        /// The address (an IPv6 address stands for its prefix).
+        source: std::net::IpAddr,
+    },
+}
+
 /// `guard deny|allow …`.
 #[derive(Debug, Subcommand)]
 pub enum CidrCommand {
@@ -209,6 +230,9 @@ pub struct RunArgs {
     /// Pass UDP to protected ports instead of dropping it.
     #[arg(long)]
     pub allow_udp: bool,
+    /// Seconds a source stays verified after a login (0 = never verify).
+    #[arg(long)]
+    pub verified_secs: Option<u64>,
     /// Deny a source prefix (repeatable; added to the config file's).
     #[arg(long, value_name = "CIDR")]
     pub deny: Vec<Cidr>,
@@ -354,6 +378,7 @@ impl RunArgs {
         set(&mut x.event_rate, self.event_rate);
         set(&mut x.event_burst, self.event_burst);
         set(&mut x.report_interval_secs, self.report_interval_secs);
+        set(&mut x.verified_secs, self.verified_secs);
         if let Some(p) = self.ipv6_prefix {
             x.ipv6_prefix = p;
         }

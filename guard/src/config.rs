@@ -119,6 +119,10 @@ pub struct XdpConfig {
     pub ipv6_prefix: u8,
     /// Pass UDP to protected ports (memcached's UDP is a reflection vector).
     pub allow_udp: bool,
+    /// How long a source stays verified after it proved itself (a login,
+    /// or on the open tenant a valid request): its SYNs then skip the
+    /// shared budget of unknown sources and the host's. 0 = never.
+    pub verified_secs: u64,
     /// Sources whose SYNs are always dropped.
     pub deny: Vec<Cidr>,
     /// Sources whose SYNs pass without being charged.
@@ -151,6 +155,9 @@ impl Default for XdpConfig {
             // One customer site or host usually owns a /64.
             ipv6_prefix: 64,
             allow_udp: false,
+            // A client that logged in within the hour is the one a storm
+            // must not lock out; one gone longer proves itself again.
+            verified_secs: 3_600,
             deny: Vec::new(),
             allow: Vec::new(),
         }
@@ -787,6 +794,12 @@ impl Config {
             bail!(
                 "report-interval-secs must be 1..=3600, got {}",
                 x.report_interval_secs
+            );
+        }
+        if x.verified_secs > 30 * 86_400 {
+            bail!(
+                "verified-secs must be at most 2592000 (30 days), got {}",
+                x.verified_secs
             );
         }
         if !(1..=128).contains(&x.ipv6_prefix) {

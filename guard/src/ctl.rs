@@ -3,12 +3,12 @@
 
 use std::fmt::Write as _;
 
-use anyhow::Context as _;
+use anyhow::{Context as _, bail};
 use guard_common::{ListenerKey, ListenerValue, RateLimit};
 use serde_json::json;
 
 use crate::{
-    cli::{CidrCommand, XdpCommand},
+    cli::{CidrCommand, VerifiedCommand, XdpCommand},
     ebpf::{
         self, AttachState,
         events::OffenderReport,
@@ -128,8 +128,60 @@ fn status_json(
         "ipv6_prefix": config.ipv6_prefix_len,
         "allow_udp": config.flags & guard_common::CONFIG_ALLOW_UDP != 0,
         "counters": maps.counters()?,
+        "verified_sources": verified_now(maps)?,
         "offenders": OffenderReport::load(paths)?,
     }))
+}
+
+/// Sources verified now (lapsed entries not yet swept left out).
+fn verified_now(maps: &GuardMaps) -> anyhow::Result<usize> {
+    let now = ebpf::maps::monotonic_ns();
+    Ok(maps
+        .verified()?
+        .iter()
+        .filter(|(_, v)| v.active(now))
+        .count())
+}
+
+/// `guard verified …`.
+pub fn verified(paths: &Paths, cmd: VerifiedCommand) -> anyhow::Result<()> {
+    let mut maps = GuardMaps::open(paths)?;
+    match cmd {
+        VerifiedCommand::List { json } => {
+            let now = ebpf::maps::monotonic_ns();
+            let mut rows: Vec<(std::net::IpAddr, u32, u64)> = maps
+                .verified()?
+                .into_iter()
+                .filter(|(_, v)| v.active(now))
+                .map(|(a, v)| (a, v.tenant, (v.expires_ns - now) / 1_000_000_000))
+                .collect();
+            rows.sort();
+            if json {
+                let rows: Vec<serde_json::Value> = rows
+                    .iter()
+                    .map(
+                        |(a, t, secs)| json!({ "source": a, "tenant": t, "expires_in_secs": secs }),
+                    )
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else if rows.is_empty() {
+                println!("no verified sources");
+            } else {
+                println!("{:<40} {:>10} {:>12}", "source", "tenant", "expires in");
+                for (a, t, secs) in rows {
+                    println!("{:<40} {t:>#10x} {secs:>11}s", a.to_string());
+                }
+            }
+        }
+        VerifiedCommand::Del { source } => {
+            if maps.remove_verified(source)? {
+                println!("{source} is no longer verified");
+            } else {
+                bail!("{source} is not verified");
+            }
+        }
+    }
+    Ok(())
 }
 
 fn status_table(paths: &Paths, state: &AttachState, maps: &GuardMaps) -> anyhow::Result<String> {
@@ -160,6 +212,7 @@ fn status_table(paths: &Paths, state: &AttachState, maps: &GuardMaps) -> anyhow:
     };
     writeln!(out, "limit events          {events}")?;
     writeln!(out, "IPv6 source prefix    /{}", config.ipv6_prefix_len)?;
+    writeln!(out, "verified sources      {}", verified_now(maps)?)?;
     writeln!(out)?;
     writeln!(out, "{:<18} {:>16}", "counter", "value")?;
     for (name, value) in maps.counters()? {

@@ -22,6 +22,9 @@ use crate::{
 /// How often expired deny/allow entries are removed.
 const EXPIRY_INTERVAL: Duration = Duration::from_secs(1);
 
+/// Lapsed verified sources are removed every this many expiry ticks.
+const VERIFIED_SWEEP_TICKS: u64 = 10;
+
 /// Authentications waiting to reach the XDP source→tenant map; beyond
 /// this, reports are dropped rather than slow a session.
 const LEARNED_QUEUE: usize = 4096;
@@ -56,7 +59,7 @@ pub async fn run(paths: Paths, args: RunArgs) -> anyhow::Result<()> {
     let (learned_tx, mut learned_rx) = if config.xdp.interfaces.is_empty() {
         (None, None)
     } else {
-        let (tx, rx) = tokio::sync::mpsc::channel::<proxy::SourceTenant>(LEARNED_QUEUE);
+        let (tx, rx) = tokio::sync::mpsc::channel::<proxy::Learned>(LEARNED_QUEUE);
         (Some(tx), Some(rx))
     };
 
@@ -136,6 +139,7 @@ pub async fn run(paths: Paths, args: RunArgs) -> anyhow::Result<()> {
     }
 
     let mut expiry = tokio::time::interval(EXPIRY_INTERVAL);
+    let mut sweeps: u64 = 0;
     loop {
         tokio::select! {
             signal = signals.recv() => match signal {
@@ -163,17 +167,13 @@ pub async fn run(paths: Paths, args: RunArgs) -> anyhow::Result<()> {
                     None => std::future::pending().await,
                 }
             } => {
-                let (Some((ip, tenant)), Some((_, control, ..))) = (learned, &mut xdp) else { continue };
-                // Asking the map, not a memory of past writes: the kernel's
-                // LRU may have evicted the source since. A reconnect storm
-                // costs two map reads per login (bounded by the queue)
-                // instead of a write.
-                let maps = control.maps();
-                if matches!(maps.source_tenant(ip), Ok(Some(t)) if t == tenant) {
-                    continue;
-                }
-                if let Err(e) = maps.set_source_tenant(ip, tenant) {
-                    warn!("cannot record {ip} as tenant {tenant:#x} in the XDP map: {e:#}");
+                let (Some(learned), Some((_, control, ..))) = (learned, &mut xdp) else { continue };
+                // Asking the maps, not a memory of past writes: the
+                // kernel's LRU may have evicted the source since, and the
+                // maps outlive this process.
+                let window = Duration::from_secs(config.xdp.verified_secs);
+                if let Err(e) = control.learn(learned, window) {
+                    warn!("XDP maps: {e:#}");
                 }
             },
             _ = expiry.tick(), if xdp.is_some() => {
@@ -182,6 +182,14 @@ pub async fn run(paths: Paths, args: RunArgs) -> anyhow::Result<()> {
                     Ok(0) => {}
                     Ok(n) => info!("removed {n} expired deny/allow entr{}", if n == 1 { "y" } else { "ies" }),
                     Err(e) => error!("cannot remove expired entries: {e:#}"),
+                }
+                // The program already ignores a lapsed entry; removing it
+                // makes room for new ones.
+                sweeps += 1;
+                if sweeps.is_multiple_of(VERIFIED_SWEEP_TICKS)
+                    && let Err(e) = control.sweep_verified()
+                {
+                    error!("cannot remove lapsed verified sources: {e:#}");
                 }
             },
             r = async {

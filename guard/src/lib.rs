@@ -108,6 +108,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Xdp(cmd) => ctl::xdp(&paths, cmd),
         Command::Deny(cmd) => ctl::cidr(&paths, ebpf::maps::CidrList::Deny, cmd),
         Command::Allow(cmd) => ctl::cidr(&paths, ebpf::maps::CidrList::Allow, cmd),
+        Command::Verified(cmd) => ctl::verified(&paths, cmd),
         Command::Probe(args) => {
             // A few sockets per node: one thread runs every probe.
             let runtime = tokio::runtime::Builder::new_current_thread()

@@ -334,7 +334,8 @@ fn large_values_spend_the_byte_budget_and_replies_are_charged_after_the_fact() {
     c.send(b"get big0\r\nmn\r\n");
     assert_eq!(c.read_line(), OVER_BYTES);
     assert_eq!(c.read_line(), "MN");
-    assert!(asked.elapsed() < Duration::from_millis(100));
+    // At once: well before the debt (about a second) is repaid.
+    assert!(asked.elapsed() < Duration::from_millis(500));
     // Once time has repaid the debt, the same connection is served.
     std::thread::sleep(Duration::from_millis(1300));
     c.send(b"get big0\r\n");

@@ -535,12 +535,16 @@ fn authentications_are_reported_for_xdp() {
             r => break r.ok(),
         }
     };
+    // With the credential that proved it, so a reload revoking that
+    // credential takes the source's verified status back.
+    let stored = config.tenants[1].credentials[0].password_hash.to_string();
     assert_eq!(
         got,
-        Some((
-            std::net::IpAddr::from([127, 0, 0, 1]),
-            guard::config::tenant_id("globex")
-        ))
+        Some(guard::proxy::Learned {
+            source: std::net::IpAddr::from([127, 0, 0, 1]),
+            tenant: guard::config::tenant_id("globex"),
+            credential: guard::tenant::credential_id(&stored),
+        })
     );
     // Only successes are reported.
     assert!(rx.try_recv().is_err());

@@ -10,7 +10,9 @@ use std::{
 };
 
 use guard::{config::tenant_id, tenant::password::PasswordHash};
-use guard_tests::{Topology, connect_from, daemon::GuardDaemon, net::connect_error_kind};
+use guard_tests::{
+    Topology, connect_from, daemon::GuardDaemon, flood::SynFlood, net::connect_error_kind,
+};
 
 const PORT: u16 = 11311;
 
@@ -129,6 +131,156 @@ credentials = [{{ username = "acme-app", password_hash = "{hash}" }}]
     .expect("unattributed source connects");
     drop(s);
     drop(guard);
+}
+
+/// A spoofed flood from millions of sources empties the shared budget of
+/// unknown sources and the host's. A client that logged in before it is
+/// verified: its SYNs skip both, and it keeps opening connections through
+/// the flood. The same flood with verification off locks it out.
+#[test]
+fn a_verified_client_gets_in_through_a_spoofed_flood() {
+    let topo = Topology::new().expect("topology");
+    topo.flush_tcp_metrics().unwrap();
+    topo.server
+        .sysctl("net.ipv4.tcp_no_metrics_save", "1")
+        .unwrap();
+    let mc = topo
+        .server
+        .start_memcached("127.0.0.1:11211".parse().unwrap())
+        .expect("memcached");
+    let hash = PasswordHash::generate(b"s3cret", 1_000)
+        .unwrap()
+        .to_string();
+    let dir = guard_tests::TempDir::new("conf").unwrap();
+    let conf = dir.join("guard.toml");
+    let listen = SocketAddr::new(IpAddr::V4(topo.server_v4()), PORT);
+    let write_conf = |verified_secs: u64| {
+        std::fs::write(
+            &conf,
+            format!(
+                r#"
+[xdp]
+interfaces = ["{iface}"]
+mode = "skb"
+protect = ["*:{PORT}"]
+verified_secs = {verified_secs}
+report_interval_secs = 1
+# The flood must empty the host's budget, not just the shared one of
+# unknown sources (a logged-in client charges its tenant's, not that),
+# and keep it empty through the sender's pauses: a token rarely, and no
+# burst to save up.
+global_syn_rate = 10
+global_syn_burst = 1
+tenant_syn_rate = 200000
+tenant_syn_burst = 200000
+
+[proxy]
+listen = ["{listen}"]
+backends = [{{ addr = "{backend}" }}]
+
+[[tenant]]
+name = "acme"
+credentials = [{{ username = "acme-app", password_hash = "{hash}" }}]
+"#,
+                iface = topo.server_if().ifname,
+                backend = mc.addr(),
+            ),
+        )
+        .unwrap();
+    };
+    let client: IpAddr = topo.client_v4().into();
+    let server: SocketAddr = (IpAddr::V4(topo.server_v4()), PORT).into();
+    // Twenty connects, each given 400 ms (a SYN answered at all is
+    // answered within milliseconds here; a dropped one is retried only
+    // after a second), all while the flood runs.
+    let through_flood = |guard: &GuardDaemon| -> u32 {
+        let before = guard.counters().unwrap();
+        let mut cfg = topo.syn_flood(topo.spoofed_sources_v4(), server, 6_000_000);
+        cfg.max_duration = Duration::from_secs(12);
+        let ns = topo.client.handle();
+        let started = Instant::now();
+        let flood = std::thread::spawn(move || SynFlood::run(&ns, cfg).expect("flood"));
+        // The flood is on and has emptied the budgets.
+        std::thread::sleep(Duration::from_millis(1_000));
+        let mut connected = 0;
+        for _ in 0..20 {
+            match connect_from(&topo.client, client, listen, Duration::from_millis(400)) {
+                Ok(_) => connected += 1,
+                Err(e) if connect_error_kind(&e) == Some(std::io::ErrorKind::TimedOut) => {}
+                Err(e) => panic!("a connect failed otherwise than by a dropped SYN: {e:#}"),
+            }
+        }
+        let tried_for = started.elapsed();
+        let stats = flood.join().unwrap();
+        assert!(
+            tried_for < stats.elapsed,
+            "the connects ({tried_for:?}) outlasted the flood ({:?})",
+            stats.elapsed
+        );
+        let after = guard.counters().unwrap();
+        let d = |k: &str| after[k] - before[k];
+        println!(
+            "flood of {} SYNs ({:.0}/s): dropped by the host budget {}, by the shared budget {}; \
+             verified SYNs {}; the client connected {connected} of 20 times",
+            stats.sent,
+            stats.pps(),
+            d("drop_global"),
+            d("drop_tenant"),
+            d("verified"),
+        );
+        assert!(
+            d("drop_global") > 100_000,
+            "the flood never emptied the host budget"
+        );
+        connected
+    };
+
+    write_conf(3_600);
+    let guard =
+        GuardDaemon::start(&topo.server, &["--config", conf.to_str().unwrap()]).expect("guard");
+    drop(login(&topo, client, listen));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while guard
+        .maps()
+        .unwrap()
+        .verified_entry(client)
+        .unwrap()
+        .is_none()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the login never verified the source"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let verified = through_flood(&guard);
+    assert!(
+        verified >= 19,
+        "a verified client got in {verified} of 20 times"
+    );
+    let status = guard.cli(&["xdp", "status"]).unwrap();
+    let status = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        status
+            .lines()
+            .any(|l| l.starts_with("verified sources") && l.ends_with(" 1")),
+        "{status}"
+    );
+    drop(guard);
+
+    // Verification off: a restart with the edited file takes the status
+    // back, and the same client is locked out with everyone else.
+    write_conf(0);
+    let guard =
+        GuardDaemon::start(&topo.server, &["--config", conf.to_str().unwrap()]).expect("guard");
+    assert!(guard.maps().unwrap().verified().unwrap().is_empty());
+    drop(login(&topo, client, listen));
+    std::thread::sleep(Duration::from_millis(300));
+    let unverified = through_flood(&guard);
+    assert!(
+        unverified <= 2,
+        "an unverified client got in {unverified} of 20 times"
+    );
 }
 
 /// A connection from `client` logged in as acme-app.

@@ -532,6 +532,89 @@ fn tenant_bucket_by_listener_and_by_learnt_source() {
     expect(&y, &syn4(v4(21)), verdict::DROP, crossed("tenant"));
 }
 
+/// A verified source's SYNs skip the shared budget of sources with no
+/// tenant and the host's: a flood that empties both locks out everyone
+/// but the sources the daemon verified. Its own bucket still applies, a
+/// verified source of a tenant is charged to that tenant, and a lapsed
+/// entry counts for nothing.
+#[test]
+fn verified_sources_skip_the_shared_and_host_budgets() {
+    let mut x = guard();
+    set_config(&mut x, |c| {
+        c.global = RateLimit::per_second(1, 1);
+        c.source = RateLimit::per_second(1, 3);
+    });
+    let tenant = 77;
+    x.maps
+        .sync_tenant_limits(&[
+            (DEFAULT_TENANT, RateLimit::per_second(1, 1)),
+            (tenant, RateLimit::per_second(1, 1)),
+        ])
+        .unwrap();
+    // The flood empties the shared budget, then the host's.
+    expect(&x, &syn4(v4(1)), verdict::PASS, admitted());
+    expect(&x, &syn4(v4(2)), verdict::DROP, crossed("tenant"));
+    let hour = Duration::from_secs(3600);
+    x.maps
+        .set_verified(IpAddr::V4(v4(50)), DEFAULT_TENANT, 0, hour)
+        .unwrap();
+    let verified = |mut m: BTreeMap<&'static str, u64>| {
+        m.insert("verified", 1);
+        m
+    };
+    // Open-tenant verified source: neither budget is charged.
+    expect(&x, &syn4(v4(50)), verdict::PASS, verified(admitted()));
+    expect(&x, &syn4(v4(50)), verdict::PASS, verified(admitted()));
+    expect(&x, &syn4(v4(50)), verdict::PASS, verified(admitted()));
+    // Its own bucket (burst 3) still holds it.
+    expect(
+        &x,
+        &syn4(v4(50)),
+        verdict::DROP,
+        verified(crossed("source")),
+    );
+    // A tenant's verified source is charged to its tenant (burst 1), not
+    // to the shared budget or the host's.
+    x.maps
+        .set_verified(IpAddr::V4(v4(60)), tenant, 9, hour)
+        .unwrap();
+    expect(&x, &syn4(v4(60)), verdict::PASS, verified(admitted()));
+    expect(
+        &x,
+        &syn4(v4(60)),
+        verdict::DROP,
+        verified(crossed("tenant")),
+    );
+    // A lapsed entry is no verification at all.
+    x.maps
+        .set_verified(IpAddr::V4(v4(70)), DEFAULT_TENANT, 0, Duration::ZERO)
+        .unwrap();
+    expect(&x, &syn4(v4(70)), verdict::DROP, crossed("tenant"));
+    // Gone when removed, as a revoked credential's sources are.
+    x.maps
+        .set_verified(IpAddr::V4(v4(80)), DEFAULT_TENANT, 0, hour)
+        .unwrap();
+    expect(&x, &syn4(v4(80)), verdict::PASS, verified(admitted()));
+    assert!(x.maps.remove_verified(IpAddr::V4(v4(80))).unwrap());
+    expect(&x, &syn4(v4(80)), verdict::DROP, crossed("tenant"));
+    // IPv6 by the configured prefix, like the per-source buckets.
+    x.maps
+        .set_verified(IpAddr::V6(v6("2001:db8:1:2::1")), DEFAULT_TENANT, 0, hour)
+        .unwrap();
+    expect(
+        &x,
+        &syn6(v6("2001:db8:1:2::99")),
+        verdict::PASS,
+        verified(admitted()),
+    );
+    expect(
+        &x,
+        &syn6(v6("2001:db8:1:3::1")),
+        verdict::DROP,
+        crossed("tenant"),
+    );
+}
+
 #[test]
 fn global_bucket_caps_the_host() {
     let mut x = guard();

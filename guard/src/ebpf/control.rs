@@ -4,6 +4,7 @@
 
 use std::collections::BTreeSet;
 
+use anyhow::Context as _;
 use log::warn;
 use serde::{Deserialize, Serialize};
 
@@ -86,7 +87,90 @@ impl XdpControl {
             }
         }
         self.configured = ConfiguredCidrs { deny, allow };
-        self.configured.save(&self.paths)
+        self.configured.save(&self.paths)?;
+        let revoked = self.revoke_verified(config)?;
+        if revoked > 0 {
+            log::info!(
+                "{revoked} verified source(s) lost their status: what proved them is no \
+                 longer configured"
+            );
+        }
+        Ok(())
+    }
+
+    /// Takes the verified status from sources whose proof no longer
+    /// stands under `config`: a credential removed or re-hashed, a tenant
+    /// gone, the open tenant gone (tenants now log in), or verification
+    /// turned off. Works from the map alone, so it holds after a restart.
+    fn revoke_verified(&mut self, config: &Config) -> anyhow::Result<usize> {
+        if config.xdp.verified_secs == 0 {
+            return self.maps.remove_verified_where(|_| true);
+        }
+        let credentials: BTreeSet<u32> = config
+            .tenants
+            .iter()
+            .flat_map(|t| &t.credentials)
+            .map(|c| crate::tenant::credential_id(&c.password_hash.to_string()))
+            .collect();
+        let tenants: BTreeSet<u32> = config
+            .tenants
+            .iter()
+            .map(|t| crate::config::tenant_id(&t.name))
+            .collect();
+        let open = credentials.is_empty();
+        self.maps.remove_verified_where(|v| {
+            if v.reserved == 0 {
+                // Proved on the open tenant.
+                !open
+            } else {
+                !credentials.contains(&v.reserved) || !tenants.contains(&v.tenant)
+            }
+        })
+    }
+
+    /// Records that `learned.source` proved itself: its SYNs charge its
+    /// tenant (when it has one), and it is verified for `valid_for`. A
+    /// reconnect storm logs in by the thousand: the map is read first and
+    /// written only when something would change (a new tenant, or an
+    /// expiry less than half the window away).
+    pub fn learn(
+        &mut self,
+        learned: crate::proxy::Learned,
+        valid_for: std::time::Duration,
+    ) -> anyhow::Result<()> {
+        let crate::proxy::Learned {
+            source,
+            tenant,
+            credential,
+        } = learned;
+        if tenant != guard_common::DEFAULT_TENANT
+            && !matches!(self.maps.source_tenant(source), Ok(Some(t)) if t == tenant)
+        {
+            self.maps
+                .set_source_tenant(source, tenant)
+                .with_context(|| format!("cannot record {source} as tenant {tenant:#x}"))?;
+        }
+        if valid_for.is_zero() {
+            return Ok(());
+        }
+        let now = super::maps::monotonic_ns();
+        let half = u64::try_from(valid_for.as_nanos() / 2).unwrap_or(u64::MAX);
+        let fresh = self.maps.verified_entry(source)?.is_some_and(|v| {
+            v.tenant == tenant
+                && v.reserved == credential
+                && v.expires_ns > now.saturating_add(half)
+        });
+        if !fresh {
+            self.maps
+                .set_verified(source, tenant, credential, valid_for)
+                .with_context(|| format!("cannot record {source} as verified"))?;
+        }
+        Ok(())
+    }
+
+    /// Removes verified sources whose status lapsed; returns how many.
+    pub fn sweep_verified(&mut self) -> anyhow::Result<usize> {
+        self.maps.sweep_verified(super::maps::monotonic_ns())
     }
 
     /// Removes expired deny/allow entries.

@@ -13,11 +13,11 @@ use aya::maps::{
 };
 use guard_common::{
     BucketState, CIDR_CAPACITY, CONFIG_HAS_ALLOW_V4, CONFIG_HAS_ALLOW_V6, CONFIG_HAS_DENY_V4,
-    CONFIG_HAS_DENY_V6, CONFIG_HAS_MASK, CONFIG_HAS_SOURCE_TENANTS, COUNTER_COUNT, CidrRule,
-    Counter, CounterBlock, FAMILY_V4, GuardConfig, LISTENERS_CAPACITY, ListenerKey, ListenerValue,
-    PORT_COUNT, PORT_SPECIFIC_V4, PORT_SPECIFIC_V6, PORT_WILDCARD_V4, PORT_WILDCARD_V6, PortEntry,
-    RateLimit, SOURCE_BUCKETS_CAPACITY, SOURCE_TENANT_CAPACITY, SourceKey, TENANTS_CAPACITY,
-    TenantBucket, maps,
+    CONFIG_HAS_DENY_V6, CONFIG_HAS_MASK, CONFIG_HAS_SOURCE_TENANTS, CONFIG_HAS_VERIFIED,
+    COUNTER_COUNT, CidrRule, Counter, CounterBlock, FAMILY_V4, GuardConfig, LISTENERS_CAPACITY,
+    ListenerKey, ListenerValue, PORT_COUNT, PORT_SPECIFIC_V4, PORT_SPECIFIC_V6, PORT_WILDCARD_V4,
+    PORT_WILDCARD_V6, PortEntry, RateLimit, SOURCE_BUCKETS_CAPACITY, SOURCE_TENANT_CAPACITY,
+    SourceKey, TENANTS_CAPACITY, TenantBucket, VERIFIED_CAPACITY, VerifiedSource, maps,
 };
 
 use crate::{cidr::Cidr, paths::Paths};
@@ -58,7 +58,7 @@ pub struct CidrEntry {
 /// The layout every pinned map must have: (name, key size, value size,
 /// capacity). Checked before adopting pins, since aya reuses a pinned map
 /// by name without comparing layouts.
-pub fn expected_layout() -> [(&'static str, u32, u32, u32); 13] {
+pub fn expected_layout() -> [(&'static str, u32, u32, u32); 14] {
     use std::mem::size_of;
     let s = |n: usize| n as u32;
     [
@@ -95,6 +95,12 @@ pub fn expected_layout() -> [(&'static str, u32, u32, u32); 13] {
         (maps::GLOBAL_BUCKET, 4, s(size_of::<BucketState>()), 1),
         (maps::COUNTERS, 4, s(size_of::<CounterBlock>()), 1),
         (maps::EVENT_BUCKET, 4, s(size_of::<BucketState>()), 1),
+        (
+            maps::VERIFIED,
+            s(size_of::<SourceKey>()),
+            s(size_of::<VerifiedSource>()),
+            VERIFIED_CAPACITY,
+        ),
     ]
 }
 
@@ -156,6 +162,7 @@ pub struct GuardMaps {
     source_tenant: HashMap<MapData, SourceKey, u32>,
     tenant_buckets: HashMap<MapData, u32, TenantBucket>,
     counters: PerCpuArray<MapData, CounterBlock>,
+    verified: HashMap<MapData, SourceKey, VerifiedSource>,
 }
 
 impl GuardMaps {
@@ -173,6 +180,7 @@ impl GuardMaps {
             source_tenant: open(paths, maps::SOURCE_TENANT)?.try_into()?,
             tenant_buckets: open(paths, maps::TENANT_BUCKETS)?.try_into()?,
             counters: open(paths, maps::COUNTERS)?.try_into()?,
+            verified: open(paths, maps::VERIFIED)?.try_into()?,
         })
     }
 
@@ -220,6 +228,9 @@ impl GuardMaps {
         }
         if self.source_tenant.keys().next().is_some() {
             has |= CONFIG_HAS_SOURCE_TENANTS;
+        }
+        if self.verified.keys().next().is_some() {
+            has |= CONFIG_HAS_VERIFIED;
         }
         let mut c = self.config()?;
         // Only clear: a flag raised meanwhile by another writer stays.
@@ -339,6 +350,104 @@ impl GuardMaps {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// Records `source` as verified for `tenant` until `valid_for` from
+    /// now; `credential` names what proved it (0 for the open tenant), so
+    /// a reload that revokes the credential can take the status back.
+    /// When the map is full, expired entries go first, then the one that
+    /// would expire soonest.
+    pub fn set_verified(
+        &mut self,
+        source: IpAddr,
+        tenant: u32,
+        credential: u32,
+        valid_for: std::time::Duration,
+    ) -> anyhow::Result<()> {
+        let prefix = self.config()?.ipv6_prefix_len as u8;
+        let key = source_key(source, prefix);
+        let now = monotonic_ns();
+        let entry = VerifiedSource {
+            tenant,
+            reserved: credential,
+            expires_ns: now.saturating_add(u64::try_from(valid_for.as_nanos()).unwrap_or(u64::MAX)),
+        };
+        self.raise_flag(CONFIG_HAS_VERIFIED)?;
+        if self.verified.insert(key, entry, 0).is_ok() {
+            return Ok(());
+        }
+        // Full (the only way an insert fails here): make room.
+        if self.sweep_verified(now)? == 0 {
+            let soonest = self
+                .verified
+                .iter()
+                .filter_map(Result::ok)
+                .min_by_key(|(_, v)| v.expires_ns)
+                .map(|(k, _)| k);
+            if let Some(k) = soonest {
+                let _ = self.verified.remove(&k);
+            }
+        }
+        self.verified
+            .insert(key, entry, 0)
+            .context("cannot record a verified source")
+    }
+
+    /// Removes verified sources whose status lapsed by `now`; returns how
+    /// many.
+    pub fn sweep_verified(&mut self, now: u64) -> anyhow::Result<usize> {
+        self.remove_verified_where(|v| !v.active(now))
+    }
+
+    /// Removes verified sources that `revoked` says lost their proof
+    /// (given their tenant and credential); returns how many.
+    pub fn remove_verified_where(
+        &mut self,
+        mut revoked: impl FnMut(&VerifiedSource) -> bool,
+    ) -> anyhow::Result<usize> {
+        let gone: Vec<SourceKey> = self
+            .verified
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, v)| revoked(v))
+            .map(|(k, _)| k)
+            .collect();
+        for k in &gone {
+            let _ = self.verified.remove(k);
+        }
+        Ok(gone.len())
+    }
+
+    /// Forgets that `source` (or its IPv6 prefix) was verified; `false` if
+    /// it was not.
+    pub fn remove_verified(&mut self, source: IpAddr) -> anyhow::Result<bool> {
+        let prefix = self.config()?.ipv6_prefix_len as u8;
+        match self.verified.remove(&source_key(source, prefix)) {
+            Ok(()) => Ok(true),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The verified entry of `source` (or its IPv6 prefix), lapsed or not.
+    pub fn verified_entry(&self, source: IpAddr) -> anyhow::Result<Option<VerifiedSource>> {
+        let prefix = self.config()?.ipv6_prefix_len as u8;
+        match self.verified.get(&source_key(source, prefix), 0) {
+            Ok(v) => Ok(Some(v)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Every verified source: its address (an IPv6 prefix's first address)
+    /// and entry, lapsed ones included until they are swept.
+    pub fn verified(&self) -> anyhow::Result<Vec<(IpAddr, VerifiedSource)>> {
+        Ok(self
+            .verified
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(k, v)| (source_addr(&k), v))
+            .collect())
     }
 
     /// Adds or replaces a CIDR rule; `ttl_secs` of `None` never expires.
@@ -472,6 +581,15 @@ impl GuardMaps {
             }
         }
         Ok(out)
+    }
+}
+
+/// The address a [`SourceKey`] stands for.
+pub fn source_addr(k: &SourceKey) -> IpAddr {
+    if k.family == FAMILY_V4 {
+        IpAddr::V4(Ipv4Addr::new(k.addr[0], k.addr[1], k.addr[2], k.addr[3]))
+    } else {
+        IpAddr::V6(Ipv6Addr::from(k.addr))
     }
 }
 

@@ -188,7 +188,11 @@ pub async fn authenticate(
                             return Err(SessionEnd::WriteFailed);
                         }
                         if let Some(tx) = &sh.learned {
-                            let _ = tx.try_send((peer, identity.tenant.id));
+                            let _ = tx.try_send(super::Learned {
+                                source: peer,
+                                tenant: identity.tenant.id,
+                                credential: identity.credential_id(),
+                            });
                         }
                         return Ok((identity, permit));
                     }

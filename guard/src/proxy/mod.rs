@@ -72,9 +72,19 @@ pub enum Phase {
     Stopped,
 }
 
-/// A client address and the tenant it authenticated as: what the proxy
-/// tells the XDP side, so that source's SYNs charge that tenant.
-pub type SourceTenant = (IpAddr, u32);
+/// What the proxy tells the XDP side of a client that proved who it is:
+/// a login, or on the open tenant a first valid request. Its source's
+/// SYNs then charge its tenant, and it is verified (see `ebpf::maps`).
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct Learned {
+    pub source: IpAddr,
+    /// The tenant's id (`DEFAULT_TENANT` for the open tenant).
+    pub tenant: u32,
+    /// Which credential proved it ([`crate::tenant::Identity::credential_id`]),
+    /// 0 on the open tenant: a reload that revokes it takes the source's
+    /// verified status back.
+    pub credential: u32,
+}
 
 /// What the proxy shares with the daemon around it.
 #[derive(Clone)]
@@ -83,7 +93,7 @@ pub struct ProxyContext {
     pub tenants: Arc<SharedRegistry>,
     /// Where successful authentications are reported (best effort: a full
     /// channel drops the report, never blocks a session).
-    pub learned: Option<mpsc::Sender<SourceTenant>>,
+    pub learned: Option<mpsc::Sender<Learned>>,
     /// XDP limit events the daemon has received, for `stats`; zero
     /// without XDP.
     pub limit_events: Arc<AtomicU64>,
@@ -135,7 +145,7 @@ pub struct Shared {
     /// reloads.
     pub budgets: TenantBudgets,
     /// See [`ProxyContext::learned`].
-    pub learned: Option<mpsc::Sender<SourceTenant>>,
+    pub learned: Option<mpsc::Sender<Learned>>,
     /// How long a client has to authenticate.
     pub auth_timeout: Duration,
     pub limits: Limits,

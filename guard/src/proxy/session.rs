@@ -153,6 +153,7 @@ async fn run(
         reloads,
         pipeline: Pipeline::default(),
         state: State::Serving,
+        reported: authenticated,
     };
     session.set_limits(&mut conn);
     if *phase.borrow() != Phase::Running {
@@ -332,6 +333,9 @@ struct Session<'a> {
     seen: u64,
     pipeline: Pipeline,
     state: State,
+    /// Its source was reported to the XDP side (a login reports itself;
+    /// an open-tenant client at its first valid request).
+    reported: bool,
 }
 
 impl Session<'_> {
@@ -470,6 +474,10 @@ impl Session<'_> {
                 }
                 Next::Frame(req) => {
                     progress.parsed = true;
+                    if !self.reported {
+                        self.reported = true;
+                        self.report_source();
+                    }
                     let is_barrier = command::is_barrier(&req);
                     // What the request took from the buffer: its bytes as
                     // sent, for its tenant's byte budget.
@@ -495,6 +503,20 @@ impl Session<'_> {
             }
         }
         Ok(progress)
+    }
+
+    /// Tells the XDP side (if any) that this open-tenant client sent a valid
+    /// request from its address: no spoofed source gets this far, so its
+    /// SYNs may skip the budgets a spoofed flood exhausts. Best effort: a
+    /// full channel drops the report.
+    fn report_source(&self) {
+        if let Some(tx) = &self.sh.learned {
+            let _ = tx.try_send(super::Learned {
+                source: self.peer,
+                tenant: self.client.identity.tenant.id,
+                credential: 0,
+            });
+        }
     }
 
     /// The limits the client's requests are parsed with: the proxy's, with

@@ -196,6 +196,24 @@ pub struct Identity {
     pub credential: Option<Arc<str>>,
 }
 
+impl Identity {
+    /// A stable number for the credential it authenticated with (a hash
+    /// of the stored hash's text), 0 on the open tenant: what the XDP
+    /// side keeps beside a verified source, so revoking the credential
+    /// revokes the source's status too, even after a restart.
+    pub fn credential_id(&self) -> u32 {
+        self.credential.as_deref().map_or(0, credential_id)
+    }
+}
+
+/// See [`Identity::credential_id`]: never 0 for a credential.
+pub fn credential_id(stored: &str) -> u32 {
+    match crate::config::tenant_id(stored) {
+        0 => 1,
+        id => id,
+    }
+}
+
 /// Why an authentication failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum AuthError {
