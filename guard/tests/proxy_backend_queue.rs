@@ -34,7 +34,16 @@ fn a_stopped_backend_holds_its_bound_and_refuses_the_rest_at_once() {
         pipeline.extend_from_slice(format!("get k{i}\r\n").as_bytes());
     }
     a.send(&pipeline);
-    std::thread::sleep(Duration::from_millis(300));
+    // Once its pipeline was dispatched (the gets beyond the bound were
+    // refused), the connection is full.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while common::stat(guard.addr, "backend_overloaded") < 20 - MAX_IN_FLIGHT as u64 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the pipeline was never dispatched"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     // Another client's get is refused at once, not held until the
     // request timeout (the client's read timeout is 5 s; the refusal must
     // come well before the 4 s timeout would answer it).
