@@ -164,6 +164,15 @@ impl OverBudget {
         }
     }
 
+    /// The budget's name in metrics and JSON.
+    pub const fn metric_label(self) -> &'static str {
+        match self {
+            Self::RequestsPerSec => "requests_per_sec",
+            Self::BytesPerSec => "bytes_per_sec",
+            Self::InFlight => "in_flight",
+        }
+    }
+
     const fn label(self) -> &'static str {
         match self {
             Self::RequestsPerSec => "requests/s",
@@ -195,6 +204,8 @@ pub struct TenantBudget {
     bytes_charged: AtomicU64,
     refused: [AtomicU64; 3],
     log: RefusalLog,
+    /// Requests, errors and latency by command class, for operators.
+    pub traffic: crate::proxy::stats::Traffic,
 }
 
 /// When the tenant's refusals were last logged, and how many since.
@@ -442,6 +453,12 @@ impl TenantBudgets {
     pub fn get(&self, tenant: &Tenant) -> Arc<TenantBudget> {
         let mut budgets = self.budgets.lock().unwrap_or_else(|e| e.into_inner());
         budgets.entry(tenant.id).or_default().clone()
+    }
+
+    /// The state of tenant `id`, if it was ever charged.
+    pub fn by_id(&self, id: u32) -> Option<Arc<TenantBudget>> {
+        let budgets = self.budgets.lock().unwrap_or_else(|e| e.into_inner());
+        budgets.get(&id).cloned()
     }
 }
 
