@@ -39,7 +39,12 @@ type ProxyFuture = std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Re
 pub async fn run(paths: Paths, args: RunArgs) -> anyhow::Result<()> {
     let mut config = args.resolve()?;
     if args.check {
-        println!("{}", toml::to_string_pretty(&config)?);
+        let mut shown = config.clone();
+        // A secret on a terminal ends up in scrollback and pasted logs.
+        if !shown.admin.token.is_empty() {
+            shown.admin.token = "<redacted>".into();
+        }
+        println!("{}", toml::to_string_pretty(&shown)?);
         return Ok(());
     }
     if config.xdp.interfaces.is_empty() && config.proxy.listen.is_empty() {

@@ -375,6 +375,10 @@ fn a_non_loopback_admin_needs_the_flag_and_a_token() {
             .output()
             .unwrap();
         let _ = std::fs::remove_file(&path);
+        assert!(
+            !String::from_utf8_lossy(&out.stdout).contains(TOKEN),
+            "--check printed the token"
+        );
         (
             out.status.success(),
             String::from_utf8_lossy(&out.stderr).into_owned(),
