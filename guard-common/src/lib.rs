@@ -151,8 +151,11 @@ pub const CONFIG_HAS_MASK: u32 = CONFIG_HAS_DENY_V4
 /// `net.ipv4.tcp_syncookies = 2` the kernel answers that SYN with a cookie
 /// of its own, which makes the listener accept cookie ACKs for the next two
 /// minutes (`tcp_synq_no_recent_overflow`). Without it the kernel resets
-/// the ACKs that answer XDP's cookies.
-pub const COOKIE_REFRESH_INTERVAL_NS: u64 = 60_000_000_000;
+/// the ACKs that answer XDP's cookies. Once a minute would keep a listener
+/// accepting them; once a second also gives a listening socket the
+/// application just opened (a restart) that record within a second, and
+/// costs the kernel no more than it records (one a second).
+pub const COOKIE_REFRESH_INTERVAL_NS: u64 = 1_000_000_000;
 /// Capacity of [`maps::COOKIE_REFRESH`]: room for every protected listener
 /// twice over, so entries of listeners no longer protected age out.
 pub const COOKIE_REFRESH_CAPACITY: u32 = 2 * LISTENERS_CAPACITY;

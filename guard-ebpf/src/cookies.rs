@@ -10,7 +10,7 @@
 //! provided its listener sent a cookie itself within two minutes
 //! (`tcp_synq_no_recent_overflow`): with `net.ipv4.tcp_syncookies = 2` the
 //! kernel answers every SYN it receives with one, so one SYN per protected
-//! listener a minute is let through to it ([`refresh_due`]).
+//! listener a second is let through to it ([`refresh_due`]).
 //!
 //! The SYN-ACK carries only an MSS option, the one the cookie encodes, and
 //! a window of 65,535: without timestamps a cookie cannot carry window

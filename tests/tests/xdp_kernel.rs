@@ -1173,7 +1173,7 @@ where
 }
 
 #[test]
-fn each_listener_lets_one_refused_syn_through_a_minute() {
+fn each_listener_lets_one_refused_syn_through_a_second() {
     use aya::maps::HashMap as AyaHashMap;
     let mut x = spent_shared_budget(&syn4(v4(1)));
     // Another protected listener, on a specific address: its own refresh.
@@ -1191,7 +1191,7 @@ fn each_listener_lets_one_refused_syn_through_a_minute() {
     let other = tcp4(v4(4), 11300, tcp_flags::SYN);
     assert_eq!(x.judge(&other).1.get("cookie_refresh"), Some(&1));
     assert_eq!(x.run(&tcp4(v4(5), 11300, tcp_flags::SYN)), verdict::TX);
-    // A minute later (the listener's record set back), once more.
+    // An interval later (the listener's record set back), once more.
     let mut refresh: AyaHashMap<_, ListenerKey, u64> =
         pinned_map(&x, guard_common::maps::COOKIE_REFRESH);
     let keys: Vec<ListenerKey> = refresh.keys().map(Result::unwrap).collect();
@@ -1199,12 +1199,12 @@ fn each_listener_lets_one_refused_syn_through_a_minute() {
     assert!(keys.contains(&specific.keys()[0]), "{keys:?}");
     let wildcard = wild.keys()[0];
     assert!(keys.contains(&wildcard), "{keys:?}");
-    let minute_ago = monotonic_ns() - COOKIE_REFRESH_INTERVAL_NS - 1_000_000_000;
-    refresh.insert(wildcard, minute_ago, 0).unwrap();
+    let interval_ago = monotonic_ns() - COOKIE_REFRESH_INTERVAL_NS - 100_000_000;
+    refresh.insert(wildcard, interval_ago, 0).unwrap();
     expect(&x, &syn4(v4(6)), verdict::PASS, refreshed("tenant"));
     assert_eq!(x.run(&syn4(v4(7))), verdict::TX);
-    // 59 seconds after the last: not yet.
-    let not_yet = monotonic_ns() - COOKIE_REFRESH_INTERVAL_NS + 1_000_000_000;
+    // Just short of an interval after the last: not yet.
+    let not_yet = monotonic_ns() - COOKIE_REFRESH_INTERVAL_NS + 300_000_000;
     refresh.insert(wildcard, not_yet, 0).unwrap();
     assert_eq!(x.run(&syn4(v4(8))), verdict::TX);
 }
@@ -1241,4 +1241,43 @@ fn acks_are_checked_only_shortly_after_a_cookie_was_sent() {
     let f = Ethernet::new(MAC_B, MAC_A, ETHERTYPE_IPV4)
         .build(&Ipv4::new(v4(3), server4(), proto::TCP).build(&seg));
     expect(&x, &f, verdict::PASS, passed());
+}
+
+/// Mode `on`: the shared budget admits nothing, so every SYN of a source
+/// with no tenant is answered with a cookie and none charges the host's
+/// budget, which stays a tenant's. Back to a real budget, the shared bucket
+/// admits again at once.
+#[test]
+fn with_a_shared_budget_that_admits_nothing_unknown_sources_never_charge_the_host() {
+    let tenant = 77;
+    let mut x = guard();
+    cookies_on(&mut x);
+    set_config(&mut x, |c| c.global = RateLimit::per_second(1, 1));
+    x.maps
+        .sync_tenant_limits(&[
+            (DEFAULT_TENANT, RateLimit::NOTHING),
+            (tenant, RateLimit::UNLIMITED),
+        ])
+        .unwrap();
+    // Its one SYN, once: the host's one token goes with it.
+    expect(&x, &syn4(v4(1)), verdict::PASS, admitted());
+    expect(&x, &syn4(v4(2)), verdict::PASS, refreshed("tenant"));
+    for i in 3..20 {
+        let (v, moved, out) = x.judge_out(&syn4(v4(i)));
+        assert_eq!(v, verdict::TX, "{moved:?}");
+        check_synack(&syn4(v4(i)), &out);
+    }
+    // A tenant's source is judged by the host's budget alone: refilled
+    // after a second, untouched by all those cookies.
+    x.maps
+        .set_source_tenant(IpAddr::V4(v4(50)), tenant)
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1_100));
+    expect(&x, &syn4(v4(50)), verdict::PASS, admitted());
+    // From `on` back to a budget: admitted again at once, not in a century.
+    set_config(&mut x, |c| c.global = RateLimit::UNLIMITED);
+    x.maps
+        .sync_tenant_limits(&[(DEFAULT_TENANT, RateLimit::per_second(100, 10))])
+        .unwrap();
+    expect(&x, &syn4(v4(60)), verdict::PASS, admitted());
 }

@@ -2,7 +2,7 @@
 //! accepts the ACK of a cookie it did not send only if it sent a cookie
 //! itself within the last two minutes, which with
 //! `net.ipv4.tcp_syncookies = 2` it does for every SYN it receives (the
-//! program lets one SYN per protected listener a minute through to it).
+//! program lets one SYN per protected listener a second through to it).
 //! `guard run` checks the setting of the network namespace it runs in,
 //! at start and on every reload, and says what it found. It never changes
 //! it: the setting governs every listener of the namespace, not only the
@@ -41,7 +41,7 @@ pub fn advice(mode: SynCookies, found: Result<u8, String>) -> Option<(Level, Str
             format!(
                 "SYN cookies {mode}: XDP answers {which} with a cookie; \
                  net.ipv4.tcp_syncookies = {NEEDED} here, as they need, and one SYN per \
-                 protected listener a minute goes to the kernel so that it keeps accepting them"
+                 protected listener a second goes to the kernel so that it keeps accepting them"
             ),
         ),
         Ok(v) => (
