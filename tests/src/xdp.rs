@@ -5,7 +5,7 @@ use std::{collections::BTreeMap, path::PathBuf};
 
 use aya::{
     Ebpf, EbpfLoader,
-    programs::{TestRun, TestRunOptions, Xdp},
+    programs::{TestRun, TestRunOptions, Xdp, XdpMode},
 };
 use guard::{
     ebpf::{GUARD_OBJECT, ensure_bpffs, maps::GuardMaps},
@@ -101,6 +101,22 @@ impl XdpUnderTest {
             .collect();
         x.maps.sync_listeners(&wanted).expect("protect");
         x
+    }
+
+    /// Attaches the empty `XDP_PASS` program to `ifname` of `ns` in driver
+    /// mode, until this instance is dropped. On veth, frames a peer's XDP
+    /// program sends back with `XDP_TX` in driver mode arrive only at an
+    /// interface with a native XDP program of its own.
+    pub fn attach_pass(&mut self, ns: &crate::NsHandle, ifname: &str) -> anyhow::Result<()> {
+        use anyhow::Context as _;
+        let prog: &mut Xdp = self
+            .ebpf
+            .program_mut(PROGRAM_PASS)
+            .context("the empty program is in the object")?
+            .try_into()?;
+        let ifname = ifname.to_owned();
+        ns.run_in(move || prog.attach(&ifname, XdpMode::Driver).map(drop))?
+            .context("attaching the empty XDP program in driver mode")
     }
 
     /// Where this instance's pins live.
