@@ -179,9 +179,9 @@ fn status_table(paths: &Paths, state: &AttachState, maps: &GuardMaps) -> anyhow:
     };
     writeln!(out, "SYN cookies           {mode}{kernel}")?;
     writeln!(out)?;
-    writeln!(out, "{:<18} {:>16}", "counter", "value")?;
+    writeln!(out, "{:<20} {:>16}", "counter", "value")?;
     for (name, value) in maps.counters()? {
-        writeln!(out, "{name:<18} {value:>16}")?;
+        writeln!(out, "{name:<20} {value:>16}")?;
     }
     if let Some(report) = OffenderReport::load(paths)? {
         let age = ebpf::unix_now().saturating_sub(report.updated_unix);
