@@ -9,7 +9,7 @@
 
 /// Layout version of the maps below. Pins live under a directory named after
 /// it, so a daemon with a different layout never adopts maps it would misread.
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// Names of the maps, as the XDP object declares them and as they are pinned.
 pub mod maps {
@@ -49,8 +49,18 @@ pub mod maps {
     /// are (a login, a valid request). Written only by the daemon, so a
     /// spoofed flood can never add or evict an entry.
     pub const VERIFIED: &str = "GUARD_VERIFIED";
+    /// `LruHashMap<ListenerKey, u64>`: per protected listener (the entry a
+    /// SYN matched: a specific address, or the family's wildcard), when a
+    /// SYN its cookies would have answered was last let through to the
+    /// kernel instead (monotonic ns). See
+    /// [`super::COOKIE_REFRESH_INTERVAL_NS`].
+    pub const COOKIE_REFRESH: &str = "GUARD_COOKIE_REFRESH";
+    /// `Array<u64>`, one entry: when the program last answered a SYN with
+    /// a cookie (monotonic ns, at [`super::COOKIE_CLOCK_STEP_NS`]
+    /// granularity); ACKs are checked for cookies only shortly after.
+    pub const COOKIE_CLOCK: &str = "GUARD_COOKIE_CLOCK";
     /// Every map, for pin management.
-    pub const ALL: [&str; 15] = [
+    pub const ALL: [&str; 17] = [
         CONFIG,
         LISTENERS,
         PORTS,
@@ -66,6 +76,8 @@ pub mod maps {
         EVENTS,
         EVENT_BUCKET,
         VERIFIED,
+        COOKIE_REFRESH,
+        COOKIE_CLOCK,
     ];
 }
 
@@ -130,6 +142,13 @@ pub const CONFIG_HAS_ALLOW_V6: u32 = 1 << 4;
 pub const CONFIG_HAS_SOURCE_TENANTS: u32 = 1 << 5;
 /// See [`CONFIG_HAS_DENY_V4`]: the verified-source map may hold entries.
 pub const CONFIG_HAS_VERIFIED: u32 = 1 << 6;
+/// `GuardConfig::flags`: a SYN of a source with no tenant that the shared
+/// budget of such sources or the host's budget refuses is answered from
+/// XDP with a SYN-ACK carrying a kernel SYN cookie instead of being
+/// dropped. It sits apart from the `HAS_*` bits, which describe the maps.
+/// (Mode `on` is this flag with a shared budget that admits nothing,
+/// [`RateLimit::NOTHING`].)
+pub const CONFIG_SYN_COOKIES: u32 = 1 << 16;
 /// The `HAS_*` flags together.
 pub const CONFIG_HAS_MASK: u32 = CONFIG_HAS_DENY_V4
     | CONFIG_HAS_DENY_V6
@@ -137,6 +156,27 @@ pub const CONFIG_HAS_MASK: u32 = CONFIG_HAS_DENY_V4
     | CONFIG_HAS_ALLOW_V6
     | CONFIG_HAS_SOURCE_TENANTS
     | CONFIG_HAS_VERIFIED;
+
+/// A protected listener whose SYNs XDP answers with cookies still gets one
+/// of them through to the kernel this often: with
+/// `net.ipv4.tcp_syncookies = 2` the kernel answers that SYN with a cookie
+/// of its own, which makes the listener accept cookie ACKs for the next two
+/// minutes (`tcp_synq_no_recent_overflow`). Without it the kernel resets
+/// the ACKs that answer XDP's cookies. Once a minute would keep a listener
+/// accepting them; once a second also gives a listening socket the
+/// application just opened (a restart) that record within a second, and
+/// costs the kernel no more than it records (one a second).
+pub const COOKIE_REFRESH_INTERVAL_NS: u64 = 1_000_000_000;
+/// Capacity of [`maps::COOKIE_REFRESH`]: room for every protected listener
+/// twice over, so entries of listeners no longer protected age out.
+pub const COOKIE_REFRESH_CAPACITY: u32 = 2 * LISTENERS_CAPACITY;
+/// ACKs to protected listeners are checked for a valid cookie (and counted)
+/// only this long after a cookie was last sent, so established traffic
+/// pays no helper call per ACK when no cookies are being answered.
+pub const COOKIE_ACK_WINDOW_NS: u64 = 10_000_000_000;
+/// [`maps::COOKIE_CLOCK`] is written at most this often, so that CPUs
+/// answering a flood with cookies rarely write the shared line.
+pub const COOKIE_CLOCK_STEP_NS: u64 = 100_000_000;
 
 /// Number of entries of [`maps::PORTS`].
 pub const PORT_COUNT: u32 = 65_536;
@@ -217,6 +257,14 @@ impl RateLimit {
     /// No limit at all.
     pub const UNLIMITED: Self = Self {
         interval_ns: 0,
+        burst_ns: 0,
+    };
+
+    /// A budget that admits nothing: one SYN, then one every 146 years.
+    /// The shared budget of sources with no tenant when SYN cookies are
+    /// `on`, so that all their SYNs are answered with cookies.
+    pub const NOTHING: Self = Self {
+        interval_ns: 1 << 62,
         burst_ns: 0,
     };
 
@@ -421,9 +469,11 @@ counters! {
     DropDeny = "drop_deny",
     /// SYNs dropped by the source's bucket.
     DropSource = "drop_source",
-    /// SYNs dropped by the tenant's bucket.
+    /// SYNs refused by the tenant's bucket: dropped, or (a source with no
+    /// tenant, SYN cookies on or auto) answered with a cookie, see
+    /// [`Counter::CookiesSent`] and [`Counter::CookieRefresh`].
     DropTenant = "drop_tenant",
-    /// SYNs dropped by the host-wide bucket.
+    /// SYNs refused by the host-wide bucket; as [`Counter::DropTenant`].
     DropGlobal = "drop_global",
     /// UDP datagrams to a protected port dropped.
     DropUdp = "drop_udp",
@@ -461,6 +511,21 @@ counters! {
     /// Judged SYNs from verified sources, charged to their own and their
     /// tenant's buckets only (whatever their verdict).
     Verified = "verified",
+    /// SYN-ACKs carrying a kernel SYN cookie sent back from XDP
+    /// (`XDP_TX`) for SYNs counted as `drop_tenant` or `drop_global`.
+    CookiesSent = "cookies_sent",
+    /// SYNs counted as `drop_tenant` or `drop_global` that a cookie would
+    /// have answered, passed to the kernel instead: one per protected
+    /// listener per [`COOKIE_REFRESH_INTERVAL_NS`], so that it keeps
+    /// accepting cookie ACKs.
+    CookieRefresh = "cookie_refresh",
+    /// SYNs a cookie should have answered but could not (IPv4 options,
+    /// IPv6 extension headers, a malformed TCP header), dropped.
+    CookieUnanswerable = "cookie_unanswerable",
+    /// ACKs to protected listeners carrying a valid SYN cookie, passed to
+    /// the kernel, which completes the connection from it. Counted only
+    /// within [`COOKIE_ACK_WINDOW_NS`] of a cookie sent.
+    CookieAcks = "cookie_acks",
 }
 
 /// Number of counters.
@@ -564,6 +629,18 @@ mod tests {
         assert!(v.active(9));
         assert!(!v.active(10));
         assert!(!VerifiedSource::default().active(0));
+    }
+
+    #[test]
+    fn nothing_admits_one_then_none_for_a_century() {
+        let l = RateLimit::NOTHING;
+        assert!(!l.is_unlimited());
+        let now = 5_000_000_000_000;
+        let tat = gcra_admit(&l, 0, now).expect("the first is admitted");
+        let century = 100 * 365 * 24 * 3_600 * 1_000_000_000u64;
+        for later in [now, now + 1, now + 60_000_000_000, now + century] {
+            assert_eq!(gcra_admit(&l, tat, later), None, "at {later}");
+        }
     }
 
     #[test]

@@ -10,6 +10,10 @@
 //! budget is counted, and described on a ring buffer only while the host's
 //! event budget lasts, so a flood of new sources costs one compare per SYN
 //! rather than a reservation.
+//!
+//! With SYN cookies on (the default), a SYN of a source with no tenant
+//! that the shared or the host's budget refuses is answered from here with
+//! a SYN-ACK carrying a kernel SYN cookie instead (see [`cookies`]).
 #![no_std]
 #![no_main]
 // The BPF target has no `AtomicU64::compare_exchange` (it declares no CAS),
@@ -75,6 +79,8 @@ static VERIFIED: HashMap<SourceKey, VerifiedSource> = HashMap::pinned(VERIFIED_C
 #[map(name = "GUARD_EVENT_BUCKET")]
 static EVENT_BUCKET: Array<BucketState> = Array::pinned(1, 0);
 
+mod cookies;
+
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86DD;
@@ -112,14 +118,14 @@ enum Notice {
     Lost,
 }
 
-/// A frame's fate: the action, the counter that names the verdict, and
-/// whether a limit crossing was reported.
+/// A frame's fate: the action, the counter that names the verdict,
+/// whether a limit crossing was reported, and one more counter the frame
+/// moves, if any (what SYN cookies did about it).
 struct Judged {
     action: u32,
     verdict: Counter,
     notice: Notice,
-    /// The SYN came from a verified source.
-    verified: bool,
+    also: Option<Counter>,
 }
 
 impl Judged {
@@ -129,7 +135,7 @@ impl Judged {
             action: xdp_action::XDP_PASS,
             verdict,
             notice: Notice::None,
-            verified: false,
+            also: None,
         }
     }
 }
@@ -150,8 +156,8 @@ pub fn guard(ctx: XdpContext) -> u32 {
         if is_judgement(judged.verdict) {
             bump(values, Counter::Judged);
         }
-        if judged.verified {
-            bump(values, Counter::Verified);
+        if let Some(also) = judged.also {
+            bump(values, also);
         }
         // One counter block per frame: the crossing is counted here rather
         // than with a second lookup where it happened.
@@ -276,6 +282,8 @@ fn be16<const N: usize>(h: *const [u8; N], i: usize) -> u16 {
 /// read from the frame only when a SYN needs judging.
 struct L3 {
     family: u32,
+    /// Where the IP header starts in the frame.
+    off: usize,
     /// The IP header: 20 (IPv4) or 40 (IPv6) bytes proven inside the frame.
     ip: *const [u8; IPV6_HLEN],
     protocol: u8,
@@ -366,6 +374,7 @@ fn parse_ipv4(ctx: &XdpContext, off: usize) -> Result<L3, Counter> {
     }
     Ok(L3 {
         family: FAMILY_V4,
+        off,
         ip: h.cast(),
         protocol: byte(h, 9),
         l4: off + ihl,
@@ -411,6 +420,7 @@ fn parse_ipv6(ctx: &XdpContext, off: usize) -> Result<L3, Counter> {
     }
     Ok(L3 {
         family: FAMILY_V6,
+        off,
         ip: h,
         protocol: next,
         l4,
@@ -452,9 +462,7 @@ fn judge_udp(ctx: &XdpContext, l3: &L3) -> Result<Judged, Counter> {
     if !allow_udp && protected(l3, port).is_some() {
         return Ok(Judged {
             action: xdp_action::XDP_DROP,
-            verdict: Counter::DropUdp,
-            notice: Notice::None,
-            verified: false,
+            ..Judged::pass(Counter::DropUdp)
         });
     }
     Ok(Judged::pass(Counter::Passed))
@@ -466,33 +474,35 @@ fn judge_tcp(ctx: &XdpContext, l3: &L3) -> Result<Judged, Counter> {
     let port = be16(h, 2);
     let flags = byte(h, 13);
     if flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
-        return Ok(Judged::pass(Counter::Passed));
+        return Ok(cookies::check_ack(ctx, l3, flags));
     }
     let Some(listener) = protected(l3, port) else {
         return Ok(Judged::pass(Counter::Passed));
     };
-    let (verdict, notice, verified) = judge_syn(l3, port, listener);
+    let (verdict, notice, tenant, verified) = judge_syn(l3, port, listener);
     let action = match verdict {
         Counter::Admitted | Counter::Allowed => xdp_action::XDP_PASS,
         _ => xdp_action::XDP_DROP,
     };
-    Ok(Judged {
+    let judged = Judged {
         action,
         verdict,
         notice,
-        verified,
-    })
+        also: verified.then_some(Counter::Verified),
+    };
+    Ok(cookies::answer(ctx, l3, judged, tenant))
 }
 
 /// Decides a SYN's fate; the returned counter names the verdict, the
-/// notice what became of a limit crossing, the flag whether the source is
-/// verified.
+/// notice what became of a limit crossing, then the tenant the SYN was
+/// charged to ([`DEFAULT_TENANT`] if none, or if judged before the tenant)
+/// and whether the source is verified.
 #[inline(always)]
-fn judge_syn(l3: &L3, port: u16, listener: ListenerValue) -> (Counter, Notice, bool) {
+fn judge_syn(l3: &L3, port: u16, listener: ListenerValue) -> (Counter, Notice, u32, bool) {
     // SAFETY: bpf_ktime_get_ns has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     let Some(config) = CONFIG.get(0) else {
-        return (Counter::Admitted, Notice::None, false);
+        return (Counter::Admitted, Notice::None, DEFAULT_TENANT, false);
     };
 
     let src = l3.src();
@@ -501,18 +511,18 @@ fn judge_syn(l3: &L3, port: u16, listener: ListenerValue) -> (Counter, Notice, b
     if l3.family == FAMILY_V4 {
         let key = Key::new(32, [src[0], src[1], src[2], src[3]]);
         if flags & CONFIG_HAS_DENY_V4 != 0 && DENY_V4.get(&key).is_some_and(|r| r.active(now)) {
-            return (Counter::DropDeny, Notice::None, false);
+            return (Counter::DropDeny, Notice::None, DEFAULT_TENANT, false);
         }
         if flags & CONFIG_HAS_ALLOW_V4 != 0 && ALLOW_V4.get(&key).is_some_and(|r| r.active(now)) {
-            return (Counter::Allowed, Notice::None, false);
+            return (Counter::Allowed, Notice::None, DEFAULT_TENANT, false);
         }
     } else {
         let key = Key::new(128, src);
         if flags & CONFIG_HAS_DENY_V6 != 0 && DENY_V6.get(&key).is_some_and(|r| r.active(now)) {
-            return (Counter::DropDeny, Notice::None, false);
+            return (Counter::DropDeny, Notice::None, DEFAULT_TENANT, false);
         }
         if flags & CONFIG_HAS_ALLOW_V6 != 0 && ALLOW_V6.get(&key).is_some_and(|r| r.active(now)) {
-            return (Counter::Allowed, Notice::None, false);
+            return (Counter::Allowed, Notice::None, DEFAULT_TENANT, false);
         }
     }
 
@@ -527,7 +537,7 @@ fn judge_syn(l3: &L3, port: u16, listener: ListenerValue) -> (Counter, Notice, b
     // The source's bucket also remembers when it last raised an event, so it
     // exists even when sources are unlimited.
     let Some(bucket) = bucket_for(&source) else {
-        return (Counter::Admitted, Notice::None, false);
+        return (Counter::Admitted, Notice::None, DEFAULT_TENANT, false);
     };
 
     // Only the daemon writes verified sources: a SYN alone never makes
@@ -567,10 +577,11 @@ fn judge_syn(l3: &L3, port: u16, listener: ListenerValue) -> (Counter, Notice, b
         None
     };
     match verdict {
-        None => (Counter::Admitted, Notice::None, verified.is_some()),
+        None => (Counter::Admitted, Notice::None, tenant, verified.is_some()),
         Some((counter, reason)) => (
             counter,
             notify(&config.events, bucket, &source, reason, tenant, port, now),
+            tenant,
             verified.is_some(),
         ),
     }

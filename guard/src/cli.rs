@@ -9,7 +9,7 @@ use crate::{
     cidr::Cidr,
     config::{
         BackendConfig, Config, EjectPolicy, KeyMode, Listener, OUTLIER_RATIOS, ProxyConfig,
-        XdpModeSetting,
+        SynCookies, XdpModeSetting,
     },
     paths::{DEFAULT_PIN_ROOT, DEFAULT_STATE_ROOT, Paths},
     proxy::probe::ProbeSettings,
@@ -279,6 +279,10 @@ pub struct RunArgs {
     /// `[admin] token` in the config file).
     #[arg(long)]
     pub admin_allow_remote: bool,
+    /// SYN cookies from XDP for sources with no tenant: auto (when the
+    /// shared budgets are spent), on (always) or off.
+    #[arg(long)]
+    pub syn_cookies: Option<SynCookies>,
     /// Deny a source prefix (repeatable; added to the config file's).
     #[arg(long, value_name = "CIDR")]
     pub deny: Vec<Cidr>,
@@ -431,6 +435,9 @@ impl RunArgs {
         if self.allow_udp {
             x.allow_udp = true;
         }
+        if let Some(m) = self.syn_cookies {
+            x.syn_cookies = m;
+        }
         x.deny.extend(self.deny.iter().copied());
         x.allow.extend(self.allow.iter().copied());
 
@@ -532,6 +539,8 @@ mod tests {
             "9",
             "--ipv6-prefix",
             "48",
+            "--syn-cookies",
+            "off",
         ])
         .unwrap();
         let Command::Run(args) = cli.command else {
@@ -543,6 +552,9 @@ mod tests {
         assert_eq!(c.xdp.syn_rate, 7);
         assert_eq!(c.xdp.syn_burst, 9);
         assert_eq!(c.xdp.ipv6_prefix, 48);
+        assert_eq!(c.xdp.syn_cookies, SynCookies::Off);
+        let e = parse(&["run", "--syn-cookies", "always"]).unwrap_err();
+        assert!(e.to_string().contains("use auto, on or off"), "{e}");
     }
 
     #[test]

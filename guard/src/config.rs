@@ -165,6 +165,53 @@ impl fmt::Display for XdpModeSetting {
     }
 }
 
+/// Whether the XDP program answers SYNs of sources with no tenant with
+/// SYN cookies of its own (a SYN-ACK sent back from XDP; the client's ACK
+/// completes the connection in the kernel) rather than dropping them.
+/// Sources with a tenant, allowed sources and SYNs dropped by their own
+/// source's bucket are never answered with cookies. Needs
+/// `net.ipv4.tcp_syncookies = 2`; see the README.
+#[derive(Copy, Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum SynCookies {
+    /// Only SYNs the shared budget of sources with no tenant, or the host's
+    /// budget, refuses: in a spoofed flood, new clients still get in.
+    #[default]
+    Auto,
+    /// Every SYN of a source with no tenant that its own bucket admits:
+    /// the shared budget of such sources admits none (`tenant_syn_rate`
+    /// then only applies to tenants), so they never reach the kernel
+    /// before their ACK proves them, and never charge the host's budget.
+    On,
+    /// Refused SYNs are dropped.
+    Off,
+}
+
+impl FromStr for SynCookies {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "on" => Ok(Self::On),
+            "off" => Ok(Self::Off),
+            other => Err(format!(
+                "unknown SYN cookie mode `{other}`: use auto, on or off"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for SynCookies {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Auto => "auto",
+            Self::On => "on",
+            Self::Off => "off",
+        })
+    }
+}
+
 /// The XDP SYN guard's settings.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -203,6 +250,8 @@ pub struct XdpConfig {
     /// or on the open tenant a valid request): its SYNs then skip the
     /// shared budget of unknown sources and the host's. 0 = never.
     pub verified_secs: u64,
+    /// SYN cookies from XDP for sources with no tenant.
+    pub syn_cookies: SynCookies,
     /// Sources whose SYNs are always dropped.
     pub deny: Vec<Cidr>,
     /// Sources whose SYNs pass without being charged.
@@ -238,6 +287,9 @@ impl Default for XdpConfig {
             // A client that logged in within the hour is the one a storm
             // must not lock out; one gone longer proves itself again.
             verified_secs: 3_600,
+            // Cookies only when the shared budgets run dry: a spoofed flood
+            // must not lock out a client never seen before.
+            syn_cookies: SynCookies::Auto,
             deny: Vec::new(),
             allow: Vec::new(),
         }
@@ -957,6 +1009,7 @@ syn_rate = 10
 syn_burst = 20
 ipv6_prefix = 56
 allow_udp = true
+syn_cookies = "on"
 deny = ["192.0.2.0/24"]
 allow = ["10.0.0.0/8", "2001:db8::/32"]
 
@@ -1269,6 +1322,14 @@ mod tests {
         assert_eq!(c.tenants.len(), 2);
         assert_eq!(c.tenants[0].syn_rate, Some(500));
         assert_eq!(c.xdp.ipv6_prefix, 56);
+        assert_eq!(c.xdp.syn_cookies, SynCookies::On);
+        assert_eq!(Config::default().xdp.syn_cookies, SynCookies::Auto);
+        let off = Config::parse("[xdp]\nsyn_cookies = \"off\"\n").unwrap();
+        assert_eq!(off.xdp.syn_cookies, SynCookies::Off);
+        let e = Config::parse("[xdp]\nsyn_cookies = \"yes\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown variant"), "{e}");
     }
 
     #[test]

@@ -4,15 +4,17 @@
 use std::fmt::Write as _;
 
 use anyhow::{Context as _, bail};
-use guard_common::{ListenerKey, ListenerValue, RateLimit};
+use guard_common::{DEFAULT_TENANT, ListenerKey, ListenerValue, RateLimit};
 use serde_json::json;
 
 use crate::{
     cli::{CidrCommand, VerifiedCommand, XdpCommand},
+    config::SynCookies,
     ebpf::{
-        self, AttachState,
+        self, AttachState, cookies,
         events::OffenderReport,
         maps::{CidrList, GuardMaps},
+        settings,
     },
     paths::Paths,
 };
@@ -127,6 +129,9 @@ pub(crate) fn status_json(
         "event_limit": limit_json(&config.events),
         "ipv6_prefix": config.ipv6_prefix_len,
         "allow_udp": config.flags & guard_common::CONFIG_ALLOW_UDP != 0,
+        "syn_cookies": settings::syn_cookies(&config, maps.tenant_limit(DEFAULT_TENANT)?).to_string(),
+        // Of the namespace this command runs in: run it in guard's.
+        "tcp_syncookies": cookies::kernel_syncookies().ok(),
         "counters": maps.counters()?,
         "verified_sources": verified_now(maps)?,
         "offenders": OffenderReport::load(paths)?,
@@ -217,10 +222,23 @@ pub(crate) fn status_table(
     writeln!(out, "limit events          {events}")?;
     writeln!(out, "IPv6 source prefix    /{}", config.ipv6_prefix_len)?;
     writeln!(out, "verified sources      {}", verified_now(maps)?)?;
+    let mode = settings::syn_cookies(&config, maps.tenant_limit(DEFAULT_TENANT)?);
+    let kernel = match cookies::kernel_syncookies() {
+        _ if mode == SynCookies::Off => String::new(),
+        Ok(v) if v == cookies::NEEDED => {
+            format!(" (net.ipv4.tcp_syncookies here: {v}, as they need)")
+        }
+        Ok(v) => format!(
+            " (net.ipv4.tcp_syncookies here: {v}, they need {})",
+            cookies::NEEDED
+        ),
+        Err(e) => format!(" (net.ipv4.tcp_syncookies unreadable: {e})"),
+    };
+    writeln!(out, "SYN cookies           {mode}{kernel}")?;
     writeln!(out)?;
-    writeln!(out, "{:<18} {:>16}", "counter", "value")?;
+    writeln!(out, "{:<20} {:>16}", "counter", "value")?;
     for (name, value) in maps.counters()? {
-        writeln!(out, "{name:<18} {value:>16}")?;
+        writeln!(out, "{name:<20} {value:>16}")?;
     }
     if let Some(report) = OffenderReport::load(paths)? {
         let age = ebpf::unix_now().saturating_sub(report.updated_unix);

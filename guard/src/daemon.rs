@@ -135,14 +135,17 @@ pub async fn run(paths: Paths, args: RunArgs) -> anyhow::Result<()> {
         let mut control = XdpControl::open(&paths)?;
         control.apply(&config)?;
         info!(
-            "guarding {} listener(s) on {}; per-source {}/s burst {}, per-tenant {}/s, host {}/s",
+            "guarding {} listener(s) on {}; per-source {}/s burst {}, per-tenant {}/s, host {}/s, \
+             SYN cookies {}",
             ebpf::settings::protected(&config).len(),
             describe_interfaces(&guard),
             config.xdp.syn_rate,
             config.xdp.syn_burst,
             config.xdp.tenant_syn_rate,
             config.xdp.global_syn_rate,
+            config.xdp.syn_cookies,
         );
+        ebpf::cookies::check_kernel(config.xdp.syn_cookies);
         let (report_tx, report_rx) = tokio::sync::watch::channel(report_settings(&config));
         let events = tokio::spawn(ebpf::events::watch_events(
             paths.clone(),
@@ -297,6 +300,7 @@ fn reload(
         }
         control.apply(&new)?;
         report.send_replace(report_settings(&new));
+        ebpf::cookies::check_kernel(new.xdp.syn_cookies);
     }
     tenants.reload(&new)?;
     warn_small_bursts(tenants, &new);

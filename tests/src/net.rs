@@ -1,10 +1,10 @@
 //! Sockets opened inside namespaces.
 
 use std::collections::BTreeMap;
-use std::io::{self, BufRead as _, BufReader, Write as _};
+use std::io::{self, BufRead as _, BufReader, Read as _, Write as _};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
@@ -151,4 +151,55 @@ pub fn memcache_stats(s: &mut TcpStream) -> Result<BTreeMap<String, String>> {
         };
         rows.insert(name.to_owned(), value.to_owned());
     }
+}
+
+/// An echo server on `addr` inside `ns`, for two minutes at most: every
+/// connection it accepts gets back what it sends. Proves connections work
+/// end to end (while a flood is being dropped, or after a handshake XDP
+/// answered).
+pub fn echo_server(ns: &NsHandle, addr: SocketAddr) -> std::thread::JoinHandle<()> {
+    let listener = listen_in(ns, addr, 4096).expect("listen");
+    listener.set_nonblocking(true).unwrap();
+    std::thread::spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while Instant::now() < deadline {
+            match listener.accept() {
+                Ok((mut s, _)) => {
+                    s.set_nonblocking(false).unwrap();
+                    std::thread::spawn(move || {
+                        let mut buf = [0u8; 1024];
+                        while let Ok(n) = s.read(&mut buf) {
+                            if n == 0 || s.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                    });
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(_) => break,
+            }
+        }
+    })
+}
+
+/// Sends `ping i` on a connection to an [`echo_server`] and expects it back.
+pub fn try_ping_pong(s: &mut TcpStream, i: u32) -> io::Result<()> {
+    let msg = format!("ping {i}\n");
+    s.write_all(msg.as_bytes())?;
+    let mut buf = vec![0u8; msg.len()];
+    s.read_exact(&mut buf)?;
+    if buf != msg.as_bytes() {
+        return Err(io::Error::other(format!(
+            "echo of {msg:?} came back as {:?}",
+            String::from_utf8_lossy(&buf)
+        )));
+    }
+    Ok(())
+}
+
+/// [`try_ping_pong`], panicking on failure.
+pub fn ping_pong(s: &mut TcpStream, i: u32) {
+    try_ping_pong(s, i).expect("ping-pong on an established connection");
 }

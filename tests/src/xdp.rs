@@ -5,7 +5,7 @@ use std::{collections::BTreeMap, path::PathBuf};
 
 use aya::{
     Ebpf, EbpfLoader,
-    programs::{TestRun, TestRunOptions, Xdp},
+    programs::{TestRun, TestRunOptions, Xdp, XdpMode},
 };
 use guard::{
     ebpf::{GUARD_OBJECT, ensure_bpffs, maps::GuardMaps},
@@ -21,6 +21,8 @@ pub mod verdict {
     pub const DROP: u32 = 1;
     /// `XDP_PASS`.
     pub const PASS: u32 = 2;
+    /// `XDP_TX`: the (rewritten) frame goes back out where it came in.
+    pub const TX: u32 = 3;
 }
 
 /// The guard program and the empty baseline program, loaded and verified,
@@ -101,6 +103,22 @@ impl XdpUnderTest {
         x
     }
 
+    /// Attaches the empty `XDP_PASS` program to `ifname` of `ns` in driver
+    /// mode, until this instance is dropped. On veth, frames a peer's XDP
+    /// program sends back with `XDP_TX` in driver mode arrive only at an
+    /// interface with a native XDP program of its own.
+    pub fn attach_pass(&mut self, ns: &crate::NsHandle, ifname: &str) -> anyhow::Result<()> {
+        use anyhow::Context as _;
+        let prog: &mut Xdp = self
+            .ebpf
+            .program_mut(PROGRAM_PASS)
+            .context("the empty program is in the object")?
+            .try_into()?;
+        let ifname = ifname.to_owned();
+        ns.run_in(move || prog.attach(&ifname, XdpMode::Driver).map(drop))?
+            .context("attaching the empty XDP program in driver mode")
+    }
+
     /// Where this instance's pins live.
     pub fn paths(&self) -> &Paths {
         &self.pins.0
@@ -133,6 +151,30 @@ impl XdpUnderTest {
         (r.return_value, r.duration.as_nanos() as u64)
     }
 
+    /// Runs the guard once over `frame`: its verdict and the frame as the
+    /// program left it (rewritten, resized).
+    pub fn run_out(&self, frame: &[u8]) -> (u32, Vec<u8>) {
+        let mut out = vec![0u8; 4096];
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ..TestRunOptions::default()
+        };
+        let r = self
+            .program(PROGRAM_GUARD)
+            .test_run(opts)
+            .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN of {PROGRAM_GUARD} failed: {e:#}"));
+        out.truncate(r.data_size_out as usize);
+        (r.return_value, out)
+    }
+
+    /// As [`Self::judge`], also returning the frame as the program left it.
+    pub fn judge_out(&self, frame: &[u8]) -> (u32, BTreeMap<&'static str, u64>, Vec<u8>) {
+        let before = self.counters();
+        let (v, out) = self.run_out(frame);
+        (v, moved(&before, &self.counters()), out)
+    }
+
     /// Every counter, summed over CPUs.
     pub fn counters(&self) -> BTreeMap<&'static str, u64> {
         self.maps.counters().expect("read counters")
@@ -142,14 +184,20 @@ impl XdpUnderTest {
     pub fn judge(&self, frame: &[u8]) -> (u32, BTreeMap<&'static str, u64>) {
         let before = self.counters();
         let v = self.run(frame);
-        let after = self.counters();
-        let moved = after
-            .into_iter()
-            .filter_map(|(k, a)| {
-                let d = a - before.get(k).copied().unwrap_or(0);
-                (d != 0).then_some((k, d))
-            })
-            .collect();
-        (v, moved)
+        (v, moved(&before, &self.counters()))
     }
+}
+
+/// The counters that moved between two readings, by how much.
+fn moved(
+    before: &BTreeMap<&'static str, u64>,
+    after: &BTreeMap<&'static str, u64>,
+) -> BTreeMap<&'static str, u64> {
+    after
+        .iter()
+        .filter_map(|(k, a)| {
+            let d = a - before.get(k).copied().unwrap_or(0);
+            (d != 0).then_some((*k, d))
+        })
+        .collect()
 }

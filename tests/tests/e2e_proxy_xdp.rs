@@ -164,6 +164,8 @@ interfaces = ["{iface}"]
 mode = "skb"
 protect = ["*:{PORT}"]
 verified_secs = {verified_secs}
+# Cookies would let the client in either way: this is verification's test.
+syn_cookies = "off"
 report_interval_secs = 1
 # The flood must empty the host's budget, not just the shared one of
 # unknown sources (a logged-in client charges its tenant's, not that),

@@ -3,58 +3,19 @@
 //! Needs root; run with `--test-threads=1`.
 
 use std::{
-    io::{Read as _, Write as _},
-    net::{IpAddr, SocketAddr, TcpStream},
+    net::{IpAddr, SocketAddr},
     time::{Duration, Instant},
 };
 
 use guard_tests::{
-    FrameCounter, SourceAddr, SynFlood, Topology, connect_from, daemon::GuardDaemon, listen_in,
-    net::connect_error_kind,
+    FrameCounter, SourceAddr, SynFlood, Topology, connect_from,
+    daemon::GuardDaemon,
+    net::{connect_error_kind, echo_server, ping_pong},
 };
 
 const PORT: u16 = 11211;
 const RATE: u64 = 200;
 const BURST: u64 = 50;
-
-/// An echo server on the server side: proves established connections keep
-/// working while a flood is being dropped.
-fn echo_server(topo: &Topology, addr: SocketAddr) -> std::thread::JoinHandle<()> {
-    let listener = listen_in(&topo.server, addr, 4096).expect("listen");
-    listener.set_nonblocking(true).unwrap();
-    std::thread::spawn(move || {
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while Instant::now() < deadline {
-            match listener.accept() {
-                Ok((mut s, _)) => {
-                    s.set_nonblocking(false).unwrap();
-                    std::thread::spawn(move || {
-                        let mut buf = [0u8; 1024];
-                        while let Ok(n) = s.read(&mut buf) {
-                            if n == 0 || s.write_all(&buf[..n]).is_err() {
-                                break;
-                            }
-                        }
-                    });
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                Err(_) => break,
-            }
-        }
-    })
-}
-
-fn ping_pong(s: &mut TcpStream, i: u32) {
-    let msg = format!("ping {i}\n");
-    s.write_all(msg.as_bytes())
-        .expect("write on established connection");
-    let mut buf = vec![0u8; msg.len()];
-    s.read_exact(&mut buf)
-        .expect("read on established connection");
-    assert_eq!(buf, msg.as_bytes());
-}
 
 fn start_guard(topo: &Topology, mode: &str) -> GuardDaemon {
     let rate = RATE.to_string();
@@ -87,7 +48,7 @@ fn flood_is_cut_to_rate(mode: &str) {
     let topo = Topology::new().expect("topology");
     topo.flush_tcp_metrics().unwrap();
     let server: SocketAddr = (IpAddr::V4(topo.server_v4()), PORT).into();
-    let _echo = echo_server(&topo, server);
+    let _echo = echo_server(&topo.server, server);
     let guard = start_guard(&topo, mode);
     let status = guard.cli(&["xdp", "status", "--json"]).unwrap();
     let status = String::from_utf8_lossy(&status.stdout).into_owned();
@@ -187,7 +148,7 @@ fn restart_during_flood_lets_nothing_through() {
     let topo = Topology::new().expect("topology");
     topo.flush_tcp_metrics().unwrap();
     let server: SocketAddr = (IpAddr::V4(topo.server_v4()), PORT).into();
-    let _echo = echo_server(&topo, server);
+    let _echo = echo_server(&topo.server, server);
     let mut guard = start_guard(&topo, "skb");
     let syn_acks = FrameCounter::syn_acks(&topo.client, &topo.client_if().ifname).unwrap();
     let before = guard.counters().unwrap();
@@ -242,7 +203,7 @@ fn restart_during_flood_lets_nothing_through() {
 fn deny_and_allow_update_live_and_expire() {
     let topo = Topology::new().expect("topology");
     let server: SocketAddr = (IpAddr::V4(topo.server_v4()), PORT).into();
-    let _echo = echo_server(&topo, server);
+    let _echo = echo_server(&topo.server, server);
     let guard = start_guard(&topo, "skb");
     let connect = |src: IpAddr| connect_from(&topo.client, src, server, Duration::from_millis(700));
     connect(topo.client_v4().into()).expect("connects before deny");

@@ -8,15 +8,21 @@ use std::{
     time::{Duration, Instant},
 };
 
-use guard::{cidr::Cidr, config::Listener, ebpf::maps::CidrList};
+use guard::{
+    cidr::Cidr,
+    config::Listener,
+    ebpf::maps::{CidrList, monotonic_ns},
+};
 use guard_common::{
-    CONFIG_ALLOW_UDP, DEFAULT_TENANT, EVENT_SOURCE_LIMIT, GuardConfig, LimitEvent, ListenerValue,
+    CONFIG_ALLOW_UDP, CONFIG_SYN_COOKIES, COOKIE_ACK_WINDOW_NS, COOKIE_REFRESH_INTERVAL_NS,
+    DEFAULT_TENANT, EVENT_SOURCE_LIMIT, GuardConfig, LimitEvent, ListenerKey, ListenerValue,
     RateLimit,
 };
 use guard_tests::{
     frames::{
-        ETHERTYPE_ARP, ETHERTYPE_IPV4, ETHERTYPE_IPV6, Ethernet, Ipv4, Ipv6, Ipv6Ext, Tcp, Udp,
-        Vlan, ipv4_opt, ipv6_opt, proto, tcp_flags,
+        ETHERTYPE_ARP, ETHERTYPE_IPV4, ETHERTYPE_IPV6, ETHERTYPE_QINQ, ETHERTYPE_VLAN, Ethernet,
+        Ipv4, Ipv6, Ipv6Ext, Tcp, Udp, Vlan, eth_frame, ip_packet, ipv4_opt, ipv6_opt, parse_tcp,
+        proto, tcp_flags, tcp_opt,
     },
     xdp::{XdpUnderTest, verdict},
 };
@@ -866,4 +872,495 @@ fn listener_changes_update_the_port_table() {
         passed(),
     );
     assert!(x.maps.listeners().unwrap().is_empty());
+}
+
+// ------------------------------------------------------------ SYN cookies
+
+/// The MSS values a kernel SYN cookie can encode, by family.
+const COOKIE_MSS_V4: [u16; 4] = [536, 1300, 1440, 1460];
+const COOKIE_MSS_V6: [u16; 4] = [1220, 1420, 1440, 8940];
+
+fn cookies_on(x: &mut XdpUnderTest) {
+    set_config(x, |c| c.flags |= CONFIG_SYN_COOKIES);
+}
+
+/// A guard with SYN cookies on whose shared budget of sources with no
+/// tenant admits one SYN, which `first` spends.
+fn spent_shared_budget(first: &[u8]) -> XdpUnderTest {
+    let mut x = guard();
+    cookies_on(&mut x);
+    x.maps
+        .sync_tenant_limits(&[(DEFAULT_TENANT, RateLimit::per_second(1, 1))])
+        .unwrap();
+    expect(&x, first, verdict::PASS, admitted());
+    x
+}
+
+/// A SYN refused by `budget` and answered with a cookie; `crossing` when
+/// the source crosses the budget here.
+fn cookied(budget: &str, crossing: bool) -> BTreeMap<&'static str, u64> {
+    let mut m = if crossing {
+        crossed(budget)
+    } else {
+        dropped(budget)
+    };
+    m.insert("cookies_sent", 1);
+    m
+}
+
+/// An ACK carrying a valid cookie: passed and counted.
+fn acked() -> BTreeMap<&'static str, u64> {
+    moved(&[("frames", 1), ("passed", 1), ("cookie_acks", 1)])
+}
+
+/// The first refused SYN of a listener: passed to the kernel, so that it
+/// keeps accepting cookie ACKs.
+fn refreshed(budget: &str) -> BTreeMap<&'static str, u64> {
+    let mut m = crossed(budget);
+    m.insert("cookie_refresh", 1);
+    m
+}
+
+fn syn4_from(src: Ipv4Addr, sport: u16, seq: u32) -> Vec<u8> {
+    let seg = Tcp::syn(sport, PORT, seq).build(src.into(), server4().into(), &[]);
+    Ethernet::new(MAC_B, MAC_A, ETHERTYPE_IPV4)
+        .build(&Ipv4::new(src, server4(), proto::TCP).build(&seg))
+}
+
+fn syn6_from(src: Ipv6Addr, sport: u16, seq: u32) -> Vec<u8> {
+    let seg = Tcp::syn(sport, PORT, seq).build(src.into(), server6().into(), &[]);
+    Ethernet::new(MAC_B, MAC_A, ETHERTYPE_IPV6)
+        .build(&Ipv6::new(src, server6(), proto::TCP).build(&seg))
+}
+
+/// The client's answer to a SYN-ACK: a pure ACK of `cookie`.
+fn ack_of(syn: &[u8], cookie: u32) -> Vec<u8> {
+    let t = parse_tcp(syn).expect("a TCP frame");
+    let mut tcp = Tcp::new(t.src_port, t.dst_port, tcp_flags::ACK);
+    tcp.seq = t.seq.wrapping_add(1);
+    tcp.ack = cookie.wrapping_add(1);
+    let seg = tcp.build(t.src, t.dst, &[]);
+    eth_frame(MAC_B, MAC_A, &ip_packet(t.src, t.dst, proto::TCP, &seg))
+}
+
+/// Checks that `out` is the SYN-ACK answering `syn`, field by field, and
+/// returns its cookie.
+#[track_caller]
+fn check_synack(syn: &[u8], out: &[u8]) -> u32 {
+    let s = parse_tcp(syn).expect("the SYN parses");
+    let a = parse_tcp(out).unwrap_or_else(|| panic!("the reply parses: {out:02x?}"));
+    // Ethernet: addresses swapped, tags and type kept.
+    assert_eq!(out[0..6], syn[6..12], "destination MAC is the SYN's source");
+    assert_eq!(out[6..12], syn[0..6], "source MAC is the SYN's destination");
+    let tags = tags_len(syn);
+    assert_eq!(out[12..14 + tags], syn[12..14 + tags], "tags and type kept");
+    let ip = &out[14 + tags..];
+    let tcp = if s.src.is_ipv4() {
+        assert_eq!(ip[0], 0x45, "IPv4, no options");
+        assert_eq!(u16::from_be_bytes([ip[2], ip[3]]), 44, "total length");
+        assert_eq!(u16::from_be_bytes([ip[6], ip[7]]), 0x4000, "don't fragment");
+        assert_eq!(ip[8], 64, "TTL");
+        assert_eq!(ip[9], proto::TCP);
+        &ip[20..]
+    } else {
+        assert_eq!(ip[0] >> 4, 6);
+        assert_eq!(u16::from_be_bytes([ip[4], ip[5]]), 24, "payload length");
+        assert_eq!(ip[6], proto::TCP, "no extension headers");
+        assert_eq!(ip[7], 64, "hop limit");
+        &ip[40..]
+    };
+    assert_eq!(tcp.len(), 24, "a 24-byte TCP header and nothing after it");
+    assert_eq!((a.src, a.dst), (s.dst, s.src), "addresses swapped");
+    assert_eq!(
+        (a.src_port, a.dst_port),
+        (s.dst_port, s.src_port),
+        "ports swapped"
+    );
+    assert_eq!(
+        a.flags,
+        tcp_flags::SYN | tcp_flags::ACK,
+        "SYN|ACK, nothing else"
+    );
+    assert_eq!(a.ack, s.seq.wrapping_add(1), "acknowledges the SYN");
+    assert!(a.checksums_ok, "IP and TCP checksums verify");
+    assert_eq!(tcp[12] >> 4, 6, "data offset");
+    assert_eq!(u16::from_be_bytes([tcp[14], tcp[15]]), 0xffff, "window");
+    assert_eq!(u16::from_be_bytes([tcp[18], tcp[19]]), 0, "urgent pointer");
+    assert_eq!(tcp[20..22], [2, 4], "an MSS option");
+    let mss = u16::from_be_bytes([tcp[22], tcp[23]]);
+    let table = if s.src.is_ipv4() {
+        COOKIE_MSS_V4
+    } else {
+        COOKIE_MSS_V6
+    };
+    assert!(table.contains(&mss), "MSS {mss} from the cookie's table");
+    a.seq
+}
+
+fn tags_len(frame: &[u8]) -> usize {
+    let mut n = 0;
+    while matches!(
+        u16::from_be_bytes([frame[12 + n], frame[13 + n]]),
+        ETHERTYPE_VLAN | ETHERTYPE_QINQ
+    ) {
+        n += 4;
+    }
+    n
+}
+
+/// The SYN-ACK's MSS option.
+fn synack_mss(out: &[u8]) -> u16 {
+    let n = out.len();
+    u16::from_be_bytes([out[n - 2], out[n - 1]])
+}
+
+#[test]
+fn a_spent_shared_budget_answers_unknown_ipv4_sources_with_cookies() {
+    let x = spent_shared_budget(&syn4(v4(1)));
+    // The first refused SYN goes to the kernel instead.
+    expect(&x, &syn4(v4(2)), verdict::PASS, refreshed("tenant"));
+    let syn = syn4_from(v4(3), 40_123, 0x1234_5678);
+    let (v, moved, out) = x.judge_out(&syn);
+    assert_eq!(v, verdict::TX, "counters moved: {moved:?}");
+    assert_eq!(moved, cookied("tenant", true));
+    let cookie = check_synack(&syn, &out);
+    assert_eq!(synack_mss(&out), 1460, "the client's MSS, from the table");
+    // The client's ACK carries a cookie the kernel accepts.
+    let ack = ack_of(&syn, cookie);
+    expect(&x, &ack, verdict::PASS, acked());
+    // Another cookie, another source port, another address: not valid.
+    for bad in [
+        ack_of(&syn, cookie.wrapping_add(1)),
+        ack_of(&syn4_from(v4(3), 40_124, 0x1234_5678), cookie),
+        ack_of(&syn4_from(v4(4), 40_123, 0x1234_5678), cookie),
+    ] {
+        expect(&x, &bad, verdict::PASS, passed());
+    }
+    // Data after the handshake, a FIN, a reset: never checked.
+    for flags in [
+        tcp_flags::PSH | tcp_flags::ACK,
+        tcp_flags::FIN | tcp_flags::ACK,
+        tcp_flags::RST | tcp_flags::ACK,
+    ] {
+        let mut f = ack.clone();
+        let at = f.len() - 20 + 13;
+        f[at] = flags;
+        assert_eq!(x.judge(&f).1, passed(), "flags {flags:#x}");
+    }
+    // The same source again, while the budget is spent: another cookie,
+    // its crossing already reported.
+    let again = syn4_from(v4(3), 40_125, 7);
+    let (v, moved, out) = x.judge_out(&again);
+    assert_eq!((v, moved), (verdict::TX, cookied("tenant", false)));
+    check_synack(&again, &out);
+}
+
+#[test]
+fn a_spent_shared_budget_answers_unknown_ipv6_sources_with_cookies() {
+    let x = spent_shared_budget(&syn6(v6("2001:db8:1::1")));
+    expect(
+        &x,
+        &syn6(v6("2001:db8:2::1")),
+        verdict::PASS,
+        refreshed("tenant"),
+    );
+    let syn = syn6_from(v6("2001:db8:3::1"), 50_000, 99);
+    let (v, moved, out) = x.judge_out(&syn);
+    assert_eq!(v, verdict::TX, "counters moved: {moved:?}");
+    assert_eq!(moved, cookied("tenant", true));
+    let cookie = check_synack(&syn, &out);
+    // The IPv6 table's largest below the client's 1460.
+    assert_eq!(synack_mss(&out), 1440);
+    expect(&x, &ack_of(&syn, cookie), verdict::PASS, acked());
+    expect(&x, &ack_of(&syn, cookie ^ 0x100), verdict::PASS, passed());
+}
+
+#[test]
+fn a_spent_host_budget_answers_unknown_sources_with_cookies() {
+    let mut x = guard();
+    cookies_on(&mut x);
+    set_config(&mut x, |c| c.global = RateLimit::per_second(1, 1));
+    expect(&x, &syn4(v4(1)), verdict::PASS, admitted());
+    expect(&x, &syn4(v4(2)), verdict::PASS, refreshed("global"));
+    let syn = syn4_from(v4(3), 1_000, 5);
+    let (v, moved, out) = x.judge_out(&syn);
+    assert_eq!((v, moved), (verdict::TX, cookied("global", true)));
+    let cookie = check_synack(&syn, &out);
+    assert_eq!(x.judge(&ack_of(&syn, cookie)).1, acked());
+    // The IPv6 wildcard is a listener of its own: its refresh first.
+    let syn = syn6_from(v6("2001:db8:3::1"), 1_001, 6);
+    expect(&x, &syn, verdict::PASS, refreshed("global"));
+    let (v, moved, out) = x.judge_out(&syn);
+    assert_eq!((v, moved), (verdict::TX, cookied("global", false)));
+    let cookie = check_synack(&syn, &out);
+    assert_eq!(x.judge(&ack_of(&syn, cookie)).1, acked());
+}
+
+#[test]
+fn with_cookies_off_a_spent_budget_drops() {
+    let mut x = guard();
+    x.maps
+        .sync_tenant_limits(&[(DEFAULT_TENANT, RateLimit::per_second(1, 1))])
+        .unwrap();
+    expect(&x, &syn4(v4(1)), verdict::PASS, admitted());
+    expect(&x, &syn4(v4(2)), verdict::DROP, crossed("tenant"));
+    expect(&x, &syn4(v4(2)), verdict::DROP, dropped("tenant"));
+    expect(&x, &syn4(v4(3)), verdict::DROP, crossed("tenant"));
+    // Turned on, the next one is answered (after the listener's refresh).
+    cookies_on(&mut x);
+    expect(&x, &syn4(v4(4)), verdict::PASS, refreshed("tenant"));
+    assert_eq!(x.judge(&syn4(v4(5))).0, verdict::TX);
+}
+
+#[test]
+fn tenants_allowed_sources_and_spent_source_buckets_get_no_cookies() {
+    let tenant = 77;
+    let mut x = guard();
+    cookies_on(&mut x);
+    set_config(&mut x, |c| c.source = RateLimit::per_second(1, 1));
+    x.maps
+        .sync_tenant_limits(&[
+            (tenant, RateLimit::per_second(1, 1)),
+            (DEFAULT_TENANT, RateLimit::per_second(1, 1)),
+        ])
+        .unwrap();
+    // Spend the shared budget and the listener's refresh.
+    expect(&x, &syn4(v4(1)), verdict::PASS, admitted());
+    expect(&x, &syn4(v4(2)), verdict::PASS, refreshed("tenant"));
+    assert_eq!(x.judge(&syn4(v4(3))).0, verdict::TX, "cookies are on");
+    // A source's own bucket: its drops stay drops (its crossing of the
+    // shared budget was reported a moment ago).
+    expect(&x, &syn4(v4(3)), verdict::DROP, dropped("source"));
+    // A source of a tenant, refused by its tenant's budget: dropped.
+    x.maps
+        .set_source_tenant(IpAddr::V4(v4(10)), tenant)
+        .unwrap();
+    x.maps
+        .set_source_tenant(IpAddr::V4(v4(11)), tenant)
+        .unwrap();
+    expect(&x, &syn4(v4(10)), verdict::PASS, admitted());
+    expect(&x, &syn4(v4(11)), verdict::DROP, crossed("tenant"));
+    // Allowed: passed uncharged, as ever.
+    x.maps
+        .add_cidr(CidrList::Allow, "198.51.100.70/32".parse().unwrap(), None)
+        .unwrap();
+    expect(
+        &x,
+        &syn4(v4(70)),
+        verdict::PASS,
+        moved(&[("frames", 1), ("judged", 1), ("allowed", 1)]),
+    );
+    // A tenant's source refused by the host's budget: dropped.
+    let mut y = guard();
+    cookies_on(&mut y);
+    set_config(&mut y, |c| c.global = RateLimit::per_second(1, 1));
+    y.maps
+        .set_source_tenant(IpAddr::V4(v4(10)), tenant)
+        .unwrap();
+    expect(&y, &syn4(v4(1)), verdict::PASS, admitted());
+    expect(&y, &syn4(v4(10)), verdict::DROP, crossed("global"));
+    // A tenant's own listener: its SYNs are the tenant's, never cookies.
+    let mut z = XdpUnderTest::load();
+    cookies_on(&mut z);
+    let l: Listener = "*:11211".parse().unwrap();
+    let wanted: Vec<_> = l
+        .keys()
+        .into_iter()
+        .map(|k| (k, ListenerValue { tenant, flags: 0 }))
+        .collect();
+    z.maps.sync_listeners(&wanted).unwrap();
+    z.maps
+        .sync_tenant_limits(&[(tenant, RateLimit::per_second(1, 1))])
+        .unwrap();
+    expect(&z, &syn4(v4(1)), verdict::PASS, admitted());
+    expect(&z, &syn4(v4(2)), verdict::DROP, crossed("tenant"));
+    expect(&z, &syn4(v4(3)), verdict::DROP, crossed("tenant"));
+}
+
+#[test]
+fn syns_a_cookie_cannot_answer_are_dropped_and_counted() {
+    let x = spent_shared_budget(&syn4(v4(1)));
+    expect(&x, &syn4(v4(2)), verdict::PASS, refreshed("tenant"));
+    let mut unanswerable = crossed("tenant");
+    unanswerable.insert("cookie_unanswerable", 1);
+    // IPv4 options.
+    let mut ip = Ipv4::new(v4(3), server4(), proto::TCP);
+    ip.options = ipv4_opt::router_alert();
+    let seg = Tcp::syn(1, PORT, 1).build(v4(3).into(), server4().into(), &[]);
+    let f = Ethernet::new(MAC_B, MAC_A, ETHERTYPE_IPV4).build(&ip.build(&seg));
+    expect(&x, &f, verdict::DROP, unanswerable.clone());
+    // An IPv6 extension header (after the IPv6 listener's refresh).
+    expect(
+        &x,
+        &syn6(v6("2001:db8:9::1")),
+        verdict::PASS,
+        refreshed("tenant"),
+    );
+    let src = v6("2001:db8:3::1");
+    let ip = Ipv6::new(src, server6(), proto::TCP).with_ext(Ipv6Ext::DestOpts(ipv6_opt::padn(6)));
+    expect(&x, &syn6_with(src, ip), verdict::DROP, unanswerable.clone());
+    // A data offset below 5.
+    let mut tcp = Tcp::syn(1, PORT, 1);
+    tcp.data_offset = Some(4);
+    let seg = tcp.build(v4(4).into(), server4().into(), &[]);
+    let f = Ethernet::new(MAC_B, MAC_A, ETHERTYPE_IPV4)
+        .build(&Ipv4::new(v4(4), server4(), proto::TCP).build(&seg));
+    expect(&x, &f, verdict::DROP, unanswerable);
+}
+
+#[test]
+fn a_syn_without_options_or_behind_vlan_tags_is_answered() {
+    let x = spent_shared_budget(&syn4(v4(1)));
+    expect(&x, &syn4(v4(2)), verdict::PASS, refreshed("tenant"));
+    // No options at all: the frame grows by the MSS option, and the cookie
+    // encodes the default MSS.
+    let mut tcp = Tcp::new(3_333, PORT, tcp_flags::SYN);
+    tcp.seq = 77;
+    let seg = tcp.build(v4(3).into(), server4().into(), &[]);
+    let syn = Ethernet::new(MAC_B, MAC_A, ETHERTYPE_IPV4)
+        .build(&Ipv4::new(v4(3), server4(), proto::TCP).build(&seg));
+    let (v, _, out) = x.judge_out(&syn);
+    assert_eq!(v, verdict::TX);
+    let cookie = check_synack(&syn, &out);
+    assert_eq!(synack_mss(&out), 536);
+    assert_eq!(x.judge(&ack_of(&syn, cookie)).1["cookie_acks"], 1);
+    // Only an MSS option, of 1400: the table's 1300. QinQ-tagged, and
+    // padded to Ethernet's minimum.
+    let mut tcp = Tcp::new(3_334, PORT, tcp_flags::SYN);
+    tcp.options = tcp_opt::mss(1400);
+    let seg = tcp.build(v4(4).into(), server4().into(), &[]);
+    let mut syn = tagged(
+        &[Vlan::dot1ad(100), Vlan::dot1q(10)],
+        ETHERTYPE_IPV4,
+        &Ipv4::new(v4(4), server4(), proto::TCP).build(&seg),
+    );
+    syn.resize(syn.len() + 6, 0);
+    let (v, _, out) = x.judge_out(&syn);
+    assert_eq!(v, verdict::TX);
+    syn.truncate(syn.len() - 6);
+    check_synack(&syn, &out);
+    assert_eq!(synack_mss(&out), 1300);
+}
+
+/// Opens one of the program's pinned maps by name.
+fn pinned_map<T: TryFrom<aya::maps::Map>>(x: &XdpUnderTest, name: &str) -> T
+where
+    <T as TryFrom<aya::maps::Map>>::Error: std::fmt::Debug,
+{
+    use aya::maps::{Map, MapData};
+    let pin = x.paths().map_pin(name);
+    Map::from_map_data(MapData::from_pin(&pin).unwrap())
+        .unwrap()
+        .try_into()
+        .unwrap()
+}
+
+#[test]
+fn each_listener_lets_one_refused_syn_through_a_second() {
+    use aya::maps::HashMap as AyaHashMap;
+    let mut x = spent_shared_budget(&syn4(v4(1)));
+    // Another protected listener, on a specific address: its own refresh.
+    let specific: Listener = "203.0.113.1:11300".parse().unwrap();
+    let wild: Listener = "*:11211".parse().unwrap();
+    let mut wanted: Vec<_> = wild
+        .keys()
+        .into_iter()
+        .map(|k| (k, ListenerValue::default()))
+        .collect();
+    wanted.push((specific.keys()[0], ListenerValue::default()));
+    x.maps.sync_listeners(&wanted).unwrap();
+    expect(&x, &syn4(v4(2)), verdict::PASS, refreshed("tenant"));
+    assert_eq!(x.run(&syn4(v4(3))), verdict::TX);
+    let other = tcp4(v4(4), 11300, tcp_flags::SYN);
+    assert_eq!(x.judge(&other).1.get("cookie_refresh"), Some(&1));
+    assert_eq!(x.run(&tcp4(v4(5), 11300, tcp_flags::SYN)), verdict::TX);
+    // An interval later (the listener's record set back), once more.
+    let mut refresh: AyaHashMap<_, ListenerKey, u64> =
+        pinned_map(&x, guard_common::maps::COOKIE_REFRESH);
+    let keys: Vec<ListenerKey> = refresh.keys().map(Result::unwrap).collect();
+    assert_eq!(keys.len(), 2, "one record per listener entry: {keys:?}");
+    assert!(keys.contains(&specific.keys()[0]), "{keys:?}");
+    let wildcard = wild.keys()[0];
+    assert!(keys.contains(&wildcard), "{keys:?}");
+    let interval_ago = monotonic_ns() - COOKIE_REFRESH_INTERVAL_NS - 100_000_000;
+    refresh.insert(wildcard, interval_ago, 0).unwrap();
+    expect(&x, &syn4(v4(6)), verdict::PASS, refreshed("tenant"));
+    assert_eq!(x.run(&syn4(v4(7))), verdict::TX);
+    // Just short of an interval after the last: not yet.
+    let not_yet = monotonic_ns() - COOKIE_REFRESH_INTERVAL_NS + 300_000_000;
+    refresh.insert(wildcard, not_yet, 0).unwrap();
+    assert_eq!(x.run(&syn4(v4(8))), verdict::TX);
+}
+
+#[test]
+fn acks_are_checked_only_shortly_after_a_cookie_was_sent() {
+    use aya::maps::Array as AyaArray;
+    let x = spent_shared_budget(&syn4(v4(1)));
+    expect(&x, &syn4(v4(2)), verdict::PASS, refreshed("tenant"));
+    let syn = syn4_from(v4(3), 40_000, 1);
+    let (v, _, out) = x.judge_out(&syn);
+    assert_eq!(v, verdict::TX);
+    let ack = ack_of(&syn, check_synack(&syn, &out));
+    // A guard that sent no cookie does not check, however valid the cookie.
+    let y = guard();
+    expect(&y, &ack, verdict::PASS, passed());
+    // Nor does this one once the last cookie is older than the window.
+    let mut clock: AyaArray<_, u64> = pinned_map(&x, guard_common::maps::COOKIE_CLOCK);
+    let sent = clock.get(&0, 0).unwrap();
+    assert!(sent != 0, "the time of the last cookie is kept");
+    clock
+        .set(0, monotonic_ns() - COOKIE_ACK_WINDOW_NS - 1_000_000_000, 0)
+        .unwrap();
+    expect(&x, &ack, verdict::PASS, passed());
+    clock.set(0, sent, 0).unwrap();
+    assert_eq!(x.judge(&ack).1["cookie_acks"], 1);
+    // Nor for an unprotected port.
+    let seg = {
+        let mut t = Tcp::new(40_000, 22, tcp_flags::ACK);
+        t.seq = 2;
+        t.ack = 3;
+        t.build(v4(3).into(), server4().into(), &[])
+    };
+    let f = Ethernet::new(MAC_B, MAC_A, ETHERTYPE_IPV4)
+        .build(&Ipv4::new(v4(3), server4(), proto::TCP).build(&seg));
+    expect(&x, &f, verdict::PASS, passed());
+}
+
+/// Mode `on`: the shared budget admits nothing, so every SYN of a source
+/// with no tenant is answered with a cookie and none charges the host's
+/// budget, which stays a tenant's. Back to a real budget, the shared bucket
+/// admits again at once.
+#[test]
+fn with_a_shared_budget_that_admits_nothing_unknown_sources_never_charge_the_host() {
+    let tenant = 77;
+    let mut x = guard();
+    cookies_on(&mut x);
+    set_config(&mut x, |c| c.global = RateLimit::per_second(1, 1));
+    x.maps
+        .sync_tenant_limits(&[
+            (DEFAULT_TENANT, RateLimit::NOTHING),
+            (tenant, RateLimit::UNLIMITED),
+        ])
+        .unwrap();
+    // Its one SYN, once: the host's one token goes with it.
+    expect(&x, &syn4(v4(1)), verdict::PASS, admitted());
+    expect(&x, &syn4(v4(2)), verdict::PASS, refreshed("tenant"));
+    for i in 3..20 {
+        let (v, moved, out) = x.judge_out(&syn4(v4(i)));
+        assert_eq!(v, verdict::TX, "{moved:?}");
+        check_synack(&syn4(v4(i)), &out);
+    }
+    // A tenant's source is judged by the host's budget alone: refilled
+    // after a second, untouched by all those cookies.
+    x.maps
+        .set_source_tenant(IpAddr::V4(v4(50)), tenant)
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1_100));
+    expect(&x, &syn4(v4(50)), verdict::PASS, admitted());
+    // From `on` back to a budget: admitted again at once, not in a century.
+    set_config(&mut x, |c| c.global = RateLimit::UNLIMITED);
+    x.maps
+        .sync_tenant_limits(&[(DEFAULT_TENANT, RateLimit::per_second(100, 10))])
+        .unwrap();
+    expect(&x, &syn4(v4(60)), verdict::PASS, admitted());
 }

@@ -319,6 +319,9 @@ impl EventReport {
                 &settings.tenant_names,
             ));
         }
+        if let Some(line) = cookie_line(&delta, secs) {
+            lines.push(line);
+        }
         let suppressed = delta(Counter::EventsSuppressed);
         let lost = delta(Counter::EventsLost);
         if suppressed > 0 || lost > 0 {
@@ -348,6 +351,36 @@ impl EventReport {
         self.interval_top.clear();
         (lines, report)
     }
+}
+
+/// "XDP SYN cookies in the last 10 s: 40,000 of the refused SYNs answered
+/// with a cookie, …": what SYN cookies did instead of drops, when they did
+/// anything.
+fn cookie_line(delta: &dyn Fn(Counter) -> u64, secs: u64) -> Option<String> {
+    let sent = delta(Counter::CookiesSent);
+    let acks = delta(Counter::CookieAcks);
+    let refresh = delta(Counter::CookieRefresh);
+    let unanswerable = delta(Counter::CookieUnanswerable);
+    if sent + acks + refresh + unanswerable == 0 {
+        return None;
+    }
+    let mut line = format!(
+        "XDP SYN cookies in the last {secs} s: {} of the refused SYNs answered with a cookie, \
+         {} ACK{} with a valid cookie passed to the kernel, {} SYN{} let through so that it keeps \
+         accepting them",
+        thousands(sent),
+        thousands(acks),
+        if acks == 1 { "" } else { "s" },
+        thousands(refresh),
+        if refresh == 1 { "" } else { "s" },
+    );
+    if unanswerable > 0 {
+        line.push_str(&format!(
+            ", {} not answerable (IP options or IPv6 extension headers) and dropped",
+            thousands(unanswerable)
+        ));
+    }
+    Some(line)
 }
 
 /// "XDP per-source SYN budgets: 41,233 SYNs dropped in the last 10 s from
@@ -698,6 +731,46 @@ mod tests {
             "XDP limit events in the last 10 s: 220 described, 40,681 counted only \
              (over the event budget), 0 lost (ring buffer full)"
         );
+    }
+
+    #[test]
+    fn what_syn_cookies_did_is_one_more_line() {
+        let mut r = EventReport::new(totals(&[]), Arc::default());
+        let t = totals(&[
+            (Counter::DropGlobal, 50_000),
+            (Counter::CookiesSent, 49_999),
+            (Counter::CookieRefresh, 1),
+            (Counter::CookieAcks, 20),
+        ]);
+        let (lines, _) = r.close(&t, &settings(), 100);
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        assert!(lines[0].contains("50,000 SYNs dropped"), "{}", lines[0]);
+        assert_eq!(
+            lines[1],
+            "XDP SYN cookies in the last 10 s: 49,999 of the refused SYNs answered with a \
+             cookie, 20 ACKs with a valid cookie passed to the kernel, 1 SYN let through so \
+             that it keeps accepting them"
+        );
+        let t2 = totals(&[
+            (Counter::DropGlobal, 50_003),
+            (Counter::CookiesSent, 50_001),
+            (Counter::CookieRefresh, 1),
+            (Counter::CookieAcks, 21),
+            (Counter::CookieUnanswerable, 1),
+        ]);
+        let (lines, _) = r.close(&t2, &settings(), 110);
+        assert!(
+            lines[1].ends_with(
+                "2 of the refused SYNs answered with a cookie, 1 ACK with a valid cookie passed \
+                 to the kernel, 0 SYNs let through so that it keeps accepting them, 1 not \
+                 answerable (IP options or IPv6 extension headers) and dropped"
+            ),
+            "{}",
+            lines[1]
+        );
+        // Nothing moved: no line.
+        let (lines, _) = r.close(&t2, &settings(), 120);
+        assert!(lines.is_empty(), "{lines:?}");
     }
 
     #[test]

@@ -14,10 +14,11 @@ use aya::maps::{
 use guard_common::{
     BucketState, CIDR_CAPACITY, CONFIG_HAS_ALLOW_V4, CONFIG_HAS_ALLOW_V6, CONFIG_HAS_DENY_V4,
     CONFIG_HAS_DENY_V6, CONFIG_HAS_MASK, CONFIG_HAS_SOURCE_TENANTS, CONFIG_HAS_VERIFIED,
-    COUNTER_COUNT, CidrRule, Counter, CounterBlock, FAMILY_V4, GuardConfig, LISTENERS_CAPACITY,
-    ListenerKey, ListenerValue, PORT_COUNT, PORT_SPECIFIC_V4, PORT_SPECIFIC_V6, PORT_WILDCARD_V4,
-    PORT_WILDCARD_V6, PortEntry, RateLimit, SOURCE_BUCKETS_CAPACITY, SOURCE_TENANT_CAPACITY,
-    SourceKey, TENANTS_CAPACITY, TenantBucket, VERIFIED_CAPACITY, VerifiedSource, maps,
+    COOKIE_REFRESH_CAPACITY, COUNTER_COUNT, CidrRule, Counter, CounterBlock, FAMILY_V4,
+    GuardConfig, LISTENERS_CAPACITY, ListenerKey, ListenerValue, PORT_COUNT, PORT_SPECIFIC_V4,
+    PORT_SPECIFIC_V6, PORT_WILDCARD_V4, PORT_WILDCARD_V6, PortEntry, RateLimit,
+    SOURCE_BUCKETS_CAPACITY, SOURCE_TENANT_CAPACITY, SourceKey, TENANTS_CAPACITY, TenantBucket,
+    VERIFIED_CAPACITY, VerifiedSource, maps,
 };
 
 use crate::{cidr::Cidr, paths::Paths};
@@ -58,7 +59,7 @@ pub struct CidrEntry {
 /// The layout every pinned map must have: (name, key size, value size,
 /// capacity). Checked before adopting pins, since aya reuses a pinned map
 /// by name without comparing layouts.
-pub fn expected_layout() -> [(&'static str, u32, u32, u32); 14] {
+pub fn expected_layout() -> [(&'static str, u32, u32, u32); 16] {
     use std::mem::size_of;
     let s = |n: usize| n as u32;
     [
@@ -101,6 +102,13 @@ pub fn expected_layout() -> [(&'static str, u32, u32, u32); 14] {
             s(size_of::<VerifiedSource>()),
             VERIFIED_CAPACITY,
         ),
+        (
+            maps::COOKIE_REFRESH,
+            s(size_of::<ListenerKey>()),
+            8,
+            COOKIE_REFRESH_CAPACITY,
+        ),
+        (maps::COOKIE_CLOCK, 4, 8, 1),
     ]
 }
 
@@ -292,12 +300,21 @@ impl GuardMaps {
     }
 
     /// Makes the tenant budgets exactly `wanted`. An unchanged budget is
-    /// left alone, so its bucket keeps its state across reloads and restarts.
+    /// left alone, so its bucket keeps its state across reloads and restarts;
+    /// a changed one keeps it too, but starts no deeper in debt than its
+    /// own burst allows (a bucket left by a budget that admitted nothing
+    /// would otherwise refuse every SYN for years).
     pub fn sync_tenant_limits(&mut self, wanted: &[(u32, RateLimit)]) -> anyhow::Result<()> {
         for (id, limit) in wanted {
             let state = match self.tenant_buckets.get(id, 0) {
                 Ok(b) if b.limit == *limit => continue,
-                Ok(b) => b.state,
+                Ok(b) => BucketState {
+                    tat_ns: b
+                        .state
+                        .tat_ns
+                        .min(monotonic_ns().saturating_add(limit.burst_ns)),
+                    ..b.state
+                },
                 Err(_) => BucketState::default(),
             };
             self.tenant_buckets.insert(
@@ -320,6 +337,16 @@ impl GuardMaps {
             self.tenant_buckets.remove(&k)?;
         }
         Ok(())
+    }
+
+    /// A tenant's SYN budget in force ([`guard_common::DEFAULT_TENANT`]:
+    /// the shared budget of sources with no tenant).
+    pub fn tenant_limit(&self, tenant: u32) -> anyhow::Result<Option<RateLimit>> {
+        match self.tenant_buckets.get(&tenant, 0) {
+            Ok(b) => Ok(Some(b.limit)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// The tenant a source's SYNs are charged to, if the proxy learnt it.

@@ -11,6 +11,7 @@
 //! and live deny/allow entries, are left behind and removed).
 
 pub mod control;
+pub mod cookies;
 pub mod events;
 pub mod maps;
 pub mod settings;

@@ -5,10 +5,11 @@
 use std::collections::BTreeMap;
 
 use guard_common::{
-    CONFIG_ALLOW_UDP, DEFAULT_TENANT, GuardConfig, ListenerKey, ListenerValue, RateLimit,
+    CONFIG_ALLOW_UDP, CONFIG_SYN_COOKIES, DEFAULT_TENANT, GuardConfig, ListenerKey, ListenerValue,
+    RateLimit,
 };
 
-use crate::config::{Config, tenant_id};
+use crate::config::{Config, SynCookies, tenant_id};
 
 /// Every protected listener with its owning tenant: `protect` entries
 /// belong to no tenant, tenants' own listeners are protected too.
@@ -43,17 +44,43 @@ pub fn guard_config(config: &Config) -> GuardConfig {
         global: RateLimit::per_second(x.global_syn_rate, x.global_syn_burst),
         events: RateLimit::per_second(x.event_rate, x.event_burst),
         ipv6_prefix_len: u32::from(x.ipv6_prefix),
-        flags: if x.allow_udp { CONFIG_ALLOW_UDP } else { 0 },
+        flags: if x.allow_udp { CONFIG_ALLOW_UDP } else { 0 }
+            | if x.syn_cookies == SynCookies::Off {
+                0
+            } else {
+                CONFIG_SYN_COOKIES
+            },
+    }
+}
+
+/// The shared budget of sources with no tenant: with SYN cookies `on` it
+/// admits nothing, so that every such SYN is answered with a cookie.
+fn shared_limit(config: &Config) -> RateLimit {
+    let x = &config.xdp;
+    match x.syn_cookies {
+        SynCookies::On => RateLimit::NOTHING,
+        SynCookies::Auto | SynCookies::Off => {
+            RateLimit::per_second(x.tenant_syn_rate, x.tenant_syn_burst)
+        }
+    }
+}
+
+/// The SYN cookie mode the maps say is in force: the config flag, and
+/// whether the shared budget admits nothing.
+pub fn syn_cookies(config: &GuardConfig, shared: Option<RateLimit>) -> SynCookies {
+    if config.flags & CONFIG_SYN_COOKIES == 0 {
+        SynCookies::Off
+    } else if shared == Some(RateLimit::NOTHING) {
+        SynCookies::On
+    } else {
+        SynCookies::Auto
     }
 }
 
 /// SYN budgets by tenant id, the default tenant's included.
 pub fn tenant_limits(config: &Config) -> Vec<(u32, RateLimit)> {
     let x = &config.xdp;
-    let mut out = vec![(
-        DEFAULT_TENANT,
-        RateLimit::per_second(x.tenant_syn_rate, x.tenant_syn_burst),
-    )];
+    let mut out = vec![(DEFAULT_TENANT, shared_limit(config))];
     for t in &config.tenants {
         out.push((
             tenant_id(&t.name),
@@ -112,6 +139,32 @@ mod tests {
         assert_eq!(g.source, RateLimit::per_second(10, 20));
         assert_eq!(g.events, RateLimit::per_second(200, 400));
         assert_eq!(g.ipv6_prefix_len, 56);
-        assert_eq!(g.flags, CONFIG_ALLOW_UDP);
+        assert_eq!(g.flags, CONFIG_ALLOW_UDP | CONFIG_SYN_COOKIES);
+        // `on`: the shared budget admits nothing, tenants keep theirs.
+        assert_eq!(limits[0].1, RateLimit::NOTHING);
+        assert_eq!(syn_cookies(&g, Some(limits[0].1)), SynCookies::On);
+    }
+
+    #[test]
+    fn syn_cookie_modes_become_a_flag_and_a_shared_budget() {
+        let mut c = Config::default();
+        c.xdp.tenant_syn_rate = 300;
+        c.xdp.tenant_syn_burst = 30;
+        for (mode, flag, shared) in [
+            (
+                SynCookies::Auto,
+                CONFIG_SYN_COOKIES,
+                RateLimit::per_second(300, 30),
+            ),
+            (SynCookies::On, CONFIG_SYN_COOKIES, RateLimit::NOTHING),
+            (SynCookies::Off, 0, RateLimit::per_second(300, 30)),
+        ] {
+            c.xdp.syn_cookies = mode;
+            let g = guard_config(&c);
+            assert_eq!(g.flags & CONFIG_SYN_COOKIES, flag, "{mode}");
+            let limits = tenant_limits(&c);
+            assert_eq!(limits[0], (DEFAULT_TENANT, shared), "{mode}");
+            assert_eq!(syn_cookies(&g, Some(shared)), mode);
+        }
     }
 }

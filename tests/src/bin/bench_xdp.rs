@@ -10,8 +10,8 @@ use std::{
 };
 
 use guard_common::{
-    DEFAULT_TENANT, FLOOR_CAS, FLOOR_CLOCK, FLOOR_COARSE_CLOCK, FLOOR_LOOKUP, GuardConfig,
-    PROGRAM_FLOOR, PROGRAM_GUARD, PROGRAM_PASS, RateLimit,
+    CONFIG_SYN_COOKIES, DEFAULT_TENANT, FLOOR_CAS, FLOOR_CLOCK, FLOOR_COARSE_CLOCK, FLOOR_LOOKUP,
+    GuardConfig, PROGRAM_FLOOR, PROGRAM_GUARD, PROGRAM_PASS, RateLimit,
 };
 use guard_tests::{
     SourceAddr, SynFlood, Topology,
@@ -124,6 +124,11 @@ fn main() {
             g as f64 / e.max(1) as f64
         );
     }
+    let (g, e) = cookie_cost(&mut x, &dropped);
+    println!(
+        "| SYN answered with a SYN cookie (single runs) | {g} | {e} | {:.2}× |",
+        g as f64 / e.max(1) as f64
+    );
 
     // What any limiter built on these maps pays per judged SYN on this
     // machine, whatever its parsing and bookkeeping: the floor under the
@@ -159,6 +164,35 @@ fn main() {
     live_floods();
 }
 
+/// Single runs per program for [`cookie_cost`].
+const SINGLE_RUNS: usize = 20_001;
+
+/// Medians of single runs of the guard answering `syn` with a cookie (the
+/// host budget spent, cookies on) and of the empty program. A repeated run
+/// would see the SYN-ACK the first one left, so each is a run of its own,
+/// and the empty program's single runs carry the same timer overhead.
+fn cookie_cost(x: &mut XdpUnderTest, syn: &[u8]) -> (u64, u64) {
+    let mut cfg = x.maps.config().unwrap();
+    cfg.source = RateLimit::UNLIMITED;
+    cfg.global = RateLimit::per_second(1, 1);
+    cfg.flags |= CONFIG_SYN_COOKIES;
+    x.maps.set_config(&cfg).unwrap();
+    // The token, then the listener's refresh.
+    x.run(syn);
+    x.run(syn);
+    let (mut measured, mut empty) = (Vec::new(), Vec::new());
+    for _ in 0..SINGLE_RUNS {
+        let (v, ns) = x.run_program(PROGRAM_GUARD, syn, 1);
+        assert_eq!(v, verdict::TX, "the SYN is answered with a cookie");
+        measured.push(ns);
+        empty.push(x.run_program(PROGRAM_PASS, syn, 1).1);
+    }
+    cfg.flags &= !CONFIG_SYN_COOKIES;
+    cfg.global = RateLimit::UNLIMITED;
+    x.maps.set_config(&cfg).unwrap();
+    (median(measured), median(empty))
+}
+
 /// Frames per live flood, and the longest it may run.
 const LIVE_FLOOD: u64 = 3_000_000;
 const LIVE_SECONDS: u64 = 5;
@@ -176,7 +210,10 @@ struct LiveRun {
     daemon_ms_per_s: Option<f64>,
     /// Lines the daemon logged during the flood.
     log_lines: Option<usize>,
+    /// SYNs guard's budgets refused.
     dropped: Option<u64>,
+    /// Of those, answered with a SYN cookie.
+    cookies: Option<u64>,
 }
 
 /// Host-wide softirq time, from the first line of `/proc/stat`.
@@ -204,12 +241,21 @@ fn prog_stats(id: u32) -> Option<(Duration, u64)> {
 
 /// One flood against a fresh topology whose server listens on
 /// [`LIVE_PORT`] with kernel SYN cookies on, through guard (its defaults,
-/// driver mode) or through nothing at all.
-fn live_run(source: impl Fn(&Topology) -> SourceAddr, guarded: bool) -> LiveRun {
+/// driver mode, SYN cookies as `cookies` says) or, with `None`, through
+/// nothing at all. With cookies, the client's end of the veth runs an empty
+/// XDP program, without which the SYN-ACKs XDP sends back in driver mode
+/// would be dropped at the veth rather than delivered.
+fn live_run(source: impl Fn(&Topology) -> SourceAddr, cookies: Option<&str>) -> LiveRun {
     let topo = Topology::new().expect("topology");
     let server: SocketAddr = (IpAddr::V4(topo.server_v4()), LIVE_PORT).into();
     let _listener = listen_in(&topo.server, server, 4096).expect("listen");
-    let guard = guarded.then(|| {
+    let _peer = cookies.filter(|c| *c != "off").map(|_| {
+        let mut peer = XdpUnderTest::load();
+        peer.attach_pass(&topo.client, &topo.client_if().ifname)
+            .expect("XDP_PASS on the client's veth");
+        peer
+    });
+    let guard = cookies.map(|cookies| {
         GuardDaemon::start(
             &topo.server,
             &[
@@ -221,6 +267,8 @@ fn live_run(source: impl Fn(&Topology) -> SourceAddr, guarded: bool) -> LiveRun 
                 &format!("*:{LIVE_PORT}"),
                 "--report-interval-secs",
                 "1",
+                "--syn-cookies",
+                cookies,
             ],
         )
         .expect("start guard")
@@ -246,12 +294,13 @@ fn live_run(source: impl Fn(&Topology) -> SourceAddr, guarded: bool) -> LiveRun 
         }
         _ => None,
     };
-    let dropped = guard.as_ref().zip(counters).map(|(g, before)| {
+    let moved = guard.as_ref().zip(counters).map(|(g, before)| {
         let after = g.counters().expect("counters");
-        ["drop_source", "drop_tenant", "drop_global"]
-            .iter()
-            .map(|k| after[k] - before[k])
-            .sum()
+        let d = |k: &str| after[k] - before[k];
+        (
+            d("drop_source") + d("drop_tenant") + d("drop_global"),
+            d("cookies_sent"),
+        )
     });
     LiveRun {
         sent: flood.sent,
@@ -265,7 +314,8 @@ fn live_run(source: impl Fn(&Topology) -> SourceAddr, guarded: bool) -> LiveRun 
             .as_ref()
             .zip(lines)
             .map(|(g, l)| g.log_text().lines().count() - l),
-        dropped,
+        dropped: moved.map(|m| m.0),
+        cookies: moved.map(|m| m.1),
     }
 }
 
@@ -276,32 +326,47 @@ fn live_floods() {
     println!(
         "live floods: {LIVE_FLOOD} SYNs at most, {LIVE_SECONDS} s at most, from an AF_PACKET \
          sender in the client namespace over a veth pair to a listener (backlog 4096, \
-         tcp_syncookies=1); guard with its defaults in driver mode; softirq is host-wide \
-         time per SYN sent, sender and receiver sharing the machine"
+         tcp_syncookies=1); guard with its defaults in driver mode, SYN cookies on (auto) or \
+         off; softirq is host-wide time per SYN sent, sender and receiver sharing the machine"
     );
     println!();
     println!(
-        "| flood | receiver | SYNs/s offered | dropped by XDP | XDP ns/SYN | softirq ns/SYN | \
-         daemon CPU ms/s | daemon log lines |"
+        "| flood | receiver | SYNs/s offered | refused by XDP | answered with cookies | \
+         XDP ns/SYN | softirq ns/SYN | daemon CPU ms/s | daemon log lines |"
     );
-    println!("|---|---|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|");
     let fixed = |t: &Topology| SourceAddr::Fixed(t.client_v4().into());
     let spoofed = |t: &Topology| t.spoofed_sources_v4();
     let opt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.0}"));
-    for (name, source) in [
-        ("one source", &fixed as &dyn Fn(&Topology) -> SourceAddr),
-        ("random sources (10.128.0.0/9)", &spoofed),
+    let percent = |n: Option<u64>, of: u64| {
+        n.map_or("-".to_string(), |n| {
+            format!("{:.1} %", n as f64 * 100.0 / of.max(1) as f64)
+        })
+    };
+    for (name, source, receivers) in [
+        (
+            "one source",
+            &fixed as &dyn Fn(&Topology) -> SourceAddr,
+            &[Some("auto"), None][..],
+        ),
+        (
+            "random sources (10.128.0.0/9)",
+            &spoofed,
+            &[Some("auto"), Some("off"), None][..],
+        ),
     ] {
-        for guarded in [true, false] {
-            let r = live_run(source, guarded);
+        for cookies in receivers {
+            let r = live_run(source, *cookies);
             println!(
-                "| {name} | {} | {:.0} | {} | {} | {:.0} | {} | {} |",
-                if guarded { "guard" } else { "no filter" },
+                "| {name} | {} | {:.0} | {} | {} | {} | {:.0} | {} | {} |",
+                match cookies {
+                    Some("off") => "guard, cookies off",
+                    Some(_) => "guard",
+                    None => "no filter",
+                },
                 r.pps,
-                r.dropped.map_or("-".to_string(), |d| format!(
-                    "{:.1} %",
-                    d as f64 * 100.0 / r.sent.max(1) as f64
-                )),
+                percent(r.dropped, r.sent),
+                percent(r.cookies, r.sent),
                 opt(r.xdp_ns),
                 r.softirq_ns,
                 opt(r.daemon_ms_per_s),
