@@ -9,7 +9,7 @@
 
 /// Layout version of the maps below. Pins live under a directory named after
 /// it, so a daemon with a different layout never adopts maps it would misread.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// Names of the maps, as the XDP object declares them and as they are pinned.
 pub mod maps {
@@ -45,8 +45,11 @@ pub mod maps {
     /// `Array<BucketState>`, one entry: the host-wide budget of limit
     /// events, spent before ring-buffer space is reserved.
     pub const EVENT_BUCKET: &str = "GUARD_EVENT_BUCKET";
+    /// `HashMap<SourceKey, StrictEntry>`: the escalation ladder's stricter
+    /// SYN budgets, written only by the daemon.
+    pub const STRICT: &str = "GUARD_STRICT";
     /// Every map, for pin management.
-    pub const ALL: [&str; 14] = [
+    pub const ALL: [&str; 15] = [
         CONFIG,
         LISTENERS,
         PORTS,
@@ -61,6 +64,7 @@ pub mod maps {
         COUNTERS,
         EVENTS,
         EVENT_BUCKET,
+        STRICT,
     ];
 }
 
@@ -125,7 +129,8 @@ pub const CONFIG_HAS_MASK: u32 = CONFIG_HAS_DENY_V4
     | CONFIG_HAS_DENY_V6
     | CONFIG_HAS_ALLOW_V4
     | CONFIG_HAS_ALLOW_V6
-    | CONFIG_HAS_SOURCE_TENANTS;
+    | CONFIG_HAS_SOURCE_TENANTS
+    | CONFIG_HAS_STRICT;
 
 /// Number of entries of [`maps::PORTS`].
 pub const PORT_COUNT: u32 = 65_536;
@@ -350,6 +355,37 @@ pub struct LimitEvent {
     pub time_ns: u64,
 }
 
+// The escalation ladder's part of the program: a source the daemon put on
+// a stricter SYN budget is charged with it while the entry lasts.
+
+/// See [`CONFIG_HAS_DENY_V4`]: the strict-budget map may hold entries. A
+/// high bit, clear of the flags other features add after the ones above.
+pub const CONFIG_HAS_STRICT: u32 = 1 << 16;
+/// Capacity of [`maps::STRICT`]: the daemon never escalates more sources
+/// at once.
+pub const STRICT_CAPACITY: u32 = 16_384;
+
+/// Value of [`maps::STRICT`]: a source's stricter SYN budget, in force
+/// until `expires_ns`. Written only by the daemon; the program charges the
+/// source's own bucket with `limit` instead of the host-wide per-source
+/// budget while the entry is active.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct StrictEntry {
+    /// The stricter budget.
+    pub limit: RateLimit,
+    /// `CLOCK_MONOTONIC` nanoseconds at which the entry stops applying.
+    pub expires_ns: u64,
+}
+
+impl StrictEntry {
+    /// Whether the entry applies at `now` (monotonic nanoseconds).
+    #[inline(always)]
+    pub const fn active(&self, now: u64) -> bool {
+        now < self.expires_ns
+    }
+}
+
 macro_rules! counters {
     ($( $(#[$doc:meta])* $name:ident = $label:literal, )*) => {
         /// Index of a per-CPU counter in [`maps::COUNTERS`].
@@ -440,6 +476,7 @@ const _: () = {
     assert!(core::mem::size_of::<PortEntry>() == 16);
     assert!(core::mem::size_of::<TenantBucket>() == 32);
     assert!(core::mem::size_of::<CounterBlock>() == 8 * COUNTER_COUNT as usize);
+    assert!(core::mem::size_of::<StrictEntry>() == 24);
 };
 
 #[cfg(feature = "user")]
@@ -459,6 +496,7 @@ mod pod {
     unsafe impl aya::Pod for PortEntry {}
     unsafe impl aya::Pod for TenantBucket {}
     unsafe impl aya::Pod for CounterBlock {}
+    unsafe impl aya::Pod for StrictEntry {}
 }
 
 #[cfg(test)]
@@ -519,6 +557,20 @@ mod tests {
         assert!(CidrRule { expires_ns: 0 }.active(u64::MAX));
         assert!(CidrRule { expires_ns: 10 }.active(9));
         assert!(!CidrRule { expires_ns: 10 }.active(10));
+    }
+
+    #[test]
+    fn strict_entry_expiry() {
+        let e = StrictEntry {
+            limit: RateLimit::per_second(1, 1),
+            expires_ns: 10,
+        };
+        assert!(e.active(9));
+        assert!(!e.active(10));
+        assert!(
+            !StrictEntry::default().active(0),
+            "a zero entry never applies"
+        );
     }
 
     #[test]
