@@ -13,6 +13,7 @@ use crate::{
     config::{self, Config},
     descriptors, ebpf,
     ebpf::{XdpGuard, control::XdpControl},
+    escalation,
     paths::Paths,
     proxy,
     shutdown::{Signal, Signals},
@@ -25,6 +26,10 @@ const EXPIRY_INTERVAL: Duration = Duration::from_secs(1);
 /// Authentications waiting to reach the XDP source→tenant map; beyond
 /// this, reports are dropped rather than slow a session.
 const LEARNED_QUEUE: usize = 4096;
+
+/// Misbehaving sources waiting for the escalation ladder; beyond this,
+/// reports are dropped rather than slow a session.
+const STRIKE_QUEUE: usize = 4096;
 
 /// The running proxy, polled by `run` itself.
 type ProxyFuture = std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<()>> + Send>>;
@@ -59,6 +64,18 @@ pub async fn run(paths: Paths, args: RunArgs) -> anyhow::Result<()> {
         let (tx, rx) = tokio::sync::mpsc::channel::<proxy::SourceTenant>(LEARNED_QUEUE);
         (Some(tx), Some(rx))
     };
+
+    // With XDP and the proxy in this process, the proxy's misbehaving
+    // sources climb the escalation ladder.
+    let escalation_counters = Arc::new(escalation::Counters::default());
+    let (reporter, mut strikes) =
+        if config.xdp.interfaces.is_empty() || config.proxy.listen.is_empty() {
+            (None, None)
+        } else {
+            let (tx, rx) = tokio::sync::mpsc::channel::<escalation::Strike>(STRIKE_QUEUE);
+            let reporter = escalation::Reporter::new(&config, tx, escalation_counters.clone());
+            (Some(Arc::new(reporter)), Some(rx))
+        };
 
     let mut proxy = None;
     // Reloaded backend lists reach the proxy's ejection controller.
@@ -96,6 +113,7 @@ pub async fn run(paths: Paths, args: RunArgs) -> anyhow::Result<()> {
             learned: learned_tx,
             limit_events: limit_events.clone(),
             backends: Some(backends_rx),
+            escalation: reporter.clone(),
         };
         // Polled here, in the runtime's main future, not spawned: its
         // accept loops then take their turn before every round of tasks
@@ -113,6 +131,7 @@ pub async fn run(paths: Paths, args: RunArgs) -> anyhow::Result<()> {
     }
 
     let mut xdp: Option<XdpRun> = None;
+    let mut enforcer: Option<escalation::Enforcer> = None;
     if !config.xdp.interfaces.is_empty() {
         let guard = XdpGuard::attach(&paths, &config.xdp.interfaces, config.xdp.mode)?;
         let mut control = XdpControl::open(&paths)?;
@@ -132,6 +151,15 @@ pub async fn run(paths: Paths, args: RunArgs) -> anyhow::Result<()> {
             report_rx,
             limit_events.clone(),
         ));
+        // Resumed even without the proxy, so that what an earlier run
+        // escalated still ends, is logged and is recorded.
+        enforcer = Some(escalation::Enforcer::start(
+            &paths,
+            &config,
+            reporter.clone(),
+            escalation_counters.clone(),
+            control.maps(),
+        ));
         xdp = Some((guard, control, events, report_tx));
     }
 
@@ -148,6 +176,12 @@ pub async fn run(paths: Paths, args: RunArgs) -> anyhow::Result<()> {
                             changed
                         });
                         config = new;
+                        if let Some(r) = &reporter {
+                            r.reload(&config);
+                        }
+                        if let (Some(e), Some((_, control, ..))) = (&mut enforcer, &mut xdp) {
+                            e.reload(&config, control.maps());
+                        }
                         info!(
                             "configuration reloaded: tenants and their budgets ({}), backends{}; other proxy settings apply at restart",
                             describe_tenants(&tenants),
@@ -176,8 +210,20 @@ pub async fn run(paths: Paths, args: RunArgs) -> anyhow::Result<()> {
                     warn!("cannot record {ip} as tenant {tenant:#x} in the XDP map: {e:#}");
                 }
             },
+            strike = async {
+                match &mut strikes {
+                    Some(rx) => rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                let (Some(strike), Some((_, control, ..)), Some(e)) = (strike, &mut xdp, &mut enforcer) else { continue };
+                e.strike(strike, control.maps());
+            },
             _ = expiry.tick(), if xdp.is_some() => {
                 let Some((_, control, ..)) = &mut xdp else { continue };
+                if let Some(e) = &mut enforcer {
+                    e.tick(control.maps());
+                }
                 match control.expire() {
                     Ok(0) => {}
                     Ok(n) => info!("removed {n} expired deny/allow entr{}", if n == 1 { "y" } else { "ies" }),
@@ -201,6 +247,9 @@ pub async fn run(paths: Paths, args: RunArgs) -> anyhow::Result<()> {
     if let Some((stop, serving)) = proxy {
         let _ = stop.send(());
         serving.await?;
+    }
+    if let Some(e) = &mut enforcer {
+        e.save();
     }
     if let Some((guard, _, events, _)) = xdp {
         events.abort();

@@ -90,6 +90,10 @@ pub struct ProxyContext {
     /// The backend lists of reloaded configurations; `None`: the
     /// backends never change.
     pub backends: Option<watch::Receiver<Vec<crate::config::BackendConfig>>>,
+    /// Where misbehaviour is counted per source and reported to the
+    /// escalation ladder (best effort, like `learned`); `None` without
+    /// XDP in this process.
+    pub escalation: Option<Arc<crate::escalation::Reporter>>,
 }
 
 impl ProxyContext {
@@ -111,6 +115,7 @@ impl ProxyContext {
             learned: None,
             limit_events: Arc::default(),
             backends: None,
+            escalation: None,
         }
     }
 }
@@ -136,6 +141,8 @@ pub struct Shared {
     pub budgets: TenantBudgets,
     /// See [`ProxyContext::learned`].
     pub learned: Option<mpsc::Sender<SourceTenant>>,
+    /// See [`ProxyContext::escalation`].
+    pub escalation: Option<Arc<crate::escalation::Reporter>>,
     /// How long a client has to authenticate.
     pub auth_timeout: Duration,
     pub limits: Limits,
@@ -185,7 +192,11 @@ impl Proxy {
         cx: ProxyContext,
         shutdown: impl Future<Output = ()>,
     ) -> anyhow::Result<()> {
-        let stats = Arc::new(ProxyStats::new(cx.limit_events.clone()));
+        let mut stats = ProxyStats::new(cx.limit_events.clone());
+        if let Some(r) = &cx.escalation {
+            stats = stats.with_escalation(r.counters());
+        }
+        let stats = Arc::new(stats);
         let settings = BackendSettings {
             connect_timeout: Duration::from_millis(config.connect_timeout_ms),
             request_timeout: Duration::from_millis(config.request_timeout_ms),
@@ -206,6 +217,7 @@ impl Proxy {
             connections: TenantConnections::new(),
             budgets: TenantBudgets::new(),
             learned: cx.learned,
+            escalation: cx.escalation,
             auth_timeout: Duration::from_millis(config.auth_timeout_ms),
             read_cap: limits.max_value_len + limits.max_retrieval_line_len + 4096,
             limits,
