@@ -343,7 +343,7 @@ impl Enforcer {
                     info!("escalation: {source} not escalated, the allow list covers it: {reason}");
                 }
             }
-            Step::AlreadyDenied => {}
+            Step::AlreadyDenied | Step::Settling => {}
             Step::Full => {
                 Counters::add(&self.counters.full, 1);
                 if self

@@ -5,7 +5,10 @@
 //!
 //! A source's first offence puts it on the strict SYN budget for
 //! `strict_secs`. An offence while that step lasts denies it for
-//! `deny_secs`, and a strict step of the same length as its last one
+//! `deny_secs` — an offence counted at least a window after the step
+//! began, so that connections the source made before the step took effect
+//! (already accepted, still being served) cannot take it a second step up
+//! — and a strict step of the same length as its last one
 //! follows the deny (probation: an offence then denies it again). Each
 //! repeat of a step doubles it, up to `max_strict_secs` and
 //! `max_deny_secs`. Once no step is in force, every `forget_secs` without
@@ -39,6 +42,9 @@ pub struct LadderSettings {
     pub max_deny_ns: u64,
     /// Calm time that forgets one repeat of each step.
     pub forget_ns: u64,
+    /// How long after a step began an offence is still taken as the one
+    /// that led to it (the signals' window).
+    pub settle_ns: u64,
     /// Seconds with SYNs dropped by the strict budget that deny a source
     /// (0: never).
     pub overrun_secs: u32,
@@ -55,6 +61,7 @@ impl LadderSettings {
             deny_ns: config.deny_secs.saturating_mul(NS),
             max_deny_ns: config.max_deny_secs.saturating_mul(NS),
             forget_ns: config.forget_secs.saturating_mul(NS),
+            settle_ns: config.window_secs.saturating_mul(NS),
             overrun_secs: config.strict_overrun_secs,
             capacity: guard_common::STRICT_CAPACITY as usize,
         }
@@ -208,6 +215,9 @@ pub enum Step {
     Spared { first: bool },
     /// Already denied: nothing more to do.
     AlreadyDenied,
+    /// Within a window of its last step's start: counted before that step
+    /// could take effect, so nothing more is done.
+    Settling,
     /// The ladder is full of sources with steps in force.
     Full,
 }
@@ -298,6 +308,9 @@ impl Ladder {
             return Step::Spared { first };
         }
         r.spared = false;
+        if r.strict(now) && now < r.strict_since_ns.saturating_add(s.settle_ns) {
+            return Step::Settling;
+        }
         r.reason = reason.to_string();
         r.overruns = 0;
         if !r.strict(now) {
@@ -447,6 +460,7 @@ mod tests {
             deny_ns: 300 * S,
             max_deny_ns: 1_000 * S,
             forget_ns: 600 * S,
+            settle_ns: 0,
             overrun_secs: 3,
             capacity: 4,
         }
@@ -757,6 +771,40 @@ mod tests {
         let r = l.get(a).unwrap();
         assert!(!r.denied(T0 + 2 * S));
         assert_eq!(r.strict_until_ns, T0 + 2 * S + 60 * S);
+    }
+
+    #[test]
+    fn an_offence_within_a_window_of_its_step_takes_it_no_further() {
+        let s = LadderSettings {
+            settle_ns: 10 * S,
+            ..settings()
+        };
+        let mut l = Ladder::default();
+        let a = ip(1);
+        l.offence(&s, a, "churn", Shield::None, T0);
+        // Connections made before the strict budget applied, counted just
+        // after: the step stands.
+        assert_eq!(
+            l.offence(&s, a, "churn", Shield::None, T0 + 9 * S),
+            Step::Settling
+        );
+        assert_eq!(l.get(a).unwrap().reason, "churn");
+        assert!(matches!(
+            l.offence(&s, a, "churn", Shield::None, T0 + 10 * S),
+            Step::Deny { .. }
+        ));
+        // After a deny the probation starts when it ends: an offence a
+        // moment into it is settling too.
+        let until = l.get(a).unwrap().deny_until_ns;
+        l.expire(&s, until);
+        assert_eq!(
+            l.offence(&s, a, "churn", Shield::None, until + S),
+            Step::Settling
+        );
+        assert!(matches!(
+            l.offence(&s, a, "churn", Shield::None, until + 10 * S),
+            Step::Deny { repeat: 1, .. }
+        ));
     }
 
     #[test]
