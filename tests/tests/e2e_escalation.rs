@@ -629,6 +629,7 @@ credentials = [{{ username = "acme-app", password_hash = "{hash}" }}]
     client.exercise(false);
     client.open();
     let (n, ok) = nat.between(0.0, 100.0);
+    println!("{}", held[0]);
     println!(
         "guesser behind the good client's address: held at the strict budget after \
          {t_held:.2} s, {} time(s), never denied ({ok} of {n} connects made); the good \

@@ -34,8 +34,10 @@ use crate::{
     paths::Paths,
 };
 
-/// The state file written less often than this only by the tick.
-const SAVE_EVERY: Duration = Duration::from_millis(250);
+/// A strike saves the state file at once unless it was saved more
+/// recently than this; the tick saves what is left. The file holds up to
+/// `STRICT_CAPACITY` sources, so it is never written more often.
+const SAVE_EVERY: Duration = Duration::from_secs(1);
 /// A full ladder is said at most this often.
 const FULL_WARNING_EVERY: Duration = Duration::from_secs(10);
 
@@ -474,7 +476,10 @@ impl Enforcer {
 
     fn update_gauges(&self, now: u64) {
         let rungs = self.ladder.rungs();
-        let strict = rungs.iter().filter(|r| r.strict(now)).count();
+        let strict = rungs
+            .iter()
+            .filter(|r| r.strict(now) && !r.denied(now))
+            .count();
         let denied = rungs.iter().filter(|r| r.denied(now)).count();
         let set = |c: &std::sync::atomic::AtomicU64, v: usize| {
             c.store(v as u64, std::sync::atomic::Ordering::Relaxed);

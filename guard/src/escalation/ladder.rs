@@ -148,7 +148,8 @@ impl Rung {
 
     /// Forgets one repeat of each step per `forget_ns` of calm.
     fn decay(&mut self, now: u64, forget_ns: u64) -> bool {
-        if self.active(now) || forget_ns == 0 || self.strict_repeats + self.deny_repeats == 0 {
+        if self.active(now) || forget_ns == 0 || (self.strict_repeats, self.deny_repeats) == (0, 0)
+        {
             return false;
         }
         let periods = now.saturating_sub(self.calm_since_ns) / forget_ns;
@@ -433,7 +434,12 @@ impl Ladder {
             .rungs
             .values()
             .filter(|r| !r.active(now))
-            .min_by_key(|r| (r.strict_repeats + r.deny_repeats, r.calm_since_ns))
+            .min_by_key(|r| {
+                (
+                    r.strict_repeats.saturating_add(r.deny_repeats),
+                    r.calm_since_ns,
+                )
+            })
             .map(|r| r.source);
         match victim {
             Some(v) => {

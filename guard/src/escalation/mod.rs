@@ -131,7 +131,7 @@ counters! {
     forgotten = "escalation_forgotten",
     /// Offences not escalated because the ladder was full.
     full = "escalation_full",
-    /// Sources on the strict budget now (a gauge).
+    /// Sources on the strict budget now, not denied (a gauge).
     sources_strict = "escalation_sources_strict",
     /// Sources denied by escalation now (a gauge).
     sources_denied = "escalation_sources_denied",
