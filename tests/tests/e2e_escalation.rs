@@ -598,7 +598,14 @@ credentials = [{{ username = "acme-app", password_hash = "{hash}" }}]
     let t_held = s.wait(
         "the shared address held at the strict budget",
         Duration::from_secs(15),
-        || client.exercise(false),
+        || {
+            client.exercise(false);
+            assert!(
+                s.deny_line(good).is_none(),
+                "the shared address was denied:\n{}",
+                s.guard.log_text()
+            );
+        },
         || {
             (!s.log_lines(&[&format!("{good} held at the strict SYN budget")])
                 .is_empty())
