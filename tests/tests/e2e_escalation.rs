@@ -482,6 +482,7 @@ fn a_churner_gets_the_strict_budget_then_a_deny_and_both_end_when_it_stops() {
     assert_eq!(conn.stat("escalation_deescalated"), 2);
     assert_eq!(conn.stat("escalation_sources_strict"), 0);
 
+    println!("guard deny list, while denied:\n{line}\nguard xdp status, while denied:\n{status}");
     let (n0, ok0) = attempts.between(0.0, t_strict);
     let (n1, ok1) = attempts.between(t_strict, t_deny);
     let (n2, ok2) = attempts.between(t_deny, t_stop);
