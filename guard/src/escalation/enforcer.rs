@@ -414,24 +414,28 @@ impl Enforcer {
                 Change::DenyEnded {
                     source,
                     strict_until,
+                    reason,
                 } => {
                     Counters::add(&self.counters.deescalated, 1);
                     info!(
                         "de-escalation: {source}'s deny ended; on the strict SYN budget for {} \
-                         more",
+                         more (escalated for: {reason})",
                         secs(strict_until.saturating_sub(now))
                     );
                 }
-                Change::StrictEnded { source } => {
+                Change::StrictEnded { source, reason } => {
                     remove_strict(maps, source);
                     Counters::add(&self.counters.deescalated, 1);
-                    info!("de-escalation: {source} back on the normal SYN budget");
+                    info!(
+                        "de-escalation: {source} back on the normal SYN budget (escalated for: \
+                         {reason})"
+                    );
                 }
-                Change::Forgotten { source } => {
+                Change::Forgotten { source, reason } => {
                     Counters::add(&self.counters.forgotten, 1);
                     info!(
                         "de-escalation: {source} forgotten after behaving; its next offence \
-                         starts the ladder again"
+                         starts the ladder again (last escalated for: {reason})"
                     );
                 }
             }
@@ -521,11 +525,6 @@ impl Enforcer {
                 self.save_failed = true;
             }
         }
-    }
-
-    /// The ladder, for tests and status.
-    pub fn ladder(&self) -> &Ladder {
-        &self.ladder
     }
 }
 

@@ -223,15 +223,20 @@ pub enum Step {
     Full,
 }
 
-/// A step ending by itself, or a source forgotten.
+/// A step ending by itself, or a source forgotten; `reason` is why it
+/// was last escalated.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Change {
     /// Its deny ended; it stays on the strict budget until `strict_until`.
-    DenyEnded { source: IpAddr, strict_until: u64 },
+    DenyEnded {
+        source: IpAddr,
+        strict_until: u64,
+        reason: String,
+    },
     /// Its strict step ended: back to the normal budget.
-    StrictEnded { source: IpAddr },
+    StrictEnded { source: IpAddr, reason: String },
     /// Nothing left to remember about it.
-    Forgotten { source: IpAddr },
+    Forgotten { source: IpAddr, reason: String },
 }
 
 /// Every escalated source's rung, bounded.
@@ -387,6 +392,7 @@ impl Ladder {
                     changes.push(Change::DenyEnded {
                         source: r.source,
                         strict_until: r.strict_until_ns,
+                        reason: r.reason.clone(),
                     });
                 }
             }
@@ -394,7 +400,10 @@ impl Ladder {
                 r.calm_since_ns = r.strict_until_ns;
                 r.strict_until_ns = 0;
                 r.overruns = 0;
-                changes.push(Change::StrictEnded { source: r.source });
+                changes.push(Change::StrictEnded {
+                    source: r.source,
+                    reason: r.reason.clone(),
+                });
             }
             r.decay(now, s.forget_ns);
         }
@@ -408,7 +417,10 @@ impl Ladder {
             let r = self.rungs.remove(&source).expect("listed above");
             // Sources spared or remembered only briefly leave quietly.
             if !r.spared {
-                changes.push(Change::Forgotten { source });
+                changes.push(Change::Forgotten {
+                    source,
+                    reason: r.reason,
+                });
             }
         }
         changes
@@ -510,19 +522,26 @@ mod tests {
             l.expire(&s, t + 300 * S),
             [Change::DenyEnded {
                 source: a,
-                strict_until: t + 360 * S
+                strict_until: t + 360 * S,
+                reason: "churn".into()
             }]
         );
         assert!(l.expire(&s, t + 301 * S).is_empty(), "each change once");
         assert_eq!(
             l.expire(&s, t + 360 * S),
-            [Change::StrictEnded { source: a }]
+            [Change::StrictEnded {
+                source: a,
+                reason: "churn".into()
+            }]
         );
         // Remembered, then forgotten after one calm period per repeat.
         assert!(l.expire(&s, t + 360 * S + 599 * S).is_empty());
         assert_eq!(
             l.expire(&s, t + 360 * S + 600 * S),
-            [Change::Forgotten { source: a }]
+            [Change::Forgotten {
+                source: a,
+                reason: "churn".into()
+            }]
         );
         assert!(l.is_empty());
     }
@@ -619,7 +638,13 @@ mod tests {
         // One calm period later: one repeat of each forgotten, and the
         // source is forgotten, so the next offence starts from the bottom.
         let later = strict_until + 600 * S;
-        assert_eq!(l.expire(&s, later), [Change::Forgotten { source: a }]);
+        assert_eq!(
+            l.expire(&s, later),
+            [Change::Forgotten {
+                source: a,
+                reason: "x".into()
+            }]
+        );
         assert_eq!(
             l.offence(&s, a, "x", Shield::None, later),
             Step::Strict {
