@@ -106,16 +106,14 @@ pub async fn serve(
     let (rd, wr) = stream.into_split();
     let mut conn = ClientConnection::new(rd, sh.limits.clone());
     let end = run(&mut conn, wr, &sh, phase, peer).await;
+    let requested = conn.requests() > 0;
+    // The socket is released as soon as the session ends.
+    drop(conn);
     if let Some(counter) = sh.stats.session_ends.get(end as usize) {
         ProxyStats::add(counter, 1);
     }
     if let Some(e) = &sh.escalation
-        && let Some(signal) = misbehaviour(
-            end,
-            started.elapsed(),
-            e.churn_lifetime(),
-            conn.requests() > 0,
-        )
+        && let Some(signal) = misbehaviour(end, started.elapsed(), e.churn_lifetime(), requested)
     {
         e.record(peer, signal);
     }
