@@ -758,6 +758,14 @@ fn escalation_state_survives_a_daemon_restart() {
     assert_eq!(s.strict_until(bad), Some(strict));
     let line = s.deny_line(bad).expect("still denied after the restart");
     assert!(line.contains("escalation: first deny: "), "{line}");
+    let json = s.guard.cli(&["deny", "list", "--json"]).unwrap();
+    let json = String::from_utf8_lossy(&json.stdout).into_owned();
+    assert!(
+        json.contains(&format!("\"cidr\": \"{bad}/32\""))
+            && json.contains("\"origin\": \"escalation\"")
+            && json.contains("\"reason\": \"first deny: "),
+        "{json}"
+    );
     let after = s.state();
     assert_eq!(after.rungs, before.rungs, "the ladder resumed as it was");
     // The new daemon ends the deny when it runs out ...
