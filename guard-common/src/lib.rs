@@ -9,7 +9,7 @@
 
 /// Layout version of the maps below. Pins live under a directory named after
 /// it, so a daemon with a different layout never adopts maps it would misread.
-pub const LAYOUT_VERSION: u32 = 4;
+pub const LAYOUT_VERSION: u32 = 5;
 
 /// Names of the maps, as the XDP object declares them and as they are pinned.
 pub mod maps {
@@ -59,8 +59,11 @@ pub mod maps {
     /// a cookie (monotonic ns, at [`super::COOKIE_CLOCK_STEP_NS`]
     /// granularity); ACKs are checked for cookies only shortly after.
     pub const COOKIE_CLOCK: &str = "GUARD_COOKIE_CLOCK";
+    /// `HashMap<SourceKey, StrictEntry>`: the escalation ladder's stricter
+    /// SYN budgets, written only by the daemon.
+    pub const STRICT: &str = "GUARD_STRICT";
     /// Every map, for pin management.
-    pub const ALL: [&str; 17] = [
+    pub const ALL: [&str; 18] = [
         CONFIG,
         LISTENERS,
         PORTS,
@@ -78,6 +81,7 @@ pub mod maps {
         VERIFIED,
         COOKIE_REFRESH,
         COOKIE_CLOCK,
+        STRICT,
     ];
 }
 
@@ -155,7 +159,8 @@ pub const CONFIG_HAS_MASK: u32 = CONFIG_HAS_DENY_V4
     | CONFIG_HAS_ALLOW_V4
     | CONFIG_HAS_ALLOW_V6
     | CONFIG_HAS_SOURCE_TENANTS
-    | CONFIG_HAS_VERIFIED;
+    | CONFIG_HAS_VERIFIED
+    | CONFIG_HAS_STRICT;
 
 /// A protected listener whose SYNs XDP answers with cookies still gets one
 /// of them through to the kernel this often: with
@@ -433,6 +438,36 @@ pub struct LimitEvent {
     pub time_ns: u64,
 }
 
+// The escalation ladder's part of the program: a source the daemon put on
+// a stricter SYN budget is charged with it while the entry lasts.
+
+/// See [`CONFIG_HAS_DENY_V4`]: the strict-budget map may hold entries.
+pub const CONFIG_HAS_STRICT: u32 = 1 << 7;
+/// Capacity of [`maps::STRICT`]: the daemon never escalates more sources
+/// at once.
+pub const STRICT_CAPACITY: u32 = 16_384;
+
+/// Value of [`maps::STRICT`]: a source's stricter SYN budget, in force
+/// until `expires_ns`. Written only by the daemon; the program charges the
+/// source's own bucket with `limit` instead of the host-wide per-source
+/// budget while the entry is active.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct StrictEntry {
+    /// The stricter budget.
+    pub limit: RateLimit,
+    /// `CLOCK_MONOTONIC` nanoseconds at which the entry stops applying.
+    pub expires_ns: u64,
+}
+
+impl StrictEntry {
+    /// Whether the entry applies at `now` (monotonic nanoseconds).
+    #[inline(always)]
+    pub const fn active(&self, now: u64) -> bool {
+        now < self.expires_ns
+    }
+}
+
 macro_rules! counters {
     ($( $(#[$doc:meta])* $name:ident = $label:literal, )*) => {
         /// Index of a per-CPU counter in [`maps::COUNTERS`].
@@ -544,6 +579,7 @@ const _: () = {
     assert!(core::mem::size_of::<TenantBucket>() == 32);
     assert!(core::mem::size_of::<VerifiedSource>() == 16);
     assert!(core::mem::size_of::<CounterBlock>() == 8 * COUNTER_COUNT as usize);
+    assert!(core::mem::size_of::<StrictEntry>() == 24);
 };
 
 #[cfg(feature = "user")]
@@ -564,6 +600,7 @@ mod pod {
     unsafe impl aya::Pod for TenantBucket {}
     unsafe impl aya::Pod for CounterBlock {}
     unsafe impl aya::Pod for VerifiedSource {}
+    unsafe impl aya::Pod for StrictEntry {}
 }
 
 #[cfg(test)]
@@ -648,6 +685,20 @@ mod tests {
         assert!(CidrRule { expires_ns: 0 }.active(u64::MAX));
         assert!(CidrRule { expires_ns: 10 }.active(9));
         assert!(!CidrRule { expires_ns: 10 }.active(10));
+    }
+
+    #[test]
+    fn strict_entry_expiry() {
+        let e = StrictEntry {
+            limit: RateLimit::per_second(1, 1),
+            expires_ns: 10,
+        };
+        assert!(e.active(9));
+        assert!(!e.active(10));
+        assert!(
+            !StrictEntry::default().active(0),
+            "a zero entry never applies"
+        );
     }
 
     #[test]

@@ -46,6 +46,7 @@ use guard_common::{
     SOURCE_BUCKETS_CAPACITY, SOURCE_TENANT_CAPACITY, SourceKey, TENANTS_CAPACITY, TenantBucket,
     VERIFIED_CAPACITY, VerifiedSource, gcra_admit,
 };
+use guard_common::{CONFIG_HAS_STRICT, STRICT_CAPACITY, StrictEntry};
 
 #[map(name = "GUARD_CONFIG")]
 static CONFIG: Array<GuardConfig> = Array::pinned(1, 0);
@@ -567,7 +568,7 @@ fn judge_syn(l3: &L3, port: u16, listener: ListenerValue) -> (Counter, Notice, u
     // unknown sources exhausts, so it skips them.
     let shared = verified.is_none() || tenant != DEFAULT_TENANT;
 
-    let verdict = if !charge(bucket, &config.source, now) {
+    let verdict = if !charge(bucket, &source_limit(&source, config, now), now) {
         Some((Counter::DropSource, EVENT_SOURCE_LIMIT))
     } else if shared && !charge_tenant(tenant, now) {
         Some((Counter::DropTenant, EVENT_TENANT_LIMIT))
@@ -724,6 +725,30 @@ fn charge_event(limit: &RateLimit, now: u64) -> bool {
         Some(state) => charge(state, limit, now),
         None => false,
     }
+}
+
+// The escalation ladder (see the daemon's `escalation` module): sources the
+// daemon put on a stricter SYN budget for a while are charged with it, to
+// their own bucket, instead of the per-source budget. Only the daemon
+// writes this map; a SYN costs a lookup here only while it holds anything.
+
+#[map(name = "GUARD_STRICT")]
+static STRICT: HashMap<SourceKey, StrictEntry> = HashMap::pinned(STRICT_CAPACITY, 0);
+
+/// The budget a source's own bucket is charged with: the ladder's stricter
+/// one while the daemon's entry for the source lasts, else the host-wide
+/// per-source budget.
+#[inline(always)]
+fn source_limit(source: &SourceKey, config: &GuardConfig, now: u64) -> RateLimit {
+    if config.flags & CONFIG_HAS_STRICT != 0 {
+        // SAFETY: plain data copied out at once.
+        if let Some(entry) = unsafe { STRICT.get(source) }
+            && entry.active(now)
+        {
+            return entry.limit;
+        }
+    }
+    config.source
 }
 
 #[cfg(not(test))]

@@ -389,6 +389,48 @@ pub struct RunArgs {
     /// Proxy hosts sharing the budgets: each enforces 1/N of them.
     #[arg(long)]
     pub hosts: Option<u64>,
+    /// The escalation ladder: on or off.
+    #[arg(long, value_name = "on|off", value_parser = clap::builder::BoolishValueParser::new())]
+    pub escalation: Option<bool>,
+    /// Seconds each escalation threshold is counted in.
+    #[arg(long)]
+    pub escalation_window_secs: Option<u64>,
+    /// Escalate a source after this many connections it closed young (0 = off).
+    #[arg(long)]
+    pub churn_connections: Option<u32>,
+    /// How young, in milliseconds, a closed connection counts as churn.
+    #[arg(long)]
+    pub churn_lifetime_ms: Option<u64>,
+    /// Escalate a source after this many failed authentications (0 = off).
+    #[arg(long)]
+    pub auth_failures: Option<u32>,
+    /// Escalate a source after this many stream-losing protocol errors (0 = off).
+    #[arg(long)]
+    pub protocol_errors: Option<u32>,
+    /// Escalate a source after this many connections refused at a cap (0 = off).
+    #[arg(long)]
+    pub refused_connections: Option<u32>,
+    /// Escalate a source after this many connections closed without a request (0 = off).
+    #[arg(long)]
+    pub silent_connections: Option<u32>,
+    /// Deny a source on the strict budget after this many seconds of SYNs it drops (0 = off).
+    #[arg(long)]
+    pub strict_overrun_secs: Option<u32>,
+    /// The strict SYN budget, per second.
+    #[arg(long)]
+    pub strict_syn_rate: Option<u64>,
+    /// The strict SYN budget's burst.
+    #[arg(long)]
+    pub strict_syn_burst: Option<u64>,
+    /// First strict step, in seconds; doubles on each repeat.
+    #[arg(long)]
+    pub strict_secs: Option<u64>,
+    /// First deny, in seconds; doubles on each repeat.
+    #[arg(long)]
+    pub deny_secs: Option<u64>,
+    /// Seconds of good behaviour that forget one repeat of each step.
+    #[arg(long)]
+    pub forget_secs: Option<u64>,
 }
 
 impl RunArgs {
@@ -510,6 +552,33 @@ impl RunArgs {
         if self.miss_on_backend_error {
             p.miss_on_backend_error = true;
         }
+        self.apply_escalation(&mut c.escalation);
+    }
+
+    fn apply_escalation(&self, e: &mut crate::config::EscalationConfig) {
+        fn set<T: Copy>(dst: &mut T, v: Option<T>) {
+            if let Some(v) = v {
+                *dst = v;
+            }
+        }
+        set(&mut e.enabled, self.escalation);
+        set(&mut e.window_secs, self.escalation_window_secs);
+        set(&mut e.churn_connections, self.churn_connections);
+        set(&mut e.churn_lifetime_ms, self.churn_lifetime_ms);
+        set(&mut e.auth_failures, self.auth_failures);
+        set(&mut e.protocol_errors, self.protocol_errors);
+        set(&mut e.refused_connections, self.refused_connections);
+        set(&mut e.silent_connections, self.silent_connections);
+        set(&mut e.strict_overrun_secs, self.strict_overrun_secs);
+        set(&mut e.strict_syn_rate, self.strict_syn_rate);
+        set(&mut e.strict_syn_burst, self.strict_syn_burst);
+        set(&mut e.strict_secs, self.strict_secs);
+        set(&mut e.deny_secs, self.deny_secs);
+        set(&mut e.forget_secs, self.forget_secs);
+        // A first step longer than the default longest one raises the cap
+        // with it, rather than making the flag fail validation.
+        e.max_strict_secs = e.max_strict_secs.max(e.strict_secs);
+        e.max_deny_secs = e.max_deny_secs.max(e.deny_secs);
     }
 }
 
@@ -636,6 +705,61 @@ mod tests {
         assert!(e.contains("unknown eject policy `drop`"), "{e}");
         let e = parse(&["run", "--keys", "plain"]).unwrap_err().to_string();
         assert!(e.contains("unknown key mode `plain`"), "{e}");
+    }
+
+    #[test]
+    fn escalation_flags_override_the_file() {
+        let cli = parse(&[
+            "run",
+            "--escalation",
+            "off",
+            "--escalation-window-secs",
+            "2",
+            "--churn-connections",
+            "20",
+            "--churn-lifetime-ms",
+            "500",
+            "--auth-failures",
+            "3",
+            "--protocol-errors",
+            "0",
+            "--refused-connections",
+            "7",
+            "--silent-connections",
+            "8",
+            "--strict-overrun-secs",
+            "2",
+            "--strict-syn-rate",
+            "5",
+            "--strict-syn-burst",
+            "6",
+            "--strict-secs",
+            "4",
+            "--deny-secs",
+            "100000",
+            "--forget-secs",
+            "9",
+        ])
+        .unwrap();
+        let Command::Run(args) = cli.command else {
+            panic!("not run")
+        };
+        let e = args.resolve().unwrap().escalation;
+        assert!(!e.enabled);
+        assert_eq!((e.window_secs, e.churn_connections), (2, 20));
+        assert_eq!((e.churn_lifetime_ms, e.auth_failures), (500, 3));
+        assert_eq!((e.protocol_errors, e.refused_connections), (0, 7));
+        assert_eq!((e.silent_connections, e.strict_overrun_secs), (8, 2));
+        assert_eq!((e.strict_syn_rate, e.strict_syn_burst), (5, 6));
+        assert_eq!((e.strict_secs, e.max_strict_secs), (4, 3_600));
+        assert_eq!((e.deny_secs, e.max_deny_secs), (100_000, 100_000));
+        assert_eq!(e.forget_secs, 9);
+        let on = parse(&["run", "--escalation", "on"]).unwrap();
+        let Command::Run(args) = on.command else {
+            panic!("not run")
+        };
+        assert!(args.resolve().unwrap().escalation.enabled);
+        assert!(parse(&["run", "--escalation", "maybe"]).is_err());
     }
 
     #[test]

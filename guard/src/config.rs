@@ -44,6 +44,8 @@ pub struct Config {
     pub xdp: XdpConfig,
     /// The memcache proxy.
     pub proxy: ProxyConfig,
+    /// The escalation ladder: misbehaviour the proxy sees, enforced by XDP.
+    pub escalation: EscalationConfig,
     /// Tenants, each with its own budgets (`[[tenant]]` tables).
     #[serde(rename = "tenant")]
     pub tenants: Vec<TenantConfig>,
@@ -896,6 +898,7 @@ impl Config {
     pub fn validate(&self) -> anyhow::Result<()> {
         self.proxy.validate()?;
         self.admin.validate()?;
+        self.escalation.validate()?;
         let x = &self.xdp;
         let mut seen = BTreeSet::new();
         for iface in &x.interfaces {
@@ -1219,6 +1222,181 @@ fn check_credentials(tenants: &[TenantConfig]) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The escalation ladder (`[escalation]`): the proxy counts misbehaviour per
+/// source address, and a source that crosses a threshold within a window
+/// is put on a stricter XDP SYN budget for a while, then, if it goes on, on
+/// the deny list for a while; each step lasts longer on repeat and is
+/// forgotten by itself when the source behaves. Takes effect only where
+/// the proxy and XDP run in one process. Every threshold counts events per
+/// source within [`Self::window_secs`]; 0 turns that signal off.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct EscalationConfig {
+    /// Whether misbehaviour escalates at all.
+    pub enabled: bool,
+    /// The window every threshold below is counted in, in seconds.
+    pub window_secs: u64,
+    /// Connection churn: connections closed by their client within
+    /// [`Self::churn_lifetime_ms`] of opening.
+    pub churn_connections: u32,
+    /// How young a connection must be when its client closes it to count
+    /// as churn.
+    pub churn_lifetime_ms: u64,
+    /// Failed authentications (wrong credentials).
+    pub auth_failures: u32,
+    /// Connections closed for a protocol error that lost the stream.
+    pub protocol_errors: u32,
+    /// Connections refused at the per-source cap or their tenant's cap.
+    pub refused_connections: u32,
+    /// Connections closed by the idle, request-read or authentication
+    /// deadline without having sent one whole request.
+    pub silent_connections: u32,
+    /// A source on the strict budget whose SYNs it drops in this many
+    /// seconds (not necessarily in a row) of that step is denied.
+    pub strict_overrun_secs: u32,
+    /// The strict budget: SYNs per second (never above `[xdp] syn_rate`,
+    /// which applies instead when lower; see [`Self::strict_limit`]).
+    pub strict_syn_rate: u64,
+    /// The strict budget's burst.
+    pub strict_syn_burst: u64,
+    /// How long the first strict step lasts; each repeat doubles it.
+    pub strict_secs: u64,
+    /// The longest a strict step lasts.
+    pub max_strict_secs: u64,
+    /// How long the first deny lasts; each repeat doubles it. A deny is
+    /// followed by a strict step.
+    pub deny_secs: u64,
+    /// The longest a deny lasts.
+    pub max_deny_secs: u64,
+    /// Every this many seconds without an offence (counted from the end of
+    /// the last step), one repeat of each step is forgotten.
+    pub forget_secs: u64,
+    /// Sources whose signals are counted at once (memory is fixed: about
+    /// 64 bytes each); beyond it the lightest are forgotten.
+    pub tracked_sources: usize,
+}
+
+impl Default for EscalationConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            // Long enough to tell a pattern from an accident, short
+            // enough that a burst of reconnects after a backend outage
+            // spreads over several windows.
+            window_secs: 10,
+            // Ten short connections a second, sustained: far more than a
+            // client that keeps its connections, and than a fleet behind
+            // a NAT restarting.
+            churn_connections: 100,
+            churn_lifetime_ms: 1_000,
+            // A mistyped password is one or two; ten in ten seconds is a
+            // guesser (or a client stuck on an old credential, which the
+            // strict budget only slows).
+            auth_failures: 10,
+            // A real client library never loses the stream; five in ten
+            // seconds is a scanner or a fuzzer.
+            protocol_errors: 5,
+            // A source already at its cap that keeps dialling.
+            refused_connections: 50,
+            // Connections held open without a request: a slow-loris.
+            silent_connections: 20,
+            // Three seconds of SYNs dropped by the strict budget: the
+            // source did not slow down.
+            strict_overrun_secs: 3,
+            // One new connection a second: a client that keeps its
+            // connections barely notices, a churner is cut to nothing.
+            strict_syn_rate: 1,
+            strict_syn_burst: 5,
+            strict_secs: 60,
+            max_strict_secs: 3_600,
+            deny_secs: 300,
+            max_deny_secs: 86_400,
+            forget_secs: 600,
+            tracked_sources: 16_384,
+        }
+    }
+}
+
+/// The longest any escalation step or memory may last: 30 days.
+const MAX_ESCALATION_SECS: u64 = 30 * 86_400;
+
+impl EscalationConfig {
+    /// The strict budget as it applies: never looser than the per-source
+    /// budget it replaces (a per-source rate or burst below it wins).
+    pub fn strict_limit(&self, xdp: &XdpConfig) -> (u64, u64) {
+        if xdp.syn_rate == 0 {
+            return (self.strict_syn_rate, self.strict_syn_burst);
+        }
+        (
+            self.strict_syn_rate.min(xdp.syn_rate),
+            self.strict_syn_burst.min(xdp.syn_burst.max(1)),
+        )
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        if !(1..=3_600).contains(&self.window_secs) {
+            bail!(
+                "escalation window-secs must be 1..=3600, got {}",
+                self.window_secs
+            );
+        }
+        for (name, v) in [
+            ("churn-connections", self.churn_connections),
+            ("auth-failures", self.auth_failures),
+            ("protocol-errors", self.protocol_errors),
+            ("refused-connections", self.refused_connections),
+            ("silent-connections", self.silent_connections),
+            ("strict-overrun-secs", self.strict_overrun_secs),
+        ] {
+            // Counted in 16 bits per source.
+            if v > 65_535 {
+                bail!("{name} must be 0..=65535 (0 turns the signal off), got {v}");
+            }
+        }
+        if !(1..=60_000).contains(&self.churn_lifetime_ms) {
+            bail!(
+                "churn-lifetime-ms must be 1..=60000, got {}",
+                self.churn_lifetime_ms
+            );
+        }
+        if !(1..=1_000_000).contains(&self.strict_syn_rate)
+            || !(1..=1_000_000).contains(&self.strict_syn_burst)
+        {
+            bail!(
+                "strict-syn-rate and strict-syn-burst must be 1..=1000000, got {} and {}",
+                self.strict_syn_rate,
+                self.strict_syn_burst
+            );
+        }
+        for (name, first, max) in [
+            ("strict", self.strict_secs, self.max_strict_secs),
+            ("deny", self.deny_secs, self.max_deny_secs),
+        ] {
+            if !(1..=MAX_ESCALATION_SECS).contains(&first) {
+                bail!("{name}-secs must be 1..={MAX_ESCALATION_SECS}, got {first}");
+            }
+            if !(first..=MAX_ESCALATION_SECS).contains(&max) {
+                bail!(
+                    "max-{name}-secs must be {name}-secs ({first})..={MAX_ESCALATION_SECS}, got {max}"
+                );
+            }
+        }
+        if !(1..=MAX_ESCALATION_SECS).contains(&self.forget_secs) {
+            bail!(
+                "forget-secs must be 1..={MAX_ESCALATION_SECS}, got {}",
+                self.forget_secs
+            );
+        }
+        if !(64..=1 << 20).contains(&self.tracked_sources) {
+            bail!(
+                "tracked-sources must be 64..=1048576, got {}",
+                self.tracked_sources
+            );
+        }
+        Ok(())
+    }
 }
 
 /// A tenant's id in the XDP maps: a hash of its name, so it stays the same
@@ -1557,6 +1735,70 @@ mod tests {
         assert_eq!(l.to_string(), "[2001:db8::1]:11211");
         assert!("10.0.0.1".parse::<Listener>().is_err());
         assert!("10.0.0.1:99999".parse::<Listener>().is_err());
+    }
+
+    #[test]
+    fn escalation_defaults_parse_and_are_bounded() {
+        let c = Config::parse("").unwrap();
+        assert!(c.escalation.enabled);
+        assert_eq!(c.escalation, EscalationConfig::default());
+        let c = Config::parse(
+            "[escalation]\nenabled = false\nwindow_secs = 2\nauth_failures = 0\n\
+             strict_syn_rate = 5\nstrict_syn_burst = 5\nstrict_secs = 3\nmax_strict_secs = 3\n",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert!(!c.escalation.enabled);
+        assert_eq!(
+            (c.escalation.window_secs, c.escalation.auth_failures),
+            (2, 0)
+        );
+        let e = Config::parse("[escalation]\nchurn = 5\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown field `churn`"), "{e}");
+        type Change = fn(&mut Config);
+        let bad: [(Change, &str); 8] = [
+            (
+                |c| c.escalation.window_secs = 0,
+                "escalation window-secs must be 1..=3600, got 0",
+            ),
+            (
+                |c| c.escalation.auth_failures = 70_000,
+                "auth-failures must be 0..=65535",
+            ),
+            (
+                |c| c.escalation.churn_lifetime_ms = 0,
+                "churn-lifetime-ms must be 1..=60000",
+            ),
+            (|c| c.escalation.strict_syn_rate = 0, "strict-syn-rate"),
+            (|c| c.escalation.strict_secs = 0, "strict-secs must be 1..="),
+            (
+                |c| c.escalation.max_deny_secs = 10,
+                "max-deny-secs must be deny-secs (300)",
+            ),
+            (|c| c.escalation.forget_secs = 0, "forget-secs must be 1..="),
+            (
+                |c| c.escalation.tracked_sources = 10,
+                "tracked-sources must be 64..=1048576",
+            ),
+        ];
+        for (break_it, wanted) in bad {
+            let mut c = Config::default();
+            break_it(&mut c);
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains(wanted), "{e} (wanted {wanted})");
+        }
+        // Never looser than the per-source budget it replaces; with
+        // unlimited per-source SYNs any strict budget is stricter.
+        let mut c = Config::default();
+        assert_eq!(c.escalation.strict_limit(&c.xdp), (1, 5));
+        c.escalation.strict_syn_rate = 1_000;
+        c.escalation.strict_syn_burst = 1_000;
+        c.validate().unwrap();
+        assert_eq!(c.escalation.strict_limit(&c.xdp), (50, 100));
+        c.xdp.syn_rate = 0;
+        assert_eq!(c.escalation.strict_limit(&c.xdp), (1_000, 1_000));
     }
 
     #[test]

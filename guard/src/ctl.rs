@@ -16,6 +16,7 @@ use crate::{
         maps::{CidrList, GuardMaps},
         settings,
     },
+    escalation::{EscalationState, enforcer::ordinal},
     paths::Paths,
 };
 
@@ -70,20 +71,195 @@ pub fn cidr(paths: &Paths, list: CidrList, cmd: CidrCommand) -> anyhow::Result<(
         }
         CidrCommand::List { json } => {
             let entries = maps.list_cidrs(list)?;
+            let (deny, allow) = ebpf::control::configured(paths);
+            let configured = match list {
+                CidrList::Deny => deny,
+                CidrList::Allow => allow,
+            };
+            // Unreadable: every entry not the config's is shown as an
+            // operator's.
+            let escalation = EscalationState::load(paths).ok().flatten();
+            let origins: Vec<(Origin, Option<String>)> = entries
+                .iter()
+                .map(|e| {
+                    if configured.contains(&e.cidr) {
+                        return (Origin::Config, None);
+                    }
+                    match escalation
+                        .as_ref()
+                        .filter(|_| list == CidrList::Deny)
+                        .and_then(|s| s.deny_entry(e.cidr, e.expires_ns))
+                    {
+                        Some(r) => (
+                            Origin::Escalation,
+                            Some(format!("{} deny: {}", ordinal(r.deny_repeats), r.reason)),
+                        ),
+                        None => (Origin::Operator, None),
+                    }
+                })
+                .collect();
             if json {
-                println!("{}", serde_json::to_string_pretty(&entries)?);
+                let rows: Vec<serde_json::Value> = entries
+                    .iter()
+                    .zip(&origins)
+                    .map(|(e, (origin, reason))| {
+                        json!({
+                            "cidr": e.cidr,
+                            "expires_in_secs": e.expires_in_secs,
+                            "origin": origin.name(),
+                            "reason": reason,
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&rows)?);
             } else if entries.is_empty() {
                 println!("the {name} list is empty");
             } else {
-                for e in entries {
-                    match e.expires_in_secs {
-                        Some(0) => println!("{:<44} expired", e.cidr),
-                        Some(s) => println!("{:<44} expires in {s}s", e.cidr.to_string()),
-                        None => println!("{}", e.cidr),
-                    }
+                for (e, (origin, reason)) in entries.iter().zip(&origins) {
+                    let expiry = match e.expires_in_secs {
+                        Some(0) => "expired".to_string(),
+                        Some(s) => format!("expires in {s}s"),
+                        None => "permanent".to_string(),
+                    };
+                    let why = match reason {
+                        Some(r) => format!("{}: {r}", origin.name()),
+                        None => origin.name().to_string(),
+                    };
+                    println!("{:<44} {expiry:<20} {why}", e.cidr.to_string());
                 }
             }
         }
+    }
+    Ok(())
+}
+
+/// Who put an entry on a list.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+enum Origin {
+    /// The config file (`deny`/`allow`, or the flags).
+    Config,
+    /// The escalation ladder (deny only).
+    Escalation,
+    /// `guard deny|allow add`.
+    Operator,
+}
+
+impl Origin {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Config => "config",
+            Self::Escalation => "escalation",
+            Self::Operator => "operator",
+        }
+    }
+}
+
+/// What the escalation ladder holds, for `guard xdp status --json`.
+fn escalation_json(state: Option<&EscalationState>) -> serde_json::Value {
+    let Some(s) = state else {
+        return json!(null);
+    };
+    let sources: Vec<serde_json::Value> = s
+        .rungs
+        .iter()
+        .map(|r| {
+            let left =
+                |until: u64| (until > s.now_ns).then(|| (until - s.now_ns).div_ceil(1_000_000_000));
+            json!({
+                "source": r.source,
+                "step": rung_step(r, s.now_ns),
+                "denied_secs_left": left(r.deny_until_ns),
+                "strict_secs_left": left(r.strict_until_ns),
+                "strict_repeats": r.strict_repeats,
+                "deny_repeats": r.deny_repeats,
+                "reason": r.reason,
+            })
+        })
+        .collect();
+    json!({
+        "enabled": s.enabled,
+        "updated_unix": s.updated_unix,
+        "strict_limit": { "rate": s.strict_rate, "burst": s.strict_burst },
+        "counters": s.counters,
+        "sources": sources,
+    })
+}
+
+/// "denied", "strict", or "remembered" (no step in force).
+fn rung_step(r: &crate::escalation::ladder::Rung, now: u64) -> &'static str {
+    if r.denied(now) {
+        "denied"
+    } else if r.strict(now) {
+        "strict"
+    } else if r.spared {
+        "spared"
+    } else {
+        "remembered"
+    }
+}
+
+/// Escalated sources shown by `guard xdp status`.
+const ESCALATED_IN_STATUS: usize = 20;
+
+fn escalation_table(out: &mut String, s: &EscalationState) -> anyhow::Result<()> {
+    writeln!(out)?;
+    let age = ebpf::unix_now().saturating_sub(s.updated_unix);
+    writeln!(
+        out,
+        "escalation {} (strict SYN budget {}/s burst {}; recorded {age} s ago)",
+        if s.enabled { "on" } else { "off" },
+        s.strict_rate,
+        s.strict_burst
+    )?;
+    let counter = |k: &str| s.counters.get(k).copied().unwrap_or(0);
+    writeln!(
+        out,
+        "now: {} sources on the strict budget, {} denied; since the daemon started: {} put on \
+         the strict budget, {} denied, {} held at it (live logins), {} spared (allow list), \
+         {} de-escalated, {} forgotten",
+        counter("escalation_sources_strict"),
+        counter("escalation_sources_denied"),
+        counter("escalation_strict"),
+        counter("escalation_denied"),
+        counter("escalation_held"),
+        counter("escalation_spared"),
+        counter("escalation_deescalated"),
+        counter("escalation_forgotten"),
+    )?;
+    let mut rungs: Vec<_> = s.rungs.iter().collect();
+    // Denied first, then strict, each with the longest left first.
+    rungs.sort_by_key(|r| {
+        (
+            std::cmp::Reverse(r.denied(s.now_ns)),
+            std::cmp::Reverse(r.strict(s.now_ns)),
+            std::cmp::Reverse(r.strict_until_ns),
+        )
+    });
+    if rungs.is_empty() {
+        return Ok(());
+    }
+    writeln!(out, "{:<40} {:<11} {:>8}  reason", "source", "step", "left")?;
+    for r in rungs.iter().take(ESCALATED_IN_STATUS) {
+        let until = if r.denied(s.now_ns) {
+            r.deny_until_ns
+        } else {
+            r.strict_until_ns
+        };
+        let left = if until > s.now_ns {
+            format!("{} s", (until - s.now_ns).div_ceil(1_000_000_000))
+        } else {
+            "-".to_string()
+        };
+        writeln!(
+            out,
+            "{:<40} {:<11} {left:>8}  {}",
+            r.source.to_string(),
+            rung_step(r, s.now_ns),
+            r.reason
+        )?;
+    }
+    if rungs.len() > ESCALATED_IN_STATUS {
+        writeln!(out, "… and {} more", rungs.len() - ESCALATED_IN_STATUS)?;
     }
     Ok(())
 }
@@ -135,6 +311,7 @@ pub(crate) fn status_json(
         "counters": maps.counters()?,
         "verified_sources": verified_now(maps)?,
         "offenders": OffenderReport::load(paths)?,
+        "escalation": escalation_json(EscalationState::load(paths)?.as_ref()),
     }))
 }
 
@@ -267,6 +444,9 @@ pub(crate) fn status_table(
                 writeln!(out, "{:<40} {events:>10}", o.source.to_string())?;
             }
         }
+    }
+    if let Some(s) = EscalationState::load(paths)? {
+        escalation_table(&mut out, &s)?;
     }
     Ok(out.trim_end().to_string())
 }

@@ -14,6 +14,7 @@ use crate::{
     config::{self, Config},
     descriptors, ebpf,
     ebpf::{XdpGuard, control::XdpControl},
+    escalation,
     paths::Paths,
     proxy,
     shutdown::{Signal, Signals},
@@ -29,6 +30,10 @@ const VERIFIED_SWEEP_TICKS: u64 = 10;
 /// Authentications waiting to reach the XDP source→tenant map; beyond
 /// this, reports are dropped rather than slow a session.
 const LEARNED_QUEUE: usize = 4096;
+
+/// Misbehaving sources waiting for the escalation ladder; beyond this,
+/// reports are dropped rather than slow a session.
+const STRIKE_QUEUE: usize = 4096;
 
 /// The running proxy, polled by `run` itself.
 type ProxyFuture = std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<()>> + Send>>;
@@ -76,6 +81,18 @@ pub async fn run(paths: Paths, args: RunArgs) -> anyhow::Result<()> {
         config.xdp.interfaces.clone(),
     ));
 
+    // With XDP and the proxy in this process, the proxy's misbehaving
+    // sources climb the escalation ladder.
+    let escalation_counters = Arc::new(escalation::Counters::default());
+    let (reporter, mut strikes) =
+        if config.xdp.interfaces.is_empty() || config.proxy.listen.is_empty() {
+            (None, None)
+        } else {
+            let (tx, rx) = tokio::sync::mpsc::channel::<escalation::Strike>(STRIKE_QUEUE);
+            let reporter = escalation::Reporter::new(&config, tx, escalation_counters.clone());
+            (Some(Arc::new(reporter)), Some(rx))
+        };
+
     let mut proxy = None;
     // Reloaded backend lists reach the proxy's ejection controller.
     let (backends_tx, backends_rx) = tokio::sync::watch::channel(config.proxy.backends.clone());
@@ -113,6 +130,7 @@ pub async fn run(paths: Paths, args: RunArgs) -> anyhow::Result<()> {
             limit_events: limit_events.clone(),
             backends: Some(backends_rx),
             shared: proxy_shared.clone(),
+            escalation: reporter.clone(),
         };
         // Polled here, in the runtime's main future, not spawned: its
         // accept loops then take their turn before every round of tasks
@@ -130,6 +148,7 @@ pub async fn run(paths: Paths, args: RunArgs) -> anyhow::Result<()> {
     }
 
     let mut xdp: Option<XdpRun> = None;
+    let mut enforcer: Option<escalation::Enforcer> = None;
     if !config.xdp.interfaces.is_empty() {
         let guard = XdpGuard::attach(&paths, &config.xdp.interfaces, config.xdp.mode)?;
         let mut control = XdpControl::open(&paths)?;
@@ -151,6 +170,15 @@ pub async fn run(paths: Paths, args: RunArgs) -> anyhow::Result<()> {
             paths.clone(),
             report_rx,
             limit_events.clone(),
+        ));
+        // Resumed even without the proxy, so that what an earlier run
+        // escalated still ends, is logged and is recorded.
+        enforcer = Some(escalation::Enforcer::start(
+            &paths,
+            &config,
+            reporter.clone(),
+            escalation_counters.clone(),
+            control.maps(),
         ));
         xdp = Some((guard, control, events, report_tx));
     }
@@ -175,6 +203,12 @@ pub async fn run(paths: Paths, args: RunArgs) -> anyhow::Result<()> {
                             warn!("[admin] settings apply at restart");
                         }
                         config = new;
+                        if let Some(r) = &reporter {
+                            r.reload(&config);
+                        }
+                        if let (Some(e), Some((_, control, ..))) = (&mut enforcer, &mut xdp) {
+                            e.reload(&config, control.maps());
+                        }
                         info!(
                             "configuration reloaded: tenants and their budgets ({}), backends{}; other proxy settings apply at restart",
                             describe_tenants(&tenants),
@@ -202,8 +236,20 @@ pub async fn run(paths: Paths, args: RunArgs) -> anyhow::Result<()> {
                     warn!("XDP maps: {e:#}");
                 }
             },
+            strike = async {
+                match &mut strikes {
+                    Some(rx) => rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                let (Some(strike), Some((_, control, ..)), Some(e)) = (strike, &mut xdp, &mut enforcer) else { continue };
+                e.strike(strike, control.maps());
+            },
             _ = expiry.tick(), if xdp.is_some() => {
                 let Some((_, control, ..)) = &mut xdp else { continue };
+                if let Some(e) = &mut enforcer {
+                    e.tick(control.maps());
+                }
                 match control.expire() {
                     Ok(0) => {}
                     Ok(n) => info!("removed {n} expired deny/allow entr{}", if n == 1 { "y" } else { "ies" }),
@@ -238,6 +284,9 @@ pub async fn run(paths: Paths, args: RunArgs) -> anyhow::Result<()> {
     }
     if let Some(admin) = admin {
         admin.abort();
+    }
+    if let Some(e) = &mut enforcer {
+        e.save();
     }
     if let Some((guard, _, events, _)) = xdp {
         events.abort();

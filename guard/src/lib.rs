@@ -15,6 +15,15 @@
 //!   [`ebpf::control`] keeps the maps in step with the configuration, and
 //!   [`ebpf::events`] turns the program's limit events and counters into a
 //!   few summary lines per interval and the heaviest sources.
+//! - [`escalation`] is the ladder between the two: the proxy counts
+//!   misbehaviour per source in fixed memory ([`escalation::signals`]:
+//!   churn, failed logins, protocol garbage, refusals at a cap, silent
+//!   connections) and reports sources that cross a threshold; the daemon
+//!   ([`escalation::enforcer`]) puts them on a stricter XDP SYN budget
+//!   (the `GUARD_STRICT` map, looked up where `judge_syn` charges the
+//!   source's bucket), then on the deny list for a while, as
+//!   [`escalation::ladder`] times it (tested there, in
+//!   `tests/tests/xdp_kernel.rs` and in `tests/tests/e2e_escalation.rs`).
 //! - [`config`] is the TOML file and its validation (a leaf: it knows no
 //!   other module but [`cidr`] and [`password`]), [`cli`] the flags that
 //!   override it, [`cidr`] the prefixes both use, [`paths`] every pin and
@@ -73,6 +82,7 @@ pub mod ctl;
 pub mod daemon;
 pub mod descriptors;
 pub mod ebpf;
+pub mod escalation;
 pub mod password;
 pub mod paths;
 pub mod protocol;

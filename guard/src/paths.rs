@@ -115,6 +115,18 @@ impl Paths {
     }
 }
 
+impl Paths {
+    /// JSON record of the escalation ladder: every escalated source, its
+    /// steps and why, and which deny entries escalation made; written by
+    /// the daemon so a restart resumes the ladder and `guard deny list`
+    /// can say which entries are escalation's.
+    pub fn escalation_file(&self) -> PathBuf {
+        self.state_root
+            .join(format!("v{LAYOUT_VERSION}"))
+            .join("escalation.json")
+    }
+}
+
 /// Reads a JSON state file: `None` when there is none.
 pub fn read_state<T: serde::de::DeserializeOwned>(path: &Path) -> anyhow::Result<Option<T>> {
     match std::fs::read(path) {

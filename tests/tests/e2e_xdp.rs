@@ -346,6 +346,16 @@ fn restart_with_an_edited_config_removes_only_what_the_config_dropped() {
     );
     assert!(after.contains("2001:db8::/32"), "{after}");
     assert!(after.contains(live), "live entry lost: {after}");
+    // Each says where it came from.
+    let text = String::from_utf8_lossy(&guard.cli(&["deny", "list"]).unwrap().stdout).into_owned();
+    let origin = |cidr: &str| {
+        text.lines()
+            .find(|l| l.starts_with(&format!("{cidr} ")))
+            .and_then(|l| l.split_whitespace().last())
+            .map(str::to_string)
+    };
+    assert_eq!(origin("2001:db8::/32").as_deref(), Some("config"), "{text}");
+    assert_eq!(origin(live).as_deref(), Some("operator"), "{text}");
     drop(guard);
 }
 

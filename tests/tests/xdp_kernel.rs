@@ -1364,3 +1364,119 @@ fn with_a_shared_budget_that_admits_nothing_unknown_sources_never_charge_the_hos
         .unwrap();
     expect(&x, &syn4(v4(60)), verdict::PASS, admitted());
 }
+
+/// The escalation ladder's stricter budget: while the daemon's entry for a
+/// source lasts, that source's own bucket is charged with it instead of the
+/// per-source budget; other sources, and the same source once the entry
+/// has expired, are charged as before.
+#[test]
+fn a_strict_entry_cuts_its_source_to_the_strict_rate_until_it_expires() {
+    use guard::ebpf::maps::monotonic_ns;
+    let mut x = guard();
+    // A generous per-source budget: 1,000/s, burst 100.
+    set_config(&mut x, |c| c.source = RateLimit::per_second(1_000, 100));
+    let strict = RateLimit::per_second(1, 2);
+    let hour = monotonic_ns() + 3_600_000_000_000;
+    x.maps.set_strict(IpAddr::V4(v4(1)), strict, hour).unwrap();
+    // The strict source: its burst of 2, then dropped by its own bucket.
+    expect(&x, &syn4(v4(1)), verdict::PASS, admitted());
+    expect(&x, &syn4(v4(1)), verdict::PASS, admitted());
+    expect(&x, &syn4(v4(1)), verdict::DROP, crossed("source"));
+    for _ in 0..20 {
+        expect(&x, &syn4(v4(1)), verdict::DROP, dropped("source"));
+    }
+    // Another source keeps the per-source budget.
+    for _ in 0..50 {
+        expect(&x, &syn4(v4(2)), verdict::PASS, admitted());
+    }
+    // IPv6: one entry covers the source's /64, as its bucket does.
+    x.maps
+        .set_strict(IpAddr::V6(v6("2001:db8:5:6::1")), strict, hour)
+        .unwrap();
+    expect(&x, &syn6(v6("2001:db8:5:6::aa")), verdict::PASS, admitted());
+    expect(&x, &syn6(v6("2001:db8:5:6::bb")), verdict::PASS, admitted());
+    expect(
+        &x,
+        &syn6(v6("2001:db8:5:6::cc")),
+        verdict::DROP,
+        crossed("source"),
+    );
+    expect(&x, &syn6(v6("2001:db8:5:7::1")), verdict::PASS, admitted());
+    // The daemon clears the map's flag only once the map is empty: the
+    // entries still apply after a refresh.
+    let has =
+        |x: &XdpUnderTest| x.maps.config().unwrap().flags & guard_common::CONFIG_HAS_STRICT != 0;
+    x.maps.refresh_flags().unwrap();
+    assert!(has(&x));
+    assert_eq!(x.run(&syn6(v6("2001:db8:5:6::dd"))), verdict::DROP);
+
+    // An expired entry no longer applies, before the daemon removes it:
+    // the per-source budget, far above the strict burst of 2.
+    x.maps
+        .set_strict(IpAddr::V4(v4(3)), strict, monotonic_ns() - 1)
+        .unwrap();
+    for _ in 0..50 {
+        expect(&x, &syn4(v4(3)), verdict::PASS, admitted());
+    }
+    // A source whose strict step ends keeps its bucket: it spent two
+    // seconds of the strict rate, so the per-source budget admits it again
+    // once less than its own burst (99 ms at 1,000/s) is left of them, as
+    // after any budget is raised.
+    x.maps
+        .set_strict(IpAddr::V4(v4(1)), strict, monotonic_ns() - 1)
+        .unwrap();
+    expect(&x, &syn4(v4(1)), verdict::DROP, dropped("source"));
+    assert!(x.maps.remove_strict(IpAddr::V4(v4(1))).unwrap());
+    assert!(!x.maps.remove_strict(IpAddr::V4(v4(1))).unwrap());
+    assert!(x.maps.remove_strict(IpAddr::V4(v4(3))).unwrap());
+    let back = Instant::now();
+    while x.run(&syn4(v4(1))) == verdict::DROP {
+        assert!(
+            back.elapsed() < Duration::from_secs(3),
+            "the per-source budget never came back"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Then it refills at the per-source rate: its whole burst in 100 ms.
+    std::thread::sleep(Duration::from_millis(150));
+    for _ in 0..50 {
+        expect(&x, &syn4(v4(1)), verdict::PASS, admitted());
+    }
+    // Only the IPv6 entry is left; an empty map is not looked up.
+    assert_eq!(x.maps.strict_entries().unwrap().len(), 1);
+    assert!(
+        x.maps
+            .remove_strict(IpAddr::V6(v6("2001:db8:5:6::1")))
+            .unwrap()
+    );
+    x.maps.refresh_flags().unwrap();
+    assert!(!has(&x), "the flag is cleared once the map is empty");
+}
+
+/// A strict entry is the source's own budget whatever the per-source one
+/// says, unlimited included.
+#[test]
+fn a_strict_entry_applies_with_unlimited_per_source_syns() {
+    use guard::ebpf::maps::monotonic_ns;
+    let mut x = guard();
+    set_config(&mut x, |c| {
+        c.source = RateLimit::UNLIMITED;
+    });
+    x.maps
+        .set_strict(
+            IpAddr::V4(v4(7)),
+            RateLimit::per_second(1, 1),
+            monotonic_ns() + 60_000_000_000,
+        )
+        .unwrap();
+    expect(&x, &syn4(v4(7)), verdict::PASS, admitted());
+    expect(&x, &syn4(v4(7)), verdict::DROP, crossed("source"));
+    for _ in 0..10 {
+        expect(&x, &syn4(v4(8)), verdict::PASS, admitted());
+    }
+    // Entries reach the program through the flag set before them.
+    assert_ne!(
+        x.maps.config().unwrap().flags & guard_common::CONFIG_HAS_STRICT,
+        0
+    );
+}

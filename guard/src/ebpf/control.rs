@@ -50,6 +50,16 @@ impl ConfiguredCidrs {
     }
 }
 
+/// The deny/allow entries the last applied config put in the maps, as
+/// `guard deny|allow list` shows their origin: `(deny, allow)`.
+pub fn configured(paths: &Paths) -> (BTreeSet<Cidr>, BTreeSet<Cidr>) {
+    let c = crate::paths::read_state::<ConfiguredCidrs>(&paths.configured_cidrs_file())
+        .ok()
+        .flatten()
+        .unwrap_or_default();
+    (c.deny, c.allow)
+}
+
 impl XdpControl {
     /// Opens the pinned maps and the record of what the last config added.
     pub fn open(paths: &Paths) -> anyhow::Result<Self> {

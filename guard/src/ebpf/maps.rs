@@ -20,6 +20,7 @@ use guard_common::{
     SOURCE_BUCKETS_CAPACITY, SOURCE_TENANT_CAPACITY, SourceKey, TENANTS_CAPACITY, TenantBucket,
     VERIFIED_CAPACITY, VerifiedSource, maps,
 };
+use guard_common::{CONFIG_HAS_STRICT, STRICT_CAPACITY, StrictEntry};
 
 use crate::{cidr::Cidr, paths::Paths};
 
@@ -59,7 +60,7 @@ pub struct CidrEntry {
 /// The layout every pinned map must have: (name, key size, value size,
 /// capacity). Checked before adopting pins, since aya reuses a pinned map
 /// by name without comparing layouts.
-pub fn expected_layout() -> [(&'static str, u32, u32, u32); 16] {
+pub fn expected_layout() -> [(&'static str, u32, u32, u32); 17] {
     use std::mem::size_of;
     let s = |n: usize| n as u32;
     [
@@ -109,6 +110,12 @@ pub fn expected_layout() -> [(&'static str, u32, u32, u32); 16] {
             COOKIE_REFRESH_CAPACITY,
         ),
         (maps::COOKIE_CLOCK, 4, 8, 1),
+        (
+            maps::STRICT,
+            s(size_of::<SourceKey>()),
+            s(size_of::<StrictEntry>()),
+            STRICT_CAPACITY,
+        ),
     ]
 }
 
@@ -171,6 +178,8 @@ pub struct GuardMaps {
     tenant_buckets: HashMap<MapData, u32, TenantBucket>,
     counters: PerCpuArray<MapData, CounterBlock>,
     verified: HashMap<MapData, SourceKey, VerifiedSource>,
+    source_buckets: HashMap<MapData, SourceKey, BucketState>,
+    strict: HashMap<MapData, SourceKey, StrictEntry>,
 }
 
 impl GuardMaps {
@@ -189,6 +198,8 @@ impl GuardMaps {
             tenant_buckets: open(paths, maps::TENANT_BUCKETS)?.try_into()?,
             counters: open(paths, maps::COUNTERS)?.try_into()?,
             verified: open(paths, maps::VERIFIED)?.try_into()?,
+            source_buckets: open(paths, maps::SOURCE_BUCKETS)?.try_into()?,
+            strict: open(paths, maps::STRICT)?.try_into()?,
         })
     }
 
@@ -239,6 +250,9 @@ impl GuardMaps {
         }
         if self.verified.keys().next().is_some() {
             has |= CONFIG_HAS_VERIFIED;
+        }
+        if self.strict.keys().next().is_some() {
+            has |= CONFIG_HAS_STRICT;
         }
         let mut c = self.config()?;
         // Only clear: a flag raised meanwhile by another writer stays.
@@ -484,11 +498,21 @@ impl GuardMaps {
         cidr: Cidr,
         ttl_secs: Option<u64>,
     ) -> anyhow::Result<()> {
-        let rule = CidrRule {
-            expires_ns: ttl_secs.map_or(0, |t| {
-                monotonic_ns().saturating_add(t.saturating_mul(1_000_000_000))
-            }),
-        };
+        let expires_ns = ttl_secs.map_or(0, |t| {
+            monotonic_ns().saturating_add(t.saturating_mul(1_000_000_000))
+        });
+        self.add_cidr_until(list, cidr, expires_ns)
+    }
+
+    /// Adds or replaces a CIDR rule that expires at `expires_ns`
+    /// (monotonic; 0 never).
+    pub fn add_cidr_until(
+        &mut self,
+        list: CidrList,
+        cidr: Cidr,
+        expires_ns: u64,
+    ) -> anyhow::Result<()> {
+        let rule = CidrRule { expires_ns };
         let len = u32::from(cidr.prefix_len());
         self.raise_flag(list.flag(cidr.addr().is_ipv4()))?;
         match (cidr.addr(), list) {
@@ -589,6 +613,83 @@ impl GuardMaps {
         Ok(removed)
     }
 
+    /// Whether an active rule of `list` covers `source` (longest prefix).
+    pub fn covers(&self, list: CidrList, source: IpAddr) -> anyhow::Result<bool> {
+        let now = monotonic_ns();
+        let found = match (source.to_canonical(), list) {
+            (IpAddr::V4(a), CidrList::Deny) => self.deny_v4.get(&LpmKey::new(32, a.octets()), 0),
+            (IpAddr::V4(a), CidrList::Allow) => self.allow_v4.get(&LpmKey::new(32, a.octets()), 0),
+            (IpAddr::V6(a), CidrList::Deny) => self.deny_v6.get(&LpmKey::new(128, a.octets()), 0),
+            (IpAddr::V6(a), CidrList::Allow) => self.allow_v6.get(&LpmKey::new(128, a.octets()), 0),
+        };
+        match found {
+            Ok(rule) => Ok(rule.active(now)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(false),
+            Err(aya::maps::MapError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Puts `source` (IPv6 by the configured prefix) on a stricter SYN
+    /// budget until `expires_ns` (monotonic), replacing any entry it had.
+    pub fn set_strict(
+        &mut self,
+        source: IpAddr,
+        limit: RateLimit,
+        expires_ns: u64,
+    ) -> anyhow::Result<()> {
+        let prefix = self.config()?.ipv6_prefix_len as u8;
+        self.raise_flag(CONFIG_HAS_STRICT)?;
+        self.strict.insert(
+            source_key(source, prefix),
+            StrictEntry { limit, expires_ns },
+            0,
+        )?;
+        Ok(())
+    }
+
+    /// Takes `source` off its stricter SYN budget; `Ok(false)` when it had
+    /// none.
+    pub fn remove_strict(&mut self, source: IpAddr) -> anyhow::Result<bool> {
+        let prefix = self.config()?.ipv6_prefix_len as u8;
+        match self.strict.remove(&source_key(source, prefix)) {
+            Ok(()) => Ok(true),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(false),
+            Err(aya::maps::MapError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Every stricter SYN budget in the map, expired ones included.
+    pub fn strict_entries(&self) -> anyhow::Result<Vec<(IpAddr, StrictEntry)>> {
+        let mut out = Vec::new();
+        for item in self.strict.iter() {
+            let (k, e) = item?;
+            out.push((source_addr(&k), e));
+        }
+        Ok(out)
+    }
+
+    /// When `source` last had a SYN dropped by a budget (monotonic ns; the
+    /// program records it at most once a second, whether or not it
+    /// described the crossing), if its bucket is still in the map.
+    pub fn last_crossing(&self, source: IpAddr) -> anyhow::Result<Option<u64>> {
+        let prefix = self.config()?.ipv6_prefix_len as u8;
+        match self.source_buckets.get(&source_key(source, prefix), 0) {
+            Ok(b) => Ok((b.last_event_ns != 0).then_some(b.last_event_ns)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Every counter, summed over CPUs.
     pub fn counters(&self) -> anyhow::Result<BTreeMap<&'static str, u64>> {
         let totals = self.counter_totals()?;
@@ -622,6 +723,7 @@ pub fn source_addr(k: &SourceKey) -> IpAddr {
 
 /// The key the XDP program charges a source to (IPv6 masked to `prefix`).
 pub fn source_key(ip: IpAddr, ipv6_prefix: u8) -> SourceKey {
+    let ip = ip.to_canonical();
     match ip {
         IpAddr::V4(a) => {
             let mut addr = [0u8; 16];

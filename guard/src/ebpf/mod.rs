@@ -418,6 +418,7 @@ pub fn detach_all(paths: &Paths) -> anyhow::Result<Vec<String>> {
     let _ = fs::remove_file(paths.state_file());
     let _ = fs::remove_file(paths.configured_cidrs_file());
     let _ = fs::remove_file(paths.offenders_file());
+    let _ = fs::remove_file(paths.escalation_file());
     detached.sort();
     detached.dedup();
     Ok(detached)

@@ -198,6 +198,9 @@ pub async fn authenticate(
                     }
                     Err(e) => {
                         ProxyStats::add(&sh.stats.auth_errors, 1);
+                        if let Some(r) = &sh.escalation {
+                            r.record(peer, crate::escalation::Signal::AuthFailure);
+                        }
                         out.unsplit(match &asker {
                             Asker::Text => BytesMut::from(auth::text_auth_reply::<()>(&Err(e))),
                             Asker::Binary(b) => encode(auth::sasl_auth_failed(b, e)),

@@ -15,6 +15,8 @@ const READ_CHUNK: usize = 4 * 1024;
 pub struct ClientConnection {
     rd: OwnedReadHalf,
     reader: RequestReader,
+    /// Whole requests parsed so far (authentication included).
+    requests: u64,
 }
 
 impl ClientConnection {
@@ -23,12 +25,22 @@ impl ClientConnection {
         Self {
             rd,
             reader: RequestReader::new(RequestParser::new(), limits),
+            requests: 0,
         }
     }
 
     /// The next request buffered, or why there is none.
     pub fn next_request(&mut self) -> Next<Request> {
-        self.reader.next_frame()
+        let next = self.reader.next_frame();
+        if matches!(next, Next::Frame(_)) {
+            self.requests += 1;
+        }
+        next
+    }
+
+    /// Whole requests parsed so far.
+    pub fn requests(&self) -> u64 {
+        self.requests
     }
 
     /// The reader, for its limits and buffer.

@@ -231,6 +231,9 @@ fn start(
 ) {
     let Some(slot) = sources.admit(peer.ip()) else {
         ProxyStats::add(&sh.stats.rejected_connections, 1);
+        if let Some(e) = &sh.escalation {
+            e.record(peer.ip(), crate::escalation::Signal::Refused);
+        }
         return;
     };
     let _ = stream.set_nodelay(true);

@@ -103,6 +103,10 @@ pub struct ProxyContext {
     /// Set once the proxy runs: what operators are shown (the admin
     /// endpoint reads its counters, never takes part in a request).
     pub shared: Arc<OnceLock<Arc<Shared>>>,
+    /// Where misbehaviour is counted per source and reported to the
+    /// escalation ladder (best effort, like `learned`); `None` without
+    /// XDP in this process.
+    pub escalation: Option<Arc<crate::escalation::Reporter>>,
 }
 
 impl ProxyContext {
@@ -125,6 +129,7 @@ impl ProxyContext {
             limit_events: Arc::default(),
             backends: None,
             shared: Arc::default(),
+            escalation: None,
         }
     }
 }
@@ -150,6 +155,8 @@ pub struct Shared {
     pub budgets: TenantBudgets,
     /// See [`ProxyContext::learned`].
     pub learned: Option<mpsc::Sender<Learned>>,
+    /// See [`ProxyContext::escalation`].
+    pub escalation: Option<Arc<crate::escalation::Reporter>>,
     /// How long a client has to authenticate.
     pub auth_timeout: Duration,
     pub limits: Limits,
@@ -199,7 +206,11 @@ impl Proxy {
         cx: ProxyContext,
         shutdown: impl Future<Output = ()>,
     ) -> anyhow::Result<()> {
-        let stats = Arc::new(ProxyStats::new(cx.limit_events.clone()));
+        let mut stats = ProxyStats::new(cx.limit_events.clone());
+        if let Some(r) = &cx.escalation {
+            stats = stats.with_escalation(r.counters());
+        }
+        let stats = Arc::new(stats);
         let settings = BackendSettings {
             connect_timeout: Duration::from_millis(config.connect_timeout_ms),
             request_timeout: Duration::from_millis(config.request_timeout_ms),
@@ -220,6 +231,7 @@ impl Proxy {
             connections: TenantConnections::new(),
             budgets: TenantBudgets::new(),
             learned: cx.learned,
+            escalation: cx.escalation,
             auth_timeout: Duration::from_millis(config.auth_timeout_ms),
             read_cap: limits.max_value_len + limits.max_retrieval_line_len + 4096,
             limits,

@@ -17,7 +17,9 @@
 //! its credential is now configured, and is closed if it no longer is.
 //!
 //! Every session ends for one [`SessionEnd`] reason, counted in `stats`
-//! (`session_end_<reason>`) and logged at debug level.
+//! (`session_end_<reason>`) and logged at debug level. Ends that say
+//! something about the source (churn, a lost stream, a cap, silence) are
+//! counted against it for the escalation ladder ([`misbehaviour`]).
 
 use std::{collections::VecDeque, net::IpAddr, pin::Pin, sync::Arc, time::Duration};
 
@@ -100,21 +102,60 @@ pub async fn serve(
     phase: watch::Receiver<Phase>,
 ) {
     let peer = peer.ip().to_canonical();
-    let end = run(stream, &sh, phase, peer).await;
+    let started = Instant::now();
+    let (rd, wr) = stream.into_split();
+    let mut conn = ClientConnection::new(rd, sh.limits.clone());
+    let end = run(&mut conn, wr, &sh, phase, peer).await;
+    let requested = conn.requests() > 0;
+    // The socket is released as soon as the session ends.
+    drop(conn);
     if let Some(counter) = sh.stats.session_ends.get(end as usize) {
         ProxyStats::add(counter, 1);
+    }
+    if let Some(e) = &sh.escalation
+        && let Some(signal) = misbehaviour(end, started.elapsed(), e.churn_lifetime(), requested)
+    {
+        e.record(peer, signal);
     }
     debug!("session {}: ended ({})", peer, end.label());
 }
 
+/// What a session's end says against its source, for the escalation
+/// ladder: a connection its client closed young (churn), a stream lost to
+/// a protocol error, a tenant at its connection cap, or a deadline that
+/// closed a connection which never sent a whole request.
+pub fn misbehaviour(
+    end: SessionEnd,
+    lifetime: Duration,
+    churn_lifetime: Duration,
+    requested: bool,
+) -> Option<crate::escalation::Signal> {
+    use crate::escalation::Signal;
+    match end {
+        SessionEnd::ClientClosed
+        | SessionEnd::ClientReset
+        | SessionEnd::Quit
+        | SessionEnd::WriteFailed
+            if lifetime < churn_lifetime =>
+        {
+            Some(Signal::Churn)
+        }
+        SessionEnd::ProtocolError => Some(Signal::ProtocolError),
+        SessionEnd::TenantFull => Some(Signal::Refused),
+        SessionEnd::Idle | SessionEnd::AuthTimeout | SessionEnd::SlowRequest if !requested => {
+            Some(Signal::Silent)
+        }
+        _ => None,
+    }
+}
+
 async fn run(
-    stream: TcpStream,
+    conn: &mut ClientConnection,
+    mut wr: tokio::net::tcp::OwnedWriteHalf,
     sh: &Arc<Shared>,
     mut phase: watch::Receiver<Phase>,
     peer: IpAddr,
 ) -> SessionEnd {
-    let (rd, mut wr) = stream.into_split();
-    let mut conn = ClientConnection::new(rd, sh.limits.clone());
     match *phase.borrow() {
         Phase::Running => {}
         Phase::Draining => return SessionEnd::Drained,
@@ -132,14 +173,20 @@ async fn run(
             None => return SessionEnd::TenantFull,
         },
         None => {
-            let login =
-                super::auth::authenticate(&mut conn, &mut wr, sh, registry, &mut phase, peer);
+            let login = super::auth::authenticate(conn, &mut wr, sh, registry, &mut phase, peer);
             match login.await {
                 Ok(done) => done,
                 Err(end) => return end,
             }
         }
     };
+    // While it lasts, a session authenticated with a tenant's credential
+    // keeps its source from being denied by escalation.
+    let _login = sh
+        .escalation
+        .as_ref()
+        .filter(|_| authenticated)
+        .map(|e| e.logged_in(peer, identity.tenant.id));
     let mut session = Session {
         sh,
         peer,
@@ -155,7 +202,7 @@ async fn run(
         state: State::Serving,
         reported: authenticated,
     };
-    session.set_limits(&mut conn);
+    session.set_limits(conn);
     if *phase.borrow() != Phase::Running {
         session.state = State::Closing(SessionEnd::Drained);
     }
@@ -341,7 +388,7 @@ struct Session<'a> {
 impl Session<'_> {
     async fn serve(
         &mut self,
-        mut conn: ClientConnection,
+        conn: &mut ClientConnection,
         mut wr: tokio::net::tcp::OwnedWriteHalf,
         phase: watch::Receiver<Phase>,
     ) -> SessionEnd {
@@ -351,7 +398,7 @@ impl Session<'_> {
         // Long-lived, so a request costs no watch subscription either.
         let mut control = Box::pin(next_control(phase, self.reloads.clone()));
         loop {
-            let progress = match self.dispatch(&mut conn) {
+            let progress = match self.dispatch(conn) {
                 Ok(progress) => progress,
                 Err(end) => return end,
             };
@@ -435,7 +482,7 @@ impl Session<'_> {
                         Control::Phase(Phase::Stopped) | Control::Gone => return SessionEnd::Stopped,
                         // Idle sessions of a revoked credential are closed too.
                         Control::Reload => {
-                            if !self.refresh(&mut conn) {
+                            if !self.refresh(conn) {
                                 return SessionEnd::Revoked;
                             }
                         }
@@ -590,4 +637,51 @@ async fn next_control(
         },
     };
     (event, phase, reloads)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::escalation::Signal;
+
+    #[test]
+    fn only_ends_that_say_something_against_the_source_count() {
+        let churn = Duration::from_secs(1);
+        let young = Duration::from_millis(10);
+        let old = Duration::from_secs(5);
+        let m = |end, lifetime, requested| misbehaviour(end, lifetime, churn, requested);
+        for end in [
+            SessionEnd::ClientClosed,
+            SessionEnd::ClientReset,
+            SessionEnd::Quit,
+            SessionEnd::WriteFailed,
+        ] {
+            assert_eq!(m(end, young, true), Some(Signal::Churn), "{end:?}");
+            assert_eq!(m(end, old, true), None, "{end:?} after a while");
+        }
+        assert_eq!(
+            m(SessionEnd::ProtocolError, old, true),
+            Some(Signal::ProtocolError)
+        );
+        assert_eq!(
+            m(SessionEnd::TenantFull, young, true),
+            Some(Signal::Refused)
+        );
+        for end in [
+            SessionEnd::Idle,
+            SessionEnd::AuthTimeout,
+            SessionEnd::SlowRequest,
+        ] {
+            assert_eq!(m(end, old, false), Some(Signal::Silent), "{end:?}");
+            assert_eq!(m(end, old, true), None, "{end:?} after a request");
+        }
+        // The proxy's own doing says nothing about the client.
+        for end in [
+            SessionEnd::Revoked,
+            SessionEnd::Drained,
+            SessionEnd::Stopped,
+        ] {
+            assert_eq!(m(end, young, false), None, "{end:?}");
+        }
+    }
 }

@@ -24,6 +24,8 @@ macro_rules! counters {
             pub session_ends: [AtomicU64; SessionEnd::ALL.len()],
             /// Counted by the daemon's ring-buffer reader.
             limit_events: Arc<AtomicU64>,
+            /// Counted by the escalation ladder.
+            escalation: Arc<crate::escalation::Counters>,
         }
 
         impl Default for ProxyStats {
@@ -41,7 +43,15 @@ macro_rules! counters {
                     $($name: AtomicU64::new(0),)*
                     session_ends: std::array::from_fn(|_| AtomicU64::new(0)),
                     limit_events,
+                    escalation: Arc::default(),
                 }
+            }
+
+            /// Reports the escalation ladder's counters too (zeros
+            /// without it).
+            pub fn with_escalation(mut self, counters: Arc<crate::escalation::Counters>) -> Self {
+                self.escalation = counters;
+                self
             }
         }
 
@@ -63,6 +73,10 @@ macro_rules! counters {
                     "xdp_limit_events",
                     self.limit_events.load(Ordering::Relaxed).to_string(),
                 ));
+                // The escalation ladder's; zero without XDP.
+                for (name, v) in self.escalation.rows() {
+                    rows.push((name, v.to_string()));
+                }
                 rows
             }
         }
