@@ -113,3 +113,52 @@ fn probe_rejects_bad_addresses_and_settings_before_probing() {
         assert!(err.contains(needle), "{args:?}: {err}");
     }
 }
+
+/// Every command's `--help`, run on the real binary, succeeds, and names
+/// each of its flags; every command and argument has help text. The
+/// commands are walked from the CLI's own definition, so one added later
+/// is held to the same.
+#[test]
+fn every_command_has_complete_help() {
+    use clap::CommandFactory;
+    fn walk(cmd: &clap::Command, path: &[String], out: &mut Vec<(Vec<String>, clap::Command)>) {
+        for sub in cmd.get_subcommands() {
+            let mut p = path.to_vec();
+            p.push(sub.get_name().to_owned());
+            out.push((p.clone(), sub.clone()));
+            walk(sub, &p, out);
+        }
+    }
+    let top = guard::cli::Cli::command();
+    let mut commands = vec![(Vec::new(), top.clone())];
+    walk(&top, &[], &mut commands);
+    assert!(commands.len() >= 15, "{} commands", commands.len());
+    for (path, cmd) in &commands {
+        let name = format!("guard {}", path.join(" "));
+        assert!(cmd.get_about().is_some(), "{name}: no description");
+        let out = Command::new(env!("CARGO_BIN_EXE_guard"))
+            .args(path)
+            .arg("--help")
+            .output()
+            .expect("run guard");
+        assert!(out.status.success(), "{name} --help failed");
+        let help = String::from_utf8_lossy(&out.stdout);
+        for arg in cmd.get_arguments().filter(|a| !a.is_hide_set()) {
+            let id = arg.get_id().as_str();
+            assert!(arg.get_help().is_some(), "{name}: {id} has no help");
+            if let Some(long) = arg.get_long() {
+                assert!(
+                    help.contains(&format!("--{long}")),
+                    "{name} --help: no --{long}"
+                );
+            }
+        }
+        for sub in cmd.get_subcommands() {
+            assert!(
+                help.contains(sub.get_name()),
+                "{name} --help: no {}",
+                sub.get_name()
+            );
+        }
+    }
+}

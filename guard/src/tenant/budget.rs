@@ -320,8 +320,10 @@ impl TenantBudget {
     }
 
     /// `stats reset` from one of the tenant's clients: its `stats` count
-    /// from zero again (see [`ResetMarks`]); the budget, its buckets and
-    /// what is in flight are untouched.
+    /// from zero again, while the counters behind them (what
+    /// [`Self::served`], [`Self::bytes`] and [`Self::refused`] return)
+    /// keep counting; the budget, its buckets and what is in flight are
+    /// untouched.
     pub fn reset_stats(&self) {
         let r = &self.reset;
         r.served.store(self.served(), Ordering::Relaxed);
