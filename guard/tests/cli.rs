@@ -162,3 +162,24 @@ fn every_command_has_complete_help() {
         }
     }
 }
+
+/// `guard run --check --config guard.example.toml`, as an operator runs
+/// it: the example at the top of the repository is a configuration the
+/// real binary accepts (that it has every option is checked beside
+/// `config::Config`).
+#[test]
+fn the_example_config_passes_check() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../guard.example.toml");
+    let out = Command::new(env!("CARGO_BIN_EXE_guard"))
+        .args(["run", "--check", "--config", example])
+        .env("GUARD_PIN_ROOT", "/nonexistent/guard-cli-test")
+        .output()
+        .expect("run guard");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let printed = String::from_utf8_lossy(&out.stdout);
+    // What is in force, the example's own values among it.
+    for line in ["interfaces = [\"eth0\"]", "hosts = 1", "name = \"globex\""] {
+        assert!(printed.contains(line), "no {line} in {printed}");
+    }
+}
