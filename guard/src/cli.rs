@@ -75,10 +75,31 @@ pub enum Command {
     /// Tenant credentials.
     #[command(subcommand)]
     Tenant(TenantCommand),
+    /// What the running daemon does: tenants, backends, the XDP guard.
+    /// Asks its admin endpoint; when the daemon is down, reads the pinned
+    /// XDP state instead.
+    Status(StatusArgs),
     /// Check memcached nodes before they serve: each must store, return
     /// and delete correctly, and answer about as fast as its peers. Fails
     /// if any candidate does not.
     Probe(ProbeArgs),
+}
+
+/// `guard status`.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Print the admin endpoint's JSON (or, with the daemon down, the
+    /// pinned state's) instead of a summary.
+    #[arg(long)]
+    pub json: bool,
+    /// The daemon's config file: where its admin endpoint listens and
+    /// the token it wants.
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+    /// The admin endpoint, if not the config file's (or the default
+    /// 127.0.0.1:9311).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub admin: Option<SocketAddr>,
 }
 
 /// `guard probe`.
@@ -195,6 +216,23 @@ pub enum CidrCommand {
     },
 }
 
+/// `--admin ADDR:PORT`, or `off`.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct AdminListen(pub Option<std::net::SocketAddr>);
+
+impl std::str::FromStr for AdminListen {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s == "off" {
+            return Ok(Self(None));
+        }
+        s.parse()
+            .map(|a| Self(Some(a)))
+            .map_err(|_| format!("`{s}` is not ADDR:PORT or off (e.g. 127.0.0.1:9311)"))
+    }
+}
+
 /// Flags of `guard run`. Each overrides the config file's value.
 #[derive(Debug, Args, Default)]
 pub struct RunArgs {
@@ -254,6 +292,14 @@ pub struct RunArgs {
     /// never verify).
     #[arg(long)]
     pub verified_secs: Option<u64>,
+    /// Admin endpoint (/metrics, /status, the status page), ADDR:PORT or
+    /// `off`.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub admin: Option<AdminListen>,
+    /// Let the admin endpoint listen on a non-loopback address (needs
+    /// `[admin] token` in the config file).
+    #[arg(long)]
+    pub admin_allow_remote: bool,
     /// Deny a source prefix (repeatable; added to the config file's).
     #[arg(long, value_name = "CIDR")]
     pub deny: Vec<Cidr>,
@@ -424,6 +470,12 @@ impl RunArgs {
         x.deny.extend(self.deny.iter().copied());
         x.allow.extend(self.allow.iter().copied());
 
+        if let Some(AdminListen(a)) = self.admin {
+            c.admin.listen = a;
+        }
+        if self.admin_allow_remote {
+            c.admin.allow_remote = true;
+        }
         let p = &mut c.proxy;
         if !self.listen.is_empty() {
             p.listen = self.listen.clone();

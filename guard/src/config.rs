@@ -47,6 +47,86 @@ pub struct Config {
     /// Tenants, each with its own budgets (`[[tenant]]` tables).
     #[serde(rename = "tenant")]
     pub tenants: Vec<TenantConfig>,
+    /// The admin endpoint: `/metrics`, `/status`, the status page.
+    pub admin: AdminConfig,
+}
+
+/// The admin endpoint's settings.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Where it listens; `None` (`listen = ""`, `--admin off`) for nowhere.
+    #[serde(with = "optional_addr")]
+    pub listen: Option<SocketAddr>,
+    /// Whether it may listen on an address other than loopback; then a
+    /// `token` is required too.
+    pub allow_remote: bool,
+    /// Bearer token every request must carry (`Authorization: Bearer
+    /// …`); empty for none (loopback only).
+    pub token: String,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            // Loopback: what the host's own Prometheus agent and an
+            // operator's `guard status` reach, and nothing else.
+            listen: Some(SocketAddr::from(([127, 0, 0, 1], 9311))),
+            allow_remote: false,
+            token: String::new(),
+        }
+    }
+}
+
+impl AdminConfig {
+    fn validate(&self) -> anyhow::Result<()> {
+        let Some(addr) = self.listen else {
+            return Ok(());
+        };
+        if !addr.ip().is_loopback() {
+            if !self.allow_remote {
+                bail!(
+                    "the admin endpoint on {addr} would be reachable from other hosts: \
+                     add --admin-allow-remote (allow_remote = true) and a token, or listen \
+                     on 127.0.0.1"
+                );
+            }
+            if self.token.len() < 16 {
+                bail!(
+                    "the admin endpoint on {addr} needs [admin] token of at least 16 \
+                     characters: it is reachable from other hosts"
+                );
+            }
+        }
+        if self.token.bytes().any(|b| b <= b' ' || b == 0x7f) {
+            bail!("[admin] token must not contain spaces or control characters");
+        }
+        Ok(())
+    }
+}
+
+/// `listen = "ADDR:PORT"`, or `""` for none.
+mod optional_addr {
+    use std::net::SocketAddr;
+
+    use serde::{Deserialize as _, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &Option<SocketAddr>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(a) => s.collect_str(a),
+            None => s.serialize_str(""),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+        let s = String::deserialize(d)?;
+        if s.is_empty() || s == "off" {
+            return Ok(None);
+        }
+        s.parse().map(Some).map_err(|_| {
+            serde::de::Error::custom(format!("`{s}` is not ADDR:PORT (or \"\" for none)"))
+        })
+    }
 }
 
 /// How to attach the XDP program.
@@ -763,6 +843,7 @@ impl Config {
     /// command-line overrides, before anything is attached.
     pub fn validate(&self) -> anyhow::Result<()> {
         self.proxy.validate()?;
+        self.admin.validate()?;
         let x = &self.xdp;
         let mut seen = BTreeSet::new();
         for iface in &x.interfaces {

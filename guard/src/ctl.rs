@@ -108,7 +108,7 @@ fn listener_string(k: &ListenerKey, v: &ListenerValue) -> String {
     }
 }
 
-fn status_json(
+pub(crate) fn status_json(
     paths: &Paths,
     state: &AttachState,
     maps: &GuardMaps,
@@ -184,7 +184,11 @@ pub fn verified(paths: &Paths, cmd: VerifiedCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn status_table(paths: &Paths, state: &AttachState, maps: &GuardMaps) -> anyhow::Result<String> {
+pub(crate) fn status_table(
+    paths: &Paths,
+    state: &AttachState,
+    maps: &GuardMaps,
+) -> anyhow::Result<String> {
     let config = maps.config()?;
     let mut out = String::new();
     if state.interfaces.is_empty() {

@@ -9,6 +9,7 @@ use anyhow::{Context as _, bail};
 use log::{error, info, warn};
 
 use crate::{
+    admin::{self, collect::ConfigTracker},
     cli::RunArgs,
     config::{self, Config},
     descriptors, ebpf,
@@ -38,7 +39,12 @@ type ProxyFuture = std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Re
 pub async fn run(paths: Paths, args: RunArgs) -> anyhow::Result<()> {
     let mut config = args.resolve()?;
     if args.check {
-        println!("{}", toml::to_string_pretty(&config)?);
+        let mut shown = config.clone();
+        // A secret on a terminal ends up in scrollback and pasted logs.
+        if !shown.admin.token.is_empty() {
+            shown.admin.token = "<redacted>".into();
+        }
+        println!("{}", toml::to_string_pretty(&shown)?);
         return Ok(());
     }
     if config.xdp.interfaces.is_empty() && config.proxy.listen.is_empty() {
@@ -62,6 +68,13 @@ pub async fn run(paths: Paths, args: RunArgs) -> anyhow::Result<()> {
         let (tx, rx) = tokio::sync::mpsc::channel::<proxy::Learned>(LEARNED_QUEUE);
         (Some(tx), Some(rx))
     };
+
+    // What the admin endpoint shows of the proxy, once it runs.
+    let proxy_shared = Arc::new(std::sync::OnceLock::new());
+    let config_tracker = Arc::new(ConfigTracker::new(
+        args.config.as_ref().map(|p| p.display().to_string()),
+        config.xdp.interfaces.clone(),
+    ));
 
     let mut proxy = None;
     // Reloaded backend lists reach the proxy's ejection controller.
@@ -99,6 +112,7 @@ pub async fn run(paths: Paths, args: RunArgs) -> anyhow::Result<()> {
             learned: learned_tx,
             limit_events: limit_events.clone(),
             backends: Some(backends_rx),
+            shared: proxy_shared.clone(),
         };
         // Polled here, in the runtime's main future, not spawned: its
         // accept loops then take their turn before every round of tasks
@@ -138,6 +152,8 @@ pub async fn run(paths: Paths, args: RunArgs) -> anyhow::Result<()> {
         xdp = Some((guard, control, events, report_tx));
     }
 
+    let admin = start_admin(&config, &paths, &proxy_shared, &config_tracker).await;
+
     let mut expiry = tokio::time::interval(EXPIRY_INTERVAL);
     let mut sweeps: u64 = 0;
     loop {
@@ -151,6 +167,10 @@ pub async fn run(paths: Paths, args: RunArgs) -> anyhow::Result<()> {
                             b.clone_from(&new.proxy.backends);
                             changed
                         });
+                        config_tracker.reloaded(new.xdp.interfaces.clone());
+                        if new.admin != config.admin {
+                            warn!("[admin] settings apply at restart");
+                        }
                         config = new;
                         info!(
                             "configuration reloaded: tenants and their budgets ({}), backends{}; other proxy settings apply at restart",
@@ -158,7 +178,10 @@ pub async fn run(paths: Paths, args: RunArgs) -> anyhow::Result<()> {
                             if xdp.is_some() { " and XDP settings" } else { "" },
                         );
                     }
-                    Err(e) => error!("reload failed, keeping the running configuration: {e:#}"),
+                    Err(e) => {
+                        error!("reload failed, keeping the running configuration: {e:#}");
+                        config_tracker.failed(format!("{e:#}"));
+                    }
                 },
             },
             learned = async {
@@ -210,6 +233,9 @@ pub async fn run(paths: Paths, args: RunArgs) -> anyhow::Result<()> {
         let _ = stop.send(());
         serving.await?;
     }
+    if let Some(admin) = admin {
+        admin.abort();
+    }
     if let Some((guard, _, events, _)) = xdp {
         events.abort();
         info!(
@@ -218,6 +244,37 @@ pub async fn run(paths: Paths, args: RunArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Starts the admin endpoint when configured. A port it cannot have
+/// costs the endpoint, not the guard: the proxy and XDP go on, and the
+/// log says why there is no endpoint.
+async fn start_admin(
+    config: &Config,
+    paths: &Paths,
+    proxy_shared: &Arc<std::sync::OnceLock<Arc<proxy::Shared>>>,
+    tracker: &Arc<ConfigTracker>,
+) -> Option<tokio::task::JoinHandle<()>> {
+    let addr = config.admin.listen?;
+    let listener = match admin::bind(addr).await {
+        Ok(l) => l,
+        Err(e) => {
+            error!(
+                "no admin endpoint: {e:#}; choose another with --admin ADDR:PORT or [admin] listen"
+            );
+            return None;
+        }
+    };
+    let sources = admin::collect::Sources {
+        proxy: (!config.proxy.listen.is_empty()).then(|| proxy_shared.clone()),
+        listen: config.proxy.listen.clone(),
+        xdp: (!config.xdp.interfaces.is_empty())
+            .then(|| admin::collect::XdpSource::new(paths.clone())),
+        config: tracker.clone(),
+        started: std::time::Instant::now(),
+    };
+    let token = Some(config.admin.token.clone());
+    Some(tokio::spawn(admin::serve(listener, sources, token)))
 }
 
 /// SIGHUP: re-reads the configuration; applies it to the XDP maps (when

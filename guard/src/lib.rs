@@ -65,6 +65,7 @@
 //! the parsers' are `protocol::tests` (every split point, property tests)
 //! and the fuzz targets in `guard/fuzz`.
 
+pub mod admin;
 pub mod cidr;
 pub mod cli;
 pub mod config;
@@ -109,6 +110,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Deny(cmd) => ctl::cidr(&paths, ebpf::maps::CidrList::Deny, cmd),
         Command::Allow(cmd) => ctl::cidr(&paths, ebpf::maps::CidrList::Allow, cmd),
         Command::Verified(cmd) => ctl::verified(&paths, cmd),
+        Command::Status(args) => admin::client::command(&paths, &args),
         Command::Probe(args) => {
             // A few sockets per node: one thread runs every probe.
             let runtime = tokio::runtime::Builder::new_current_thread()

@@ -31,11 +31,14 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "netsniff-ng",
     "tcpdump",
     "ethtool",
+    // The status page's test loads it in a real headless browser.
+    "chromium",
 ];
 
-/// Python memcache clients the client-library tests drive guard with
-/// (pymemcache: text; python-binary-memcached: binary and SASL PLAIN).
-const PIP_PACKAGES: &[&str] = &["pymemcache", "python-binary-memcached"];
+/// Python packages the tests drive guard with: memcache clients
+/// (pymemcache: text; python-binary-memcached: binary and SASL PLAIN) and
+/// Prometheus's own parser of the exposition `/metrics` serves.
+const PIP_PACKAGES: &[&str] = &["pymemcache", "python-binary-memcached", "prometheus-client"];
 
 #[derive(Parser)]
 #[command(name = "xtask", about = "guard's developer and CI tasks")]
@@ -219,7 +222,9 @@ fn setup() -> anyhow::Result<()> {
                 .status();
         }
     }
-    if !quiet_ok(Command::new("python3").args(["-c", "import pymemcache, bmemcached"])) {
+    if !quiet_ok(
+        Command::new("python3").args(["-c", "import pymemcache, bmemcached, prometheus_client"]),
+    ) {
         let pip = || {
             let mut c = Command::new("python3");
             c.args(["-m", "pip", "install", "--quiet"])

@@ -50,7 +50,7 @@ use super::{
     backend::{BackendPool, BackendSettings},
     health::{BackendHealth, LatencySnapshot, OutlierRule, human, median},
     probe::{self, ProbeSettings, Verdict},
-    router::{Backend, Member, Router, Topology, gutter_tag},
+    router::{Backend, BackendState, Member, Router, Topology, gutter_tag},
     stats::ProxyStats,
 };
 use crate::config::{BackendConfig, EjectPolicy, ProxyConfig};
@@ -292,6 +292,7 @@ impl Controller {
             });
         }
         c.publish();
+        c.show();
         (c.router.clone(), c)
     }
 
@@ -346,6 +347,32 @@ impl Controller {
                     }),
                 },
             }
+            self.show();
+        }
+    }
+
+    /// Shows operators each backend's state (a few stores per backend,
+    /// after every event the loop handles).
+    fn show(&self) {
+        for t in &self.tracked {
+            t.backend.state.set(match &t.state {
+                State::Live { .. } => BackendState::Healthy,
+                State::Ejected { probe: None, .. } => BackendState::Ejected,
+                State::Ejected { probe: Some(_), .. } | State::Joining { probe: Some(_), .. } => {
+                    BackendState::Probing
+                }
+                State::Joining { probe: None, .. } => BackendState::Joining,
+            });
+        }
+        let now = self.router.tracked();
+        let same = now.len() == self.tracked.len()
+            && now
+                .iter()
+                .zip(&self.tracked)
+                .all(|(a, b)| Arc::ptr_eq(a, &b.backend));
+        if !same {
+            self.router
+                .set_tracked(self.tracked.iter().map(|t| t.backend.clone()).collect());
         }
     }
 
@@ -465,6 +492,7 @@ impl Controller {
             t.cap_warned = false;
             t.health().clear_failures();
             ProxyStats::add(&self.stats.backend_ejections, 1);
+            t.backend.state.ejected();
             let keys = match self.settings.policy {
                 EjectPolicy::Redistribute => "its keys go to the next live backend",
                 EjectPolicy::FailFast => "its keys are refused (eject = fail-fast)",

@@ -94,6 +94,65 @@ fn bucket_ceiling(i: usize) -> u64 {
     base + base * u64::from(sub + 1) / u64::from(SUB_BUCKETS)
 }
 
+/// Upper bounds of [`Histogram`]'s buckets, in seconds: from a loopback
+/// memcached's tenth of a millisecond to past any request timeout.
+pub const HISTOGRAM_BOUNDS: [f64; 14] = [
+    0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
+
+/// A latency histogram since start, as Prometheus reads one: cumulative
+/// counts per bound, a count and a sum. Recording is a few relaxed
+/// additions, no lock: the data path pays that, the scrape does the rest.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    /// Observations at or below each bound (not cumulative here: the
+    /// scrape adds them up), and above the last.
+    buckets: [AtomicU64; HISTOGRAM_BOUNDS.len() + 1],
+    sum_ns: AtomicU64,
+}
+
+impl Histogram {
+    /// Counts one latency.
+    pub fn record(&self, latency: Duration) {
+        let secs = latency.as_secs_f64();
+        let i = HISTOGRAM_BOUNDS
+            .iter()
+            .position(|&b| secs <= b)
+            .unwrap_or(HISTOGRAM_BOUNDS.len());
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        let ns = u64::try_from(latency.as_nanos()).unwrap_or(u64::MAX);
+        self.sum_ns.fetch_add(ns, Ordering::Relaxed);
+    }
+
+    /// `(sum in seconds, count, [(bound, cumulative count)])`, the `+Inf`
+    /// bucket last, as the exposition wants them.
+    pub fn snapshot(&self) -> (f64, u64, Vec<(f64, u64)>) {
+        let mut total = 0;
+        let mut out = Vec::with_capacity(HISTOGRAM_BOUNDS.len() + 1);
+        for (i, b) in self.buckets.iter().enumerate() {
+            total += b.load(Ordering::Relaxed);
+            let bound = HISTOGRAM_BOUNDS.get(i).copied().unwrap_or(f64::INFINITY);
+            out.push((bound, total));
+        }
+        let sum = self.sum_ns.load(Ordering::Relaxed) as f64 / 1e9;
+        (sum, total, out)
+    }
+
+    /// The `q` quantile, as the bound of the bucket it falls in (`None`
+    /// before any observation): for the status page, not for alerting.
+    pub fn quantile(&self, q: f64) -> Option<Duration> {
+        let (_, count, buckets) = self.snapshot();
+        if count == 0 {
+            return None;
+        }
+        let rank = ((count as f64) * q).ceil().max(1.0) as u64;
+        let (bound, _) = buckets.iter().find(|(_, c)| *c >= rank)?;
+        Some(Duration::from_secs_f64(
+            bound.min(HISTOGRAM_BOUNDS[HISTOGRAM_BOUNDS.len() - 1] * 2.0),
+        ))
+    }
+}
+
 /// One interval's latencies.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct LatencySnapshot {
@@ -161,6 +220,8 @@ impl LatencyWindow {
 #[derive(Debug, Default)]
 pub struct BackendHealth {
     window: LatencyWindow,
+    /// Every answered batch's latency since start, for `/metrics`.
+    since_start: Histogram,
     /// Exponentially weighted latency in nanoseconds (weight 1/16).
     ewma_ns: AtomicU64,
     /// Connects, requests and connections that failed since the last
@@ -189,6 +250,7 @@ impl BackendHealth {
     pub fn answered(&self, latency: Duration) {
         let ns = u64::try_from(latency.as_nanos()).unwrap_or(u64::MAX);
         self.window.record(ns / 1_000);
+        self.since_start.record(latency);
         // A lost update between two connections only skips one sample.
         let old = self.ewma_ns.load(Ordering::Relaxed);
         let new = if old == 0 {
@@ -239,6 +301,11 @@ impl BackendHealth {
     /// The latency estimate over recent batches.
     pub fn ewma(&self) -> Duration {
         Duration::from_nanos(self.ewma_ns.load(Ordering::Relaxed))
+    }
+
+    /// Every answered batch's latency since start.
+    pub fn histogram(&self) -> &Histogram {
+        &self.since_start
     }
 
     /// The interval's latencies; starts the next interval.
@@ -326,6 +393,24 @@ mod tests {
         assert!(s.p90 >= ms(200) && s.p90 < ms(250), "{s:?}");
         assert_eq!(h.take_interval(), LatencySnapshot::default());
         assert!(h.ewma() > Duration::from_micros(200));
+    }
+
+    #[test]
+    fn a_histogram_counts_cumulatively_with_an_infinite_bucket_last() {
+        let h = Histogram::default();
+        assert_eq!(h.quantile(0.5), None);
+        for us in [50, 90, 300, 300, 2_000_000, 9_000_000] {
+            h.record(Duration::from_micros(us));
+        }
+        let (sum, count, buckets) = h.snapshot();
+        assert_eq!(count, 6);
+        assert!((sum - 11.00074).abs() < 1e-6, "{sum}");
+        assert_eq!(buckets[0], (0.000_1, 2));
+        assert_eq!(buckets[2], (0.000_5, 4));
+        assert_eq!(buckets[HISTOGRAM_BOUNDS.len() - 1], (2.5, 5));
+        assert_eq!(*buckets.last().unwrap(), (f64::INFINITY, 6));
+        assert!(buckets.windows(2).all(|w| w[0].1 <= w[1].1));
+        assert_eq!(h.quantile(0.5), Some(Duration::from_micros(500)));
     }
 
     #[test]

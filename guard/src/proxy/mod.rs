@@ -34,7 +34,7 @@ pub mod stats;
 use std::{
     future::Future,
     net::IpAddr,
-    sync::{Arc, atomic::AtomicU64},
+    sync::{Arc, OnceLock, atomic::AtomicU64},
     time::Duration,
 };
 
@@ -100,6 +100,9 @@ pub struct ProxyContext {
     /// The backend lists of reloaded configurations; `None`: the
     /// backends never change.
     pub backends: Option<watch::Receiver<Vec<crate::config::BackendConfig>>>,
+    /// Set once the proxy runs: what operators are shown (the admin
+    /// endpoint reads its counters, never takes part in a request).
+    pub shared: Arc<OnceLock<Arc<Shared>>>,
 }
 
 impl ProxyContext {
@@ -121,6 +124,7 @@ impl ProxyContext {
             learned: None,
             limit_events: Arc::default(),
             backends: None,
+            shared: Arc::default(),
         }
     }
 }
@@ -229,6 +233,7 @@ impl Proxy {
             max_pipeline_depth: config.max_pipeline_depth,
             settings: command::admin::SettingsRows::new(&config),
         });
+        let _ = cx.shared.set(shared.clone());
         let (phase_tx, phase_rx) = watch::channel(Phase::Running);
         // Flushes from before a restart, or from other proxies, apply
         // before the first client is served.

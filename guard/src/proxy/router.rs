@@ -50,6 +50,66 @@ pub struct Backend {
     pub addr: SocketAddr,
     pub identity: String,
     pub pool: BackendPool,
+    /// Where the ejection controller has it, for operators.
+    pub state: BackendStateCell,
+}
+
+/// A backend's state as operators see it.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BackendState {
+    /// In the ring, taking its keys.
+    Healthy,
+    /// Out of the ring, waiting for its next probe.
+    Ejected,
+    /// Out of the ring, its probe running.
+    Probing,
+    /// Added by a reload, not yet probed in.
+    Joining,
+}
+
+impl BackendState {
+    /// Every state, in the order of their numbers.
+    pub const ALL: [Self; 4] = [Self::Healthy, Self::Ejected, Self::Probing, Self::Joining];
+
+    /// The state's name in metrics and JSON.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Healthy => "healthy",
+            Self::Ejected => "ejected",
+            Self::Probing => "probing",
+            Self::Joining => "joining",
+        }
+    }
+}
+
+/// [`BackendState`] and ejection count, written by the controller only.
+#[derive(Debug, Default)]
+pub struct BackendStateCell {
+    state: std::sync::atomic::AtomicU8,
+    ejections: std::sync::atomic::AtomicU64,
+}
+
+impl BackendStateCell {
+    /// The state now.
+    pub fn get(&self) -> BackendState {
+        BackendState::ALL[usize::from(self.state.load(Ordering::Relaxed)).min(3)]
+    }
+
+    /// Sets the state.
+    pub fn set(&self, state: BackendState) {
+        self.state.store(state as u8, Ordering::Relaxed);
+    }
+
+    /// Times this backend was ejected since it was added.
+    pub fn ejections(&self) -> u64 {
+        self.ejections.load(Ordering::Relaxed)
+    }
+
+    /// Counts one ejection.
+    pub fn ejected(&self) {
+        self.ejections.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 impl Backend {
@@ -60,6 +120,7 @@ impl Backend {
             addr,
             identity: server_identity(&addr.ip().to_string(), addr.port(), None),
             pool,
+            state: BackendStateCell::default(),
         }
     }
 }
@@ -215,6 +276,9 @@ pub struct Router {
     /// that rejoined at once (a watch, so no change is missed while the
     /// marker pass is busy).
     changed: watch::Sender<u64>,
+    /// Every backend the controller tracks, joining ones included, in
+    /// configuration order: what operators are shown.
+    tracked: ArcSwap<Vec<Arc<Backend>>>,
 }
 
 impl Router {
@@ -224,6 +288,7 @@ impl Router {
             topology: ArcSwap::from_pointee(topology),
             next_affinity: AtomicUsize::new(0),
             changed: watch::channel(0).0,
+            tracked: ArcSwap::default(),
         }
     }
 
@@ -237,6 +302,17 @@ impl Router {
     pub fn publish(&self, topology: Topology) {
         self.topology.store(Arc::new(topology));
         self.changed.send_modify(|n| *n += 1);
+    }
+
+    /// Every backend tracked, joining ones included (see
+    /// [`Backend::state`]).
+    pub fn tracked(&self) -> Arc<Vec<Arc<Backend>>> {
+        self.tracked.load_full()
+    }
+
+    /// Replaces what [`Self::tracked`] returns.
+    pub fn set_tracked(&self, backends: Vec<Arc<Backend>>) {
+        self.tracked.store(Arc::new(backends));
     }
 
     /// Changes at every [`Self::publish`].

@@ -10,7 +10,8 @@ use std::{
 
 use bytes::Bytes;
 
-use super::session::SessionEnd;
+use super::{health::Histogram, session::SessionEnd};
+use crate::protocol::Request;
 
 macro_rules! counters {
     ($($(#[$doc:meta])* $name:ident),* $(,)?) => {
@@ -153,5 +154,131 @@ impl ProxyStats {
             .into_iter()
             .map(|(k, v)| (Bytes::from_static(k.as_bytes()), Bytes::from(v)))
             .collect()
+    }
+}
+
+/// What a client request does, for per-tenant counts: a handful of
+/// classes, whatever the protocol, so a metric's labels stay few.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum CommandClass {
+    /// get, gets, gat, gats, meta `mg`, binary get and gat.
+    Get,
+    /// set, add, replace, append, prepend, cas, meta `ms`.
+    Store,
+    /// delete, meta `md`.
+    Delete,
+    /// incr, decr, meta `ma`.
+    Arith,
+    /// touch.
+    Touch,
+    /// flush_all.
+    Flush,
+    /// Everything else: version, stats, verbosity, noop, quit, `me`,
+    /// authentication.
+    Other,
+}
+
+impl CommandClass {
+    /// Every class, in the order of their numbers.
+    pub const ALL: [Self; 7] = [
+        Self::Get,
+        Self::Store,
+        Self::Delete,
+        Self::Arith,
+        Self::Touch,
+        Self::Flush,
+        Self::Other,
+    ];
+
+    /// The class's name in metrics and JSON.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Get => "get",
+            Self::Store => "store",
+            Self::Delete => "delete",
+            Self::Arith => "arith",
+            Self::Touch => "touch",
+            Self::Flush => "flush",
+            Self::Other => "other",
+        }
+    }
+
+    /// The class of `req`.
+    pub fn of(req: &Request) -> Self {
+        use crate::protocol::{MetaCommand as M, Opcode::*, TextRequest as T};
+        match req {
+            Request::Text(t) => match t {
+                T::Get(_) => Self::Get,
+                T::Store(_) => Self::Store,
+                T::Incr { .. } | T::Decr { .. } => Self::Arith,
+                T::Delete { .. } => Self::Delete,
+                T::Touch { .. } => Self::Touch,
+                T::FlushAll { .. } => Self::Flush,
+                T::Version | T::Verbosity { .. } | T::Stats(_) | T::Admin(_) | T::Quit => {
+                    Self::Other
+                }
+            },
+            Request::Meta(m) => match m.command {
+                M::Get => Self::Get,
+                M::Set => Self::Store,
+                M::Delete => Self::Delete,
+                M::Arithmetic => Self::Arith,
+                M::Noop | M::Debug => Self::Other,
+            },
+            Request::Binary(b) => match b.opcode {
+                Get | GetQ | GetK | GetKQ | Gat | GatQ | GatK | GatKQ => Self::Get,
+                Set | Add | Replace | SetQ | AddQ | ReplaceQ | Append | Prepend | AppendQ
+                | PrependQ => Self::Store,
+                Delete | DeleteQ => Self::Delete,
+                Increment | Decrement | IncrementQ | DecrementQ => Self::Arith,
+                Touch => Self::Touch,
+                Flush | FlushQ => Self::Flush,
+                Noop | Version | Quit | QuitQ | Stat | SaslListMechs | SaslAuth | SaslStep => {
+                    Self::Other
+                }
+            },
+        }
+    }
+}
+
+/// One tenant's requests, backend errors and latency by class, since
+/// start: relaxed atomics the data path adds to, the admin endpoint reads.
+#[derive(Debug, Default)]
+pub struct Traffic {
+    requests: [AtomicU64; CommandClass::ALL.len()],
+    errors: [AtomicU64; CommandClass::ALL.len()],
+    latency: Histogram,
+}
+
+impl Traffic {
+    /// Counts one request of `class`, answered or refused.
+    pub fn request(&self, class: CommandClass) {
+        self.requests[class as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts one request of `class` answered with a backend error.
+    pub fn error(&self, class: CommandClass) {
+        self.errors[class as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Records the time a request that went to the backends took, from
+    /// its dispatch to its reply.
+    pub fn answered(&self, latency: std::time::Duration) {
+        self.latency.record(latency);
+    }
+
+    /// Requests of `class` since start.
+    pub fn requests(&self, class: CommandClass) -> u64 {
+        self.requests[class as usize].load(Ordering::Relaxed)
+    }
+
+    /// Requests of `class` answered with a backend error since start.
+    pub fn errors(&self, class: CommandClass) -> u64 {
+        self.errors[class as usize].load(Ordering::Relaxed)
+    }
+
+    /// Latency of requests that went to the backends.
+    pub fn latency(&self) -> &Histogram {
+        &self.latency
     }
 }

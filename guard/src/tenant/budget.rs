@@ -164,6 +164,15 @@ impl OverBudget {
         }
     }
 
+    /// The budget's name in metrics and JSON.
+    pub const fn metric_label(self) -> &'static str {
+        match self {
+            Self::RequestsPerSec => "requests_per_sec",
+            Self::BytesPerSec => "bytes_per_sec",
+            Self::InFlight => "in_flight",
+        }
+    }
+
     const fn label(self) -> &'static str {
         match self {
             Self::RequestsPerSec => "requests/s",
@@ -197,12 +206,15 @@ pub struct TenantBudget {
     log: RefusalLog,
     /// The counters as the tenant's last `stats reset` saw them.
     reset: ResetMarks,
+    /// Requests, errors and latency by command class, for operators.
+    pub traffic: crate::proxy::stats::Traffic,
 }
 
 /// The counters' values at a tenant's last `stats reset`: its `stats`
 /// show what happened since, while the counters themselves, which the log
-/// and the operator read, only ever grow (a tenant cannot make the
-/// operator's counters go back, nor another tenant's).
+/// and the operator read (`/metrics` among them), only ever grow (a
+/// tenant cannot make the operator's counters go back, nor another
+/// tenant's).
 #[derive(Debug, Default)]
 struct ResetMarks {
     served: AtomicU64,
@@ -477,6 +489,12 @@ impl TenantBudgets {
     pub fn get(&self, tenant: &Tenant) -> Arc<TenantBudget> {
         let mut budgets = self.budgets.lock().unwrap_or_else(|e| e.into_inner());
         budgets.entry(tenant.id).or_default().clone()
+    }
+
+    /// The state of tenant `id`, if it was ever charged.
+    pub fn by_id(&self, id: u32) -> Option<Arc<TenantBudget>> {
+        let budgets = self.budgets.lock().unwrap_or_else(|e| e.into_inner());
+        budgets.get(&id).cloned()
     }
 }
 

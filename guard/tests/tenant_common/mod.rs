@@ -38,6 +38,18 @@ pub fn proxy_section(mc: &Memcached, port: u16, extra: &str) -> String {
     )
 }
 
+/// The config file: `[proxy]`, then `rest`; the admin endpoint off
+/// unless `rest` has an `[admin]` table (tests run side by side, and the
+/// default port is one).
+fn config_text(mc: &Memcached, port: u16, proxy_extra: &str, rest: &str) -> String {
+    let admin = if rest.contains("[admin]") {
+        ""
+    } else {
+        "\n[admin]\nlisten = \"\"\n"
+    };
+    format!("{}\n{rest}\n{admin}", proxy_section(mc, port, proxy_extra))
+}
+
 impl GuardProcess {
     /// Starts guard with `[proxy]` for `mc` plus `rest` (tenant tables).
     pub fn start(mc: &Memcached, proxy_extra: &str, rest: &str) -> Self {
@@ -45,11 +57,7 @@ impl GuardProcess {
         let dir = std::env::temp_dir().join(format!("guard-tenants-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let config_path = dir.join("guard.toml");
-        std::fs::write(
-            &config_path,
-            format!("{}\n{rest}", proxy_section(mc, port, proxy_extra)),
-        )
-        .unwrap();
+        std::fs::write(&config_path, config_text(mc, port, proxy_extra, rest)).unwrap();
         let log = std::fs::File::create(dir.join("guard.log")).unwrap();
         let mut child = ChildGuard::spawn(
             Command::new(env!("CARGO_BIN_EXE_guard"))
@@ -75,10 +83,7 @@ impl GuardProcess {
     pub fn reload(&mut self, mc: &Memcached, proxy_extra: &str, rest: &str) {
         std::fs::write(
             &self.config_path,
-            format!(
-                "{}\n{rest}",
-                proxy_section(mc, self.addr.port(), proxy_extra)
-            ),
+            config_text(mc, self.addr.port(), proxy_extra, rest),
         )
         .unwrap();
         self.signal(libc::SIGHUP);

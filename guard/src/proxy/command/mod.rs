@@ -32,7 +32,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use super::{
     Shared,
     error::{ErrorKind, ProxyError, Side},
-    stats::ProxyStats,
+    stats::{CommandClass, ProxyStats},
 };
 use crate::{
     protocol::{
@@ -95,6 +95,8 @@ pub struct Client {
 /// are on their way when this returns, charged to the client's tenant, or
 /// it is refused at once if they do not fit its budgets.
 pub fn dispatch(req: Request, size: usize, sh: &Arc<Shared>, client: &Client) -> Slot {
+    let class = CommandClass::of(&req);
+    client.budget.traffic.request(class);
     if client.identity.read_only && is_write(&req) {
         ProxyStats::add(&sh.stats.permission_denied, 1);
         return Slot::Ready(permission_denied(&req));
@@ -121,6 +123,10 @@ pub fn dispatch(req: Request, size: usize, sh: &Arc<Shared>, client: &Client) ->
         ns: client.identity.tenant.namespace.clone(),
         tenant: client.identity.tenant.clone(),
         authenticated: client.authenticated,
+        failures: Failures {
+            budget: client.budget.clone(),
+            class,
+        },
     };
     let slot = match req {
         Request::Text(r) => text::dispatch(r, &cx),
@@ -135,11 +141,16 @@ pub fn dispatch(req: Request, size: usize, sh: &Arc<Shared>, client: &Client) ->
             charge.unsent();
             Slot::Ready(reply)
         }
-        (Some(charge), Slot::Waiting(reply)) => waiting(async move {
-            let reply = reply.await;
-            charge.reply(reply.out.len());
-            reply
-        }),
+        (Some(charge), Slot::Waiting(reply)) => {
+            let sent = std::time::Instant::now();
+            let budget = client.budget.clone();
+            waiting(async move {
+                let reply = reply.await;
+                budget.traffic.answered(sent.elapsed());
+                charge.reply(reply.out.len());
+                reply
+            })
+        }
     }
 }
 
@@ -282,6 +293,29 @@ struct Cx {
     ns: KeyNamespace,
     tenant: Arc<Tenant>,
     authenticated: bool,
+    failures: Failures,
+}
+
+/// Where a request's backend failures are counted: guard's
+/// `backend_errors` and its tenant's errors for its class.
+#[derive(Clone)]
+struct Failures {
+    budget: Arc<TenantBudget>,
+    class: CommandClass,
+}
+
+impl Failures {
+    /// One backend failure of the request.
+    fn count(&self, stats: &ProxyStats) {
+        ProxyStats::add(&stats.backend_errors, 1);
+        self.tenant();
+    }
+
+    /// The request failed, for its tenant (once per request, however
+    /// many of its keys failed).
+    fn tenant(&self) {
+        self.budget.traffic.error(self.class);
+    }
 }
 
 impl Cx {
@@ -361,6 +395,7 @@ fn forward(
 ) -> Slot {
     let call = sh.router.call_one(bkey, encode, sh.caller());
     let backend = call.backend();
+    let failures = sh.failures.clone();
     let sh = sh.sh.clone();
     waiting(async move {
         let r = match call.wait().await {
@@ -369,7 +404,7 @@ fn forward(
             Err(e) => Err(e),
         };
         if r.is_err() {
-            ProxyStats::add(&sh.stats.backend_errors, 1);
+            failures.count(&sh.stats);
         }
         render(&sh, r)
     })

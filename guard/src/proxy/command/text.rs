@@ -125,10 +125,12 @@ fn text_get(g: GetRequest, sh: &Cx) -> Slot {
         out.unsplit(meta_req(MetaCommand::Get, key, flags.clone(), None));
     };
     let fan = sh.router.fan_out(&bkeys, encode, sh.caller());
+    let failures = sh.failures.clone();
     let sh = sh.sh.clone();
     let with_cas = g.kind.returns_cas();
     waiting(async move {
         let results = fan.wait().await;
+        let mut failed = false;
         let stats = &sh.stats;
         ProxyStats::add(&stats.cmd_get, results.len() as u64);
         let mut out = BytesMut::new();
@@ -158,11 +160,16 @@ fn text_get(g: GetRequest, sh: &Cx) -> Slot {
                     ProxyStats::add(&stats.backend_errors, 1);
                     if sh.miss_on_backend_error {
                         ProxyStats::add(&stats.get_misses, 1);
+                        failed = true;
                     } else {
+                        failures.tenant();
                         return server_error(&e);
                     }
                 }
             }
+        }
+        if failed {
+            failures.tenant();
         }
         TextResponse::End.encode(&mut out);
         Reply { out, close: false }
