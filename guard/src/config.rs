@@ -1547,7 +1547,8 @@ mod tests {
     /// `guard.example.toml`, at the top of the repository, is a valid
     /// configuration (as `guard run --check` reads it) that sets every
     /// option there is, each under a comment that names its default: an
-    /// option added to the config without the example fails here.
+    /// option (or a table) added to the config without the example fails
+    /// here.
     #[test]
     fn the_example_file_has_every_option_with_its_default() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../guard.example.toml");
@@ -1626,7 +1627,7 @@ mod tests {
         absent.dedup();
         assert!(absent.is_empty(), "guard.example.toml lacks {absent:?}");
 
-        // Each key of [xdp], [proxy] and the first [[tenant]] sits under a
+        // Each key of [xdp], [proxy], [admin] and the first [[tenant]] sits under a
         // comment (shared by a run of keys) that names its default.
         let mut comment = String::new();
         let mut after_key = false;
