@@ -17,7 +17,19 @@ use crate::{
 
 /// guard: an XDP connection guard in front of a multi-tenant memcache proxy.
 #[derive(Debug, Parser)]
-#[command(name = "guard", version, about, propagate_version = true)]
+#[command(
+    name = "guard",
+    version,
+    about,
+    long_about = "guard: an XDP program that drops connection storms before the kernel \
+        allocates anything for them, and the daemon that loads it and runs a multi-tenant \
+        memcache proxy behind it. `guard run` is the daemon; the other commands work on \
+        its pinned state whether it runs or not.",
+    after_long_help = "Logging: RUST_LOG (e.g. info, debug). Every option of the config file: \
+        guard.example.toml. Running it in production: docs/operations.md (several hosts: \
+        docs/fleet.md).",
+    propagate_version = true
+)]
 pub struct Cli {
     /// Root of guard's pins in bpffs.
     #[arg(long, global = true, env = "GUARD_PIN_ROOT", default_value = DEFAULT_PIN_ROOT, hide_short_help = true)]
@@ -40,16 +52,20 @@ impl Cli {
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Load and attach the guard, keep its maps in step, run until SIGINT or
-    /// SIGTERM. SIGHUP re-reads the config file.
+    /// Run the daemon: the XDP guard on --iface and the memcache proxy on
+    /// --listen, until SIGINT or SIGTERM (the proxy drains; the XDP
+    /// program stays attached). SIGHUP re-reads the config file.
     Run(Box<RunArgs>),
-    /// Inspect or remove the pinned XDP program.
+    /// Inspect or remove the pinned XDP program (with or without the
+    /// daemon).
     #[command(subcommand)]
     Xdp(XdpCommand),
-    /// Sources whose SYNs are dropped.
+    /// Sources whose SYNs are dropped, in the pinned maps (the daemon
+    /// need not run).
     #[command(subcommand)]
     Deny(CidrCommand),
-    /// Sources whose SYNs pass without being charged.
+    /// Sources whose SYNs pass without being charged, in the pinned maps
+    /// (the daemon need not run).
     #[command(subcommand)]
     Allow(CidrCommand),
     /// Sources that proved who they are: their SYNs skip the shared and
@@ -223,52 +239,57 @@ pub struct RunArgs {
     /// TOML config file; SIGHUP re-reads it.
     #[arg(long, short)]
     pub config: Option<PathBuf>,
-    /// Check the configuration, print it, and exit.
+    /// Check the configuration (the file and the flags), print it, and
+    /// exit: nothing is attached or bound.
     #[arg(long)]
     pub check: bool,
     /// Interface to attach the XDP guard to (repeatable).
     #[arg(long = "iface", value_name = "IF")]
     pub interfaces: Vec<String>,
-    /// XDP mode: auto (driver, else skb), drv, or skb.
+    /// XDP mode: auto (driver, else skb), drv, or skb (default auto).
     #[arg(long)]
     pub xdp_mode: Option<XdpModeSetting>,
     /// Protected listener, ADDR:PORT or *:PORT (repeatable).
     #[arg(long, value_name = "ADDR:PORT")]
     pub protect: Vec<Listener>,
-    /// SYNs per second per source (0 = unlimited).
+    /// SYNs per second per source (default 50; 0 = unlimited).
     #[arg(long)]
     pub syn_rate: Option<u64>,
-    /// SYN burst per source.
+    /// SYN burst per source (default 100).
     #[arg(long)]
     pub syn_burst: Option<u64>,
-    /// SYNs per second per tenant and for sources with no tenant.
+    /// SYNs per second per tenant, and for sources with no tenant together
+    /// (default 2000).
     #[arg(long)]
     pub tenant_syn_rate: Option<u64>,
-    /// SYN burst per tenant.
+    /// SYN burst per tenant (default 4000).
     #[arg(long)]
     pub tenant_syn_burst: Option<u64>,
-    /// SYNs per second for the whole host (0 = unlimited).
+    /// SYNs per second for the whole host (default 20000; 0 = unlimited).
     #[arg(long)]
     pub global_syn_rate: Option<u64>,
-    /// SYN burst for the whole host.
+    /// SYN burst for the whole host (default 40000).
     #[arg(long)]
     pub global_syn_burst: Option<u64>,
-    /// Limit events per second XDP describes to the daemon (0 = none).
+    /// Limit events per second XDP describes to the daemon, host-wide
+    /// (default 200; 0 = none; every crossing is still counted).
     #[arg(long)]
     pub event_rate: Option<u64>,
-    /// Burst of limit events.
+    /// Burst of limit events (default 400).
     #[arg(long)]
     pub event_burst: Option<u64>,
-    /// Seconds between summaries of what XDP dropped.
+    /// Seconds between the log's summaries of what XDP dropped (default 10).
     #[arg(long)]
     pub report_interval_secs: Option<u64>,
-    /// IPv6 sources share a bucket per prefix of this length.
+    /// IPv6 sources share a bucket per prefix of this length (default 64).
     #[arg(long, value_parser = clap::value_parser!(u8).range(1..=128))]
     pub ipv6_prefix: Option<u8>,
-    /// Pass UDP to protected ports instead of dropping it.
+    /// Pass UDP to protected ports instead of dropping it (memcached's UDP
+    /// is a reflection vector).
     #[arg(long)]
     pub allow_udp: bool,
-    /// Seconds a source stays verified after a login (0 = never verify).
+    /// Seconds a source stays verified after a login (default 3600; 0 =
+    /// never verify).
     #[arg(long)]
     pub verified_secs: Option<u64>,
     /// Admin endpoint (/metrics, /status, the status page), ADDR:PORT or
@@ -292,101 +313,116 @@ pub struct RunArgs {
     /// Address the memcache proxy listens on (repeatable).
     #[arg(long, value_name = "ADDR:PORT")]
     pub listen: Vec<std::net::SocketAddr>,
-    /// Accept queue length of each listener (capped by net.core.somaxconn).
+    /// Accept queue length of each listener (default 4096; capped by
+    /// net.core.somaxconn).
     #[arg(long)]
     pub backlog: Option<u32>,
-    /// memcached backend, ADDR:PORT[:WEIGHT] (repeatable).
+    /// memcached backend: its address and port, and optionally its ketama
+    /// weight (default 1) (repeatable).
     #[arg(long, value_name = "ADDR:PORT[:WEIGHT]")]
     pub backend: Vec<BackendConfig>,
-    /// Backend connect timeout in milliseconds.
+    /// Backend connect timeout in milliseconds (default 200).
     #[arg(long)]
     pub connect_timeout_ms: Option<u64>,
-    /// Backend request timeout in milliseconds.
+    /// Backend request timeout in milliseconds (default 250).
     #[arg(long)]
     pub request_timeout_ms: Option<u64>,
-    /// Persistent connections per backend.
+    /// Persistent, pipelined connections per backend (default 2).
     #[arg(long)]
     pub backend_connections: Option<usize>,
-    /// Most requests outstanding on one backend connection.
+    /// Most requests outstanding on one backend connection; more are
+    /// refused at once (default 1024).
     #[arg(long)]
     pub backend_max_in_flight: Option<usize>,
-    /// Runtime threads (1: everything on one thread; 0: by CPU count).
+    /// Runtime threads (default 0: one on up to two CPUs, else one per
+    /// CPU; 1: everything on one thread).
     #[arg(long)]
     pub threads: Option<usize>,
-    /// Most client connections at once.
+    /// Most client connections at once (default 50000; lowered to what the
+    /// descriptor limit holds).
     #[arg(long)]
     pub max_connections: Option<usize>,
-    /// Most client connections per source address (0 = unlimited).
+    /// Most client connections per source address (default 1000; 0 =
+    /// unlimited).
     #[arg(long)]
     pub max_connections_per_source: Option<usize>,
-    /// Close idle client connections after this many seconds (0 = never).
+    /// Close idle client connections after this many seconds (default 300;
+    /// 0 = never).
     #[arg(long)]
     pub idle_timeout_secs: Option<u64>,
-    /// Close a client whose request stays incomplete this long (ms, 0 = never).
+    /// Close a client whose request stays incomplete this many
+    /// milliseconds (default 5000; 0 = never).
     #[arg(long)]
     pub request_read_timeout_ms: Option<u64>,
-    /// Largest value a client may store, in bytes.
+    /// Largest value a client may store, in bytes (default 1048576).
     #[arg(long)]
     pub max_value_size: Option<usize>,
-    /// Most requests in flight per client connection.
+    /// Most requests in flight per client connection (default 256).
     #[arg(long)]
     pub max_pipeline_depth: Option<usize>,
     /// Answer reads with a miss instead of an error when a backend fails.
     #[arg(long)]
     pub miss_on_backend_error: bool,
-    /// Seconds in-flight requests get to finish after SIGTERM.
+    /// Seconds in-flight requests get to finish after SIGTERM (default 5).
     #[arg(long)]
     pub drain_grace_secs: Option<u64>,
-    /// With tenants, milliseconds a client has to authenticate.
+    /// With tenants, milliseconds a client has to authenticate (default
+    /// 2000).
     #[arg(long)]
     pub auth_timeout_ms: Option<u64>,
-    /// The open tenant's keys: namespaced, or raw (stored and hashed as
-    /// the client sent them, as twemproxy does).
+    /// The open tenant's keys: namespaced (default), or raw (stored and
+    /// hashed as the client sent them, as twemproxy does).
     #[arg(long)]
     pub keys: Option<KeyMode>,
-    /// An ejected backend's keys: redistribute (to the next live backend)
-    /// or fail-fast (answered with an error at once).
+    /// An ejected backend's keys: redistribute (default; to the next live
+    /// backend) or fail-fast (answered with an error at once).
     #[arg(long)]
     pub eject: Option<EjectPolicy>,
-    /// Consecutive backend failures that eject it (0 = never).
+    /// Consecutive backend failures that eject it (default 3; 0 = never).
     #[arg(long)]
     pub eject_after_errors: Option<u32>,
-    /// Latency outlier: this many times its peers' median (0 = never).
+    /// Latency outlier: a p90 this many times its peers' median (default
+    /// 3; 0 = never).
     #[arg(long)]
     pub outlier_ratio: Option<f64>,
-    /// Latency outlier: and at least this many milliseconds above it.
+    /// Latency outlier: and at least this many milliseconds above it
+    /// (default 10).
     #[arg(long)]
     pub outlier_min_gap_ms: Option<u64>,
-    /// Milliseconds between latency comparisons.
+    /// Milliseconds between latency comparisons; an outlier two in a row
+    /// is ejected (default 500).
     #[arg(long)]
     pub outlier_interval_ms: Option<u64>,
-    /// Most backends ejected at once, percent of the pool.
+    /// Most backends ejected at once, percent of the pool (default 50).
     #[arg(long)]
     pub max_ejected_percent: Option<u32>,
-    /// First ejection's length in milliseconds; doubles on each repeat.
+    /// First ejection's length in milliseconds; doubles on each repeat
+    /// (default 10000).
     #[arg(long)]
     pub eject_time_ms: Option<u64>,
-    /// Longest ejection in milliseconds.
+    /// Longest ejection in milliseconds (default 300000).
     #[arg(long)]
     pub max_eject_time_ms: Option<u64>,
     /// Each tenant's requests per second, service-wide, unless it sets its
-    /// own; also the open tenant's (0 = unlimited).
+    /// own; also the open tenant's (default 0 = unlimited).
     #[arg(long)]
     pub max_requests_per_sec: Option<u64>,
     /// Burst for --max-requests-per-sec (default: one second of it).
     #[arg(long)]
     pub requests_burst: Option<u64>,
     /// Each tenant's request and reply bytes per second, service-wide
-    /// (0 = unlimited).
+    /// (default 0 = unlimited).
     #[arg(long)]
     pub max_bytes_per_sec: Option<u64>,
     /// Burst for --max-bytes-per-sec (default: one second of it).
     #[arg(long)]
     pub bytes_burst: Option<u64>,
-    /// Each tenant's backend requests in flight, service-wide (0 = unlimited).
+    /// Each tenant's backend requests in flight, service-wide (default 0 =
+    /// unlimited).
     #[arg(long)]
     pub max_in_flight: Option<u64>,
-    /// Proxy hosts sharing the budgets: each enforces 1/N of them.
+    /// Proxy hosts sharing the budgets: each enforces 1/N of them (default
+    /// 1).
     #[arg(long)]
     pub hosts: Option<u64>,
     /// The escalation ladder: on or off.
@@ -867,6 +903,50 @@ mod tests {
         assert_eq!(args.outlier_ratio, 0.0);
         assert_eq!(args.against.len(), 2);
         assert!(parse(&["probe", "127.0.0.1:1", "--outlier-ratio", "1000.5"]).is_err());
+    }
+
+    /// Every `guard run` flag that overrides a setting with a single
+    /// default names that default, as `Config::default()` has it: the
+    /// help cannot drift from the code.
+    #[test]
+    fn run_flags_name_their_defaults() {
+        use clap::CommandFactory;
+        let cli = Cli::command();
+        let run = cli.find_subcommand("run").expect("run");
+        let toml::Value::Table(defaults) = toml::Value::try_from(Config::default()).unwrap() else {
+            panic!("the config is a table")
+        };
+        let mut checked = 0;
+        for arg in run.get_arguments() {
+            let Some(long) = arg.get_long() else {
+                continue;
+            };
+            let key = match long {
+                "xdp-mode" => "mode".to_owned(),
+                l => l.replace('-', "_"),
+            };
+            let Some(value) = ["xdp", "proxy"]
+                .iter()
+                .find_map(|t| defaults.get(*t).and_then(|t| t.get(&key)))
+            else {
+                continue;
+            };
+            let wanted = match value {
+                toml::Value::Integer(n) => n.to_string(),
+                toml::Value::Float(f) => f.to_string(),
+                toml::Value::String(s) => s.clone(),
+                // Lists (empty by default) and switches (off).
+                _ => continue,
+            };
+            let help = arg.get_help().map(|h| h.to_string()).unwrap_or_default();
+            assert!(
+                help.contains(&format!("default {wanted}"))
+                    || help.contains(&format!("{wanted} (default")),
+                "--{long}: {help:?} does not name its default {wanted}"
+            );
+            checked += 1;
+        }
+        assert!(checked >= 35, "only {checked} flags checked");
     }
 
     #[test]

@@ -1737,6 +1737,173 @@ mod tests {
         assert!("10.0.0.1:99999".parse::<Listener>().is_err());
     }
 
+    /// The names serde reads for `T`: its `deserialize_struct` call names
+    /// every field (renames applied, `Option`s included), which a
+    /// serialized default would leave out.
+    fn fields_of<T: serde::de::DeserializeOwned>() -> &'static [&'static str] {
+        use serde::de::{Error as _, Visitor, value::Error};
+        struct Grab(Option<&'static [&'static str]>);
+        impl<'de> serde::Deserializer<'de> for &mut Grab {
+            type Error = Error;
+            fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Error> {
+                Err(Error::custom("not a struct"))
+            }
+            fn deserialize_struct<V: Visitor<'de>>(
+                self,
+                _: &'static str,
+                fields: &'static [&'static str],
+                _: V,
+            ) -> Result<V::Value, Error> {
+                self.0 = Some(fields);
+                Err(Error::custom("fields taken"))
+            }
+            serde::forward_to_deserialize_any! {
+                bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes
+                byte_buf option unit unit_struct newtype_struct seq tuple tuple_struct map
+                enum identifier ignored_any
+            }
+        }
+        let mut grab = Grab(None);
+        let _ = T::deserialize(&mut grab);
+        grab.0.expect("a struct")
+    }
+
+    /// Every key in `wanted` that `have` lacks, named by `path`, and so on
+    /// down every table `wanted` has.
+    fn missing(path: &str, wanted: &toml::Table, have: &toml::Table, out: &mut Vec<String>) {
+        for (key, value) in wanted {
+            let at = format!("{path}{key}");
+            match (value, have.get(key)) {
+                (_, None) => out.push(at),
+                (toml::Value::Table(w), Some(toml::Value::Table(h))) => {
+                    missing(&format!("{at}."), w, h, out)
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// `guard.example.toml`, at the top of the repository, is a valid
+    /// configuration (as `guard run --check` reads it) that sets every
+    /// option there is, each under a comment that names its default: an
+    /// option (or a table) added to the config without the example fails
+    /// here.
+    #[test]
+    fn the_example_file_has_every_option_with_its_default() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../guard.example.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let config = Config::load(&path).unwrap();
+        config.validate().unwrap();
+        let example: toml::Table = toml::from_str(&text).unwrap();
+        let mut absent = Vec::new();
+        // Whatever tables the default has, however deep (a table added
+        // later included).
+        let toml::Value::Table(default) = toml::Value::try_from(Config::default()).unwrap() else {
+            panic!("the config is a table")
+        };
+        missing("", &default, &example, &mut absent);
+        // Every field serde reads, `Option`s and the entries of arrays of
+        // tables included: the union over the example's entries.
+        let keys_of = |v: Option<&toml::Value>| -> BTreeSet<String> {
+            match v {
+                Some(toml::Value::Table(t)) => t.keys().cloned().collect(),
+                Some(toml::Value::Array(a)) => a
+                    .iter()
+                    .filter_map(|e| e.as_table())
+                    .flat_map(|t| t.keys().cloned())
+                    .collect(),
+                _ => BTreeSet::new(),
+            }
+        };
+        let tenants = example.get("tenant");
+        let backends = example.get("proxy").and_then(|p| p.get("backends"));
+        let credentials = toml::Value::Array(
+            tenants
+                .and_then(|t| t.as_array())
+                .into_iter()
+                .flatten()
+                .filter_map(|t| t.get("credentials")?.as_array())
+                .flatten()
+                .cloned()
+                .collect(),
+        );
+        for (what, have, fields) in [
+            (
+                "",
+                keys_of(Some(&toml::Value::Table(example.clone()))),
+                fields_of::<Config>(),
+            ),
+            (
+                "xdp.",
+                keys_of(example.get("xdp")),
+                fields_of::<XdpConfig>(),
+            ),
+            (
+                "proxy.",
+                keys_of(example.get("proxy")),
+                fields_of::<ProxyConfig>(),
+            ),
+            (
+                "proxy.backends.",
+                keys_of(backends),
+                fields_of::<BackendConfig>(),
+            ),
+            ("tenant.", keys_of(tenants), fields_of::<TenantConfig>()),
+            (
+                "tenant.credentials.",
+                keys_of(Some(&credentials)),
+                fields_of::<CredentialConfig>(),
+            ),
+            (
+                "escalation.",
+                keys_of(example.get("escalation")),
+                fields_of::<EscalationConfig>(),
+            ),
+        ] {
+            absent.extend(
+                fields
+                    .iter()
+                    .filter(|f| !have.contains(**f))
+                    .map(|f| format!("{what}{f}")),
+            );
+        }
+        absent.sort();
+        absent.dedup();
+        assert!(absent.is_empty(), "guard.example.toml lacks {absent:?}");
+
+        // Each key of [xdp], [proxy], [admin] and the first [[tenant]] sits under a
+        // comment (shared by a run of keys) that names its default.
+        let mut comment = String::new();
+        let mut after_key = false;
+        let mut tenants_seen = 0;
+        let mut keys_checked = 0;
+        for line in text.lines().map(str::trim) {
+            if line.starts_with('#') {
+                if after_key {
+                    comment.clear();
+                }
+                comment.push_str(line);
+                after_key = false;
+            } else if line.is_empty() {
+                comment.clear();
+            } else if line == "[[tenant]]" {
+                tenants_seen += 1;
+            } else if let Some((key, _)) = line.split_once('=')
+                && !line.starts_with('{')
+                && tenants_seen <= 1
+            {
+                let key = key.trim();
+                assert!(
+                    comment.to_lowercase().contains("default"),
+                    "guard.example.toml: `{key}` has no comment naming its default"
+                );
+                keys_checked += 1;
+                after_key = true;
+            }
+        }
+        assert!(keys_checked >= 60, "only {keys_checked} keys checked");
+    }
+
     #[test]
     fn escalation_defaults_parse_and_are_bounded() {
         let c = Config::parse("").unwrap();

@@ -113,3 +113,73 @@ fn probe_rejects_bad_addresses_and_settings_before_probing() {
         assert!(err.contains(needle), "{args:?}: {err}");
     }
 }
+
+/// Every command's `--help`, run on the real binary, succeeds, and names
+/// each of its flags; every command and argument has help text. The
+/// commands are walked from the CLI's own definition, so one added later
+/// is held to the same.
+#[test]
+fn every_command_has_complete_help() {
+    use clap::CommandFactory;
+    fn walk(cmd: &clap::Command, path: &[String], out: &mut Vec<(Vec<String>, clap::Command)>) {
+        for sub in cmd.get_subcommands() {
+            let mut p = path.to_vec();
+            p.push(sub.get_name().to_owned());
+            out.push((p.clone(), sub.clone()));
+            walk(sub, &p, out);
+        }
+    }
+    let top = guard::cli::Cli::command();
+    let mut commands = vec![(Vec::new(), top.clone())];
+    walk(&top, &[], &mut commands);
+    assert!(commands.len() >= 15, "{} commands", commands.len());
+    for (path, cmd) in &commands {
+        let name = format!("guard {}", path.join(" "));
+        assert!(cmd.get_about().is_some(), "{name}: no description");
+        let out = Command::new(env!("CARGO_BIN_EXE_guard"))
+            .args(path)
+            .arg("--help")
+            .output()
+            .expect("run guard");
+        assert!(out.status.success(), "{name} --help failed");
+        let help = String::from_utf8_lossy(&out.stdout);
+        for arg in cmd.get_arguments().filter(|a| !a.is_hide_set()) {
+            let id = arg.get_id().as_str();
+            assert!(arg.get_help().is_some(), "{name}: {id} has no help");
+            if let Some(long) = arg.get_long() {
+                assert!(
+                    help.contains(&format!("--{long}")),
+                    "{name} --help: no --{long}"
+                );
+            }
+        }
+        for sub in cmd.get_subcommands() {
+            assert!(
+                help.contains(sub.get_name()),
+                "{name} --help: no {}",
+                sub.get_name()
+            );
+        }
+    }
+}
+
+/// `guard run --check --config guard.example.toml`, as an operator runs
+/// it: the example at the top of the repository is a configuration the
+/// real binary accepts (that it has every option is checked beside
+/// `config::Config`).
+#[test]
+fn the_example_config_passes_check() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../guard.example.toml");
+    let out = Command::new(env!("CARGO_BIN_EXE_guard"))
+        .args(["run", "--check", "--config", example])
+        .env("GUARD_PIN_ROOT", "/nonexistent/guard-cli-test")
+        .output()
+        .expect("run guard");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let printed = String::from_utf8_lossy(&out.stdout);
+    // What is in force, the example's own values among it.
+    for line in ["interfaces = [\"eth0\"]", "hosts = 1", "name = \"globex\""] {
+        assert!(printed.contains(line), "no {line} in {printed}");
+    }
+}

@@ -366,6 +366,47 @@ fn flush_all_flushes_only_the_tenant() {
     assert_eq!(get(&mut raw, "gx:0000000:b").as_deref(), Some("2"));
 }
 
+/// One numeric row of `stats` on an authenticated connection.
+fn stat_of(c: &mut Client, name: &str) -> u64 {
+    c.send(b"stats\r\n");
+    let raw = String::from_utf8(c.read_until_suffix(b"END\r\n")).unwrap();
+    let prefix = format!("STAT {name} ");
+    raw.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .unwrap_or_else(|| panic!("no {name} in {raw}"))
+        .parse()
+        .unwrap()
+}
+
+/// `stats reset` (text or binary) zeroes its own tenant's counters, for
+/// every connection of that tenant, and never another tenant's.
+#[test]
+fn stats_reset_resets_only_the_tenants_own_counters() {
+    let mc = Memcached::start();
+    let guard = start(&mc);
+    let mut acme = guard.text_client("acme-app", "new-secret");
+    let mut acme2 = guard.text_client("acme-app", "old-secret");
+    let mut gx = guard.text_client("globex", "gx-pw");
+    for _ in 0..5 {
+        assert_eq!(get(&mut acme, "a"), None);
+        assert_eq!(get(&mut gx, "b"), None);
+    }
+    let gx_before = stat_of(&mut gx, "tenant_requests");
+    assert!(gx_before >= 5, "{gx_before}");
+    assert!(stat_of(&mut acme, "tenant_requests") >= 5);
+    acme.send(b"stats reset\r\n");
+    assert_eq!(acme.read_line(), "RESET");
+    assert_eq!(stat_of(&mut acme2, "tenant_requests"), 0);
+    assert_eq!(stat_of(&mut gx, "tenant_requests"), gx_before);
+    assert_eq!(get(&mut acme2, "a"), None);
+    assert_eq!(stat_of(&mut acme, "tenant_requests"), 1);
+    // Binary, from globex: its own again.
+    let mut b = guard.binary_client("globex", "gx-pw");
+    assert_eq!(bin_call(&mut b, 0x10, b"reset", b"", b""), (0, Vec::new()));
+    assert_eq!(stat_of(&mut gx, "tenant_requests"), 0);
+    assert_eq!(stat_of(&mut acme, "tenant_requests"), 1);
+}
+
 #[test]
 fn tenant_connection_cap() {
     let mc = Memcached::start();

@@ -11,6 +11,10 @@
 //!   veth pair it creates and removes.
 //! - `bench`: benchmarks (`bench xdp`, `bench proxy`).
 //! - `fuzz`: the protocol parsers under libFuzzer, checking their contract.
+//! - `install`: the release binary, the systemd unit, the example config
+//!   and the operator docs ([`install`]).
+
+mod install;
 
 use std::{
     env,
@@ -33,6 +37,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "ethtool",
     // The status page's test loads it in a real headless browser.
     "chromium",
+    // promtool checks the alert rules and the scrape config in docs/.
+    "prometheus",
 ];
 
 /// Python packages the tests drive guard with: memcache clients
@@ -78,6 +84,9 @@ enum Task {
         /// Which: `xdp` or `proxy`.
         which: String,
     },
+    /// Install the release binary, the systemd unit, the example config
+    /// and the operator docs (see docs/operations.md).
+    Install(install::InstallArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -105,6 +114,16 @@ fn main() -> anyhow::Result<()> {
         Task::Bench { which } => {
             setup()?;
             bench(&which)
+        }
+        Task::Install(args) => {
+            // Building needs the toolchain, not the test prerequisites
+            // `setup` adds: a missing bpf-linker fails the build, naming it.
+            if !args.dry_run && args.binary.is_none() {
+                check(Command::new("cargo").args(["build", "--release", "-p", "guard"])).context(
+                    "building guard failed (`cargo xtask setup` installs what it needs)",
+                )?;
+            }
+            install::install(&root, &args, &mut std::io::stdout())
         }
     }
 }
@@ -213,8 +232,9 @@ fn setup() -> anyhow::Result<()> {
                 .args(&missing)
                 .env("DEBIAN_FRONTEND", "noninteractive"),
         )?;
-        // The packaged services are started by the tests themselves.
-        for svc in ["memcached", "nutcracker"] {
+        // The packaged services are started by the tests themselves, or
+        // not at all (prometheus is here for promtool).
+        for svc in ["memcached", "nutcracker", "prometheus"] {
             let _ = Command::new("systemctl")
                 .args(["disable", "--now", svc])
                 .stdout(std::process::Stdio::null())

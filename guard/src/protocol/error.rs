@@ -18,8 +18,10 @@ pub enum ErrorKind {
     BadDeleteFormat,
     /// `CLIENT_ERROR invalid numeric delta argument` (incr/decr).
     InvalidDelta,
-    /// `CLIENT_ERROR invalid exptime argument` (touch/gat).
+    /// `CLIENT_ERROR invalid exptime argument` (touch, gat, flush_all).
     InvalidExptime,
+    /// `CLIENT_ERROR usage: stats detail on|off|dump`.
+    StatsDetailUsage,
     /// `SERVER_ERROR object too large for cache` / binary 0x0003.
     TooLarge,
     /// `CLIENT_ERROR bad data chunk`: the data block was not followed by CRLF.
@@ -66,6 +68,7 @@ impl ErrorKind {
             }
             InvalidDelta => "CLIENT_ERROR invalid numeric delta argument",
             InvalidExptime => "CLIENT_ERROR invalid exptime argument",
+            StatsDetailUsage => "CLIENT_ERROR usage: stats detail on|off|dump",
             TooLarge => "SERVER_ERROR object too large for cache",
             BadDataChunk => "CLIENT_ERROR bad data chunk",
             InvalidFlag => "CLIENT_ERROR invalid flag",

@@ -173,6 +173,21 @@ mod tests {
         fuzz_one(b"\x02VALUE a 0 1\r\nx\r\nEND\r\n", true);
     }
 
+    /// The fuzz targets' seeds keep the contract in every `cargo test`,
+    /// not only when `cargo xtask fuzz` runs.
+    #[test]
+    fn every_fuzz_seed_keeps_the_contract() {
+        let corpus = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus");
+        let mut seeds = 0;
+        for (target, responses) in [("requests", false), ("responses", true)] {
+            for entry in std::fs::read_dir(corpus.join(target)).unwrap() {
+                fuzz_one(&std::fs::read(entry.unwrap().path()).unwrap(), responses);
+                seeds += 1;
+            }
+        }
+        assert!(seeds >= 20, "only {seeds} seeds under {}", corpus.display());
+    }
+
     #[test]
     fn invariants_reject_what_limits_forbid() {
         let mut buf = BytesMut::from(&b"set abcdefgh 0 0 1\r\nx\r\n"[..]);

@@ -14,6 +14,7 @@
 //! Completeness is decided from bounded prefixes only, so the outcome never
 //! depends on how the stream was chunked.
 
+pub mod admin;
 pub mod binary;
 pub mod error;
 #[cfg(any(test, feature = "fuzzing"))]
@@ -28,6 +29,7 @@ mod tests;
 
 use bytes::BytesMut;
 
+pub use admin::{AdminCommand, AdminRequest, DetailAction, StatsGroup};
 pub use binary::{BinaryRequest, BinaryResponse, Extras, Opcode, Status};
 pub use error::{ErrorKind, ProtocolError};
 pub use meta::{ArithMode, MetaCode, MetaCommand, MetaFlag, MetaRequest, MetaResponse, StoreMode};

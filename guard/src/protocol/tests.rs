@@ -352,7 +352,8 @@ mod text_requests {
         let usage = b"CLIENT_ERROR bad command line format.  Usage: delete <key> [noreply]\r\n";
         assert_eq!(reply(&fail(b"delete k 5\r\n")), usage);
         assert_eq!(reply(&fail(b"delete k 0 x\r\n")), usage);
-        assert_eq!(reply(&fail(b"delete k 1 noreply\r\n")), usage);
+        // memcached 1.6.18 reads the `noreply` first and keeps quiet.
+        assert_eq!(reply(&fail(b"delete k 1 noreply\r\n")), b"");
         assert_eq!(reply(&fail(b"delete k 0 noreply x\r\n")), b"ERROR\r\n");
         assert_eq!(reply(&fail(b"delete\r\n")), b"ERROR\r\n");
     }
@@ -384,8 +385,9 @@ mod text_requests {
         roundtrip(b"flush_all\r\n");
         assert_eq!(
             reply(&fail(b"flush_all soon\r\n")),
-            b"CLIENT_ERROR bad command line format\r\n"
+            b"CLIENT_ERROR invalid exptime argument\r\n"
         );
+        assert_eq!(reply(&fail(b"flush_all soon noreply\r\n")), b"");
         assert_eq!(reply(&fail(b"flush_all 1 2 3\r\n")), b"ERROR\r\n");
 
         assert_eq!(text(b"version\r\n"), TextRequest::Version);
@@ -403,18 +405,134 @@ mod text_requests {
             b"CLIENT_ERROR bad command line format\r\n"
         );
         assert_eq!(reply(&fail(b"verbosity\r\n")), b"ERROR\r\n");
-        assert_eq!(text(b"stats\r\n"), TextRequest::Stats { args: vec![] });
+        assert_eq!(reply(&fail(b"verbosity 1 2 3\r\n")), b"ERROR\r\n");
+        // memcached reads `noreply` before the level: its error is silent.
+        assert_eq!(reply(&fail(b"verbosity x noreply\r\n")), b"");
+        assert_eq!(reply(&fail(b"verbosity noreply\r\n")), b"");
         assert_eq!(
-            text(b"stats cachedump 1 2\r\n"),
-            TextRequest::Stats {
-                args: vec![b("cachedump"), b("1"), b("2")]
+            text(b"verbosity +5 x\r\n"),
+            TextRequest::Verbosity {
+                level: 5,
+                noreply: false
             }
         );
+        assert_eq!(text(b"stats\r\n"), TextRequest::Stats(StatsGroup::General));
+        assert_eq!(
+            text(b"stats cachedump 1 2\r\n"),
+            TextRequest::Stats(StatsGroup::Cachedump)
+        );
+        assert_eq!(
+            text(b"stats detail dump x\r\n"),
+            TextRequest::Stats(StatsGroup::Detail(DetailAction::Dump))
+        );
+        for line in [&b"stats detail\r\n"[..], b"stats detail of\r\n"] {
+            assert_eq!(
+                reply(&fail(line)),
+                b"CLIENT_ERROR usage: stats detail on|off|dump\r\n"
+            );
+        }
+        for line in [
+            &b"stats noreply\r\n"[..],
+            b"stats foo\r\n",
+            b"stats proxy\r\n",
+        ] {
+            assert_eq!(reply(&fail(line)), b"ERROR\r\n");
+        }
         roundtrip(b"stats slabs\r\n");
+        roundtrip(b"stats detail on\r\n");
+        roundtrip(b"stats reset\r\n");
         assert_eq!(one(b"stats\r\n").reply_shape(), ReplyShape::Multi);
         assert_eq!(text(b"quit\r\n"), TextRequest::Quit);
         assert_eq!(one(b"quit\r\n").reply_shape(), ReplyShape::None);
         roundtrip(b"quit\r\n");
+    }
+
+    /// Errors memcached finds after reading a last `noreply` stay silent,
+    /// as they do from memcached 1.6.18 (each line checked against it).
+    #[test]
+    fn errors_after_noreply_are_silent() {
+        let long = "k".repeat(251);
+        for line in [
+            "touch a x noreply\r\n".to_owned(),
+            "incr a x noreply\r\n".to_owned(),
+            "incr a noreply\r\n".to_owned(),
+            "decr a x noreply\r\n".to_owned(),
+            format!("incr {long} 1 noreply\r\n"),
+            format!("touch {long} 1 noreply\r\n"),
+            format!("delete {long} noreply\r\n"),
+            "delete a b noreply\r\n".to_owned(),
+            "flush_all x noreply\r\n".to_owned(),
+        ] {
+            let e = fail(line.as_bytes());
+            assert!(e.noreply, "{line}");
+            assert_eq!(reply(&e), b"", "{line}");
+        }
+        // Token counts are checked before `noreply` is read.
+        for line in ["incr a 1 2 noreply\r\n", "verbosity 1 noreply x\r\n"] {
+            assert_eq!(reply(&fail(line.as_bytes())), b"ERROR\r\n", "{line}");
+        }
+        assert_eq!(
+            reply(&fail(b"touch a x\r\n")),
+            b"CLIENT_ERROR invalid exptime argument\r\n"
+        );
+    }
+
+    #[test]
+    fn bget_is_get() {
+        assert_eq!(text(b"bget a b\r\n"), text(b"get a b\r\n"));
+        assert_eq!(reply(&fail(b"bget\r\n")), b"ERROR\r\n");
+    }
+
+    #[test]
+    fn admin_commands() {
+        let admin = |line: &[u8]| match text(line) {
+            TextRequest::Admin(a) => a,
+            other => panic!("not admin: {other:?}"),
+        };
+        let a = admin(b"cache_memlimit 100 noreply\r\n");
+        assert_eq!(
+            (a.command, a.args, a.noreply),
+            (AdminCommand::CacheMemlimit, vec![b("100")], true)
+        );
+        assert_eq!(
+            one(b"cache_memlimit 100 noreply\r\n").reply_shape(),
+            ReplyShape::None
+        );
+        // `shutdown` never reads `noreply`: it is an argument.
+        let a = admin(b"shutdown noreply\r\n");
+        assert_eq!((a.args, a.noreply), (vec![b("noreply")], false));
+        let a = admin(b"lru_crawler metadump all\r\n");
+        assert_eq!(
+            (a.command, a.args),
+            (AdminCommand::LruCrawlerMetadump, vec![b("all")])
+        );
+        assert_eq!(admin(b"watch noreply\r\n").args, Vec::<Bytes>::new());
+        for line in [
+            &b"cache_memlimit 100 noreply\r\n"[..],
+            b"slabs reassign 1 2\r\n",
+            b"slabs automove 1 noreply\r\n",
+            b"slabs\r\n",
+            b"lru_crawler metadump all\r\n",
+            b"lru_crawler crawl 1\r\n",
+            b"lru tune 10 10 0.1 2\r\n",
+            b"lru noreply\r\n",
+            b"watch fetchers mutations\r\n",
+            b"extstore item_age 10 noreply\r\n",
+            b"shutdown graceful\r\n",
+            b"refresh_certs\r\n",
+        ] {
+            roundtrip(line);
+        }
+        for line in [
+            &b"cache_memlimit\r\n"[..],
+            b"cache_memlimit 1 2 3\r\n",
+            b"lru\r\n",
+            b"extstore\r\n",
+            b"misbehave\r\n",
+            b"debugtime 1\r\n",
+        ] {
+            assert_eq!(reply(&fail(line)), b"ERROR\r\n");
+        }
     }
 
     #[test]
@@ -951,7 +1069,6 @@ mod binary_protocol {
             Append | Prepend | AppendQ | PrependQ => frame(o, b"", b"key", b"tail", 1),
             SaslAuth | SaslStep => frame(o, b"", b"PLAIN", b"\0u\0p", 1),
             Stat => frame(o, b"", b"items", b"", 1),
-            Verbosity => frame(o, &[0, 0, 0, 1], b"", b"", 1),
             Touch | Gat | GatQ | GatK | GatKQ => frame(o, &[0, 0, 0, 30], b"key", b"", 1),
         }
     }
@@ -1004,10 +1121,6 @@ mod binary_protocol {
             bin(&frame(0x08, b"", b"", b"", 0)).decoded_extras(),
             Extras::None
         );
-        assert_eq!(
-            bin(&valid(Opcode::Verbosity)).decoded_extras(),
-            Extras::Verbosity(1)
-        );
         let e = Extras::Arith {
             delta: 1,
             initial: 2,
@@ -1046,7 +1159,6 @@ mod binary_protocol {
         invalid(&frame(0x0b, &[0; 4], b"", b"", 0)); // version with extras
         invalid(&frame(0x0e, &[0; 8], b"k", b"v", 0)); // append with extras
         invalid(&frame(0x10, &[0; 4], b"", b"", 0)); // stat with extras
-        invalid(&frame(0x1b, b"", b"", b"", 0)); // verbosity w/o extras
         invalid(&frame(0x1c, &[0; 4], b"", b"", 0)); // touch without key
         invalid(&frame(0x1d, b"", b"k", b"", 0)); // gat without extras
         invalid(&frame(0x20, b"", b"k", b"", 0)); // sasl list with key
@@ -1056,6 +1168,26 @@ mod binary_protocol {
         let mut f = frame(0x00, b"", b"key", b"", 0);
         f[11] = 2;
         invalid(&f);
+    }
+
+    /// memcached 1.6 answers VERBOSITY "Unknown command" whatever its
+    /// shape, and so does guard: the frame is skipped, the stream kept.
+    #[test]
+    fn verbosity_is_an_unknown_opcode() {
+        for f in [
+            frame(0x1b, &[0, 0, 0, 1], b"", b"", 3),
+            frame(0x1b, b"", b"", b"", 3),
+            frame(0x1b, &[0; 8], b"k", b"v", 3),
+        ] {
+            let e = fail(&f);
+            assert_eq!(e.kind, ErrorKind::UnknownCommand);
+            assert!(!e.close);
+            assert_eq!(e.discard, f.len());
+            let out = reply(&e);
+            assert_eq!((out[1], &out[6..8]), (0x1b, &[0x00, 0x81][..]));
+            assert_eq!(&out[24..], b"Unknown command");
+        }
+        assert_eq!(Opcode::from_u8(0x1b), None);
     }
 
     #[test]

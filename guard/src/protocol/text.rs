@@ -5,10 +5,11 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 
+use super::admin::{AdminCommand, AdminRequest, StatsGroup, StatsLineError};
 use super::error::{ErrorKind, ProtocolError};
 use super::wire::{
     Dry, LineStatus, Slicer, Span, Toks, find_line, is_valid_text_key, parse_i32, parse_u32,
-    parse_u64, put_i64, put_u64, tokens,
+    parse_u64, put_i64, put_u64, strtoul_u32, tokens,
 };
 use super::{Limits, ReplyShape, Request, Response, meta};
 
@@ -101,14 +102,18 @@ pub enum TextRequest {
         noreply: bool,
     },
     Version,
+    /// `verbosity <level> [noreply]`; the level as memcached reads it
+    /// (`strtoul`, kept to 32 bits).
     Verbosity {
         level: u32,
         noreply: bool,
     },
-    /// `stats` with its sub-command arguments (`items`, `slabs`, `reset`, ...).
-    Stats {
-        args: Vec<Bytes>,
-    },
+    /// `stats [group …]`: which group memcached would answer.
+    Stats(StatsGroup),
+    /// One of memcached's administrative commands (`cache_memlimit`,
+    /// `slabs`, `lru_crawler`, `lru`, `watch`, `extstore`, `shutdown`,
+    /// `refresh_certs`).
+    Admin(AdminRequest),
     Quit,
 }
 
@@ -152,11 +157,44 @@ pub fn parse_request(
             .map(|r| r.map(|s| Request::Text(TextRequest::Store(s))));
     }
     let line = &buf[..content];
-    parse_simple(line, &Dry, limits).map_err(|k| ProtocolError::text(k, total))?;
+    let failed = |e: SimpleError| {
+        let mut p = ProtocolError::text(e.kind, total);
+        p.noreply = e.noreply;
+        p
+    };
+    parse_simple(line, &Dry, limits).map_err(failed)?;
     let frame = buf.split_to(total).freeze();
     parse_simple(&frame[..content], &frame, limits)
         .map(|r| Some(Request::Text(r)))
-        .map_err(|k| ProtocolError::text(k, total))
+        .map_err(failed)
+}
+
+/// Why a non-storage line failed, and whether memcached, having read a
+/// last `noreply` before it found the fault (`set_noreply_maybe`), keeps
+/// the error to itself.
+#[derive(Debug, Clone, Copy)]
+struct SimpleError {
+    kind: ErrorKind,
+    noreply: bool,
+}
+
+impl From<ErrorKind> for SimpleError {
+    fn from(kind: ErrorKind) -> Self {
+        Self {
+            kind,
+            noreply: false,
+        }
+    }
+}
+
+impl ErrorKind {
+    /// This error, silenced when `noreply` was asked for.
+    fn quiet_if(self, noreply: bool) -> SimpleError {
+        SimpleError {
+            kind: self,
+            noreply,
+        }
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -249,32 +287,40 @@ fn parse_store(
 
 /// Every non-storage command: validated on a dry run, then rebuilt on the
 /// frozen frame with the same code so both runs agree.
+///
+/// Where memcached reads a last `noreply` before it validates the rest
+/// (its `set_noreply_maybe`: incr, decr, touch, delete, flush_all,
+/// verbosity), an error found after it is silenced as memcached silences
+/// it; token-count errors (`ERROR`) come first and never are.
 fn parse_simple<S: Slicer>(
     line: &[u8],
     src: &S,
     limits: &Limits,
-) -> Result<TextRequest, ErrorKind> {
+) -> Result<TextRequest, SimpleError> {
     use ErrorKind::*;
     let toks = Toks::<5>::new(line);
     let n = toks.count;
     let tok = |i: usize| toks.get(i).of(line);
-    let last_is_noreply = |arity: usize| n == arity && tok(arity - 1) == b"noreply";
-    let key = |i: usize| -> Result<Bytes, ErrorKind> {
+    // memcached looks at the last token whatever the count; every caller
+    // has bounded the count to what `toks` holds first.
+    let last_is_noreply = || tok(n - 1) == b"noreply";
+    let key = |i: usize, noreply: bool| -> Result<Bytes, SimpleError> {
         let span = toks.get(i);
         if is_valid_text_key(span.of(line), limits.max_key_len) {
             Ok(src.slice(span))
         } else {
-            Err(BadCommandLine)
+            Err(BadCommandLine.quiet_if(noreply))
         }
     };
     Ok(match tok(0) {
-        b"get" | b"gets" | b"gat" | b"gats" => {
+        b"get" | b"gets" | b"gat" | b"gats" | b"bget" => {
             let kind = match tok(0) {
-                b"get" => GetKind::Get,
+                // memcached still answers the ancient `bget` as `get`.
+                b"get" | b"bget" => GetKind::Get,
                 b"gets" => GetKind::Gets,
                 cmd => {
                     if n < 3 {
-                        return Err(UnknownCommand);
+                        return Err(UnknownCommand.into());
                     }
                     let exptime = parse_i32(tok(1)).ok_or(InvalidExptime)?;
                     if cmd == b"gat" {
@@ -290,15 +336,15 @@ fn parse_simple<S: Slicer>(
                 2
             };
             if n <= skip {
-                return Err(UnknownCommand);
+                return Err(UnknownCommand.into());
             }
             if n - skip > limits.max_keys_per_get {
-                return Err(BadCommandLine);
+                return Err(BadCommandLine.into());
             }
             let mut keys = Vec::with_capacity(if S::REAL { n - skip } else { 0 });
             for span in tokens(line).skip(skip) {
                 if !is_valid_text_key(span.of(line), limits.max_key_len) {
-                    return Err(BadCommandLine);
+                    return Err(BadCommandLine.into());
                 }
                 if S::REAL {
                     keys.push(src.slice(span));
@@ -308,11 +354,11 @@ fn parse_simple<S: Slicer>(
         }
         cmd @ (b"incr" | b"decr") => {
             if n != 3 && n != 4 {
-                return Err(UnknownCommand);
+                return Err(UnknownCommand.into());
             }
-            let key = key(1)?;
-            let delta = parse_u64(tok(2)).ok_or(InvalidDelta)?;
-            let noreply = last_is_noreply(4);
+            let noreply = last_is_noreply();
+            let key = key(1, noreply)?;
+            let delta = parse_u64(tok(2)).ok_or(InvalidDelta.quiet_if(noreply))?;
             if cmd == b"incr" {
                 TextRequest::Incr {
                     key,
@@ -329,41 +375,42 @@ fn parse_simple<S: Slicer>(
         }
         b"delete" => {
             if !(2..=4).contains(&n) {
-                return Err(UnknownCommand);
+                return Err(UnknownCommand.into());
             }
             // Ancient clients send a "0" hold time; memcached still takes it.
-            let noreply = n > 2 && tok(n - 1) == b"noreply";
+            let noreply = n > 2 && last_is_noreply();
             if n > 2 {
                 let zero = tok(2) == b"0";
                 let valid = (n == 3 && (zero || noreply)) || (n == 4 && zero && noreply);
                 if !valid {
-                    return Err(BadDeleteFormat);
+                    return Err(BadDeleteFormat.quiet_if(noreply));
                 }
             }
             TextRequest::Delete {
-                key: key(1)?,
+                key: key(1, noreply)?,
                 noreply,
             }
         }
         b"touch" => {
             if n != 3 && n != 4 {
-                return Err(UnknownCommand);
+                return Err(UnknownCommand.into());
             }
-            let key = key(1)?;
-            let exptime = parse_i32(tok(2)).ok_or(InvalidExptime)?;
+            let noreply = last_is_noreply();
+            let key = key(1, noreply)?;
+            let exptime = parse_i32(tok(2)).ok_or(InvalidExptime.quiet_if(noreply))?;
             TextRequest::Touch {
                 key,
                 exptime,
-                noreply: last_is_noreply(4),
+                noreply,
             }
         }
         b"flush_all" => {
             if n > 3 {
-                return Err(UnknownCommand);
+                return Err(UnknownCommand.into());
             }
-            let noreply = n > 1 && tok(n - 1) == b"noreply";
+            let noreply = n > 1 && last_is_noreply();
             let delay = if n != if noreply { 2 } else { 1 } {
-                Some(parse_i32(tok(1)).ok_or(BadCommandLine)?)
+                Some(parse_i32(tok(1)).ok_or(InvalidExptime.quiet_if(noreply))?)
             } else {
                 None
             };
@@ -373,24 +420,47 @@ fn parse_simple<S: Slicer>(
         b"quit" => TextRequest::Quit,
         b"verbosity" => {
             if n != 2 && n != 3 {
-                return Err(UnknownCommand);
+                return Err(UnknownCommand.into());
             }
-            let level = parse_u32(tok(1)).ok_or(BadCommandLine)?;
-            TextRequest::Verbosity {
-                level,
-                noreply: last_is_noreply(3),
-            }
+            let noreply = last_is_noreply();
+            let level = strtoul_u32(tok(1)).ok_or(BadCommandLine.quiet_if(noreply))?;
+            TextRequest::Verbosity { level, noreply }
         }
         b"stats" => {
-            let args = if S::REAL {
-                tokens(line).skip(1).map(|s| src.slice(s)).collect()
-            } else {
-                Vec::new()
-            };
-            TextRequest::Stats { args }
+            let args: Vec<&[u8]> = tokens(line).skip(1).take(2).map(|s| s.of(line)).collect();
+            match StatsGroup::from_text_args(&args) {
+                Ok(group) => TextRequest::Stats(group),
+                Err(StatsLineError::Unknown) => return Err(UnknownCommand.into()),
+                Err(StatsLineError::DetailUsage) => return Err(StatsDetailUsage.into()),
+            }
         }
-        _ => return Err(UnknownCommand),
+        _ => admin(line, src)?,
     })
+}
+
+/// memcached's administrative commands, or `ERROR` for any other word.
+fn admin<S: Slicer>(line: &[u8], src: &S) -> Result<TextRequest, SimpleError> {
+    let spans: Vec<Span> = tokens(line).collect();
+    let words: Vec<&[u8]> = spans.iter().map(|s| s.of(line)).collect();
+    let command = match AdminCommand::from_tokens(&words) {
+        Ok(Some(command)) => command,
+        Ok(None) | Err(_) => return Err(ErrorKind::UnknownCommand.into()),
+    };
+    let noreply = command.honours_noreply() && words.last() == Some(&&b"noreply"[..]);
+    let end = spans.len() - usize::from(noreply);
+    let args = if S::REAL {
+        spans[command.word_count().min(end)..end]
+            .iter()
+            .map(|s| src.slice(*s))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    Ok(TextRequest::Admin(AdminRequest {
+        command,
+        args,
+        noreply,
+    }))
 }
 
 fn put_key_list(out: &mut BytesMut, keys: &[Bytes]) {
@@ -467,9 +537,18 @@ impl TextRequest {
                 put_noreply(out, *noreply);
                 out.put_slice(b"\r\n");
             }
-            TextRequest::Stats { args } => {
+            TextRequest::Stats(group) => {
                 out.put_slice(b"stats");
-                put_key_list(out, args);
+                if *group != StatsGroup::General {
+                    out.put_u8(b' ');
+                    out.put_slice(group.words().as_bytes());
+                }
+                out.put_slice(b"\r\n");
+            }
+            TextRequest::Admin(a) => {
+                out.put_slice(a.command.words().as_bytes());
+                put_key_list(out, &a.args);
+                put_noreply(out, a.noreply);
                 out.put_slice(b"\r\n");
             }
             TextRequest::Quit => out.put_slice(b"quit\r\n"),
@@ -513,6 +592,7 @@ impl TextRequest {
             | TextRequest::Touch { noreply, .. }
             | TextRequest::FlushAll { noreply, .. }
             | TextRequest::Verbosity { noreply, .. } => *noreply,
+            TextRequest::Admin(a) => a.noreply,
             _ => false,
         }
     }
@@ -520,7 +600,9 @@ impl TextRequest {
     /// How the server's reply to this request is delimited.
     pub fn reply_shape(&self) -> ReplyShape {
         match self {
-            TextRequest::Get(_) | TextRequest::Stats { .. } => ReplyShape::Multi,
+            // `stats reset`, `stats detail on|off` and the refusals end
+            // with a single line, which ends a multi-line reply too.
+            TextRequest::Get(_) | TextRequest::Stats(_) => ReplyShape::Multi,
             TextRequest::Quit => ReplyShape::None,
             _ if self.noreply() => ReplyShape::None,
             _ => ReplyShape::One,

@@ -168,6 +168,48 @@ pub(super) fn parse_u32(s: &[u8]) -> Option<u32> {
     parse_u64(s).and_then(|v| u32::try_from(v).ok())
 }
 
+/// An unsigned number as memcached's `safe_strtoul` reads it (for
+/// `verbosity`): C `strtoul` in base 10 (leading white space, a sign,
+/// digits), white space or the end after the digits, no value that
+/// needed a `-` to wrap, and the result kept to 32 bits. So `+5`, `-0`
+/// and `99999999999` are numbers, `-5`, `5x` and anything past 2^64 − 1
+/// are not.
+pub(super) fn strtoul_u32(s: &[u8]) -> Option<u32> {
+    // C's isspace in the "C" locale.
+    let is_space = |b: u8| matches!(b, b' ' | b'\t' | b'\n' | 0x0b | 0x0c | b'\r');
+    let mut i = s.iter().take_while(|&&b| is_space(b)).count();
+    let negative = match s.get(i) {
+        Some(b'-') => {
+            i += 1;
+            true
+        }
+        Some(b'+') => {
+            i += 1;
+            false
+        }
+        _ => false,
+    };
+    let digits = s[i..].iter().take_while(|b| b.is_ascii_digit()).count();
+    if digits == 0 {
+        return None;
+    }
+    let mut v: u64 = 0;
+    for &b in &s[i..i + digits] {
+        // strtoul's ERANGE.
+        v = v.checked_mul(10)?.checked_add(u64::from(b - b'0'))?;
+    }
+    if s.get(i + digits).is_some_and(|&b| !is_space(b)) {
+        return None;
+    }
+    // strtoul negates in unsigned arithmetic; memcached refuses a result
+    // that is negative as a signed number only if a `-` made it so.
+    let l = if negative { v.wrapping_neg() } else { v };
+    if negative && (l as i64) < 0 {
+        return None;
+    }
+    Some(l as u32)
+}
+
 /// Signed 32-bit decimal, the range memcached accepts for exptimes and sizes.
 pub(super) fn parse_i32(s: &[u8]) -> Option<i32> {
     match s.split_first() {
@@ -235,6 +277,32 @@ mod tests {
         b.put_u8(b' ');
         put_u64(&mut b, u64::MAX);
         assert_eq!(&b[..], b"0 -9223372036854775808 18446744073709551615");
+    }
+
+    #[test]
+    fn strtoul_as_memcached_reads_it() {
+        // Each checked against memcached 1.6.18's `verbosity` (OK or
+        // CLIENT_ERROR bad command line format).
+        for (s, v) in [
+            (&b"1"[..], Some(1)),
+            (b"+5", Some(5)),
+            (b"-0", Some(0)),
+            (b"99999999999", Some(99_999_999_999_u64 as u32)),
+            (b"18446744073709551615", Some(u32::MAX)),
+            (b"-18446744073709551615", Some(1)),
+            (b"\t5", Some(5)),
+            (b"5\t", Some(5)),
+            (b"1\r", Some(1)),
+            (b"18446744073709551616", None),
+            (b"-1", None),
+            (b"5x", None),
+            (b"x", None),
+            (b"+", None),
+            (b"", None),
+            (b"0x10", None),
+        ] {
+            assert_eq!(strtoul_u32(s), v, "{:?}", String::from_utf8_lossy(s));
+        }
     }
 
     #[test]

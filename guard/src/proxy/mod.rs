@@ -167,6 +167,8 @@ pub struct Shared {
     pub max_pipeline_depth: usize,
     /// Most bytes buffered from one client before reading pauses.
     pub read_cap: usize,
+    /// What `stats settings` shows of the configuration it started with.
+    pub settings: command::admin::SettingsRows,
 }
 
 /// The memcache proxy.
@@ -241,6 +243,7 @@ impl Proxy {
             request_read_timeout: (config.request_read_timeout_ms > 0)
                 .then(|| Duration::from_millis(config.request_read_timeout_ms)),
             max_pipeline_depth: config.max_pipeline_depth,
+            settings: command::admin::SettingsRows::new(&config),
         });
         let _ = cx.shared.set(shared.clone());
         let (phase_tx, phase_rx) = watch::channel(Phase::Running);

@@ -228,7 +228,9 @@ impl CommandClass {
                 T::Delete { .. } => Self::Delete,
                 T::Touch { .. } => Self::Touch,
                 T::FlushAll { .. } => Self::Flush,
-                T::Version | T::Verbosity { .. } | T::Stats { .. } | T::Quit => Self::Other,
+                T::Version | T::Verbosity { .. } | T::Stats(_) | T::Admin(_) | T::Quit => {
+                    Self::Other
+                }
             },
             Request::Meta(m) => match m.command {
                 M::Get => Self::Get,
@@ -245,8 +247,9 @@ impl CommandClass {
                 Increment | Decrement | IncrementQ | DecrementQ => Self::Arith,
                 Touch => Self::Touch,
                 Flush | FlushQ => Self::Flush,
-                Noop | Version | Quit | QuitQ | Stat | Verbosity | SaslListMechs | SaslAuth
-                | SaslStep => Self::Other,
+                Noop | Version | Quit | QuitQ | Stat | SaslListMechs | SaslAuth | SaslStep => {
+                    Self::Other
+                }
             },
         }
     }

@@ -204,8 +204,22 @@ pub struct TenantBudget {
     bytes_charged: AtomicU64,
     refused: [AtomicU64; 3],
     log: RefusalLog,
+    /// The counters as the tenant's last `stats reset` saw them.
+    reset: ResetMarks,
     /// Requests, errors and latency by command class, for operators.
     pub traffic: crate::proxy::stats::Traffic,
+}
+
+/// The counters' values at a tenant's last `stats reset`: its `stats`
+/// show what happened since, while the counters themselves, which the log
+/// and the operator read (`/metrics` among them), only ever grow (a
+/// tenant cannot make the operator's counters go back, nor another
+/// tenant's).
+#[derive(Debug, Default)]
+struct ResetMarks {
+    served: AtomicU64,
+    bytes: AtomicU64,
+    refused: [AtomicU64; 3],
 }
 
 /// When the tenant's refusals were last logged, and how many since.
@@ -317,9 +331,28 @@ impl TenantBudget {
         self.refused[why as usize].load(Ordering::Relaxed)
     }
 
+    /// `stats reset` from one of the tenant's clients: its `stats` count
+    /// from zero again, while the counters behind them (what
+    /// [`Self::served`], [`Self::bytes`] and [`Self::refused`] return)
+    /// keep counting; the budget, its buckets and what is in flight are
+    /// untouched.
+    pub fn reset_stats(&self) {
+        let r = &self.reset;
+        r.served.store(self.served(), Ordering::Relaxed);
+        r.bytes.store(self.bytes(), Ordering::Relaxed);
+        for why in OverBudget::ALL {
+            r.refused[why as usize].store(self.refused(why), Ordering::Relaxed);
+        }
+    }
+
     /// `stats` rows: the budget in force on this host (`limits`, 0 =
-    /// unlimited), what was spent, and what was refused.
+    /// unlimited), what was spent, and what was refused, since the
+    /// tenant's last `stats reset`.
     pub fn stat_rows(&self, limits: &TenantLimits) -> Vec<(&'static str, u64)> {
+        let r = &self.reset;
+        // A counter read just before a concurrent reset stored a newer
+        // mark shows 0, never a wrapped-around number.
+        let since = |now: u64, mark: &AtomicU64| now.saturating_sub(mark.load(Ordering::Relaxed));
         let mut rows = vec![
             ("tenant_max_connections", limits.max_connections),
             ("tenant_max_requests_per_sec", limits.max_requests_per_sec),
@@ -327,11 +360,14 @@ impl TenantBudget {
             ("tenant_max_bytes_per_sec", limits.max_bytes_per_sec),
             ("tenant_bytes_burst", limits.bytes_burst),
             ("tenant_max_in_flight", limits.max_in_flight),
-            ("tenant_requests", self.served()),
-            ("tenant_bytes", self.bytes()),
+            ("tenant_requests", since(self.served(), &r.served)),
+            ("tenant_bytes", since(self.bytes(), &r.bytes)),
             ("tenant_curr_in_flight", self.in_flight()),
         ];
-        rows.extend(OverBudget::ALL.map(|why| (why.stat_name(), self.refused(why))));
+        rows.extend(OverBudget::ALL.map(|why| {
+            let n = since(self.refused(why), &r.refused[why as usize]);
+            (why.stat_name(), n)
+        }));
         rows
     }
 }
@@ -692,6 +728,55 @@ mod tests {
             OverBudget::RequestsPerSec
         );
         assert_eq!(budget.in_flight(), held.len() as u64);
+    }
+
+    /// `stats reset` zeroes what the tenant's `stats` show, not the
+    /// counters, nor its budget or what it has in flight.
+    #[test]
+    fn stats_reset_zeroes_the_view_not_the_counters() {
+        let budget = Arc::new(TenantBudget::default());
+        let t = tenant(TenantLimits {
+            max_in_flight: 3,
+            ..requests(10, 10)
+        });
+        let now = 100 * SEC;
+        let held: Vec<_> = (0..3)
+            .map(|_| budget.admit_at(&t, one(7), now).unwrap())
+            .collect();
+        assert!(budget.admit_at(&t, one(7), now).is_err());
+        let row = |b: &TenantBudget, name: &str| {
+            b.stat_rows(&t.limits)
+                .into_iter()
+                .find(|(n, _)| *n == name)
+                .unwrap_or_else(|| panic!("no row {name}"))
+                .1
+        };
+        assert_eq!(row(&budget, "tenant_requests"), 3);
+        budget.reset_stats();
+        for name in [
+            "tenant_requests",
+            "tenant_bytes",
+            "tenant_refused_in_flight",
+            "tenant_refused_requests_per_sec",
+        ] {
+            assert_eq!(row(&budget, name), 0, "{name}");
+        }
+        // Gauges and budgets are what they are, reset or not.
+        assert_eq!(row(&budget, "tenant_curr_in_flight"), 3);
+        assert_eq!(row(&budget, "tenant_max_requests_per_sec"), 10);
+        assert_eq!(
+            (
+                budget.served(),
+                budget.bytes(),
+                budget.refused(OverBudget::InFlight)
+            ),
+            (3, 21, 1)
+        );
+        drop(held);
+        budget.admit_at(&t, one(5), now).unwrap().reply(2);
+        assert_eq!(row(&budget, "tenant_requests"), 1);
+        assert_eq!(row(&budget, "tenant_bytes"), 7);
+        assert_eq!(budget.served(), 4);
     }
 
     #[test]

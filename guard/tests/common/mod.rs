@@ -239,8 +239,13 @@ impl Client {
 
 /// `stats` from guard (or a memcached), by name.
 pub fn stats(addr: SocketAddr) -> std::collections::HashMap<String, String> {
+    stats_group(addr, "")
+}
+
+/// `stats <group>` (e.g. `settings`) from guard or a memcached, by name.
+pub fn stats_group(addr: SocketAddr, group: &str) -> std::collections::HashMap<String, String> {
     let mut c = Client::connect(addr);
-    c.send(b"stats\r\n");
+    c.send(format!("stats {group}\r\n").as_bytes());
     let raw = c.read_until_suffix(b"END\r\n");
     String::from_utf8_lossy(&raw)
         .lines()

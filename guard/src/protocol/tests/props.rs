@@ -130,7 +130,7 @@ fn mixed_pipeline() -> Vec<u8> {
 /// how much of the line happened to be buffered.
 fn long_lines() -> Vec<u8> {
     let mut s = b"version\r\n".to_vec();
-    s.extend_from_slice(format!("stats {}\r\n", "s".repeat(55)).as_bytes()); // 63 bytes: fits
+    s.extend_from_slice(format!("stats settings {}\r\n", "s".repeat(46)).as_bytes()); // 63 bytes: fits
     s.extend_from_slice(format!("get {}\r\n", "k ".repeat(60)).as_bytes()); // too many keys
     s.extend_from_slice(format!("get {}\r\n", "k ".repeat(8)).as_bytes());
     s.extend_from_slice(format!("get {}\r\n", "kkkkkkkkkkkkkkk ".repeat(12)).as_bytes()); // 198 bytes
@@ -139,8 +139,21 @@ fn long_lines() -> Vec<u8> {
     s
 }
 
+/// The `stats` groups and memcached's administrative commands, with the
+/// malformed lines memcached answers `ERROR` or a usage error, and errors
+/// a last `noreply` silences.
+fn admin_pipeline() -> Vec<u8> {
+    b"stats\r\nstats reset\r\nstats settings x\r\nstats detail\r\nstats detail dump\r\n\
+stats noreply\r\nstats cachedump 1 1\r\ncache_memlimit 100 noreply\r\ncache_memlimit\r\n\
+slabs reassign 1 2\r\nlru_crawler metadump all\r\nlru\r\nlru mode flat noreply\r\n\
+watch\r\nextstore item_age 1\r\nshutdown graceful\r\nrefresh_certs noreply\r\n\
+verbosity x noreply\r\nverbosity +1\r\nbget k\r\ntouch k x noreply\r\nmisbehave\r\n"
+        .to_vec()
+}
+
 fn request_streams() -> Vec<Vec<u8>> {
     vec![
+        admin_pipeline(),
         text_pipeline(),
         meta_pipeline(),
         binary_pipeline(),
@@ -215,6 +228,32 @@ fn streams_have_expected_shape() {
     let items = text.iter().filter(|e| matches!(e, Event::Item(_))).count();
     assert_eq!(items, 23);
     for e in &text {
+        if let Event::Item(r) = e {
+            check_request(r, &l);
+        }
+    }
+    let admin = whole(&REQUESTS, &admin_pipeline(), &l);
+    let errors: Vec<_> = admin
+        .iter()
+        .filter_map(|e| match e {
+            Event::Error { kind, .. } => Some(*kind),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        errors,
+        vec![
+            ErrorKind::StatsDetailUsage,
+            ErrorKind::UnknownCommand,
+            ErrorKind::UnknownCommand,
+            ErrorKind::UnknownCommand,
+            ErrorKind::BadCommandLine,
+            ErrorKind::InvalidExptime,
+            ErrorKind::UnknownCommand,
+        ]
+    );
+    assert_eq!(admin.len(), 22);
+    for e in &admin {
         if let Event::Item(r) = e {
             check_request(r, &l);
         }
@@ -312,7 +351,18 @@ fn fragment() -> impl Strategy<Value = Vec<u8>> {
         b"touch ",
         b"flush_all",
         b"stats",
+        b" detail",
+        b" reset",
+        b" settings",
         b"verbosity ",
+        b"cache_memlimit ",
+        b"slabs reassign ",
+        b"lru_crawler ",
+        b"lru ",
+        b"watch",
+        b"shutdown",
+        b"bget ",
+        b"+",
         b"mg ",
         b"ms ",
         b"md ",
@@ -452,7 +502,22 @@ fn command() -> impl Strategy<Value = Vec<u8>> {
             "flush_all 10 noreply\r\n",
             "version\r\n",
             "verbosity 1\r\n",
+            "verbosity x noreply\r\n",
             "stats items\r\n",
+            "stats reset\r\n",
+            "stats detail on\r\n",
+            "stats detail\r\n",
+            "stats bogus\r\n",
+            "cache_memlimit 100 noreply\r\n",
+            "slabs reassign 1 2\r\n",
+            "slabs automove 1 noreply\r\n",
+            "lru_crawler metadump all\r\n",
+            "lru tune 10 10 0.1 2 noreply\r\n",
+            "watch fetchers\r\n",
+            "extstore item_age 10\r\n",
+            "shutdown\r\n",
+            "refresh_certs noreply\r\n",
+            "bget a b\r\n",
             "quit\r\n",
             "mn\r\n",
             "bogus\r\n",
@@ -478,7 +543,7 @@ fn command() -> impl Strategy<Value = Vec<u8>> {
                 Opcode::ALL
                     .iter()
                     .map(|o| *o as u8)
-                    .chain([0x40, 0x1f])
+                    .chain([0x40, 0x1f, 0x1b])
                     .collect::<Vec<_>>()
             ),
             proptest::sample::select(vec![0usize, 4, 8, 20]),

@@ -126,7 +126,7 @@ pub(super) fn dispatch(req: BinaryRequest, sh: &Cx) -> Slot {
                 ),
             )
         }
-        Noop | Verbosity => local(BinaryResponse::new(op as u8, opaque)),
+        Noop => local(BinaryResponse::new(op as u8, opaque)),
         Version => local(BinaryResponse {
             value: Bytes::from(crate::proxy::version()),
             ..BinaryResponse::new(op as u8, opaque)
@@ -140,19 +140,7 @@ pub(super) fn dispatch(req: BinaryRequest, sh: &Cx) -> Slot {
             out: BytesMut::new(),
             close: true,
         }),
-        Stat => {
-            let mut out = BytesMut::new();
-            for (name, value) in stat_rows(sh) {
-                BinaryResponse {
-                    key: name,
-                    value,
-                    ..BinaryResponse::new(op as u8, opaque)
-                }
-                .encode(&mut out);
-            }
-            BinaryResponse::new(op as u8, opaque).encode(&mut out);
-            Slot::Ready(Reply { out, close: false })
-        }
+        Stat => admin::binary_stat(&req, sh),
         // The open tenant: answer as a memcached without SASL, which SASL
         // clients take as "no authentication needed".
         SaslListMechs | SaslAuth | SaslStep if !sh.authenticated => local(BinaryResponse::error(

@@ -20,6 +20,7 @@
 //! `SERVER_ERROR tenant over budget: requests/s` (or `bytes/s`, `in
 //! flight`), binary status 0x0086 with the same words.
 
+pub mod admin;
 mod binary;
 mod meta;
 mod text;
@@ -156,7 +157,8 @@ pub fn dispatch(req: Request, size: usize, sh: &Arc<Shared>, client: &Client) ->
 /// How many backend requests `req` makes, which is what it costs its
 /// tenant in requests and in-flight slots; `None` for what never reaches
 /// a backend and is free (`version`, `stats`, `verbosity`, `quit`, noop,
-/// `flush_all`, which moves a generation, and authentication).
+/// `flush_all`, which moves a generation, memcached's administrative
+/// commands, which guard refuses, and authentication).
 fn backend_requests(req: &Request) -> Option<u64> {
     use Opcode::*;
     match req {
@@ -170,7 +172,8 @@ fn backend_requests(req: &Request) -> Option<u64> {
             TextRequest::FlushAll { .. }
             | TextRequest::Version
             | TextRequest::Verbosity { .. }
-            | TextRequest::Stats { .. }
+            | TextRequest::Stats(_)
+            | TextRequest::Admin(_)
             | TextRequest::Quit => None,
         },
         Request::Meta(m) => match m.command {
@@ -185,8 +188,8 @@ fn backend_requests(req: &Request) -> Option<u64> {
             Get | GetQ | GetK | GetKQ | Gat | GatQ | GatK | GatKQ | Touch | Set | Add | Replace
             | SetQ | AddQ | ReplaceQ | Append | Prepend | AppendQ | PrependQ | Delete | DeleteQ
             | Increment | Decrement | IncrementQ | DecrementQ => Some(1),
-            Flush | FlushQ | Noop | Version | Quit | QuitQ | Stat | Verbosity | SaslListMechs
-            | SaslAuth | SaslStep => None,
+            Flush | FlushQ | Noop | Version | Quit | QuitQ | Stat | SaslListMechs | SaslAuth
+            | SaslStep => None,
         },
     }
 }
@@ -229,9 +232,12 @@ pub fn is_write(req: &Request) -> bool {
             | TextRequest::Delete { .. }
             | TextRequest::Touch { .. }
             | TextRequest::FlushAll { .. } => true,
+            // Administrative commands are refused, never carried out;
+            // `stats reset` zeroes what the tenant's own `stats` show.
             TextRequest::Version
             | TextRequest::Verbosity { .. }
-            | TextRequest::Stats { .. }
+            | TextRequest::Stats(_)
+            | TextRequest::Admin(_)
             | TextRequest::Quit => false,
         },
         Request::Meta(m) => match m.command {
@@ -240,8 +246,8 @@ pub fn is_write(req: &Request) -> bool {
             MetaCommand::Noop | MetaCommand::Debug => false,
         },
         Request::Binary(b) => match b.opcode {
-            Get | GetQ | GetK | GetKQ | Noop | Version | Quit | QuitQ | Stat | Verbosity
-            | SaslListMechs | SaslAuth | SaslStep => false,
+            Get | GetQ | GetK | GetKQ | Noop | Version | Quit | QuitQ | Stat | SaslListMechs
+            | SaslAuth | SaslStep => false,
             Set | Add | Replace | SetQ | AddQ | ReplaceQ | Append | Prepend | AppendQ
             | PrependQ | Delete | DeleteQ | Increment | Decrement | IncrementQ | DecrementQ
             | Flush | FlushQ | Touch | Gat | GatQ | GatK | GatKQ => true,

@@ -88,19 +88,16 @@ pub(super) fn dispatch(req: TextRequest, sh: &Cx) -> Slot {
         TextRequest::Version => Slot::Ready(Reply::bytes(
             format!("VERSION {}\r\n", crate::proxy::version()).as_bytes(),
         )),
+        // guard's log level is RUST_LOG's, and the backends' verbosity is
+        // not a client's to change: accepted, as memcached accepts it, and
+        // nothing changes.
         TextRequest::Verbosity { noreply, .. } => Slot::Ready(if noreply {
             Reply::default()
         } else {
             Reply::bytes(b"OK\r\n")
         }),
-        TextRequest::Stats { .. } => {
-            let mut out = BytesMut::new();
-            for (name, value) in stat_rows(sh) {
-                TextResponse::Stat { name, value }.encode(&mut out);
-            }
-            TextResponse::End.encode(&mut out);
-            Slot::Ready(Reply { out, close: false })
-        }
+        TextRequest::Stats(group) => admin::text_stats(group, sh),
+        TextRequest::Admin(a) => admin::text_admin(&a),
         TextRequest::Quit => Slot::Ready(Reply {
             out: BytesMut::new(),
             close: true,
