@@ -52,8 +52,8 @@ struct Spec {
     after_floor: f64,
 }
 
-fn errors_of_others(p: &PhaseFigures) -> f64 {
-    p.tenants.iter().skip(1).map(|t| t.errors as f64).sum()
+fn unserved_of_others(p: &PhaseFigures) -> f64 {
+    p.tenants.iter().skip(1).map(|t| t.unserved() as f64).sum()
 }
 
 fn errors_of_all(p: &PhaseFigures) -> f64 {
@@ -61,13 +61,17 @@ fn errors_of_all(p: &PhaseFigures) -> f64 {
 }
 
 const SPECS: &[Spec] = &[
+    // Not errors alone: without budgets, guard's fair sharing still keeps
+    // most of the other tenants' requests under their timeout, but makes
+    // them wait (a measured run: p50 0.2 → 35 ms, half of their requests
+    // never sent), which is what the incident's customers felt.
     Spec {
-        id: "noisy-errors",
+        id: "noisy-unserved",
         phase: "noisy tenant",
-        what: "errors of the tenants within their budgets",
+        what: "requests the tenants within their budgets wanted and were not served",
         mechanism: "budgets",
-        figure: errors_of_others,
-        before_at_least: 20.0,
+        figure: unserved_of_others,
+        before_at_least: 200.0,
         divisor: 4.0,
         after_floor: 0.0,
     },
@@ -84,9 +88,9 @@ const SPECS: &[Spec] = &[
     Spec {
         id: "slow-close-wait",
         phase: "slow node",
-        what: "CLOSE_WAIT sockets (mean of the samples)",
+        what: "CLOSE_WAIT sockets (median of the samples)",
         mechanism: "release on close",
-        figure: |p| p.close_wait_mean,
+        figure: |p| p.close_wait_median,
         before_at_least: 2.0,
         divisor: 5.0,
         after_floor: 0.0,
@@ -104,9 +108,9 @@ const SPECS: &[Spec] = &[
     Spec {
         id: "storm-close-wait",
         phase: "reconnect storm",
-        what: "CLOSE_WAIT sockets (mean of the samples)",
+        what: "CLOSE_WAIT sockets (median of the samples)",
         mechanism: "release on close",
-        figure: |p| p.close_wait_mean,
+        figure: |p| p.close_wait_median,
         before_at_least: 5.0,
         divisor: 5.0,
         after_floor: 0.0,
@@ -157,4 +161,68 @@ pub fn evaluate(before: &SideReport, after: &SideReport) -> Vec<Check> {
             }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::demo::report::{Series, TenantFigures};
+
+    fn side(noisy_errors: u64, close_wait_median: f64) -> SideReport {
+        let phases = SPECS
+            .iter()
+            .map(|s| PhaseFigures {
+                phase: s.phase.to_string(),
+                tenants: ["acme", "globex", "initech"]
+                    .iter()
+                    .map(|n| TenantFigures {
+                        name: n.to_string(),
+                        errors: noisy_errors,
+                        wanted: 10_000,
+                        served: 10_000 - noisy_errors * 10,
+                        ..TenantFigures::default()
+                    })
+                    .collect(),
+                close_wait_median,
+                syn: crate::demo::report::SynFigures {
+                    reaching_kernel: noisy_errors * 1_000,
+                    ..Default::default()
+                },
+                ..PhaseFigures::default()
+            })
+            .collect();
+        SideReport {
+            proxy: "x".into(),
+            warmed_up: [0, 0],
+            phases,
+            series: Series::default(),
+        }
+    }
+
+    #[test]
+    fn a_wide_margin_passes() {
+        let checks = evaluate(&side(100, 30.0), &side(1, 0.0));
+        assert!(checks.iter().all(|c| c.pass), "{checks:#?}");
+    }
+
+    #[test]
+    fn after_no_better_fails_every_check() {
+        let checks = evaluate(&side(100, 30.0), &side(100, 30.0));
+        assert!(checks.iter().all(|c| !c.pass), "{checks:#?}");
+    }
+
+    /// A run where "before" never showed the incident proves nothing.
+    #[test]
+    fn before_without_harm_fails_every_check() {
+        let checks = evaluate(&side(0, 0.0), &side(0, 0.0));
+        assert!(checks.iter().all(|c| !c.pass), "{checks:#?}");
+    }
+
+    #[test]
+    fn a_missing_phase_fails() {
+        let mut after = side(1, 0.0);
+        after.phases.clear();
+        let checks = evaluate(&side(100, 30.0), &after);
+        assert!(checks.iter().all(|c| !c.pass));
+    }
 }

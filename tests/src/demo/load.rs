@@ -567,3 +567,24 @@ pub fn warm_up(setup: &ClientSetup, sources: &[(usize, Ipv4Addr)]) -> usize {
     }
     ok
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replies_are_whole_or_waited_for() {
+        assert_eq!(reply_len(b"END\r\n"), Some((5, true)));
+        assert_eq!(reply_len(b"STORED\r\nEND\r\n"), Some((8, true)));
+        assert_eq!(
+            reply_len(b"SERVER_ERROR tenant over budget: requests/s\r\n"),
+            Some((45, false))
+        );
+        let value = b"VALUE k 0 5\r\nhello\r\nEND\r\n";
+        assert_eq!(reply_len(value), Some((value.len(), true)));
+        for cut in 0..value.len() {
+            assert_eq!(reply_len(&value[..cut]), None, "cut at {cut}");
+        }
+        assert_eq!(reply_len(b"ST"), None);
+    }
+}

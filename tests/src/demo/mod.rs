@@ -259,7 +259,7 @@ impl Script {
             in_flight_budget: 64,
             spike_factor: 10,
             spike_connections: 32,
-            spike_depth: 32,
+            spike_depth: 64,
             spike_keys: 128,
             spike_value: 64 * 1024,
             slow_delay: Duration::from_millis(200),

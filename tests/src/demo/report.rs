@@ -61,6 +61,7 @@ pub struct SideReport {
 
 /// One phase's figures on one side.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct PhaseFigures {
     /// The phase.
     pub phase: String,
@@ -76,6 +77,9 @@ pub struct PhaseFigures {
     pub close_wait_max: u32,
     /// CLOSE_WAIT sockets, mean over the samples.
     pub close_wait_mean: f64,
+    /// CLOSE_WAIT sockets, median of the samples: what was typical,
+    /// whatever a moment's stall of the machine left in one sample.
+    pub close_wait_median: f64,
     /// SYNs to the proxy port.
     pub syn: SynFigures,
     /// Backends ejected, re-admitted, failing probes.
@@ -87,6 +91,10 @@ pub struct PhaseFigures {
 pub struct TenantFigures {
     /// The tenant.
     pub name: String,
+    /// Requests its clients meant to send in the phase (its steady rate
+    /// times the phase's length): what a client waiting on a reply does
+    /// not send counts against the proxy as much as an error.
+    pub wanted: u64,
     /// Requests sent (and connects that failed).
     pub requests: u64,
     /// Answered as the protocol defines.
@@ -99,6 +107,14 @@ pub struct TenantFigures {
     pub p50_ms: f64,
     /// 99th percentile of the same.
     pub p99_ms: f64,
+}
+
+impl TenantFigures {
+    /// Requests wanted and not served: errors, and requests never sent
+    /// while the clients waited.
+    pub fn unserved(&self) -> u64 {
+        self.wanted.saturating_sub(self.served)
+    }
 }
 
 /// The spike's requests.
@@ -174,6 +190,19 @@ pub struct TenantSeries {
     pub seconds: Vec<(f64, f64, u64)>,
 }
 
+fn median(mut v: Vec<u32>) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_unstable();
+    let n = v.len();
+    if n % 2 == 1 {
+        f64::from(v[n / 2])
+    } else {
+        (f64::from(v[n / 2 - 1]) + f64::from(v[n / 2])) / 2.0
+    }
+}
+
 fn quantile_ms(lat: &mut [u32], q: f64) -> f64 {
     if lat.is_empty() {
         return 0.0;
@@ -200,6 +229,9 @@ pub fn side_report(run: &RunData, script: &Script) -> SideReport {
             .map(|(name, reqs)| {
                 let mut f = TenantFigures {
                     name: name.to_string(),
+                    wanted: u64::from(script.steady_rate)
+                        * u64::from(mark.end_ms.saturating_sub(mark.start_ms))
+                        / 1_000,
                     ..TenantFigures::default()
                 };
                 let mut lat = Vec::new();
@@ -270,6 +302,7 @@ pub fn side_report(run: &RunData, script: &Script) -> SideReport {
             close_wait_max: samples.iter().map(|s| s.close_wait).max().unwrap_or(0),
             close_wait_mean: samples.iter().map(|s| f64::from(s.close_wait)).sum::<f64>()
                 / samples.len().max(1) as f64,
+            close_wait_median: median(samples.iter().map(|s| s.close_wait).collect()),
             syn: SynFigures {
                 flood_sent,
                 client_connects,
@@ -396,7 +429,11 @@ pub fn phase_rows(report: &Report, i: usize) -> Vec<Row> {
     let mut rows = Vec::new();
     for (tb, ta) in b.tenants.iter().zip(&a.tenants) {
         rows.push(row(
-            &format!("{}: served / errors", tb.name),
+            &format!(
+                "{}: served / errors (of {} wanted)",
+                tb.name,
+                thousands(tb.wanted)
+            ),
             format!("{} / {}", thousands(tb.served), thousands(tb.errors)),
             format!("{} / {}", thousands(ta.served), thousands(ta.errors)),
             verdict(tb.errors as f64, ta.errors as f64, false),
@@ -661,4 +698,29 @@ pub fn html(report: &Report, svg: &str) -> String {
     }
     out.push_str("</table>\n</body></html>\n");
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn medians_and_quantiles() {
+        assert_eq!(median(vec![]), 0.0);
+        assert_eq!(median(vec![3, 1, 2]), 2.0);
+        assert_eq!(median(vec![4, 1, 3, 2]), 2.5);
+        let mut lat: Vec<u32> = (1..=100).map(|i| i * 1_000).collect();
+        assert_eq!(quantile_ms(&mut lat, 0.5), 50.0);
+        assert_eq!(quantile_ms(&mut lat, 0.99), 99.0);
+    }
+
+    #[test]
+    fn verdicts_say_no_plainly() {
+        assert_eq!(verdict(10.0, 1.0, false), "yes");
+        assert_eq!(verdict(1.0, 10.0, false), "**no**");
+        assert_eq!(verdict(5.0, 5.0, false), "same");
+        assert_eq!(verdict(1.0, 10.0, true), "yes");
+        assert_eq!(thousands(1_234_567), "1,234,567");
+        assert_eq!(thousands(999), "999");
+    }
 }

@@ -199,7 +199,9 @@ pub fn run_side(
             script.describe(phase.kind)
         ));
         let mut mark = PhaseMark {
-            start_ms: rec.now_ms(),
+            // The first phase holds the clients' first connects, made as
+            // their threads started.
+            start_ms: if marks.is_empty() { 0 } else { rec.now_ms() },
             ..PhaseMark::default()
         };
         let xdp_before = xdp_start.take().or_else(|| xdp_counters(&proxy));
