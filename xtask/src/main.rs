@@ -427,6 +427,10 @@ fn demo(args: &[String]) -> anyhow::Result<()> {
     // SAFETY: restoring the default disposition has no preconditions.
     unsafe { libc::signal(libc::SIGINT, libc::SIG_DFL) };
     let st = st?;
+    if st.code() == Some(130) {
+        // Interrupted: the demo said so and removed what it created.
+        std::process::exit(130);
+    }
     if !st.success() {
         bail!("the demo failed ({st})");
     }
