@@ -14,6 +14,7 @@
 pub mod burst;
 pub mod counters;
 pub mod daemon;
+pub mod demo;
 pub mod flood;
 pub mod frames;
 pub mod net;
@@ -32,7 +33,9 @@ pub use flood::{FloodStats, SourceAddr, SynFlood, SynFloodConfig, send_frames};
 pub use net::{connect_from, connect_in, listen_in};
 pub use netns::{NetNs, NsHandle};
 // Processes and ports come from the crate `guard`'s own tests share too.
-pub use guard_test_support::{ChildGuard, MEMCACHED_BIN, Memcached, accepts, free_port};
+pub use guard_test_support::{
+    ChildGuard, DelayRelay, MEMCACHED_BIN, Memcached, accepts, free_port,
+};
 pub use topology::{Topology, TopologyOptions};
 pub use veth::{EndAddrs, VethEnd, VethPair};
 

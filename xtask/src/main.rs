@@ -1,14 +1,23 @@
 //! `cargo xtask`: guard's developer and CI entry point.
 //!
+//! - `demo`: the incident of `DESIGN.md` replayed twice on this machine,
+//!   before (nutcracker, no XDP) and after (guard: XDP and proxy with
+//!   tenants), with the same clients, backends and script: calm, a noisy
+//!   tenant, a slow node, a reconnect storm beside a spoofed SYN flood,
+//!   recovery. Prints a table per phase, writes charts (SVG), the figures
+//!   (JSON) and with `--html` a page; `--quick` is the short script CI
+//!   runs with `--check`. Root; removes everything it creates. The logic
+//!   lives in the tests crate (`tests/src/demo/`, `tests/src/bin/demo.rs`).
 //! - `setup`: installs what building and testing need on a fresh Debian
 //!   machine (nightly `rust-src`, `bpf-linker` against the nightly's LLVM,
 //!   Debian packages). Every other command runs it first; it is quick when
 //!   everything is present.
 //! - `test`: every test tier — unprivileged unit tests and a bounded run of
 //!   each fuzz target from its corpus in the repository, then (as root)
-//!   the kernel and end-to-end tests one at a time.
+//!   the kernel and end-to-end tests one at a time, then `demo --quick
+//!   --check`.
 //! - `run`: builds guard and runs it on the given interface, or on a demo
-//!   veth pair it creates and removes.
+//!   veth pair it creates and removes: the interactive playground.
 //! - `bench`: benchmarks (`bench xdp`, `bench proxy`).
 //! - `fuzz`: the protocol parsers under libFuzzer, checking their contract.
 //! - `install`: the release binary, the systemd unit, the example config
@@ -55,6 +64,24 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
+    /// Replay the incident before (nutcracker) and after (guard), side by side (root).
+    Demo {
+        /// The short script (about 40 s instead of 2 min), as CI runs it.
+        #[arg(long)]
+        quick: bool,
+        /// Where the charts go (SVG); the figures (JSON) and the page go beside it.
+        #[arg(long, default_value = "demo/report.svg")]
+        out: PathBuf,
+        /// Also write an HTML page holding the tables and the charts.
+        #[arg(long)]
+        html: bool,
+        /// Exit non-zero when "after" does not beat "before" where the checks demand it.
+        #[arg(long)]
+        check: bool,
+        /// Run "after" without one mechanism, to see which check catches it.
+        #[arg(long, value_name = "budgets|ejection|xdp")]
+        after_without: Option<String>,
+    },
     /// Install build and test prerequisites.
     Setup,
     /// Run every test tier (privileged tiers need root).
@@ -95,6 +122,29 @@ fn main() -> anyhow::Result<()> {
     env::set_current_dir(&root)?;
     prepend_cargo_bin_to_path();
     match cli.command {
+        Task::Demo {
+            quick,
+            out,
+            html,
+            check,
+            after_without,
+        } => {
+            if !is_root() {
+                bail!(
+                    "the demo needs root: it creates network namespaces and veth pairs, attaches \
+                     XDP and sends raw frames; run `cargo xtask demo` as root"
+                );
+            }
+            setup()?;
+            let mut args: Vec<String> = vec!["--out".into(), out.display().to_string()];
+            args.extend(quick.then(|| "--quick".into()));
+            args.extend(html.then(|| "--html".into()));
+            args.extend(check.then(|| "--check".into()));
+            if let Some(m) = after_without {
+                args.extend(["--after-without".into(), m]);
+            }
+            demo(&args)
+        }
         Task::Setup => setup(),
         Task::Test {
             unprivileged,
@@ -359,7 +409,57 @@ fn test(unprivileged: bool, filter: Option<&str>) -> anyhow::Result<()> {
         privileged.arg(f);
     }
     privileged.arg("--test-threads=1");
-    check(&mut privileged)
+    check(&mut privileged)?;
+    // Last, the incident replayed: its figures must show guard beating
+    // nutcracker where the incident hurt (`tests/src/demo/checks.rs`).
+    if filter.is_none_or(|f| "demo".contains(f)) {
+        let dir = env::temp_dir().join(format!("gt-demo-{}", std::process::id()));
+        let out = dir.join("report.svg");
+        let args = [
+            "--quick".to_string(),
+            "--check".into(),
+            "--out".into(),
+            out.display().to_string(),
+        ];
+        demo(&args).with_context(|| {
+            format!(
+                "the demo's checks failed; its report is in {}",
+                dir.display()
+            )
+        })?;
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    Ok(())
+}
+
+/// Builds guard and the demo (release) and runs the demo with `args`,
+/// after removing what a killed earlier run may have left. Ctrl-C goes
+/// to the demo, which stops its phases and removes what it created.
+fn demo(args: &[String]) -> anyhow::Result<()> {
+    remove_stale_test_objects();
+    check(Command::new("cargo").args(["build", "--release", "-p", "guard"]))?;
+    check(Command::new("cargo").args([
+        "build",
+        "--release",
+        "-p",
+        "guard-tests",
+        "--bin",
+        "demo",
+    ]))?;
+    // SAFETY: installing SIG_IGN has no preconditions.
+    unsafe { libc::signal(libc::SIGINT, libc::SIG_IGN) };
+    let st = status(Command::new(workspace_root().join("target/release/demo")).args(args));
+    // SAFETY: restoring the default disposition has no preconditions.
+    unsafe { libc::signal(libc::SIGINT, libc::SIG_DFL) };
+    let st = st?;
+    if st.code() == Some(130) {
+        // Interrupted: the demo said so and removed what it created.
+        std::process::exit(130);
+    }
+    if !st.success() {
+        bail!("the demo failed ({st})");
+    }
+    Ok(())
 }
 
 /// Test namespaces, pin directories and temp files are named
