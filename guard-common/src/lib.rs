@@ -9,7 +9,7 @@
 
 /// Layout version of the maps below. Pins live under a directory named after
 /// it, so a daemon with a different layout never adopts maps it would misread.
-pub const LAYOUT_VERSION: u32 = 5;
+pub const LAYOUT_VERSION: u32 = 6;
 
 /// Names of the maps, as the XDP object declares them and as they are pinned.
 pub mod maps {
@@ -37,9 +37,22 @@ pub mod maps {
     pub const TENANT_BUCKETS: &str = "GUARD_TENANT_BUCKETS";
     /// `Array<BucketState>`, one entry: the host-wide SYN bucket.
     pub const GLOBAL_BUCKET: &str = "GUARD_GLOBAL_BUCKET";
-    /// `PerCpuArray<CounterBlock>`, one entry: every counter of a CPU in one
-    /// value, so a frame costs one lookup however many counters it moves.
+    /// `PerCpuArray<CounterBlock>`, [`super::IFACE_SLOTS`] entries: every
+    /// counter of a CPU in one value, so a frame costs one lookup however
+    /// many counters it moves, in the slot of the interface it came in on
+    /// (`ingress_ifindex % IFACE_SLOTS`). The host's totals are the sum of
+    /// the slots.
     pub const COUNTERS: &str = "GUARD_COUNTERS";
+    /// `PerCpuArray<TenantDrops>`, [`super::TENANTS_CAPACITY`] entries:
+    /// SYNs each tenant's budget (or the host's, charged after it) refused,
+    /// at the slot the daemon gave the tenant in its
+    /// [`super::TenantBucket::slot`].
+    pub const TENANT_DROPS: &str = "GUARD_TENANT_DROPS";
+    /// `LpmTrie<[u8; 4], TraceRule>`: IPv4 sources whose SYN verdicts are
+    /// logged (`guard xdp trace`).
+    pub const TRACE_V4: &str = "GUARD_TRACE_V4";
+    /// `LpmTrie<[u8; 16], TraceRule>`: as [`TRACE_V4`], for IPv6.
+    pub const TRACE_V6: &str = "GUARD_TRACE_V6";
     /// `RingBuf` of [`super::LimitEvent`].
     pub const EVENTS: &str = "GUARD_EVENTS";
     /// `Array<BucketState>`, one entry: the host-wide budget of limit
@@ -63,7 +76,7 @@ pub mod maps {
     /// SYN budgets, written only by the daemon.
     pub const STRICT: &str = "GUARD_STRICT";
     /// Every map, for pin management.
-    pub const ALL: [&str; 18] = [
+    pub const ALL: [&str; 21] = [
         CONFIG,
         LISTENERS,
         PORTS,
@@ -82,8 +95,16 @@ pub mod maps {
         COOKIE_REFRESH,
         COOKIE_CLOCK,
         STRICT,
+        TENANT_DROPS,
+        TRACE_V4,
+        TRACE_V6,
     ];
 }
+
+/// Slots of [`maps::COUNTERS`]: a frame is counted at
+/// `ingress_ifindex % IFACE_SLOTS`. Interfaces whose indexes share a slot
+/// share its counters; the daemon reports them together.
+pub const IFACE_SLOTS: u32 = 256;
 
 /// Name of the XDP program that guards SYNs.
 pub const PROGRAM_GUARD: &str = "guard";
@@ -160,7 +181,9 @@ pub const CONFIG_HAS_MASK: u32 = CONFIG_HAS_DENY_V4
     | CONFIG_HAS_ALLOW_V6
     | CONFIG_HAS_SOURCE_TENANTS
     | CONFIG_HAS_VERIFIED
-    | CONFIG_HAS_STRICT;
+    | CONFIG_HAS_STRICT
+    | CONFIG_HAS_TRACE_V4
+    | CONFIG_HAS_TRACE_V6;
 
 /// A protected listener whose SYNs XDP answers with cookies still gets one
 /// of them through to the kernel this often: with
@@ -218,6 +241,26 @@ pub struct TenantBucket {
     pub limit: RateLimit,
     /// The bucket (written by the program).
     pub state: BucketState,
+    /// The tenant's index in [`maps::TENANT_DROPS`] (below
+    /// [`TENANTS_CAPACITY`]), given by the daemon and kept across reloads.
+    pub slot: u32,
+    /// Reserved, zero.
+    pub reserved: u32,
+}
+
+/// SYNs refused for one tenant on one CPU, the value of
+/// [`maps::TENANT_DROPS`]. Source-budget drops are not attributed: telling
+/// them apart would cost a tenant lookup on the path of a single-source
+/// flood, which the per-source counters already describe.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct TenantDrops {
+    /// Refused by the tenant's budget (`drop_tenant`, whether dropped or
+    /// answered with a cookie).
+    pub tenant: u64,
+    /// Refused by the host's budget after the tenant's admitted them
+    /// (`drop_global`).
+    pub global: u64,
 }
 
 /// Every counter of one CPU: the value of [`maps::COUNTERS`].
@@ -468,6 +511,61 @@ impl StrictEntry {
     }
 }
 
+// `guard xdp trace`: the verdicts on SYNs of traced prefixes are logged
+// through aya-log while a rule lasts, within its lines-per-second budget.
+
+/// See [`CONFIG_HAS_DENY_V4`]: the IPv4 trace trie may hold entries. With
+/// both trace flags clear (no trace running) a SYN costs one flag test.
+pub const CONFIG_HAS_TRACE_V4: u32 = 1 << 8;
+/// See [`CONFIG_HAS_TRACE_V4`].
+pub const CONFIG_HAS_TRACE_V6: u32 = 1 << 9;
+/// The `action` of a trace line for a SYN let through to the kernel to
+/// keep its listener accepting cookie ACKs; otherwise it is the XDP action
+/// (1 drop, 2 pass, 3 a SYN-ACK with a cookie).
+pub const TRACE_ACTION_REFRESH: u32 = 100;
+/// Capacity of each trace trie: the daemon runs at most this many traces.
+pub const TRACE_CAPACITY: u32 = 16;
+
+/// Value of the trace tries: while `now < expires_ns`, each verdict on a
+/// SYN from the prefix is logged if `limit` (lines per second) has a token.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct TraceRule {
+    /// The lines-per-second budget.
+    pub limit: RateLimit,
+    /// Its bucket (written by the program).
+    pub state: BucketState,
+    /// `CLOCK_MONOTONIC` nanoseconds at which the rule stops applying.
+    pub expires_ns: u64,
+    /// Names the trace in its lines, so a terminal shows its own.
+    pub id: u32,
+    /// Reserved, zero.
+    pub reserved: u32,
+}
+
+impl TraceRule {
+    /// Whether the rule applies at `now` (monotonic nanoseconds).
+    #[inline(always)]
+    pub const fn active(&self, now: u64) -> bool {
+        now < self.expires_ns
+    }
+}
+
+/// Tokens a GCRA bucket holds at `now` given its arrival time `tat`: what a
+/// trace line shows as "tokens left". 0 for a spent bucket; `u64::MAX` for
+/// an unlimited one.
+#[inline(always)]
+pub const fn gcra_tokens(limit: &RateLimit, tat: u64, now: u64) -> u64 {
+    if limit.interval_ns == 0 {
+        return u64::MAX;
+    }
+    let ahead = tat.saturating_sub(now);
+    if ahead > limit.burst_ns {
+        return 0;
+    }
+    (limit.burst_ns - ahead) / limit.interval_ns + 1
+}
+
 macro_rules! counters {
     ($( $(#[$doc:meta])* $name:ident = $label:literal, )*) => {
         /// Index of a per-CPU counter in [`maps::COUNTERS`].
@@ -576,7 +674,9 @@ const _: () = {
     assert!(core::mem::size_of::<CidrRule>() == 8);
     assert!(core::mem::size_of::<LimitEvent>() == 40);
     assert!(core::mem::size_of::<PortEntry>() == 16);
-    assert!(core::mem::size_of::<TenantBucket>() == 32);
+    assert!(core::mem::size_of::<TenantBucket>() == 40);
+    assert!(core::mem::size_of::<TenantDrops>() == 16);
+    assert!(core::mem::size_of::<TraceRule>() == 48);
     assert!(core::mem::size_of::<VerifiedSource>() == 16);
     assert!(core::mem::size_of::<CounterBlock>() == 8 * COUNTER_COUNT as usize);
     assert!(core::mem::size_of::<StrictEntry>() == 24);
@@ -601,6 +701,8 @@ mod pod {
     unsafe impl aya::Pod for CounterBlock {}
     unsafe impl aya::Pod for VerifiedSource {}
     unsafe impl aya::Pod for StrictEntry {}
+    unsafe impl aya::Pod for TenantDrops {}
+    unsafe impl aya::Pod for TraceRule {}
 }
 
 #[cfg(test)]
@@ -699,6 +801,20 @@ mod tests {
             !StrictEntry::default().active(0),
             "a zero entry never applies"
         );
+    }
+
+    #[test]
+    fn gcra_tokens_counts_what_admit_would_admit() {
+        let l = RateLimit::per_second(10, 3);
+        let now = 5_000_000_000;
+        let mut tat = 0;
+        assert_eq!(gcra_tokens(&l, tat, now), 3);
+        for left in [2, 1, 0] {
+            tat = gcra_admit(&l, tat, now).unwrap();
+            assert_eq!(gcra_tokens(&l, tat, now), left);
+        }
+        assert_eq!(gcra_admit(&l, tat, now), None);
+        assert_eq!(gcra_tokens(&RateLimit::UNLIMITED, 0, now), u64::MAX);
     }
 
     #[test]

@@ -86,7 +86,7 @@ const TTL: u8 = 64;
 /// The SYN-ACK's window, unscaled: the cookie carries no window scaling.
 const WINDOW: u16 = 0xffff;
 /// Farthest an IP header can start: behind two VLAN tags.
-const MAX_IP_OFF: usize = ETH_HLEN + 2 * VLAN_HLEN;
+pub(crate) const MAX_IP_OFF: usize = ETH_HLEN + 2 * VLAN_HLEN;
 /// Farthest a TCP header is looked for by [`guard_cookie_ack`].
 const MAX_L4_OFF: usize = 1024;
 

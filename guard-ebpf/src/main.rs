@@ -46,7 +46,10 @@ use guard_common::{
     SOURCE_BUCKETS_CAPACITY, SOURCE_TENANT_CAPACITY, SourceKey, TENANTS_CAPACITY, TenantBucket,
     VERIFIED_CAPACITY, VerifiedSource, gcra_admit,
 };
-use guard_common::{CONFIG_HAS_STRICT, STRICT_CAPACITY, StrictEntry};
+use guard_common::{
+    CONFIG_HAS_STRICT, CONFIG_HAS_TRACE_V4, CONFIG_HAS_TRACE_V6, IFACE_SLOTS, STRICT_CAPACITY,
+    StrictEntry, TenantDrops,
+};
 
 #[map(name = "GUARD_CONFIG")]
 static CONFIG: Array<GuardConfig> = Array::pinned(1, 0);
@@ -72,7 +75,9 @@ static TENANT_BUCKETS: HashMap<u32, TenantBucket> = HashMap::pinned(TENANTS_CAPA
 #[map(name = "GUARD_GLOBAL_BUCKET")]
 static GLOBAL_BUCKET: Array<BucketState> = Array::pinned(1, 0);
 #[map(name = "GUARD_COUNTERS")]
-static COUNTERS: PerCpuArray<CounterBlock> = PerCpuArray::pinned(1, 0);
+static COUNTERS: PerCpuArray<CounterBlock> = PerCpuArray::pinned(IFACE_SLOTS, 0);
+#[map(name = "GUARD_TENANT_DROPS")]
+static TENANT_DROPS: PerCpuArray<TenantDrops> = PerCpuArray::pinned(TENANTS_CAPACITY, 0);
 #[map(name = "GUARD_EVENTS")]
 static EVENTS: RingBuf = RingBuf::pinned(EVENTS_BYTES, 0);
 #[map(name = "GUARD_VERIFIED")]
@@ -81,6 +86,7 @@ static VERIFIED: HashMap<SourceKey, VerifiedSource> = HashMap::pinned(VERIFIED_C
 static EVENT_BUCKET: Array<BucketState> = Array::pinned(1, 0);
 
 mod cookies;
+mod trace;
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -148,7 +154,10 @@ pub fn guard(ctx: XdpContext) -> u32 {
         Ok(judged) => judged,
         Err(reason) => Judged::pass(reason),
     };
-    if let Some(block) = COUNTERS.get_ptr_mut(0) {
+    // The interface's slot: one lookup either way, and the host's totals
+    // are the daemon's sum of the slots.
+    let slot = (ctx.ingress_ifindex() as u32) % IFACE_SLOTS;
+    if let Some(block) = COUNTERS.get_ptr_mut(slot) {
         // SAFETY: a per-CPU value is only written by this CPU, and every
         // counter index is within the block.
         let values = unsafe { &mut (*block).values };
@@ -480,30 +489,74 @@ fn judge_tcp(ctx: &XdpContext, l3: &L3) -> Result<Judged, Counter> {
     let Some(listener) = protected(l3, port) else {
         return Ok(Judged::pass(Counter::Passed));
     };
-    let (verdict, notice, tenant, verified) = judge_syn(l3, port, listener);
-    let action = match verdict {
+    let syn = judge_syn(l3, port, listener);
+    let action = match syn.verdict {
         Counter::Admitted | Counter::Allowed => xdp_action::XDP_PASS,
         _ => xdp_action::XDP_DROP,
     };
     let judged = Judged {
         action,
-        verdict,
-        notice,
-        also: verified.then_some(Counter::Verified),
+        verdict: syn.verdict,
+        notice: syn.notice,
+        also: syn.verified.then_some(Counter::Verified),
     };
-    Ok(cookies::answer(ctx, l3, judged, tenant))
+    // Off unless a trace runs: one test of flags already in a register.
+    let tracing = syn.flags & (CONFIG_HAS_TRACE_V4 | CONFIG_HAS_TRACE_V6) != 0;
+    if tracing {
+        trace::prepare(ctx, l3, port, &syn);
+    }
+    let judged = cookies::answer(ctx, l3, judged, syn.tenant);
+    if tracing {
+        trace::emit(&judged);
+    }
+    Ok(judged)
 }
 
-/// Decides a SYN's fate; the returned counter names the verdict, the
-/// notice what became of a limit crossing, then the tenant the SYN was
-/// charged to ([`DEFAULT_TENANT`] if none, or if judged before the tenant)
-/// and whether the source is verified.
+/// What became of a judged SYN, as [`judge_syn`] decided it.
+struct Syn {
+    /// Names the verdict.
+    verdict: Counter,
+    /// What became of a limit crossing.
+    notice: Notice,
+    /// The tenant the SYN was charged to ([`DEFAULT_TENANT`] if none, or
+    /// if judged before the tenant).
+    tenant: u32,
+    /// Whether the source is verified.
+    verified: bool,
+    /// The config's flags (0 without a config).
+    flags: u32,
+    /// When it was judged.
+    now: u64,
+    /// The source's bucket after the SYN (arrival time, budget), for a
+    /// trace line's "tokens left"; unlimited when no bucket was charged.
+    source_tat: u64,
+    source_limit: RateLimit,
+}
+
+impl Syn {
+    #[inline(always)]
+    fn early(verdict: Counter, flags: u32, now: u64) -> Self {
+        Self {
+            verdict,
+            notice: Notice::None,
+            tenant: DEFAULT_TENANT,
+            verified: false,
+            flags,
+            now,
+            source_tat: 0,
+            source_limit: RateLimit::UNLIMITED,
+        }
+    }
+}
+
+/// Decides a SYN's fate (see [`Syn`]) and counts a refusal by a tenant's
+/// or the host's budget against the tenant.
 #[inline(always)]
-fn judge_syn(l3: &L3, port: u16, listener: ListenerValue) -> (Counter, Notice, u32, bool) {
+fn judge_syn(l3: &L3, port: u16, listener: ListenerValue) -> Syn {
     // SAFETY: bpf_ktime_get_ns has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     let Some(config) = CONFIG.get(0) else {
-        return (Counter::Admitted, Notice::None, DEFAULT_TENANT, false);
+        return Syn::early(Counter::Admitted, 0, now);
     };
 
     let src = l3.src();
@@ -512,18 +565,18 @@ fn judge_syn(l3: &L3, port: u16, listener: ListenerValue) -> (Counter, Notice, u
     if l3.family == FAMILY_V4 {
         let key = Key::new(32, [src[0], src[1], src[2], src[3]]);
         if flags & CONFIG_HAS_DENY_V4 != 0 && DENY_V4.get(&key).is_some_and(|r| r.active(now)) {
-            return (Counter::DropDeny, Notice::None, DEFAULT_TENANT, false);
+            return Syn::early(Counter::DropDeny, flags, now);
         }
         if flags & CONFIG_HAS_ALLOW_V4 != 0 && ALLOW_V4.get(&key).is_some_and(|r| r.active(now)) {
-            return (Counter::Allowed, Notice::None, DEFAULT_TENANT, false);
+            return Syn::early(Counter::Allowed, flags, now);
         }
     } else {
         let key = Key::new(128, src);
         if flags & CONFIG_HAS_DENY_V6 != 0 && DENY_V6.get(&key).is_some_and(|r| r.active(now)) {
-            return (Counter::DropDeny, Notice::None, DEFAULT_TENANT, false);
+            return Syn::early(Counter::DropDeny, flags, now);
         }
         if flags & CONFIG_HAS_ALLOW_V6 != 0 && ALLOW_V6.get(&key).is_some_and(|r| r.active(now)) {
-            return (Counter::Allowed, Notice::None, DEFAULT_TENANT, false);
+            return Syn::early(Counter::Allowed, flags, now);
         }
     }
 
@@ -538,7 +591,7 @@ fn judge_syn(l3: &L3, port: u16, listener: ListenerValue) -> (Counter, Notice, u
     // The source's bucket also remembers when it last raised an event, so it
     // exists even when sources are unlimited.
     let Some(bucket) = bucket_for(&source) else {
-        return (Counter::Admitted, Notice::None, DEFAULT_TENANT, false);
+        return Syn::early(Counter::Admitted, flags, now);
     };
 
     // Only the daemon writes verified sources: a SYN alone never makes
@@ -568,23 +621,53 @@ fn judge_syn(l3: &L3, port: u16, listener: ListenerValue) -> (Counter, Notice, u
     // unknown sources exhausts, so it skips them.
     let shared = verified.is_none() || tenant != DEFAULT_TENANT;
 
-    let verdict = if !charge(bucket, &source_limit(&source, config, now), now) {
+    let source_limit = source_limit(&source, config, now);
+    // The tenant's drop-counter slot, known once its bucket was looked up.
+    let mut slot = None;
+    let verdict = if !charge(bucket, &source_limit, now) {
         Some((Counter::DropSource, EVENT_SOURCE_LIMIT))
-    } else if shared && !charge_tenant(tenant, now) {
+    } else if shared && !charge_tenant(tenant, now, &mut slot) {
         Some((Counter::DropTenant, EVENT_TENANT_LIMIT))
     } else if verified.is_none() && !charge_global(&config.global, now) {
         Some((Counter::DropGlobal, EVENT_GLOBAL_LIMIT))
     } else {
         None
     };
-    match verdict {
-        None => (Counter::Admitted, Notice::None, tenant, verified.is_some()),
-        Some((counter, reason)) => (
-            counter,
-            notify(&config.events, bucket, &source, reason, tenant, port, now),
-            tenant,
-            verified.is_some(),
-        ),
+    // SAFETY: as in `charge`.
+    let source_tat = unsafe { (&raw const (*bucket).tat_ns).read_volatile() };
+    let mut syn = Syn {
+        verdict: Counter::Admitted,
+        notice: Notice::None,
+        tenant,
+        verified: verified.is_some(),
+        flags,
+        now,
+        source_tat,
+        source_limit,
+    };
+    if let Some((counter, reason)) = verdict {
+        if let Some(slot) = slot {
+            count_tenant_drop(slot, counter);
+        }
+        syn.verdict = counter;
+        syn.notice = notify(&config.events, bucket, &source, reason, tenant, port, now);
+    }
+    syn
+}
+
+/// Counts a SYN a tenant's (or, after it, the host's) budget refused at
+/// the tenant's slot: one per-CPU array lookup, on refusals only.
+#[inline(always)]
+fn count_tenant_drop(slot: u32, verdict: Counter) {
+    if let Some(drops) = TENANT_DROPS.get_ptr_mut(slot) {
+        // SAFETY: a per-CPU value is only written by this CPU.
+        unsafe {
+            match verdict {
+                Counter::DropTenant => (*drops).tenant += 1,
+                Counter::DropGlobal => (*drops).global += 1,
+                _ => {}
+            }
+        }
     }
 }
 
@@ -616,15 +699,17 @@ fn bucket_for(source: &SourceKey) -> Option<*mut BucketState> {
     SOURCE_BUCKETS.get_ptr_mut(source)
 }
 
-/// A tenant without an entry has no SYN budget of its own.
+/// A tenant without an entry has no SYN budget of its own (nor a drop
+/// counter). `slot` receives the tenant's drop-counter slot.
 #[inline(always)]
-fn charge_tenant(tenant: u32, now: u64) -> bool {
+fn charge_tenant(tenant: u32, now: u64, slot: &mut Option<u32>) -> bool {
     let Some(bucket) = TENANT_BUCKETS.get_ptr_mut(tenant) else {
         return true;
     };
-    // SAFETY: `bucket` points into a live map value; the limit is plain
-    // data the daemon replaces whole.
+    // SAFETY: `bucket` points into a live map value; the limit and slot
+    // are plain data the daemon replaces whole.
     let limit = unsafe { (*bucket).limit };
+    *slot = Some(unsafe { (*bucket).slot });
     charge(unsafe { &raw mut (*bucket).state }, &limit, now)
 }
 

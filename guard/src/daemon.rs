@@ -165,6 +165,7 @@ pub async fn run(paths: Paths, args: RunArgs) -> anyhow::Result<()> {
             config.xdp.syn_cookies,
         );
         ebpf::cookies::check_kernel(config.xdp.syn_cookies);
+        warn_shared_slots(&config.xdp.interfaces);
         let (report_tx, report_rx) = tokio::sync::watch::channel(report_settings(&config));
         let events = tokio::spawn(ebpf::events::watch_events(
             paths.clone(),
@@ -183,7 +184,15 @@ pub async fn run(paths: Paths, args: RunArgs) -> anyhow::Result<()> {
         xdp = Some((guard, control, events, report_tx));
     }
 
-    let admin = start_admin(&config, &paths, &proxy_shared, &config_tracker).await;
+    config_tracker.set_tenants(&config);
+    let admin = start_admin(
+        &config,
+        &paths,
+        &proxy_shared,
+        &config_tracker,
+        &escalation_counters,
+    )
+    .await;
 
     let mut expiry = tokio::time::interval(EXPIRY_INTERVAL);
     let mut sweeps: u64 = 0;
@@ -199,6 +208,8 @@ pub async fn run(paths: Paths, args: RunArgs) -> anyhow::Result<()> {
                             changed
                         });
                         config_tracker.reloaded(new.xdp.interfaces.clone());
+                        config_tracker.set_tenants(&new);
+                        warn_shared_slots(&new.xdp.interfaces);
                         if new.admin != config.admin {
                             warn!("[admin] settings apply at restart");
                         }
@@ -301,11 +312,26 @@ pub async fn run(paths: Paths, args: RunArgs) -> anyhow::Result<()> {
 /// Starts the admin endpoint when configured. A port it cannot have
 /// costs the endpoint, not the guard: the proxy and XDP go on, and the
 /// log says why there is no endpoint.
+/// Says when attached interfaces share a counter slot (their indexes are
+/// equal modulo [`guard_common::IFACE_SLOTS`]): their frames are counted
+/// and labelled together.
+fn warn_shared_slots(interfaces: &[String]) {
+    let slots = admin::collect::interface_slots(&admin::collect::interface_indexes(interfaces));
+    for label in slots.values().filter(|l| l.contains('+')) {
+        warn!(
+            "interfaces {label} share an XDP counter slot (their indexes are equal modulo {}): \
+             /metrics and guard status count them together, as interface=\"{label}\"",
+            guard_common::IFACE_SLOTS
+        );
+    }
+}
+
 async fn start_admin(
     config: &Config,
     paths: &Paths,
     proxy_shared: &Arc<std::sync::OnceLock<Arc<proxy::Shared>>>,
     tracker: &Arc<ConfigTracker>,
+    escalation: &Arc<escalation::Counters>,
 ) -> Option<tokio::task::JoinHandle<()>> {
     let addr = config.admin.listen?;
     let listener = match admin::bind(addr).await {
@@ -324,6 +350,7 @@ async fn start_admin(
             .then(|| admin::collect::XdpSource::new(paths.clone())),
         config: tracker.clone(),
         started: std::time::Instant::now(),
+        escalation: Some(escalation.clone()),
     };
     let token = Some(config.admin.token.clone());
     Some(tokio::spawn(admin::serve(listener, sources, token)))

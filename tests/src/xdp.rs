@@ -151,6 +151,28 @@ impl XdpUnderTest {
         (r.return_value, r.duration.as_nanos() as u64)
     }
 
+    /// Runs the guard once over `frame` as if it arrived on the interface
+    /// with index `ifindex` (queue 0) of the calling thread's network
+    /// namespace: `BPF_PROG_TEST_RUN` takes the `xdp_md` context, and the
+    /// kernel wants a real interface whose queue has XDP receive state
+    /// (one with a native XDP program, see [`Self::attach_pass`]).
+    pub fn run_on(&self, ifindex: u32, frame: &[u8]) -> u32 {
+        // struct xdp_md: data, data_end, data_meta, ingress_ifindex,
+        // rx_queue_index, egress_ifindex. The kernel wants data and
+        // data_meta 0 and data_end the frame's length.
+        let md: [u32; 6] = [0, frame.len() as u32, 0, ifindex, 0, 0];
+        let ctx: Vec<u8> = md.iter().flat_map(|v| v.to_ne_bytes()).collect();
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            ctx_in: Some(&ctx),
+            ..TestRunOptions::default()
+        };
+        self.program(PROGRAM_GUARD)
+            .test_run(opts)
+            .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN on ifindex {ifindex} failed: {e:#}"))
+            .return_value
+    }
+
     /// Runs the guard once over `frame`: its verdict and the frame as the
     /// program left it (rewritten, resized).
     pub fn run_out(&self, frame: &[u8]) -> (u32, Vec<u8>) {

@@ -1480,3 +1480,119 @@ fn a_strict_entry_applies_with_unlimited_per_source_syns() {
         0
     );
 }
+
+/// Frames are counted in the slot of the interface they came in on
+/// (`ingress_ifindex % IFACE_SLOTS`), and the host's totals are the sum of
+/// the slots. Two real interfaces (a veth pair in a namespace of this
+/// test, each with a native XDP program so that its queue has the receive
+/// state `BPF_PROG_TEST_RUN` wants) stand in for two NICs.
+#[test]
+fn counters_are_kept_per_interface_and_sum_to_the_hosts_totals() {
+    use guard_common::{Counter, IFACE_SLOTS};
+    use guard_tests::{EndAddrs, NetNs, VethPair};
+
+    let mut x = guard();
+    let ns = NetNs::new("ifslot").expect("namespace");
+    let end = |n: u8| EndAddrs {
+        v4: Ipv4Addr::new(10, 99, 0, n),
+        v6: v6(&format!("fd00:99::{n}")),
+    };
+    let pair = VethPair::new(&ns, end(1), &ns, end(2)).expect("veth pair");
+    let (a, b) = (pair.a.ifindex, pair.b.ifindex);
+    assert_ne!(a % IFACE_SLOTS, b % IFACE_SLOTS, "indexes {a} and {b}");
+    x.attach_pass(&ns, &pair.a.ifname).expect("XDP on a");
+    x.attach_pass(&ns, &pair.b.ifname).expect("XDP on b");
+    let before = x.maps.counter_totals().unwrap();
+    let x = &x;
+    ns.run_in(move || {
+        assert_eq!(x.run_on(a, &syn4(v4(1))), verdict::PASS);
+        assert_eq!(x.run_on(a, &syn4(v4(2))), verdict::PASS);
+        assert_eq!(
+            x.run_on(b, &tcp4(v4(3), PORT, tcp_flags::ACK)),
+            verdict::PASS
+        );
+    })
+    .expect("run in the namespace");
+    let slots: BTreeMap<u32, _> = x.maps.counter_slots().unwrap().into_iter().collect();
+    let at = |index: u32, c: Counter| {
+        slots
+            .get(&(index % IFACE_SLOTS))
+            .map_or(0, |s| s[c as usize])
+    };
+    assert_eq!(at(a, Counter::Frames), 2);
+    assert_eq!(at(a, Counter::Judged), 2);
+    assert_eq!(at(a, Counter::Admitted), 2);
+    assert_eq!(at(b, Counter::Frames), 1);
+    assert_eq!(at(b, Counter::Passed), 1);
+    assert_eq!(at(b, Counter::Judged), 0);
+    let after = x.maps.counter_totals().unwrap();
+    assert_eq!(
+        after[Counter::Frames as usize] - before[Counter::Frames as usize],
+        3
+    );
+    assert_eq!(
+        after[Counter::Judged as usize] - before[Counter::Judged as usize],
+        2
+    );
+}
+
+/// A SYN a tenant's budget refuses, or the host's after the tenant's
+/// admitted it, is counted at the tenant's slot; a tenant keeps its slot
+/// across syncs and a newcomer taking a removed tenant's slot starts at 0.
+#[test]
+fn syn_drops_are_counted_per_tenant() {
+    let mut x = guard();
+    let (a, b, c) = (77, 78, 79);
+    let unlimited = RateLimit::UNLIMITED;
+    x.maps
+        .sync_tenant_limits(&[
+            (a, RateLimit::per_second(1, 2)),
+            (DEFAULT_TENANT, RateLimit::per_second(1, 1)),
+            (b, unlimited),
+        ])
+        .unwrap();
+    x.maps.set_source_tenant(IpAddr::V4(v4(10)), a).unwrap();
+    x.maps.set_source_tenant(IpAddr::V4(v4(40)), b).unwrap();
+    x.maps.set_source_tenant(IpAddr::V4(v4(41)), b).unwrap();
+    // a's burst of 2, then its budget refuses.
+    expect(&x, &syn4(v4(10)), verdict::PASS, admitted());
+    expect(&x, &syn4(v4(10)), verdict::PASS, admitted());
+    expect(&x, &syn4(v4(10)), verdict::DROP, crossed("tenant"));
+    // Sources with no tenant: the shared budget's burst of 1.
+    expect(&x, &syn4(v4(20)), verdict::PASS, admitted());
+    expect(&x, &syn4(v4(21)), verdict::DROP, crossed("tenant"));
+    // b is unlimited; the host's budget of 1 refuses its second SYN.
+    set_config(&mut x, |c| c.global = RateLimit::per_second(1, 1));
+    expect(&x, &syn4(v4(40)), verdict::PASS, admitted());
+    expect(&x, &syn4(v4(41)), verdict::DROP, crossed("global"));
+    // A source-budget drop is nobody's (not b's, whose source it is).
+    x.maps.set_source_tenant(IpAddr::V4(v4(50)), b).unwrap();
+    set_config(&mut x, |c| {
+        c.global = unlimited;
+        c.source = RateLimit::per_second(1, 1);
+    });
+    expect(&x, &syn4(v4(50)), verdict::PASS, admitted());
+    expect(&x, &syn4(v4(50)), verdict::DROP, crossed("source"));
+
+    let drops = x.maps.tenant_drops().unwrap();
+    let got = |t: u32| drops.get(&t).map(|d| (d.tenant, d.global));
+    assert_eq!(got(a), Some((1, 0)));
+    assert_eq!(got(DEFAULT_TENANT), Some((1, 0)));
+    assert_eq!(got(b), Some((0, 1)));
+
+    // a leaves, c arrives in its slot: c starts from nothing, b keeps its
+    // count.
+    x.maps
+        .sync_tenant_limits(&[
+            (DEFAULT_TENANT, RateLimit::per_second(1, 1)),
+            (b, unlimited),
+            (c, RateLimit::per_second(1, 1)),
+        ])
+        .unwrap();
+    let drops = x.maps.tenant_drops().unwrap();
+    let got = |t: u32| drops.get(&t).map(|d| (d.tenant, d.global));
+    assert_eq!(got(a), None);
+    assert_eq!(got(c), Some((0, 0)));
+    assert_eq!(got(b), Some((0, 1)));
+    assert_eq!(got(DEFAULT_TENANT), Some((1, 0)));
+}

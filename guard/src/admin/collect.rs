@@ -11,8 +11,8 @@ use std::{
 };
 
 use super::status::{
-    BackendStatus, Buckets, ConfigStatus, DenyRow, InterfaceStatus, Point, ProxyStatus, Status,
-    TenantLimitsStatus, TenantStatus, XdpStatus,
+    BackendStatus, Buckets, ConfigStatus, DenyRow, InterfaceCounters, InterfaceStatus, Point,
+    ProxyStatus, Status, TenantLimitsStatus, TenantStatus, TenantSynDrops, XdpStatus,
 };
 use crate::{
     ebpf::{
@@ -24,6 +24,13 @@ use crate::{
     proxy::{Shared, health::Histogram, router::BackendState, stats::CommandClass},
     tenant::OverBudget,
 };
+
+/// The tenant label of sources with no tenant.
+pub const NO_TENANT: &str = "(none)";
+
+/// The interface label of frames counted in a slot no configured
+/// interface maps to.
+pub const OTHER_INTERFACE: &str = "other";
 
 /// Deny entries listed in `/status` and on the page; the count covers
 /// the rest.
@@ -46,6 +53,8 @@ pub struct ConfigTracker {
     inner: Mutex<ConfigStatus>,
     /// The XDP interfaces the configuration in force names.
     interfaces: Mutex<Vec<String>>,
+    /// Tenant names by their XDP id, for per-tenant SYN drops.
+    tenants: Mutex<BTreeMap<u32, String>>,
 }
 
 impl ConfigTracker {
@@ -58,7 +67,30 @@ impl ConfigTracker {
                 ..ConfigStatus::default()
             }),
             interfaces: Mutex::new(interfaces),
+            tenants: Mutex::new(BTreeMap::new()),
         }
+    }
+
+    /// The tenants of the configuration in force (at start and after
+    /// each reload).
+    pub fn set_tenants(&self, config: &crate::config::Config) {
+        *lock(&self.tenants) = config
+            .tenants
+            .iter()
+            .map(|t| (crate::config::tenant_id(&t.name), t.name.to_string()))
+            .collect();
+    }
+
+    fn tenant_name(&self, id: u32) -> String {
+        if id == guard_common::DEFAULT_TENANT {
+            return NO_TENANT.to_owned();
+        }
+        lock(&self.tenants)
+            .get(&id)
+            .cloned()
+            // A tenant a reload just removed, or one of another
+            // configuration's: its id, never an unbounded label.
+            .unwrap_or_else(|| format!("id:{id}"))
     }
 
     /// A reload took; its configuration names `interfaces`.
@@ -100,6 +132,8 @@ pub struct Sources {
     pub xdp: Option<XdpSource>,
     pub config: Arc<ConfigTracker>,
     pub started: Instant,
+    /// The escalation ladder's counters.
+    pub escalation: Option<Arc<crate::escalation::Counters>>,
 }
 
 /// The XDP side's pins, opened once and kept.
@@ -218,8 +252,15 @@ pub fn collect(sources: &Sources, history: &mut History) -> Status {
         }
     }
     if let Some(x) = &sources.xdp {
-        match xdp_status(x, &sources.config.interfaces(), &mut totals) {
-            Ok(s) => {
+        match xdp_status(x, &sources.config, &mut totals) {
+            Ok(mut s) => {
+                if let Some(e) = &sources.escalation {
+                    s.escalation = e
+                        .rows()
+                        .into_iter()
+                        .map(|(k, v)| (k.to_owned(), v))
+                        .collect();
+                }
                 for i in s.interfaces.iter().filter(|i| !i.attached) {
                     not_ready.push(format!("XDP is not attached to {}", i.name));
                 }
@@ -362,21 +403,101 @@ fn proxy_status(sh: &Shared, listen: &[SocketAddr], totals: &mut Totals) -> Prox
     }
 }
 
+/// The label of each interface counter slot the configured interfaces
+/// map to (`(name, ifindex)`; an index of 0, an interface that does not
+/// exist now, maps to none): names whose indexes share a slot are joined
+/// by `+`, since their frames are counted together.
+pub fn interface_slots(interfaces: &[(String, u32)]) -> BTreeMap<u32, String> {
+    let mut out: BTreeMap<u32, String> = BTreeMap::new();
+    for (name, index) in interfaces.iter().filter(|(_, i)| *i != 0) {
+        let label = out.entry(index % guard_common::IFACE_SLOTS).or_default();
+        if !label.is_empty() {
+            label.push('+');
+        }
+        label.push_str(name);
+    }
+    out
+}
+
+/// The configured interfaces with their indexes now (0: not present).
+pub fn interface_indexes(names: &[String]) -> Vec<(String, u32)> {
+    names
+        .iter()
+        .map(|n| {
+            let index = std::ffi::CString::new(n.as_str())
+                // SAFETY: a valid NUL-terminated string.
+                .map_or(0, |c| unsafe { libc::if_nametoindex(c.as_ptr()) });
+            (n.clone(), index)
+        })
+        .collect()
+}
+
+fn named_counters(values: &[u64]) -> BTreeMap<String, u64> {
+    guard_common::Counter::ALL
+        .iter()
+        .map(|c| {
+            (
+                c.label().to_owned(),
+                values.get(*c as usize).copied().unwrap_or(0),
+            )
+        })
+        .collect()
+}
+
 fn xdp_status(
     x: &XdpSource,
-    configured: &[String],
+    config: &ConfigTracker,
     totals: &mut Totals,
 ) -> anyhow::Result<XdpStatus> {
+    let configured = config.interfaces();
     let mut guard = lock(&x.maps);
     if guard.is_none() {
         *guard = Some(GuardMaps::open(&x.paths)?);
     }
     let maps = guard.as_ref().expect("opened above");
-    let counters: BTreeMap<String, u64> = maps
-        .counters()?
+    // One read of every slot: the totals are their sum.
+    let slots = maps.counter_slots()?;
+    let labels = interface_slots(&interface_indexes(&configured));
+    let mut all = [0u64; guard_common::COUNTER_COUNT as usize];
+    let mut by_label: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for (slot, values) in &slots {
+        for (t, v) in all.iter_mut().zip(values) {
+            *t = t.wrapping_add(*v);
+        }
+        let label = labels
+            .get(slot)
+            .cloned()
+            .unwrap_or_else(|| OTHER_INTERFACE.to_owned());
+        let sum = by_label
+            .entry(label)
+            .or_insert_with(|| vec![0; values.len()]);
+        for (t, v) in sum.iter_mut().zip(values) {
+            *t = t.wrapping_add(*v);
+        }
+    }
+    // Every configured interface is listed, counted or not yet.
+    for label in labels.values() {
+        by_label
+            .entry(label.clone())
+            .or_insert_with(|| vec![0; all.len()]);
+    }
+    let by_interface = by_label
         .into_iter()
-        .map(|(k, v)| (k.to_owned(), v))
+        .map(|(interface, values)| InterfaceCounters {
+            interface,
+            counters: named_counters(&values),
+        })
         .collect();
+    let tenant_syn_drops = maps
+        .tenant_drops()?
+        .into_iter()
+        .map(|(id, d)| TenantSynDrops {
+            tenant: config.tenant_name(id),
+            tenant_budget: d.tenant,
+            host_budget: d.global,
+        })
+        .collect();
+    let counters = named_counters(&all);
     let c = |k: &str| counters.get(k).copied().unwrap_or(0);
     totals.syns = c("judged");
     totals.drops = c("drop_deny") + c("drop_source") + c("drop_tenant") + c("drop_global");
@@ -441,12 +562,28 @@ fn xdp_status(
         deny: lists.deny.clone(),
         top_offenders: top,
         offenders_unix: offenders.updated_unix,
+        by_interface,
+        tenant_syn_drops,
+        escalation: BTreeMap::new(),
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn interfaces_sharing_a_slot_are_labelled_together() {
+        let slots = interface_slots(&[
+            ("eth0".into(), 2),
+            ("eth1".into(), 3),
+            ("veth9".into(), 258),
+            ("gone".into(), 0),
+        ]);
+        assert_eq!(slots.len(), 2);
+        assert_eq!(slots[&2], "eth0+veth9");
+        assert_eq!(slots[&3], "eth1");
+    }
 
     fn totals(at: Instant, requests: u64, acme: u64) -> Totals {
         Totals {

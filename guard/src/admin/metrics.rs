@@ -170,25 +170,110 @@ impl Collector for StatusCollector {
                     .iter()
                     .map(|i| (labels([("interface", &i.name)]), u64::from(i.attached))),
             )?;
+            // By interface: the host's totals are their sum.
+            let per = |k: &'static str| {
+                x.by_interface.iter().map(move |i| {
+                    (
+                        labels([("interface", &i.interface)]),
+                        i.counters.get(k).copied().unwrap_or(0),
+                    )
+                })
+            };
             counter(
                 e,
                 "guard_xdp_frames",
-                "Frames the XDP program saw.",
-                [(Labels::new(), c("frames"))],
+                "Frames the XDP program saw, by interface.",
+                per("frames"),
             )?;
             counter(
                 e,
                 "guard_xdp_syns_judged",
-                "SYNs to a protected listener that were judged.",
-                [(Labels::new(), c("judged"))],
+                "SYNs to a protected listener that were judged, by interface.",
+                per("judged"),
             )?;
             counter(
                 e,
                 "guard_xdp_verdicts",
-                "Frames by verdict and the reason for it.",
-                verdicts(&x.counters)
-                    .into_iter()
-                    .map(|((v, r), n)| (labels([("verdict", v), ("reason", r)]), n)),
+                "Frames by interface, verdict and the reason for it.",
+                x.by_interface.iter().flat_map(|i| {
+                    verdicts(&i.counters).into_iter().map(|((v, r), n)| {
+                        (
+                            labels([("interface", &i.interface), ("verdict", v), ("reason", r)]),
+                            n,
+                        )
+                    })
+                }),
+            )?;
+            counter(
+                e,
+                "guard_xdp_tenant_syn_drops",
+                "SYNs refused per tenant, by the budget that refused them: the tenant's, or the host's after the tenant's admitted them (answered with a cookie or dropped).",
+                x.tenant_syn_drops.iter().flat_map(|t| {
+                    [
+                        (
+                            labels([("tenant", &t.tenant), ("budget", "tenant")]),
+                            t.tenant_budget,
+                        ),
+                        (
+                            labels([("tenant", &t.tenant), ("budget", "host")]),
+                            t.host_budget,
+                        ),
+                    ]
+                }),
+            )?;
+            counter(
+                e,
+                "guard_xdp_syn_cookies",
+                "SYN cookies from XDP: SYN-ACKs sent, SYNs let through to refresh a listener, SYNs that could not be answered, valid cookie ACKs.",
+                [
+                    (labels([("outcome", "sent")]), c("cookies_sent")),
+                    (labels([("outcome", "refresh")]), c("cookie_refresh")),
+                    (
+                        labels([("outcome", "unanswerable")]),
+                        c("cookie_unanswerable"),
+                    ),
+                    (labels([("outcome", "ack_valid")]), c("cookie_acks")),
+                ],
+            )?;
+            let esc = |k: &str| x.escalation.get(k).copied().unwrap_or(0);
+            counter(
+                e,
+                "guard_escalations",
+                "Escalation ladder steps, by what was done to the source.",
+                [
+                    ("strict", "escalation_strict"),
+                    ("deny", "escalation_denied"),
+                    ("held", "escalation_held"),
+                    ("spared", "escalation_spared"),
+                    ("deescalated", "escalation_deescalated"),
+                    ("forgotten", "escalation_forgotten"),
+                    ("ladder_full", "escalation_full"),
+                ]
+                .map(|(step, k)| (labels([("step", step)]), esc(k))),
+            )?;
+            counter(
+                e,
+                "guard_escalation_signals",
+                "Misbehaviour thresholds the proxy crossed, by whether they reached the ladder.",
+                [
+                    (labels([("outcome", "reported")]), esc("escalation_signals")),
+                    (
+                        labels([("outcome", "dropped")]),
+                        esc("escalation_signals_dropped"),
+                    ),
+                ],
+            )?;
+            gauge(
+                e,
+                "guard_escalation_sources",
+                "Sources escalated now, by step.",
+                [
+                    (
+                        labels([("step", "strict")]),
+                        esc("escalation_sources_strict"),
+                    ),
+                    (labels([("step", "deny")]), esc("escalation_sources_denied")),
+                ],
             )?;
             counter(
                 e,

@@ -145,6 +145,34 @@ pub struct XdpStatus {
     pub top_offenders: Vec<Offender>,
     /// Unix time of that interval's report.
     pub offenders_unix: u64,
+    /// The counters by interface, in the order of their slots.
+    #[serde(default)]
+    pub by_interface: Vec<InterfaceCounters>,
+    /// SYNs refused per tenant by its budget or the host's.
+    #[serde(default)]
+    pub tenant_syn_drops: Vec<TenantSynDrops>,
+    /// The escalation ladder's counters (its `stats` names).
+    #[serde(default)]
+    pub escalation: BTreeMap<String, u64>,
+}
+
+/// The XDP counters of one interface slot.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct InterfaceCounters {
+    /// The interface; several joined by `+` when their indexes share a
+    /// counter slot (see [`guard_common::IFACE_SLOTS`]), `other` for
+    /// frames of interfaces not configured.
+    pub interface: String,
+    pub counters: BTreeMap<String, u64>,
+}
+
+/// SYNs one tenant's budget refused, and the host's budget after it.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct TenantSynDrops {
+    /// The tenant's name, `(none)` for sources with no tenant.
+    pub tenant: String,
+    pub tenant_budget: u64,
+    pub host_budget: u64,
 }
 
 /// One interface the guard should be on.

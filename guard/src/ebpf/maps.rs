@@ -20,7 +20,10 @@ use guard_common::{
     SOURCE_BUCKETS_CAPACITY, SOURCE_TENANT_CAPACITY, SourceKey, TENANTS_CAPACITY, TenantBucket,
     VERIFIED_CAPACITY, VerifiedSource, maps,
 };
-use guard_common::{CONFIG_HAS_STRICT, STRICT_CAPACITY, StrictEntry};
+use guard_common::{
+    CONFIG_HAS_STRICT, CONFIG_HAS_TRACE_V4, CONFIG_HAS_TRACE_V6, IFACE_SLOTS, STRICT_CAPACITY,
+    StrictEntry, TRACE_CAPACITY, TenantDrops, TraceRule,
+};
 
 use crate::{cidr::Cidr, paths::Paths};
 
@@ -60,7 +63,7 @@ pub struct CidrEntry {
 /// The layout every pinned map must have: (name, key size, value size,
 /// capacity). Checked before adopting pins, since aya reuses a pinned map
 /// by name without comparing layouts.
-pub fn expected_layout() -> [(&'static str, u32, u32, u32); 17] {
+pub fn expected_layout() -> [(&'static str, u32, u32, u32); 20] {
     use std::mem::size_of;
     let s = |n: usize| n as u32;
     [
@@ -95,7 +98,7 @@ pub fn expected_layout() -> [(&'static str, u32, u32, u32); 17] {
             TENANTS_CAPACITY,
         ),
         (maps::GLOBAL_BUCKET, 4, s(size_of::<BucketState>()), 1),
-        (maps::COUNTERS, 4, s(size_of::<CounterBlock>()), 1),
+        (maps::COUNTERS, 4, s(size_of::<CounterBlock>()), IFACE_SLOTS),
         (maps::EVENT_BUCKET, 4, s(size_of::<BucketState>()), 1),
         (
             maps::VERIFIED,
@@ -115,6 +118,19 @@ pub fn expected_layout() -> [(&'static str, u32, u32, u32); 17] {
             s(size_of::<SourceKey>()),
             s(size_of::<StrictEntry>()),
             STRICT_CAPACITY,
+        ),
+        (
+            maps::TENANT_DROPS,
+            4,
+            s(size_of::<TenantDrops>()),
+            TENANTS_CAPACITY,
+        ),
+        (maps::TRACE_V4, 8, s(size_of::<TraceRule>()), TRACE_CAPACITY),
+        (
+            maps::TRACE_V6,
+            20,
+            s(size_of::<TraceRule>()),
+            TRACE_CAPACITY,
         ),
     ]
 }
@@ -180,6 +196,9 @@ pub struct GuardMaps {
     verified: HashMap<MapData, SourceKey, VerifiedSource>,
     source_buckets: HashMap<MapData, SourceKey, BucketState>,
     strict: HashMap<MapData, SourceKey, StrictEntry>,
+    tenant_drops: PerCpuArray<MapData, TenantDrops>,
+    trace_v4: LpmTrie<MapData, [u8; 4], TraceRule>,
+    trace_v6: LpmTrie<MapData, [u8; 16], TraceRule>,
 }
 
 impl GuardMaps {
@@ -200,6 +219,9 @@ impl GuardMaps {
             verified: open(paths, maps::VERIFIED)?.try_into()?,
             source_buckets: open(paths, maps::SOURCE_BUCKETS)?.try_into()?,
             strict: open(paths, maps::STRICT)?.try_into()?,
+            tenant_drops: open(paths, maps::TENANT_DROPS)?.try_into()?,
+            trace_v4: open(paths, maps::TRACE_V4)?.try_into()?,
+            trace_v6: open(paths, maps::TRACE_V6)?.try_into()?,
         })
     }
 
@@ -253,6 +275,12 @@ impl GuardMaps {
         }
         if self.strict.keys().next().is_some() {
             has |= CONFIG_HAS_STRICT;
+        }
+        if self.trace_v4.keys().next().is_some() {
+            has |= CONFIG_HAS_TRACE_V4;
+        }
+        if self.trace_v6.keys().next().is_some() {
+            has |= CONFIG_HAS_TRACE_V6;
         }
         let mut c = self.config()?;
         // Only clear: a flag raised meanwhile by another writer stays.
@@ -317,29 +345,10 @@ impl GuardMaps {
     /// left alone, so its bucket keeps its state across reloads and restarts;
     /// a changed one keeps it too, but starts no deeper in debt than its
     /// own burst allows (a bucket left by a budget that admitted nothing
-    /// would otherwise refuse every SYN for years).
+    /// would otherwise refuse every SYN for years). Each tenant keeps its
+    /// drop-counter slot; a new one gets the lowest free slot, zeroed, so
+    /// it never inherits the counts of a tenant removed before it.
     pub fn sync_tenant_limits(&mut self, wanted: &[(u32, RateLimit)]) -> anyhow::Result<()> {
-        for (id, limit) in wanted {
-            let state = match self.tenant_buckets.get(id, 0) {
-                Ok(b) if b.limit == *limit => continue,
-                Ok(b) => BucketState {
-                    tat_ns: b
-                        .state
-                        .tat_ns
-                        .min(monotonic_ns().saturating_add(limit.burst_ns)),
-                    ..b.state
-                },
-                Err(_) => BucketState::default(),
-            };
-            self.tenant_buckets.insert(
-                id,
-                TenantBucket {
-                    limit: *limit,
-                    state,
-                },
-                0,
-            )?;
-        }
         let keep: HashSet<u32> = wanted.iter().map(|(k, _)| *k).collect();
         let stale: Vec<u32> = self
             .tenant_buckets
@@ -347,10 +356,73 @@ impl GuardMaps {
             .filter_map(Result::ok)
             .filter(|k| !keep.contains(k))
             .collect();
+        // Removed first, so their slots are free for newcomers.
         for k in stale {
             self.tenant_buckets.remove(&k)?;
         }
+        let mut used: HashSet<u32> = self
+            .tenant_buckets
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(_, b)| b.slot)
+            .collect();
+        for (id, limit) in wanted {
+            let (state, slot) = match self.tenant_buckets.get(id, 0) {
+                Ok(b) if b.limit == *limit => continue,
+                Ok(b) => (
+                    BucketState {
+                        tat_ns: b
+                            .state
+                            .tat_ns
+                            .min(monotonic_ns().saturating_add(limit.burst_ns)),
+                        ..b.state
+                    },
+                    b.slot,
+                ),
+                Err(_) => {
+                    let slot = (0..TENANTS_CAPACITY)
+                        .find(|s| !used.contains(s))
+                        .context("no free tenant slot: more tenants than the maps hold")?;
+                    used.insert(slot);
+                    self.clear_tenant_drops(slot)?;
+                    (BucketState::default(), slot)
+                }
+            };
+            self.tenant_buckets.insert(
+                id,
+                TenantBucket {
+                    limit: *limit,
+                    state,
+                    slot,
+                    reserved: 0,
+                },
+                0,
+            )?;
+        }
         Ok(())
+    }
+
+    fn clear_tenant_drops(&mut self, slot: u32) -> anyhow::Result<()> {
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
+        let zero = aya::maps::PerCpuValues::try_from(vec![TenantDrops::default(); cpus])?;
+        self.tenant_drops.set(slot, zero, 0)?;
+        Ok(())
+    }
+
+    /// SYNs refused per tenant id, summed over CPUs (see [`TenantDrops`]).
+    pub fn tenant_drops(&self) -> anyhow::Result<BTreeMap<u32, TenantDrops>> {
+        let mut out = BTreeMap::new();
+        for item in self.tenant_buckets.iter() {
+            let (id, bucket) = item?;
+            let per_cpu = self.tenant_drops.get(&bucket.slot, 0)?;
+            let mut sum = TenantDrops::default();
+            for d in per_cpu.iter() {
+                sum.tenant = sum.tenant.wrapping_add(d.tenant);
+                sum.global = sum.global.wrapping_add(d.global);
+            }
+            out.insert(id, sum);
+        }
+        Ok(out)
     }
 
     /// A tenant's SYN budget in force ([`guard_common::DEFAULT_TENANT`]:
@@ -699,14 +771,122 @@ impl GuardMaps {
             .collect())
     }
 
-    /// Every counter summed over CPUs, indexed by [`Counter`].
+    /// Every counter summed over CPUs and interface slots, indexed by
+    /// [`Counter`].
     pub fn counter_totals(&self) -> anyhow::Result<[u64; COUNTER_COUNT as usize]> {
-        let per_cpu = self.counters.get(&0, 0)?;
         let mut out = [0u64; COUNTER_COUNT as usize];
-        for block in per_cpu.iter() {
-            for (total, v) in out.iter_mut().zip(block.values) {
+        for (_, slot) in self.counter_slots()? {
+            for (total, v) in out.iter_mut().zip(slot) {
                 *total = total.wrapping_add(v);
             }
+        }
+        Ok(out)
+    }
+
+    /// The counters of each interface slot that counted anything (see
+    /// [`guard_common::IFACE_SLOTS`]), summed over CPUs: `(slot, counters
+    /// indexed by [`Counter`])`.
+    pub fn counter_slots(&self) -> anyhow::Result<Vec<(u32, [u64; COUNTER_COUNT as usize])>> {
+        let mut out = Vec::new();
+        for slot in 0..IFACE_SLOTS {
+            let per_cpu = self.counters.get(&slot, 0)?;
+            let mut sum = [0u64; COUNTER_COUNT as usize];
+            for block in per_cpu.iter() {
+                for (total, v) in sum.iter_mut().zip(block.values) {
+                    *total = total.wrapping_add(v);
+                }
+            }
+            if sum.iter().any(|v| *v != 0) {
+                out.push((slot, sum));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Adds or replaces a trace rule: SYN verdicts of sources in `cidr`
+    /// are logged, at most `lines_per_sec` a second (bursts of as many),
+    /// until `expires_ns` (monotonic). At most
+    /// [`guard_common::TRACE_CAPACITY`] rules per family.
+    pub fn add_trace(
+        &mut self,
+        cidr: Cidr,
+        id: u32,
+        lines_per_sec: u64,
+        expires_ns: u64,
+    ) -> anyhow::Result<()> {
+        let rule = TraceRule {
+            limit: RateLimit::per_second(lines_per_sec.max(1), lines_per_sec.max(1)),
+            state: BucketState::default(),
+            expires_ns,
+            id,
+            reserved: 0,
+        };
+        let len = u32::from(cidr.prefix_len());
+        let full = || format!("the trace map is full ({TRACE_CAPACITY} traces of a family)");
+        match cidr.addr() {
+            IpAddr::V4(a) => {
+                self.raise_flag(CONFIG_HAS_TRACE_V4)?;
+                self.trace_v4
+                    .insert(&LpmKey::new(len, a.octets()), rule, 0)
+                    .with_context(full)?
+            }
+            IpAddr::V6(a) => {
+                self.raise_flag(CONFIG_HAS_TRACE_V6)?;
+                self.trace_v6
+                    .insert(&LpmKey::new(len, a.octets()), rule, 0)
+                    .with_context(full)?
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes a trace rule if it is the one with `id` (a later trace of
+    /// the same prefix replaced it otherwise); clears the family's flag
+    /// once its trie is empty.
+    pub fn remove_trace(&mut self, cidr: Cidr, id: u32) -> anyhow::Result<()> {
+        let len = u32::from(cidr.prefix_len());
+        let gone = |r: Result<(), aya::maps::MapError>| match r {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(aya::maps::MapError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(e),
+        };
+        match cidr.addr() {
+            IpAddr::V4(a) => {
+                let key = LpmKey::new(len, a.octets());
+                if self.trace_v4.get(&key, 0).is_ok_and(|r| r.id == id) {
+                    gone(self.trace_v4.remove(&key))?;
+                }
+            }
+            IpAddr::V6(a) => {
+                let key = LpmKey::new(len, a.octets());
+                if self.trace_v6.get(&key, 0).is_ok_and(|r| r.id == id) {
+                    gone(self.trace_v6.remove(&key))?;
+                }
+            }
+        }
+        self.refresh_flags()
+    }
+
+    /// Every trace rule: its prefix and rule, expired ones included.
+    pub fn trace_rules(&self) -> anyhow::Result<Vec<(Cidr, TraceRule)>> {
+        let mut out = Vec::new();
+        for item in self.trace_v4.iter() {
+            let (k, r) = item?;
+            out.push((
+                Cidr::new(Ipv4Addr::from(k.data()).into(), k.prefix_len() as u8)?,
+                r,
+            ));
+        }
+        for item in self.trace_v6.iter() {
+            let (k, r) = item?;
+            out.push((
+                Cidr::new(Ipv6Addr::from(k.data()).into(), k.prefix_len() as u8)?,
+                r,
+            ));
         }
         Ok(out)
     }
