@@ -173,6 +173,45 @@ pub enum XdpCommand {
     },
     /// Detach from every interface and remove every pin.
     Detach,
+    /// Why was my client dropped? Logs the verdict on each SYN from
+    /// sources in CIDR (listener, budget that decided, tokens left) for a
+    /// while, through the running daemon's admin endpoint; at most 50
+    /// lines a second per trace. The trace ends by itself.
+    Trace(TraceArgs),
+}
+
+/// `guard xdp trace`.
+#[derive(Debug, Args)]
+pub struct TraceArgs {
+    /// The sources to trace: an address or prefix, e.g. 192.0.2.7 or
+    /// 2001:db8::/64.
+    pub cidr: Cidr,
+    /// How long: seconds, or with a unit (`30s`, `5m`); at most 10m.
+    #[arg(long = "for", value_name = "DURATION", default_value = "30s", value_parser = trace_duration)]
+    pub duration: u64,
+    /// The daemon's config file: where its admin endpoint listens and
+    /// the token it wants.
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+    /// The admin endpoint, if not the config file's (or the default
+    /// 127.0.0.1:9311).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub admin: Option<SocketAddr>,
+}
+
+/// `30`, `30s`, `5m`: whole seconds, 1 to
+/// [`crate::ebpf::trace::MAX_TRACE_SECS`].
+fn trace_duration(s: &str) -> Result<u64, String> {
+    let (n, unit) = match s.strip_suffix('m') {
+        Some(n) => (n, 60),
+        None => (s.strip_suffix('s').unwrap_or(s), 1),
+    };
+    let max = crate::ebpf::trace::MAX_TRACE_SECS;
+    n.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(unit))
+        .filter(|secs| (1..=max).contains(secs))
+        .ok_or_else(|| format!("`{s}` is not a duration of 1s to {max}s (e.g. 30s, 5m)"))
 }
 
 /// `guard verified …`.
@@ -660,6 +699,35 @@ mod tests {
         assert_eq!(c.xdp.syn_cookies, SynCookies::Off);
         let e = parse(&["run", "--syn-cookies", "always"]).unwrap_err();
         assert!(e.to_string().contains("use auto, on or off"), "{e}");
+    }
+
+    #[test]
+    fn trace_durations_are_bounded() {
+        assert_eq!(trace_duration("30"), Ok(30));
+        assert_eq!(trace_duration("30s"), Ok(30));
+        assert_eq!(trace_duration("5m"), Ok(300));
+        assert_eq!(trace_duration("10m"), Ok(600));
+        for bad in [
+            "0",
+            "0s",
+            "11m",
+            "601s",
+            "",
+            "s",
+            "-1",
+            "1h",
+            "99999999999999999999m",
+        ] {
+            assert!(trace_duration(bad).is_err(), "{bad:?}");
+        }
+        let cli = parse(&["xdp", "trace", "192.0.2.7/32", "--for", "5s"]).unwrap();
+        let Command::Xdp(XdpCommand::Trace(t)) = cli.command else {
+            panic!("not a trace: {:?}", cli.command)
+        };
+        assert_eq!(
+            (t.cidr.to_string().as_str(), t.duration),
+            ("192.0.2.7/32", 5)
+        );
     }
 
     #[test]

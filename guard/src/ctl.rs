@@ -20,7 +20,7 @@ use crate::{
     paths::Paths,
 };
 
-/// `guard xdp status|detach`.
+/// `guard xdp status|detach|trace`.
 pub fn xdp(paths: &Paths, cmd: XdpCommand) -> anyhow::Result<()> {
     match cmd {
         XdpCommand::Status { json } => {
@@ -34,6 +34,7 @@ pub fn xdp(paths: &Paths, cmd: XdpCommand) -> anyhow::Result<()> {
             println!("{out}");
             Ok(())
         }
+        XdpCommand::Trace(args) => crate::admin::client::trace(&args),
         XdpCommand::Detach => {
             let detached = ebpf::detach_all(paths)?;
             if detached.is_empty() {

@@ -149,8 +149,12 @@ pub async fn run(paths: Paths, args: RunArgs) -> anyhow::Result<()> {
 
     let mut xdp: Option<XdpRun> = None;
     let mut enforcer: Option<escalation::Enforcer> = None;
+    // `guard xdp trace` lines, filled by the program's logger, read by
+    // the admin endpoint.
+    let trace_ring = Arc::new(ebpf::trace::TraceRing::default());
     if !config.xdp.interfaces.is_empty() {
-        let guard = XdpGuard::attach(&paths, &config.xdp.interfaces, config.xdp.mode)?;
+        let mut guard = XdpGuard::attach(&paths, &config.xdp.interfaces, config.xdp.mode)?;
+        let trace_logger = start_trace_logger(&mut guard, &trace_ring);
         let mut control = XdpControl::open(&paths)?;
         control.apply(&config)?;
         info!(
@@ -181,7 +185,7 @@ pub async fn run(paths: Paths, args: RunArgs) -> anyhow::Result<()> {
             escalation_counters.clone(),
             control.maps(),
         ));
-        xdp = Some((guard, control, events, report_tx));
+        xdp = Some((guard, control, events, report_tx, trace_logger));
     }
 
     config_tracker.set_tenants(&config);
@@ -191,6 +195,7 @@ pub async fn run(paths: Paths, args: RunArgs) -> anyhow::Result<()> {
         &proxy_shared,
         &config_tracker,
         &escalation_counters,
+        &trace_ring,
     )
     .await;
 
@@ -200,7 +205,7 @@ pub async fn run(paths: Paths, args: RunArgs) -> anyhow::Result<()> {
         tokio::select! {
             signal = signals.recv() => match signal {
                 Signal::Stop => break,
-                Signal::Reload => match reload(&paths, &args, &config, &mut xdp, &tenants) {
+                Signal::Reload => match reload(&paths, &args, &config, &mut xdp, &tenants, &trace_ring) {
                     Ok(new) => {
                         backends_tx.send_if_modified(|b| {
                             let changed = *b != new.proxy.backends;
@@ -266,6 +271,13 @@ pub async fn run(paths: Paths, args: RunArgs) -> anyhow::Result<()> {
                     Ok(n) => info!("removed {n} expired deny/allow entr{}", if n == 1 { "y" } else { "ies" }),
                     Err(e) => error!("cannot remove expired entries: {e:#}"),
                 }
+                // The program already ignores a lapsed trace; removing it
+                // clears the trace flag, so a SYN costs a flag test again.
+                match ebpf::trace::remove_expired(control.maps()) {
+                    Ok(0) => {}
+                    Ok(n) => info!("{n} trace(s) ended"),
+                    Err(e) => error!("cannot remove ended traces: {e:#}"),
+                }
                 // The program already ignores a lapsed entry; removing it
                 // makes room for new ones.
                 sweeps += 1;
@@ -299,8 +311,11 @@ pub async fn run(paths: Paths, args: RunArgs) -> anyhow::Result<()> {
     if let Some(e) = &mut enforcer {
         e.save();
     }
-    if let Some((guard, _, events, _)) = xdp {
+    if let Some((guard, _, events, _, trace_logger)) = xdp {
         events.abort();
+        if let Some(t) = trace_logger {
+            t.abort();
+        }
         info!(
             "stopping; the XDP guard stays attached on {} (`guard xdp detach` removes it)",
             describe_interfaces(&guard)
@@ -332,6 +347,7 @@ async fn start_admin(
     proxy_shared: &Arc<std::sync::OnceLock<Arc<proxy::Shared>>>,
     tracker: &Arc<ConfigTracker>,
     escalation: &Arc<escalation::Counters>,
+    trace_ring: &Arc<ebpf::trace::TraceRing>,
 ) -> Option<tokio::task::JoinHandle<()>> {
     let addr = config.admin.listen?;
     let listener = match admin::bind(addr).await {
@@ -351,6 +367,12 @@ async fn start_admin(
         config: tracker.clone(),
         started: std::time::Instant::now(),
         escalation: Some(escalation.clone()),
+        trace: (!config.xdp.interfaces.is_empty()).then(|| {
+            Arc::new(admin::trace::TraceSource::new(
+                trace_ring.clone(),
+                paths.clone(),
+            ))
+        }),
     };
     let token = Some(config.admin.token.clone());
     Some(tokio::spawn(admin::serve(listener, sources, token)))
@@ -365,14 +387,20 @@ fn reload(
     old: &Config,
     xdp: &mut Option<XdpRun>,
     tenants: &SharedRegistry,
+    trace_ring: &Arc<ebpf::trace::TraceRing>,
 ) -> anyhow::Result<Config> {
     let new = args.resolve()?;
-    if let Some((guard, control, _, report)) = xdp {
+    if let Some((guard, control, _, report, trace_logger)) = xdp {
         if new.xdp.interfaces.is_empty() {
             bail!("the new configuration has no interfaces");
         }
         if new.xdp.interfaces != old.xdp.interfaces || new.xdp.mode != old.xdp.mode {
             *guard = XdpGuard::attach(paths, &new.xdp.interfaces, new.xdp.mode)?;
+            // A new program logs into its own ring buffer: follow it.
+            if let Some(t) = trace_logger.take() {
+                t.abort();
+            }
+            *trace_logger = start_trace_logger(guard, trace_ring);
         }
         control.apply(&new)?;
         report.send_replace(report_settings(&new));
@@ -399,13 +427,30 @@ fn reload(
 }
 
 /// The XDP side of a running daemon: the attachment, the map control, the
-/// event reporter and its settings.
+/// event reporter and its settings, the trace logger.
 type XdpRun = (
     XdpGuard,
     XdpControl,
     tokio::task::JoinHandle<anyhow::Result<()>>,
     tokio::sync::watch::Sender<ebpf::events::ReportSettings>,
+    Option<tokio::task::JoinHandle<()>>,
 );
+
+/// Forwards the trace lines of the program `guard` loaded. Without it the
+/// guard still guards; only `guard xdp trace` shows nothing, so that is
+/// said rather than fatal.
+fn start_trace_logger(
+    guard: &mut XdpGuard,
+    ring: &Arc<ebpf::trace::TraceRing>,
+) -> Option<tokio::task::JoinHandle<()>> {
+    match guard.spawn_trace_logger(ring.clone()) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            warn!("guard xdp trace will show nothing: {e:#}");
+            None
+        }
+    }
+}
 
 fn report_settings(config: &Config) -> ebpf::events::ReportSettings {
     ebpf::events::ReportSettings {

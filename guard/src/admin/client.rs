@@ -6,10 +6,15 @@ use std::{fmt::Write as _, net::SocketAddr, time::Duration};
 use anyhow::{Context as _, bail};
 use http_body_util::BodyExt as _;
 
-use super::status::Status;
+use super::{
+    status::Status,
+    trace::{TraceAnswer, TraceRequest},
+};
 use crate::{
-    cli::StatusArgs,
+    cidr::Cidr,
+    cli::{StatusArgs, TraceArgs},
     config::Config,
+    ebpf::trace::Started,
     ebpf::{AttachState, events::thousands, maps::GuardMaps},
     paths::Paths,
 };
@@ -66,18 +71,44 @@ pub fn command(paths: &Paths, args: &StatusArgs) -> anyhow::Result<()> {
 
 /// GETs `path` from the admin endpoint at `addr`; the body of a 200.
 pub async fn fetch(addr: SocketAddr, path: &str, token: Option<&str>) -> anyhow::Result<Vec<u8>> {
+    request(addr, hyper::Method::GET, path, None, token).await
+}
+
+/// POSTs a JSON `body` to `path` of the admin endpoint at `addr`; the
+/// body of a 200.
+pub async fn post(
+    addr: SocketAddr,
+    path: &str,
+    body: Vec<u8>,
+    token: Option<&str>,
+) -> anyhow::Result<Vec<u8>> {
+    request(addr, hyper::Method::POST, path, Some(body), token).await
+}
+
+async fn request(
+    addr: SocketAddr,
+    method: hyper::Method,
+    path: &str,
+    body: Option<Vec<u8>>,
+    token: Option<&str>,
+) -> anyhow::Result<Vec<u8>> {
     let work = async {
         let stream = tokio::net::TcpStream::connect(addr).await?;
         let (mut sender, conn) =
             hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
         let driving = tokio::spawn(conn);
-        let mut req = hyper::Request::get(path).header(hyper::header::HOST, addr.to_string());
+        let mut req = hyper::Request::builder()
+            .method(method)
+            .uri(path)
+            .header(hyper::header::HOST, addr.to_string());
         if let Some(t) = token {
             req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {t}"));
         }
-        let resp = sender
-            .send_request(req.body(http_body_util::Empty::<bytes::Bytes>::new())?)
-            .await?;
+        if body.is_some() {
+            req = req.header(hyper::header::CONTENT_TYPE, "application/json");
+        }
+        let body = http_body_util::Full::new(bytes::Bytes::from(body.unwrap_or_default()));
+        let resp = sender.send_request(req.body(body)?).await?;
         let code = resp.status();
         let body = resp.into_body().collect().await?.to_bytes().to_vec();
         driving.abort();
@@ -92,6 +123,168 @@ pub async fn fetch(addr: SocketAddr, path: &str, token: Option<&str>) -> anyhow:
     tokio::time::timeout(TIMEOUT, work)
         .await
         .map_err(|_| anyhow::anyhow!("no answer within {TIMEOUT:?}"))?
+}
+
+/// How often `guard xdp trace` asks for new lines.
+const TRACE_POLL: Duration = Duration::from_millis(250);
+
+/// Polls that may fail in a row before `guard xdp trace` gives up.
+const TRACE_POLL_FAILURES: u32 = 8;
+
+/// `guard xdp trace CIDR [--for 30s]`: starts the trace through the
+/// admin endpoint, prints the lines of sources in CIDR as they come, and
+/// removes the trace when the time is up or on Ctrl-C.
+pub fn trace(args: &TraceArgs) -> anyhow::Result<()> {
+    let config = match &args.config {
+        Some(p) => Config::load(p)?,
+        None => Config::default(),
+    };
+    let Some(addr) = args.admin.or(config.admin.listen) else {
+        bail!(
+            "the admin endpoint is off in the configuration; guard xdp trace needs the running \
+             daemon's admin endpoint (give --admin ADDR:PORT)"
+        );
+    };
+    let token = Some(config.admin.token.clone()).filter(|t| !t.is_empty());
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(run_trace(addr, token.as_deref(), args.cidr, args.duration))
+}
+
+async fn run_trace(
+    addr: SocketAddr,
+    token: Option<&str>,
+    cidr: Cidr,
+    secs: u64,
+) -> anyhow::Result<()> {
+    let ask = |secs: u64, id: Option<u32>| {
+        let body = serde_json::to_vec(&TraceRequest {
+            cidr: cidr.to_string(),
+            secs: Some(secs),
+            id,
+        })
+        .expect("a request serializes");
+        post(addr, "/trace", body, token)
+    };
+    let started: Started = match ask(secs, None).await {
+        Ok(body) => {
+            serde_json::from_slice(&body).context("the admin endpoint's /trace is not guard's")?
+        }
+        Err(e) if is_unreachable(&e) => bail!(
+            "no guard daemon answers at {addr} ({e:#}): guard xdp trace needs `guard run` with \
+             its XDP guard and admin endpoint (--admin, or [admin] listen in --config)"
+        ),
+        Err(e) => return Err(e.context(format!("cannot start a trace at {addr}"))),
+    };
+    eprintln!(
+        "tracing SYNs from {} for {} s (trace {}; at most {} lines/s); Ctrl-C ends it",
+        started.cidr,
+        started.secs,
+        started.id,
+        crate::ebpf::trace::LINES_PER_SEC
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    let mut seq = started.since;
+    let mut shown = 0u64;
+    let mut failures = 0;
+    let mut tick = tokio::time::interval(TRACE_POLL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    let mut last_round = false;
+    let outcome = loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = &mut ctrl_c => last_round = true,
+        }
+        if tokio::time::Instant::now() >= deadline {
+            // One more read after the end, for the lines of its last moments.
+            last_round = true;
+        }
+        match fetch(addr, &format!("/trace?since={seq}"), token).await {
+            Ok(body) => {
+                failures = 0;
+                let answer: TraceAnswer = match serde_json::from_slice(&body) {
+                    Ok(a) => a,
+                    Err(e) => {
+                        break Err(anyhow::anyhow!(
+                            "the admin endpoint's /trace is not guard's: {e}"
+                        ));
+                    }
+                };
+                if let Some(first) = answer.lines.first()
+                    && first.seq > seq + 1
+                    && seq > 0
+                {
+                    println!(
+                        "… {} lines were lost (the daemon keeps the last {})",
+                        first.seq - seq - 1,
+                        crate::ebpf::trace::RING_LINES
+                    );
+                }
+                for line in &answer.lines {
+                    seq = line.seq;
+                    if cidr.contains(line.source) {
+                        println!("{} {}", clock(line.unix_ms), line.text);
+                        shown += 1;
+                    }
+                }
+                // A full answer leaves more waiting: no pause before the next.
+                if answer.lines.len() >= crate::ebpf::trace::MAX_LINES_PER_ANSWER {
+                    tick.reset_immediately();
+                }
+                if !last_round && !answer.traces.iter().any(|t| t.id == started.id) {
+                    eprintln!("the trace was replaced or removed");
+                    last_round = true;
+                }
+            }
+            Err(e) => {
+                failures += 1;
+                if failures >= TRACE_POLL_FAILURES {
+                    break Err(e.context(format!("the daemon at {addr} stopped answering")));
+                }
+            }
+        }
+        if last_round {
+            break Ok(());
+        }
+    };
+    // Ended here rather than left to its expiry, but only if it is still
+    // this trace: a later one of the same prefix is someone else's.
+    if let Err(e) = ask(0, Some(started.id)).await {
+        eprintln!("guard: the trace could not be removed ({e:#}); it ends by itself");
+    }
+    eprintln!("trace {} ended: {shown} line(s)", started.id);
+    outcome
+}
+
+/// Whether `e` says nothing listens at the address.
+fn is_unreachable(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>().is_some_and(|io| {
+            matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionRefused
+                    | std::io::ErrorKind::NotFound
+                    | std::io::ErrorKind::AddrNotAvailable
+                    | std::io::ErrorKind::TimedOut
+            )
+        })
+    }) || e.to_string().starts_with("no answer within")
+}
+
+/// `HH:MM:SS.mmm` (UTC) of Unix milliseconds.
+fn clock(unix_ms: u64) -> String {
+    let s = unix_ms / 1000;
+    format!(
+        "{:02}:{:02}:{:02}.{:03}",
+        s / 3600 % 24,
+        s / 60 % 60,
+        s % 60,
+        unix_ms % 1000
+    )
 }
 
 fn ms(v: Option<f64>) -> String {

@@ -134,6 +134,8 @@ pub struct Sources {
     pub started: Instant,
     /// The escalation ladder's counters.
     pub escalation: Option<Arc<crate::escalation::Counters>>,
+    /// `/trace`; `None`: this daemon runs no XDP guard.
+    pub trace: Option<Arc<super::trace::TraceSource>>,
 }
 
 /// The XDP side's pins, opened once and kept.

@@ -5,7 +5,8 @@
 //! - `/metrics` the OpenMetrics exposition ([`metrics`]),
 //! - `/status` the same picture as JSON ([`status::Status`]),
 //! - `/healthz` 200 while the process serves, `/readyz` 200 when
-//!   configuration, XDP and at least one backend are in order.
+//!   configuration, XDP and at least one backend are in order,
+//! - `/trace` starts `guard xdp trace` and serves its lines ([`trace`]).
 //!
 //! It can never slow the proxy. The picture is taken once per
 //! [`SAMPLE_INTERVAL`] on a blocking thread ([`collect`]: atomics and the
@@ -18,6 +19,7 @@ pub mod client;
 pub mod collect;
 pub mod metrics;
 pub mod status;
+pub mod trace;
 
 use std::{
     net::SocketAddr,
@@ -78,6 +80,8 @@ pub struct Admin {
     token: Option<String>,
     /// When the next request may be answered.
     next_slot: tokio::sync::Mutex<tokio::time::Instant>,
+    /// `/trace`; `None`: this daemon runs no XDP guard.
+    trace: Option<Arc<trace::TraceSource>>,
 }
 
 impl Admin {
@@ -109,6 +113,7 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
 /// the picture from `sources`; `token`, when set, is required of every
 /// request but the page itself and `/healthz`.
 pub async fn serve(listener: TcpListener, sources: Sources, token: Option<String>) {
+    let trace = sources.trace.clone();
     let sources = Arc::new(sources);
     let history = Arc::new(Mutex::new(History::default()));
     let first = take(sources.clone(), history.clone()).await;
@@ -116,9 +121,10 @@ pub async fn serve(listener: TcpListener, sources: Sources, token: Option<String
         latest: ArcSwap::from_pointee(first),
         token: token.filter(|t| !t.is_empty()),
         next_slot: tokio::sync::Mutex::new(tokio::time::Instant::now()),
+        trace,
     });
     if let Ok(addr) = listener.local_addr() {
-        info!("admin endpoint on http://{addr}/ (/metrics, /status, /healthz, /readyz)");
+        info!("admin endpoint on http://{addr}/ (/metrics, /status, /healthz, /readyz, /trace)");
     }
     let sampling = tokio::spawn(sample(admin.clone(), sources, history));
     let app = router(admin);
@@ -162,6 +168,7 @@ fn router(admin: Arc<Admin>) -> Router {
         .route("/metrics", get(metrics_handler))
         .route("/status", get(status_handler))
         .route("/readyz", get(readyz))
+        .route("/trace", get(trace::get).post(trace::post))
         .route_layer(middleware::from_fn_with_state(admin.clone(), require_token));
     Router::new()
         .route("/", get(page))

@@ -15,6 +15,7 @@ pub mod cookies;
 pub mod events;
 pub mod maps;
 pub mod settings;
+pub mod trace;
 
 use std::{
     fs,
@@ -95,7 +96,7 @@ impl AttachState {
 /// The loaded, attached guard. Dropping it leaves the program attached.
 pub struct XdpGuard {
     // Holds the program (and its maps) loaded by this process.
-    _ebpf: Ebpf,
+    ebpf: Ebpf,
     state: AttachState,
 }
 
@@ -205,12 +206,22 @@ impl XdpGuard {
         state.save(paths)?;
         attempt.commit();
         remove_older_layouts(&older);
-        Ok(Self { _ebpf: ebpf, state })
+        Ok(Self { ebpf, state })
     }
 
     /// What is attached where.
     pub fn state(&self) -> &AttachState {
         &self.state
+    }
+
+    /// Starts forwarding the trace lines of the program this process
+    /// loaded (and put on the interfaces) into `ring` and the log; see
+    /// [`trace::spawn_logger`]. Needs a tokio runtime.
+    pub fn spawn_trace_logger(
+        &mut self,
+        ring: std::sync::Arc<trace::TraceRing>,
+    ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+        trace::spawn_logger(&mut self.ebpf, ring)
     }
 }
 
