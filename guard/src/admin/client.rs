@@ -236,7 +236,13 @@ async fn run_trace(
                     tick.reset_immediately();
                 }
                 if !last_round && !answer.traces.iter().any(|t| t.id == started.id) {
-                    eprintln!("the trace was replaced or removed");
+                    // Its expiry, counted by the daemon from a moment
+                    // before ours, is no news; an earlier end is.
+                    if deadline.saturating_duration_since(tokio::time::Instant::now())
+                        > Duration::from_secs(1)
+                    {
+                        eprintln!("the trace was replaced or removed before its end");
+                    }
                     last_round = true;
                 }
             }
