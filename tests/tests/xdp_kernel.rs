@@ -459,15 +459,17 @@ fn expired_deny_entries_no_longer_apply_and_are_removed() {
 #[test]
 fn source_bucket_exhausts_then_refills() {
     let mut x = guard();
-    // 20/s, burst 3: three admitted at once, then one every 50 ms.
-    set_config(&mut x, |c| c.source = RateLimit::per_second(20, 3));
+    // 2/s, burst 3: three admitted at once, then one every 500 ms (slow
+    // enough that a loaded machine's pause between two frames below does
+    // not refill the bucket).
+    set_config(&mut x, |c| c.source = RateLimit::per_second(2, 3));
     for _ in 0..3 {
         expect(&x, &syn4(v4(1)), verdict::PASS, admitted());
     }
     expect(&x, &syn4(v4(1)), verdict::DROP, crossed("source"));
     // Another source has its own bucket.
     expect(&x, &syn4(v4(2)), verdict::PASS, admitted());
-    std::thread::sleep(Duration::from_millis(60));
+    std::thread::sleep(Duration::from_millis(600));
     expect(&x, &syn4(v4(1)), verdict::PASS, admitted());
     // Crossed again within the second: dropped, not reported again.
     expect(&x, &syn4(v4(1)), verdict::DROP, dropped("source"));
