@@ -19,7 +19,8 @@
 //! and progress on stderr; measures only, asserts nothing.
 //!
 //! `--quick` is a reduced run (CI); `--runs N` repeats N times (default
-//! 5); `--rate R` fixes the offered load at R requests per second.
+//! 5); `--rate R` fixes the offered load at R requests per second;
+//! `--charts DIR` writes SVG charts into DIR and links them.
 //! Everything runs on 127.0.0.1, and every process it starts is killed
 //! when it exits, panics included. `GUARD_BIN` overrides the guard binary
 //! (default: the workspace's `target/release/guard`).
@@ -33,7 +34,7 @@ use guard_tests::{
     MEMCACHED_BIN, Memcached, accepts, free_port,
     loadgen::{self, ChurnResult, LoadResult, PacedLoad},
     procstat::{cpu_split, rss_kib},
-    report::{BenchOptions, Samples, Section, Table},
+    report::{BarChart, BenchOptions, Samples, Section, Table},
 };
 use procs::{start_guard, start_nutcracker};
 
@@ -195,6 +196,8 @@ const CASES: [(&str, u64, usize); 3] = [
     ("10% get / 90% set, one request at a time", 10, 1),
     ("90% get / 10% set, pipelined 16 deep", 90, DEPTH),
 ];
+/// The cases' names in charts, in the same order.
+const CASE_LABELS: [&str; 3] = ["90% get", "90% set", "90% get, 16 deep"];
 
 /// The processes the load goes to.
 struct Under {
@@ -453,9 +456,11 @@ fn main() {
         .min(nofile.saturating_sub(1_024) as usize);
     let burst = burst::run(&tmp, &mut backends, burst_clients);
 
-    let mut out = Section::new();
+    let mut out = Section::with_charts(opts.get("charts").map(Into::into));
     describe(&mut out, &plan, rate, &closed_loop, idle_clients);
+    summary_chart(&mut out, &res);
     load_tables(&mut out, &res, rate);
+    load_charts(&mut out, &res);
     churn_tables(&mut out, &res);
     idle_tables(&mut out, &res, idle_clients);
     out.para(burst.markdown().trim_end());
@@ -508,6 +513,82 @@ fn describe(out: &mut Section, plan: &Plan, rate: f64, closed: &[(Who, f64)], id
 
 fn ratio(a: f64, b: f64) -> f64 {
     if b > 0.0 { a / b } else { f64::NAN }
+}
+
+/// Each run's guard ÷ nutcracker of `f`, over paired runs.
+fn ratios<T>(g: &[T], n: &[T], f: impl Fn(&T) -> f64) -> Samples {
+    let mut s = Samples::default();
+    for (g, n) in g.iter().zip(n) {
+        s.push(ratio(f(g), f(n)));
+    }
+    s
+}
+
+/// One chart of every guard ÷ nutcracker ratio the targets are about.
+fn summary_chart(out: &mut Section, res: &Results) {
+    let (g, n) = (Who::Guard.index(), Who::Nutcracker.index());
+    let mut c = BarChart::new(
+        "guard ÷ nutcracker, each run (below 1: guard spends less)",
+        "ratio",
+        ["CPU per request", "user CPU per request", "p99 latency"],
+    );
+    for ((_, rows), label) in res.loads.iter().zip(CASE_LABELS) {
+        c.group(
+            label,
+            vec![
+                ratios(&rows[g], &rows[n], |r| r.proxy.0),
+                ratios(&rows[g], &rows[n], |r| r.proxy.1),
+                ratios(&rows[g], &rows[n], |r| r.p99),
+            ],
+        );
+    }
+    c.group(
+        "churn, per connection",
+        vec![
+            ratios(&res.churn[g], &res.churn[n], |r| r.proxy.0),
+            ratios(&res.churn[g], &res.churn[n], |r| r.proxy.1),
+            Samples::default(),
+        ],
+    );
+    c.reference(1.0, "parity");
+    out.chart("proxy-ratios", &c);
+}
+
+/// The proxies' CPU per request and every target's p99, per case.
+fn load_charts(out: &mut Section, res: &Results) {
+    let mut cpu = BarChart::new(
+        "Proxy CPU per request (user + system, and user alone)",
+        "µs per request",
+        ["nutcracker", "nutcracker user", "guard", "guard user"],
+    );
+    let mut p99 = BarChart::new(
+        "p99 latency at the same offered load",
+        "µs",
+        ALL.map(Who::name),
+    );
+    for ((_, rows), label) in res.loads.iter().zip(CASE_LABELS) {
+        let s = |who: Who, f: fn(&LoadRow) -> f64| {
+            Samples(
+                rows[who.index()]
+                    .iter()
+                    .map(f)
+                    .filter(|v| !v.is_nan())
+                    .collect(),
+            )
+        };
+        cpu.group(
+            label,
+            vec![
+                s(Who::Nutcracker, |r| r.proxy.0),
+                s(Who::Nutcracker, |r| r.proxy.1),
+                s(Who::Guard, |r| r.proxy.0),
+                s(Who::Guard, |r| r.proxy.1),
+            ],
+        );
+        p99.group(label, ALL.map(|who| s(who, |r| r.p99)).to_vec());
+    }
+    out.chart("proxy-cpu-per-request", &cpu);
+    out.chart("proxy-p99", &p99);
 }
 
 fn load_tables(out: &mut Section, res: &Results, rate: f64) {
@@ -632,6 +713,18 @@ fn churn_tables(out: &mut Section, res: &Results) {
         rate.range(2, "×"),
     ]);
     out.table(&t);
+    let mut c = BarChart::new(
+        "Connection churn: CPU of the serving process per connection",
+        "µs per connection",
+        ALL.map(Who::name),
+    );
+    let each = |f: fn(&ChurnRow) -> f64| -> Vec<Samples> {
+        ALL.map(|who| Samples(res.churn[who.index()].iter().map(f).collect()))
+            .to_vec()
+    };
+    c.group("user + system", each(|r| r.proxy.0));
+    c.group("user", each(|r| r.proxy.1));
+    out.chart("proxy-churn", &c);
 }
 
 fn idle_tables(out: &mut Section, res: &Results, clients: usize) {
@@ -666,4 +759,24 @@ fn idle_tables(out: &mut Section, res: &Results, clients: usize) {
         "Resident memory only: the kernel's socket buffers are not in it, and are the same \
          for every process. Target for guard: at most 1 KiB (1024 bytes) per idle client.",
     );
+    let mut c = BarChart::new(
+        &format!("Resident memory per idle connection, {clients} clients"),
+        "bytes per connection",
+        ALL.map(Who::name),
+    );
+    c.group(
+        "VmRSS delta ÷ clients",
+        ALL.map(|who| {
+            Samples(
+                res.idle[who.index()]
+                    .iter()
+                    .map(|r| r.per_conn_bytes)
+                    .filter(|v| !v.is_nan())
+                    .collect(),
+            )
+        })
+        .to_vec(),
+    );
+    c.reference(1024.0, "guard's target, 1 KiB");
+    out.chart("proxy-idle-memory", &c);
 }
