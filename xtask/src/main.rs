@@ -572,11 +572,16 @@ const BENCHMARKS: &[Benchmark] = &[
     },
 ];
 
+/// Where a full run's charts go, beside `BENCHMARKS.md`, which links them
+/// by this name.
+const CHARTS_DIR: &str = "benchmarks";
+
 /// Runs the benchmarks `which` names. Each prints its section of the
 /// report on stdout, kept under `target/bench/<name>.md`; a full run then
 /// writes `BENCHMARKS.md` from every section there (a benchmark not run
-/// this time keeps its last section). A quick run writes under
-/// `target/bench-quick` and leaves `BENCHMARKS.md` alone.
+/// this time keeps its last section) and its charts into `benchmarks/`.
+/// A quick run writes under `target/bench-quick` (charts in `charts/`
+/// there) and leaves `BENCHMARKS.md` alone.
 fn bench(which: &str, quick: bool, runs: Option<usize>) -> anyhow::Result<()> {
     let chosen: Vec<&Benchmark> = BENCHMARKS
         .iter()
@@ -592,6 +597,13 @@ fn bench(which: &str, quick: bool, runs: Option<usize>) -> anyhow::Result<()> {
         "target/bench"
     });
     std::fs::create_dir_all(&dir)?;
+    // Charts are linked by the directory's own name, relative to the
+    // Markdown that holds the section.
+    let charts = if quick {
+        dir.join("charts")
+    } else {
+        workspace_root().join(CHARTS_DIR)
+    };
     for b in chosen {
         if b.needs_root && !is_root() {
             if which == "all" {
@@ -607,6 +619,9 @@ fn bench(which: &str, quick: bool, runs: Option<usize>) -> anyhow::Result<()> {
         if let Some(n) = runs.filter(|_| b.takes_options) {
             args.extend(["--runs".into(), n.to_string()]);
         }
+        if b.takes_options {
+            args.extend(["--charts".into(), charts.display().to_string()]);
+        }
         let section = run_bench_binary(b.binary, &args)?;
         std::fs::write(dir.join(format!("{}.md", b.name)), &section)?;
         print!("{section}");
@@ -617,15 +632,40 @@ fn bench(which: &str, quick: bool, runs: Option<usize>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The machine the benchmarks ran on, as `lscpu` and the kernel name it:
+/// CPU model, CPUs, kernel.
+fn machine() -> String {
+    let lscpu = capture(&mut Command::new("lscpu")).unwrap_or_default();
+    let field = |name: &str| {
+        lscpu
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+            .map_or("unknown".to_string(), |v| v.trim().to_string())
+    };
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!(
+        "{}, {} CPUs ({} thread(s) per core), Linux {}",
+        field("Model name"),
+        field("CPU(s)"),
+        field("Thread(s) per core"),
+        kernel.trim()
+    )
+}
+
 /// Writes `BENCHMARKS.md` from the sections under `dir`.
 fn write_report(dir: &Path) -> anyhow::Result<()> {
-    let mut out = String::from(
+    let mut out = format!(
         "# Benchmarks\n\n\
+         Machine: {}.\n\n\
          Written by `cargo xtask bench` (every benchmark; `cargo xtask bench proxy` or \
-         `cargo xtask bench xdp` for one, `--runs N` to repeat more). Absolute figures differ \
-         several times between machines of the same kind and with whatever else runs beside \
-         them; each table therefore carries its references, measured in the same run, and a \
-         figure repeated over runs is shown as its range and median, never its best.\n\n",
+         `cargo xtask bench xdp` for one, `--runs N` to repeat more; the XDP benchmark needs \
+         root). Absolute figures differ several times between machines of the same kind and \
+         with whatever else runs beside them; each table therefore carries its references, \
+         measured in the same run, and a figure repeated over runs is shown as its range and \
+         median, never its best. Charts are in `{CHARTS_DIR}/`. `cargo xtask test` runs each \
+         benchmark once in a reduced mode (`--quick`) so none stops working unnoticed; that \
+         run asserts nothing about speed.\n\n",
+        machine()
     );
     for b in BENCHMARKS {
         let Ok(section) = std::fs::read_to_string(dir.join(format!("{}.md", b.name))) else {
