@@ -103,7 +103,11 @@ impl Samples {
     pub fn range(&self, decimals: usize, unit: &str) -> String {
         match self.summary() {
             None => "-".into(),
-            Some((lo, _, hi)) if self.0.len() == 1 || lo == hi => {
+            // Runs that agree to the places shown show one figure.
+            Some((lo, _, hi))
+                if self.0.len() == 1
+                    || format!("{lo:.decimals$}") == format!("{hi:.decimals$}") =>
+            {
                 format!("{lo:.decimals$}{unit}")
             }
             Some((lo, mid, hi)) => {
@@ -395,6 +399,7 @@ mod tests {
         s.push(2.5);
         assert_eq!(s.range(2, "×"), "1.00–3.00× (median 2.50×)");
         assert_eq!(s.each(0), "3, 1, 2");
+        assert_eq!(Samples(vec![2943.2, 2942.8]).range(0, ""), "2943");
         assert_eq!(s.at_most(2.5), 2);
     }
 

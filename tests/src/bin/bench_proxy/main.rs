@@ -20,7 +20,9 @@
 //!
 //! `--quick` is a reduced run (CI); `--runs N` repeats N times (default
 //! 5); `--rate R` fixes the offered load at R requests per second;
-//! `--charts DIR` writes SVG charts into DIR and links them.
+//! `--charts DIR` writes SVG charts into DIR and links them; `--only
+//! load,churn,idle,burst` measures only the parts named (to try a change
+//! quickly; a report for `BENCHMARKS.md` measures them all).
 //! Everything runs on 127.0.0.1, and every process it starts is killed
 //! when it exits, panics included. `GUARD_BIN` overrides the guard binary
 //! (default: the workspace's `target/release/guard`).
@@ -84,6 +86,41 @@ impl Plan {
                 idle_clients: 16_000,
                 burst_clients: 16_000,
             }
+        }
+    }
+}
+
+/// The parts of a run, each on or off (`--only`).
+#[derive(Copy, Clone, Debug)]
+struct Parts {
+    load: bool,
+    churn: bool,
+    idle: bool,
+    burst: bool,
+}
+
+impl Parts {
+    fn new(o: &BenchOptions) -> Self {
+        let Some(only) = o.get("only") else {
+            return Self {
+                load: true,
+                churn: true,
+                idle: true,
+                burst: true,
+            };
+        };
+        let names: Vec<&str> = only.split(',').map(str::trim).collect();
+        for n in &names {
+            assert!(
+                ["load", "churn", "idle", "burst"].contains(n),
+                "--only takes load, churn, idle, burst; not `{n}`"
+            );
+        }
+        Self {
+            load: names.contains(&"load"),
+            churn: names.contains(&"churn"),
+            idle: names.contains(&"idle"),
+            burst: names.contains(&"burst"),
         }
     }
 }
@@ -370,6 +407,7 @@ fn offered_rate(
 fn main() {
     let opts = BenchOptions::from_args();
     let plan = Plan::new(&opts);
+    let parts = Parts::new(&opts);
     // Children (memcached, the proxies) inherit it; the idle clients and
     // the burst need one descriptor per client here and in the target.
     let nofile = guard::descriptors::raise_soft_limit().expect("descriptor limit");
@@ -412,7 +450,7 @@ fn main() {
         // Rotated, so no target always goes first (or last).
         let order: Vec<Who> = (0..3).map(|i| ALL[(run + i) % 3]).collect();
         eprintln!("bench-proxy: run {} of {}", run + 1, plan.runs);
-        for (c, (name, get_pct, depth)) in CASES.iter().enumerate() {
+        for (c, (name, get_pct, depth)) in CASES.iter().enumerate().filter(|_| parts.load) {
             let load = PacedLoad {
                 connections: CONNECTIONS,
                 depth: *depth,
@@ -433,7 +471,7 @@ fn main() {
                 res.loads[c].1[who.index()].push(row);
             }
         }
-        for &who in &order {
+        for &who in order.iter().filter(|_| parts.churn) {
             let row = measure_churn(&under, who, &plan);
             eprintln!(
                 "bench-proxy: churn on {}: {:.0} connections/s, {:.1} µs CPU each",
@@ -443,7 +481,7 @@ fn main() {
             );
             res.churn[who.index()].push(row);
         }
-        for &who in &order {
+        for &who in order.iter().filter(|_| parts.idle) {
             let row = idle_case(&tmp, &backend_addrs, who, idle_clients);
             res.idle[who.index()].push(row);
         }
@@ -454,16 +492,26 @@ fn main() {
     let burst_clients = plan
         .burst_clients
         .min(nofile.saturating_sub(1_024) as usize);
-    let burst = burst::run(&tmp, &mut backends, burst_clients);
+    let burst = parts
+        .burst
+        .then(|| burst::run(&tmp, &mut backends, burst_clients));
 
     let mut out = Section::with_charts(opts.get("charts").map(Into::into));
     describe(&mut out, &plan, rate, &closed_loop, idle_clients);
     summary_chart(&mut out, &res);
-    load_tables(&mut out, &res, rate);
-    load_charts(&mut out, &res);
-    churn_tables(&mut out, &res);
-    idle_tables(&mut out, &res, idle_clients);
-    out.para(burst.markdown().trim_end());
+    if parts.load {
+        load_tables(&mut out, &res, rate);
+        load_charts(&mut out, &res);
+    }
+    if parts.churn {
+        churn_tables(&mut out, &res);
+    }
+    if parts.idle {
+        idle_tables(&mut out, &res, idle_clients);
+    }
+    if let Some(burst) = burst {
+        out.para(burst.markdown().trim_end());
+    }
     print!("{}", out.markdown());
 
     drop(backends);
