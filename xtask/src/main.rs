@@ -542,14 +542,13 @@ fn fuzz_target(target: &str, seconds: u64) -> anyhow::Result<()> {
     result.with_context(|| format!("fuzz target `{target}` failed"))
 }
 
-/// A benchmark binary and how to run it.
+/// A benchmark binary and how to run it. Every one takes `--quick` (a
+/// reduced run that only shows it still works), `--runs N` and
+/// `--charts DIR`, and prints its section of the report on stdout.
 struct Benchmark {
     name: &'static str,
     binary: &'static str,
     needs_root: bool,
-    /// Takes `--quick` and `--runs N`; one that does not is short enough
-    /// to run whole in the tests.
-    takes_options: bool,
     /// Its section's title in `BENCHMARKS.md`.
     title: &'static str,
 }
@@ -560,14 +559,12 @@ const BENCHMARKS: &[Benchmark] = &[
         name: "proxy",
         binary: "bench-proxy",
         needs_root: false,
-        takes_options: true,
         title: "Proxy: guard beside nutcracker and memcached",
     },
     Benchmark {
         name: "xdp",
         binary: "bench-xdp",
         needs_root: true,
-        takes_options: false,
         title: "XDP: the cost of judging a frame",
     },
 ];
@@ -613,15 +610,13 @@ fn bench(which: &str, quick: bool, runs: Option<usize>) -> anyhow::Result<()> {
             bail!("the {} benchmark needs root", b.name);
         }
         let mut args: Vec<String> = Vec::new();
-        if b.takes_options && quick {
+        if quick {
             args.push("--quick".into());
         }
-        if let Some(n) = runs.filter(|_| b.takes_options) {
+        if let Some(n) = runs {
             args.extend(["--runs".into(), n.to_string()]);
         }
-        if b.takes_options {
-            args.extend(["--charts".into(), charts.display().to_string()]);
-        }
+        args.extend(["--charts".into(), charts.display().to_string()]);
         let section = run_bench_binary(b.binary, &args)?;
         std::fs::write(dir.join(format!("{}.md", b.name)), &section)?;
         print!("{section}");
