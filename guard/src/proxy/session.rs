@@ -416,7 +416,7 @@ impl Session<'_> {
                 // Between requests a client holds no buffer: idle
                 // connections are what a reconnect storm leaves behind by
                 // the thousand.
-                conn.reader().release_if_empty();
+                conn.release_buffer();
             }
             let pending = !self.pipeline.is_empty();
             tokio::select! {
