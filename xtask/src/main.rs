@@ -15,10 +15,11 @@
 //! - `test`: every test tier — unprivileged unit tests and a bounded run of
 //!   each fuzz target from its corpus in the repository, then (as root)
 //!   the kernel and end-to-end tests one at a time, then `demo --quick
-//!   --check`.
+//!   --check`, then each benchmark once in its reduced (`--quick`) mode.
 //! - `run`: builds guard and runs it on the given interface, or on a demo
 //!   veth pair it creates and removes: the interactive playground.
-//! - `bench`: benchmarks (`bench xdp`, `bench proxy`).
+//! - `bench`: benchmarks (`bench xdp`, `bench proxy`, all by default),
+//!   written to `BENCHMARKS.md`; `test` runs each once with `--quick`.
 //! - `fuzz`: the protocol parsers under libFuzzer, checking their contract.
 //! - `install`: the release binary, the systemd unit, the example config
 //!   and the operator docs ([`install`]).
@@ -106,10 +107,17 @@ enum Task {
         #[arg(long, default_value_t = 60)]
         seconds: u64,
     },
-    /// Run a benchmark.
+    /// Run the benchmarks and write BENCHMARKS.md.
     Bench {
-        /// Which: `xdp` or `proxy`.
-        which: String,
+        /// Which: `proxy`, `xdp`, or `all` (the default).
+        which: Option<String>,
+        /// A reduced run that only checks the benchmark still works; its
+        /// report goes to target/bench-quick, not BENCHMARKS.md.
+        #[arg(long)]
+        quick: bool,
+        /// Repeat each measurement this many times.
+        #[arg(long)]
+        runs: Option<usize>,
     },
     /// Install the release binary, the systemd unit, the example config
     /// and the operator docs (see docs/operations.md).
@@ -161,9 +169,9 @@ fn main() -> anyhow::Result<()> {
             setup()?;
             fuzz(target.as_deref(), seconds)
         }
-        Task::Bench { which } => {
+        Task::Bench { which, quick, runs } => {
             setup()?;
-            bench(&which)
+            bench(which.as_deref().unwrap_or("all"), quick, runs)
         }
         Task::Install(args) => {
             // Building needs the toolchain, not the test prerequisites
@@ -389,6 +397,9 @@ fn test(unprivileged: bool, filter: Option<&str>) -> anyhow::Result<()> {
         }
     }
     if unprivileged {
+        if filter.is_none() {
+            bench("proxy", true, None)?;
+        }
         return Ok(());
     }
     if !is_root() {
@@ -428,6 +439,11 @@ fn test(unprivileged: bool, filter: Option<&str>) -> anyhow::Result<()> {
             )
         })?;
         let _ = std::fs::remove_dir_all(&dir);
+    }
+    // Every benchmark once, reduced, so none stops working unnoticed;
+    // nothing about speed is asserted.
+    if filter.is_none() {
+        bench("all", true, None)?;
     }
     Ok(())
 }
@@ -644,26 +660,157 @@ fn fuzz_target(target: &str, seconds: u64) -> anyhow::Result<()> {
     result.with_context(|| format!("fuzz target `{target}` failed"))
 }
 
-fn bench(which: &str) -> anyhow::Result<()> {
-    match which {
-        "xdp" => {
-            if !is_root() {
-                bail!("the XDP benchmark uses BPF_PROG_TEST_RUN: run as root");
-            }
-            run_bench_binary("bench-xdp")
-        }
-        "proxy" => bench_proxy(),
-        other => bail!("unknown benchmark `{other}`: try `xdp` or `proxy`"),
+/// A benchmark binary and how to run it. Every one takes `--quick` (a
+/// reduced run that only shows it still works), `--runs N` and
+/// `--charts DIR`, and prints its section of the report on stdout.
+struct Benchmark {
+    name: &'static str,
+    binary: &'static str,
+    needs_root: bool,
+    /// Its section's title in `BENCHMARKS.md`.
+    title: &'static str,
+}
+
+/// The benchmarks, in the order `BENCHMARKS.md` shows them.
+const BENCHMARKS: &[Benchmark] = &[
+    Benchmark {
+        name: "proxy",
+        binary: "bench-proxy",
+        needs_root: false,
+        title: "Proxy: guard beside nutcracker and memcached",
+    },
+    Benchmark {
+        name: "xdp",
+        binary: "bench-xdp",
+        needs_root: true,
+        title: "XDP: the cost of judging a frame",
+    },
+];
+
+/// Where a full run's charts go, beside `BENCHMARKS.md`, which links them
+/// by this name.
+const CHARTS_DIR: &str = "benchmarks";
+
+/// Runs the benchmarks `which` names. Each prints its section of the
+/// report on stdout, kept under `target/bench/<name>.md`; a full run then
+/// writes `BENCHMARKS.md` from every section there (a benchmark not run
+/// this time keeps its last section) and its charts into `benchmarks/`.
+/// A quick run writes under `target/bench-quick` (charts in `charts/`
+/// there) and leaves `BENCHMARKS.md` alone.
+fn bench(which: &str, quick: bool, runs: Option<usize>) -> anyhow::Result<()> {
+    let chosen: Vec<&Benchmark> = BENCHMARKS
+        .iter()
+        .filter(|b| which == "all" || which == b.name)
+        .collect();
+    if chosen.is_empty() {
+        bail!("unknown benchmark `{which}`: try `proxy`, `xdp` or `all`");
     }
-}
-
-/// memcached directly, nutcracker and guard under the same load; needs no
-/// root, only the Debian packages `setup` installs.
-fn bench_proxy() -> anyhow::Result<()> {
     check(Command::new("cargo").args(["build", "--release", "-p", "guard"]))?;
-    run_bench_binary("bench-proxy")
+    let dir = workspace_root().join(if quick {
+        "target/bench-quick"
+    } else {
+        "target/bench"
+    });
+    std::fs::create_dir_all(&dir)?;
+    // Charts are linked by the directory's own name, relative to the
+    // Markdown that holds the section.
+    let charts = if quick {
+        dir.join("charts")
+    } else {
+        workspace_root().join(CHARTS_DIR)
+    };
+    for b in chosen {
+        if b.needs_root && !is_root() {
+            if which == "all" {
+                eprintln!("xtask: skipping the {} benchmark: it needs root", b.name);
+                continue;
+            }
+            bail!("the {} benchmark needs root", b.name);
+        }
+        let mut args: Vec<String> = Vec::new();
+        if quick {
+            args.push("--quick".into());
+        }
+        if let Some(n) = runs {
+            args.extend(["--runs".into(), n.to_string()]);
+        }
+        args.extend(["--charts".into(), charts.display().to_string()]);
+        let section = run_bench_binary(b.binary, &args)?;
+        std::fs::write(dir.join(format!("{}.md", b.name)), &section)?;
+        print!("{section}");
+    }
+    if !quick {
+        write_report(&dir)?;
+    }
+    Ok(())
 }
 
-fn run_bench_binary(name: &str) -> anyhow::Result<()> {
-    check(Command::new("cargo").args(["run", "--release", "-p", "guard-tests", "--bin", name]))
+/// The machine the benchmarks ran on, as `lscpu` and the kernel name it:
+/// CPU model, CPUs, kernel.
+fn machine() -> String {
+    let lscpu = capture(&mut Command::new("lscpu")).unwrap_or_default();
+    let field = |name: &str| {
+        lscpu
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+            .map_or("unknown".to_string(), |v| v.trim().to_string())
+    };
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!(
+        "{}, {} CPUs ({} thread(s) per core), Linux {}",
+        field("Model name"),
+        field("CPU(s)"),
+        field("Thread(s) per core"),
+        kernel.trim()
+    )
+}
+
+/// Writes `BENCHMARKS.md` from the sections under `dir`.
+fn write_report(dir: &Path) -> anyhow::Result<()> {
+    let mut out = format!(
+        "# Benchmarks\n\n\
+         Machine: {}.\n\n\
+         Written by `cargo xtask bench` (every benchmark; `cargo xtask bench proxy` or \
+         `cargo xtask bench xdp` for one, `--runs N` to repeat more; the XDP benchmark needs \
+         root). Absolute figures differ several times between machines of the same kind and \
+         with whatever else runs beside them; each table therefore carries its references, \
+         measured in the same run, and a figure repeated over runs is shown as its range and \
+         median, never its best. Charts are in `{CHARTS_DIR}/`. `cargo xtask test` runs each \
+         benchmark once in a reduced mode (`--quick`) so none stops working unnoticed; that \
+         run asserts nothing about speed.\n\n",
+        machine()
+    );
+    for b in BENCHMARKS {
+        let Ok(section) = std::fs::read_to_string(dir.join(format!("{}.md", b.name))) else {
+            continue;
+        };
+        out.push_str(&format!(
+            "## {}\n\nCommand: `cargo xtask bench {}`\n\n{}\n\n",
+            b.title,
+            b.name,
+            section.trim_end()
+        ));
+    }
+    let path = workspace_root().join("BENCHMARKS.md");
+    std::fs::write(&path, out)?;
+    eprintln!("xtask: wrote {}", path.display());
+    Ok(())
+}
+
+/// Runs a benchmark binary (release) with `args`; returns what it printed
+/// on stdout, its report section. Its progress goes to stderr as it runs.
+fn run_bench_binary(name: &str, args: &[String]) -> anyhow::Result<String> {
+    let mut cmd = Command::new("cargo");
+    cmd.args(["run", "--release", "-p", "guard-tests", "--bin", name, "--"])
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit());
+    eprintln!("xtask: {cmd:?}");
+    let out = cmd
+        .output()
+        .with_context(|| format!("cannot run the {name} benchmark"))?;
+    if !out.status.success() {
+        bail!("the {name} benchmark failed: {}", out.status);
+    }
+    Ok(String::from_utf8(out.stdout)?)
 }

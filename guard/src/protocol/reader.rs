@@ -154,10 +154,13 @@ impl<P: Parse> FrameReader<P> {
     }
 
     /// Gives the buffer's memory back when nothing is buffered: between
-    /// requests a client holds no buffer.
-    pub fn release_if_empty(&mut self) {
+    /// requests a client holds no buffer. Returns the buffer given back
+    /// (empty, with its room), for the caller to reuse elsewhere.
+    pub fn release_if_empty(&mut self) -> Option<BytesMut> {
         if self.buf.is_empty() && self.buf.capacity() > 0 {
-            self.buf = BytesMut::new();
+            Some(std::mem::take(&mut self.buf))
+        } else {
+            None
         }
     }
 
@@ -269,8 +272,9 @@ mod tests {
         r.buffer().extend_from_slice(b"456789\r\nget k\r\n");
         assert!(matches!(r.next_frame(), Next::Frame(Request::Text(_))));
         assert!(matches!(r.next_frame(), Next::Empty));
-        r.release_if_empty();
+        assert!(r.release_if_empty().is_some_and(|b| b.capacity() > 0));
         assert_eq!(r.buffer().capacity(), 0);
+        assert!(r.release_if_empty().is_none());
     }
 
     #[test]

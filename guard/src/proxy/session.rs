@@ -21,7 +21,7 @@
 //! something about the source (churn, a lost stream, a cap, silence) are
 //! counted against it for the escalation ladder ([`misbehaviour`]).
 
-use std::{collections::VecDeque, net::IpAddr, pin::Pin, sync::Arc, time::Duration};
+use std::{collections::VecDeque, net::IpAddr, pin::Pin, sync::Arc, task::Poll, time::Duration};
 
 use bytes::BytesMut;
 use log::{debug, info};
@@ -285,6 +285,27 @@ impl Pipeline {
         }
         self.barrier &= self.slots.iter().any(|s| matches!(s, Slot::Waiting(_)));
     }
+
+    /// Takes in, in order, the replies after the front that have already
+    /// come, up to the first still waiting: a backend answers a pipeline's
+    /// requests in one read, and without this each would cost the client
+    /// its own write (and wake-up). Polled with the session's own waker,
+    /// so a reply still waiting wakes the session as the front's would.
+    async fn collect_ready(&mut self) {
+        std::future::poll_fn(|cx| {
+            for slot in self.slots.iter_mut() {
+                if let Slot::Waiting(f) = slot {
+                    match f.as_mut().poll(cx) {
+                        Poll::Ready(reply) => *slot = Slot::Ready(reply),
+                        Poll::Pending => break,
+                    }
+                }
+            }
+            Poll::Ready(())
+        })
+        .await;
+        self.barrier &= self.slots.iter().any(|s| matches!(s, Slot::Waiting(_)));
+    }
 }
 
 /// What one pass of parsing got through.
@@ -442,7 +463,7 @@ impl Session<'_> {
                 // Between requests a client holds no buffer: idle
                 // connections are what a reconnect storm leaves behind by
                 // the thousand.
-                conn.reader().release_if_empty();
+                conn.release_buffer();
             }
             let pending = !self.pipeline.is_empty();
             tokio::select! {
@@ -459,6 +480,7 @@ impl Session<'_> {
                 },
                 reply = self.pipeline.front(), if waiting => {
                     self.pipeline.complete_front(reply);
+                    self.pipeline.collect_ready().await;
                 },
                 end = deadlines.expired(pending) => {
                     if end == SessionEnd::SlowRequest {
@@ -683,5 +705,46 @@ mod tests {
         ] {
             assert_eq!(m(end, young, false), None, "{end:?}");
         }
+    }
+
+    fn reply(b: &[u8]) -> Reply {
+        Reply {
+            out: BytesMut::from(b),
+            close: false,
+        }
+    }
+
+    fn answered(b: &'static [u8]) -> Slot {
+        Slot::Waiting(Box::pin(async move { reply(b) }))
+    }
+
+    async fn settle_front(p: &mut Pipeline) {
+        let r = p.front().await;
+        p.complete_front(r);
+        p.collect_ready().await;
+    }
+
+    #[tokio::test]
+    async fn replies_already_in_go_out_in_one_write() {
+        let mut p = Pipeline::default();
+        let (tx, rx) = tokio::sync::oneshot::channel::<Reply>();
+        p.push(answered(b"1"), false);
+        p.push(answered(b"2"), false);
+        p.push(
+            Slot::Waiting(Box::pin(async move { rx.await.expect("sent") })),
+            false,
+        );
+        p.push(answered(b"4"), true);
+        settle_front(&mut p).await;
+        let mut out = BytesMut::new();
+        p.take_ready(&mut out);
+        // Everything up to the reply still waiting, in order, at once.
+        assert_eq!(&out[..], b"12");
+        assert!(!p.has_room(usize::MAX), "the barrier is still unanswered");
+        tx.send(reply(b"3")).expect("receiver");
+        settle_front(&mut p).await;
+        p.take_ready(&mut out);
+        assert_eq!(&out[..], b"1234");
+        assert!(p.is_empty() && p.has_room(1));
     }
 }

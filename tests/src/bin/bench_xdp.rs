@@ -2,7 +2,10 @@
 //! an empty `XDP_PASS` program measured in the same run, with
 //! `BPF_PROG_TEST_RUN`; then live SYN floods (one source, and spoofed
 //! random sources) through the real daemon on a veth pair, beside the same
-//! floods with no filter. Prints the machine, then Markdown tables.
+//! floods with no filter. Prints the machine, then Markdown tables;
+//! `--charts DIR` also draws them as SVG into DIR and links them;
+//! `--quick` is a reduced run (CI) that only shows it still works;
+//! `--runs N` takes each figure's median over N rounds (default 9).
 
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
@@ -19,11 +22,41 @@ use guard_tests::{
     frames::{ETHERTYPE_IPV4, Ethernet, Ipv4, Tcp, proto, tcp_flags},
     listen_in,
     procstat::cpu_time,
+    report::{BarChart, BenchOptions, Samples, Section},
     xdp::{XdpUnderTest, verdict},
 };
 
-const REPEAT: u32 = 2_000_000;
-const ROUNDS: usize = 9;
+/// How much one run measures, full or quick.
+struct Plan {
+    /// `BPF_PROG_TEST_RUN` repeats per measurement.
+    repeat: u32,
+    /// Measurements per figure (odd by default: the median is one of
+    /// them).
+    rounds: usize,
+    /// Most SYNs one live flood sends, and its longest time.
+    live_flood: u64,
+    live_seconds: u64,
+}
+
+impl Plan {
+    fn new(o: &BenchOptions) -> Self {
+        if o.quick {
+            Self {
+                repeat: 100_000,
+                rounds: o.runs.unwrap_or(3),
+                live_flood: 200_000,
+                live_seconds: 1,
+            }
+        } else {
+            Self {
+                repeat: 2_000_000,
+                rounds: o.runs.unwrap_or(9),
+                live_flood: 3_000_000,
+                live_seconds: 5,
+            }
+        }
+    }
+}
 
 fn frame(src: Ipv4Addr, protocol: u8, l4: Vec<u8>) -> Vec<u8> {
     let dst = Ipv4Addr::new(203, 0, 113, 1);
@@ -42,27 +75,32 @@ fn tcp(src: Ipv4Addr, syn: bool) -> Vec<u8> {
     frame(src, proto::TCP, seg)
 }
 
-fn median(mut v: Vec<u64>) -> u64 {
-    v.sort_unstable();
-    v[v.len() / 2]
-}
-
-/// Medians over [`ROUNDS`] of `run` (ns per frame) and of the empty
+/// The `plan.rounds` figures (ns per frame) of `run` and of the empty
 /// program on the same frame, interleaved so both see the same machine.
 fn beside_empty(
+    plan: &Plan,
     x: &mut XdpUnderTest,
     frame: &[u8],
     mut run: impl FnMut(&mut XdpUnderTest) -> u64,
-) -> (u64, u64) {
-    let (mut measured, mut empty) = (Vec::new(), Vec::new());
-    for _ in 0..ROUNDS {
-        measured.push(run(x));
-        empty.push(x.run_program(PROGRAM_PASS, frame, REPEAT).1);
+) -> (Samples, Samples) {
+    let (mut measured, mut empty) = (Samples::default(), Samples::default());
+    for _ in 0..plan.rounds {
+        measured.push(run(x) as f64);
+        empty.push(x.run_program(PROGRAM_PASS, frame, plan.repeat).1 as f64);
     }
-    (median(measured), median(empty))
+    (measured, empty)
+}
+
+/// The median of an odd number of whole-ns figures.
+fn median(s: &Samples) -> u64 {
+    s.summary().map_or(0, |(_, m, _)| m as u64)
 }
 
 fn main() {
+    let opts = BenchOptions::from_args();
+    let plan = Plan::new(&opts);
+    let (repeat, rounds) = (plan.repeat, plan.rounds);
+    let mut charts = Section::with_charts(opts.get("charts").map(Into::into));
     let mut x = XdpUnderTest::protecting(11211);
     // Limits high enough never to drop, so every bucket is charged.
     let huge = RateLimit::per_second(1_000_000_000, 1_000_000_000);
@@ -97,13 +135,19 @@ fn main() {
 
     println!("machine: {}", guard_tests::machine());
     println!(
-        "method: BPF_PROG_TEST_RUN, {REPEAT} repeats per run, median of {ROUNDS} runs, \
+        "method: BPF_PROG_TEST_RUN, {repeat} repeats per run, median of {rounds} runs, \
          guard and an empty XDP_PASS program interleaved in the same rounds\n"
     );
     println!("| frame | guard ns/frame | empty ns/frame | ratio |");
     println!("|---|---:|---:|---:|");
-    for (name, frame, want) in cases {
-        let (g, e) = beside_empty(&mut x, frame, |x| {
+    let mut frames = BarChart::new(
+        &format!("ns per frame, BPF_PROG_TEST_RUN, each of {rounds} rounds"),
+        "ns per frame",
+        ["guard", "empty program"],
+    );
+    let short = ["SYN passed", "SYN dropped", "non-SYN TCP", "ICMP"];
+    for ((name, frame, want), label) in cases.into_iter().zip(short) {
+        let (g, e) = beside_empty(&plan, &mut x, frame, |x| {
             // The dropped case needs the 1/s source limit; the others must
             // not be limited at all.
             let mut cfg = x.maps.config().unwrap();
@@ -113,12 +157,14 @@ fn main() {
                 huge
             };
             x.maps.set_config(&cfg).unwrap();
-            let (v, ns) = x.run_program(PROGRAM_GUARD, frame, REPEAT);
+            let (v, ns) = x.run_program(PROGRAM_GUARD, frame, repeat);
             // The first run of a round may admit one refilled SYN; the
             // verdict reported is the last run's.
             assert_eq!(v, want, "{name}: unexpected verdict");
             ns
         });
+        frames.group(label, vec![g.clone(), e.clone()]);
+        let (g, e) = (median(&g), median(&e));
         println!(
             "| {name} | {g} | {e} | {:.2}× |",
             g as f64 / e.max(1) as f64
@@ -136,7 +182,20 @@ fn main() {
     println!();
     println!("| irreducible step (guard_floor) | ns/frame | empty ns/frame | above empty |");
     println!("|---|---:|---:|---:|");
-    for (name, steps) in [
+    let mut floor = BarChart::new(
+        &format!("guard_floor: each step alone, each of {rounds} rounds"),
+        "ns per frame",
+        ["step", "empty program"],
+    );
+    let short = [
+        "clock",
+        "coarse clock",
+        "LRU lookup",
+        "lookup + CAS",
+        "clock + lookup + CAS",
+        "coarse + lookup + CAS",
+    ];
+    for ((name, steps), label) in [
         ("clock read (bpf_ktime_get_ns)", FLOOR_CLOCK),
         (
             "tick-grained clock read (bpf_ktime_get_coarse_ns)",
@@ -152,16 +211,25 @@ fn main() {
             "tick-grained clock + LRU lookup + compare-and-swap",
             FLOOR_COARSE_CLOCK | FLOOR_CAS,
         ),
-    ] {
+    ]
+    .into_iter()
+    .zip(short)
+    {
         let mut frame = admitted.clone();
         frame[0] = steps;
-        let (f, e) = beside_empty(&mut x, &frame, |x| {
-            x.run_program(PROGRAM_FLOOR, &frame, REPEAT).1
+        let (f, e) = beside_empty(&plan, &mut x, &frame, |x| {
+            x.run_program(PROGRAM_FLOOR, &frame, repeat).1
         });
+        floor.group(label, vec![f.clone(), e.clone()]);
+        let (f, e) = (median(&f), median(&e));
         println!("| {name} | {f} | {e} | +{} |", f.saturating_sub(e));
     }
+    println!();
+    charts.chart("xdp-frames", &frames);
+    charts.chart("xdp-floor", &floor);
+    print!("{}", charts.markdown());
 
-    live_floods();
+    live_floods(&plan);
 }
 
 /// Single runs per program for [`cookie_cost`].
@@ -184,18 +252,16 @@ fn cookie_cost(x: &mut XdpUnderTest, syn: &[u8]) -> (u64, u64) {
     for _ in 0..SINGLE_RUNS {
         let (v, ns) = x.run_program(PROGRAM_GUARD, syn, 1);
         assert_eq!(v, verdict::TX, "the SYN is answered with a cookie");
-        measured.push(ns);
-        empty.push(x.run_program(PROGRAM_PASS, syn, 1).1);
+        measured.push(ns as f64);
+        empty.push(x.run_program(PROGRAM_PASS, syn, 1).1 as f64);
     }
     cfg.flags &= !CONFIG_SYN_COOKIES;
     cfg.global = RateLimit::UNLIMITED;
     x.maps.set_config(&cfg).unwrap();
-    (median(measured), median(empty))
+    (median(&Samples(measured)), median(&Samples(empty)))
 }
 
 /// Frames per live flood, and the longest it may run.
-const LIVE_FLOOD: u64 = 3_000_000;
-const LIVE_SECONDS: u64 = 5;
 const LIVE_PORT: u16 = 11211;
 
 /// What one live flood cost.
@@ -245,7 +311,11 @@ fn prog_stats(id: u32) -> Option<(Duration, u64)> {
 /// nothing at all. With cookies, the client's end of the veth runs an empty
 /// XDP program, without which the SYN-ACKs XDP sends back in driver mode
 /// would be dropped at the veth rather than delivered.
-fn live_run(source: impl Fn(&Topology) -> SourceAddr, cookies: Option<&str>) -> LiveRun {
+fn live_run(
+    plan: &Plan,
+    source: impl Fn(&Topology) -> SourceAddr,
+    cookies: Option<&str>,
+) -> LiveRun {
     let topo = Topology::new().expect("topology");
     let server: SocketAddr = (IpAddr::V4(topo.server_v4()), LIVE_PORT).into();
     let _listener = listen_in(&topo.server, server, 4096).expect("listen");
@@ -280,8 +350,8 @@ fn live_run(source: impl Fn(&Topology) -> SourceAddr, cookies: Option<&str>) -> 
     let stats_before = prog.and_then(prog_stats);
     let cpu_before = pid.map(cpu_time);
     let soft_before = softirq_time();
-    let mut cfg = topo.syn_flood(source(&topo), server, LIVE_FLOOD);
-    cfg.max_duration = Duration::from_secs(LIVE_SECONDS);
+    let mut cfg = topo.syn_flood(source(&topo), server, plan.live_flood);
+    cfg.max_duration = Duration::from_secs(plan.live_seconds);
     let start = Instant::now();
     let flood = SynFlood::run(&topo.client, cfg).expect("flood");
     // The receive path and the daemon's summary catch up.
@@ -319,12 +389,13 @@ fn live_run(source: impl Fn(&Topology) -> SourceAddr, cookies: Option<&str>) -> 
     }
 }
 
-fn live_floods() {
+fn live_floods(plan: &Plan) {
+    let (live_flood, live_seconds) = (plan.live_flood, plan.live_seconds);
     // Program run time is only accounted while this fd is open.
     let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("enable BPF stats");
     println!();
     println!(
-        "live floods: {LIVE_FLOOD} SYNs at most, {LIVE_SECONDS} s at most, from an AF_PACKET \
+        "live floods: {live_flood} SYNs at most, {live_seconds} s at most, from an AF_PACKET \
          sender in the client namespace over a veth pair to a listener (backlog 4096, \
          tcp_syncookies=1); guard with its defaults in driver mode, SYN cookies on (auto) or \
          off; softirq is host-wide time per SYN sent, sender and receiver sharing the machine"
@@ -356,7 +427,7 @@ fn live_floods() {
         ),
     ] {
         for cookies in receivers {
-            let r = live_run(source, *cookies);
+            let r = live_run(plan, source, *cookies);
             println!(
                 "| {name} | {} | {:.0} | {} | {} | {} | {:.0} | {} | {} |",
                 match cookies {
