@@ -18,7 +18,7 @@
 //!   --check`.
 //! - `run`: builds guard and runs it on the given interface, or on a demo
 //!   veth pair it creates and removes: the interactive playground.
-//! - `bench`: benchmarks (`bench xdp`, `bench proxy`).
+//! - `bench`: benchmarks (`bench xdp`, `bench proxy`, `bench flood`).
 //! - `fuzz`: the protocol parsers under libFuzzer, checking their contract.
 //! - `install`: the release binary, the systemd unit, the example config
 //!   and the operator docs ([`install`]).
@@ -42,6 +42,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "iproute2",
     "hping3",
     "netsniff-ng",
+    // The flood benchmark's per-source limit to compare guard with.
+    "nftables",
     "tcpdump",
     "ethtool",
     // The status page's test loads it in a real headless browser.
@@ -108,7 +110,7 @@ enum Task {
     },
     /// Run a benchmark.
     Bench {
-        /// Which: `xdp` or `proxy`.
+        /// Which: `xdp`, `proxy` or `flood`.
         which: String,
     },
     /// Install the release binary, the systemd unit, the example config
@@ -653,7 +655,15 @@ fn bench(which: &str) -> anyhow::Result<()> {
             run_bench_binary("bench-xdp")
         }
         "proxy" => bench_proxy(),
-        other => bail!("unknown benchmark `{other}`: try `xdp` or `proxy`"),
+        "flood" => {
+            if !is_root() {
+                bail!("the flood benchmark creates namespaces and runs guard's XDP: run as root");
+            }
+            // It runs the real daemon, built like the benchmark.
+            check(Command::new("cargo").args(["build", "--release", "-p", "guard"]))?;
+            run_bench_binary("bench-flood")
+        }
+        other => bail!("unknown benchmark `{other}`: try `xdp`, `proxy` or `flood`"),
     }
 }
 
