@@ -24,6 +24,17 @@ use guard_tests::{
 
 const REPEAT: u32 = 2_000_000;
 const ROUNDS: usize = 9;
+/// `--quick`: enough rounds to check the benchmark still works (CI), not
+/// to report; it also skips the live floods.
+const QUICK_ROUNDS: usize = 3;
+
+fn quick() -> bool {
+    std::env::args().any(|a| a == "--quick")
+}
+
+fn rounds() -> usize {
+    if quick() { QUICK_ROUNDS } else { ROUNDS }
+}
 /// Runs of the ratio comparison, each reported on its own line.
 const RATIO_RUNS: usize = 7;
 /// Timed single runs per case in each ratio run: enough for a stable
@@ -52,7 +63,7 @@ fn median(mut v: Vec<u64>) -> u64 {
     v[v.len() / 2]
 }
 
-/// Medians over [`ROUNDS`] of `run` (ns per frame) and of the empty
+/// Medians over [`rounds`] of `run` (ns per frame) and of the empty
 /// program on the same frame, interleaved so both see the same machine.
 fn beside_empty(
     x: &mut XdpUnderTest,
@@ -60,7 +71,7 @@ fn beside_empty(
     mut run: impl FnMut(&mut XdpUnderTest) -> u64,
 ) -> (u64, u64) {
     let (mut measured, mut empty) = (Vec::new(), Vec::new());
-    for _ in 0..ROUNDS {
+    for _ in 0..rounds() {
         measured.push(run(x));
         empty.push(x.run_program(PROGRAM_PASS, frame, REPEAT).1);
     }
@@ -102,8 +113,9 @@ fn main() {
 
     println!("machine: {}", guard_tests::machine());
     println!(
-        "method: BPF_PROG_TEST_RUN, {REPEAT} repeats per run, median of {ROUNDS} runs, \
-         guard and an empty XDP_PASS program interleaved in the same rounds\n"
+        "method: BPF_PROG_TEST_RUN, {REPEAT} repeats per run, median of {} runs, \
+         guard and an empty XDP_PASS program interleaved in the same rounds\n",
+        rounds()
     );
     println!("| frame | guard ns/frame | empty ns/frame | ratio |");
     println!("|---|---:|---:|---:|");
@@ -169,7 +181,7 @@ fn main() {
     ratio_runs(&mut x, &admitted, &non_syn);
     // `cargo xtask bench flood` measures live floods against references;
     // these are guard's own figures (XDP time per SYN, events, cookies).
-    if !std::env::args().any(|a| a == "--no-live") {
+    if !quick() && !std::env::args().any(|a| a == "--no-live") {
         live_floods();
     }
 }
@@ -540,7 +552,7 @@ fn ratio_runs(x: &mut XdpUnderTest, known_syn: &[u8], non_syn: &[u8]) {
     println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let ratio = |a: u64, b: u64| a as f64 / b.max(1) as f64;
     let mut got: [Vec<f64>; 3] = Default::default();
-    for run in 1..=RATIO_RUNS {
+    for run in 1..=if quick() { 1 } else { RATIO_RUNS } {
         let r = ratio_run(x, &mut fresh, known_syn, non_syn);
         let rs = [
             ratio(r.known, r.floor),
