@@ -5,7 +5,10 @@
 //! headers skipped), then TCP or UDP. A pure SYN (SYN set, ACK clear) to a
 //! protected listener is checked against the deny and allow tries, then
 //! charged to its source's, its tenant's and the host's token buckets, in
-//! that order; any empty bucket drops it. Everything else passes untouched.
+//! that order; any empty bucket drops it. A source with no bucket yet is
+//! charged to the shared budgets first and gets one only when admitted,
+//! so a flood of spoofed sources is dropped without touching the
+//! per-source map. Everything else passes untouched.
 //! Counters are per CPU; nothing is logged per packet. A source crossing a
 //! budget is counted, and described on a ring buffer only while the host's
 //! event budget lasts, so a flood of new sources costs one compare per SYN
@@ -39,10 +42,10 @@ use aya_ebpf::{
 use guard_common::{
     BucketState, CIDR_CAPACITY, CONFIG_ALLOW_UDP, CONFIG_HAS_ALLOW_V4, CONFIG_HAS_ALLOW_V6,
     CONFIG_HAS_DENY_V4, CONFIG_HAS_DENY_V6, CONFIG_HAS_SOURCE_TENANTS, CONFIG_HAS_VERIFIED,
-    CidrRule, Counter, CounterBlock, DEFAULT_TENANT, EVENT_GLOBAL_LIMIT, EVENT_INTERVAL_NS,
-    EVENT_SOURCE_LIMIT, EVENT_TENANT_LIMIT, EVENTS_BYTES, FAMILY_V4, FAMILY_V6, GuardConfig,
-    LISTENERS_CAPACITY, LimitEvent, ListenerKey, ListenerValue, PORT_COUNT, PORT_SPECIFIC_V4,
-    PORT_SPECIFIC_V6, PORT_WILDCARD_V4, PORT_WILDCARD_V6, PortEntry, RateLimit,
+    CONFIG_SYN_COOKIES, CidrRule, Counter, CounterBlock, DEFAULT_TENANT, EVENT_GLOBAL_LIMIT,
+    EVENT_INTERVAL_NS, EVENT_SOURCE_LIMIT, EVENT_TENANT_LIMIT, EVENTS_BYTES, FAMILY_V4, FAMILY_V6,
+    GuardConfig, LISTENERS_CAPACITY, LimitEvent, ListenerKey, ListenerValue, PORT_COUNT,
+    PORT_SPECIFIC_V4, PORT_SPECIFIC_V6, PORT_WILDCARD_V4, PORT_WILDCARD_V6, PortEntry, RateLimit,
     SOURCE_BUCKETS_CAPACITY, SOURCE_TENANT_CAPACITY, SourceKey, TENANTS_CAPACITY, TenantBucket,
     VERIFIED_CAPACITY, VerifiedSource, gcra_admit,
 };
@@ -588,11 +591,9 @@ fn judge_syn(l3: &L3, port: u16, listener: ListenerValue) -> Syn {
         },
         family: l3.family,
     };
-    // The source's bucket also remembers when it last raised an event, so it
-    // exists even when sources are unlimited.
-    let Some(bucket) = bucket_for(&source) else {
-        return Syn::early(Counter::Admitted, flags, now);
-    };
+    // Looked up, not inserted: a source gets a bucket only once admitted
+    // (or reported), so a random-source flood never churns the LRU map.
+    let known = SOURCE_BUCKETS.get_ptr_mut(&source);
 
     // Only the daemon writes verified sources: a SYN alone never makes
     // one, so a spoofed flood cannot buy its way past the shared budgets.
@@ -620,10 +621,38 @@ fn judge_syn(l3: &L3, port: u16, listener: ListenerValue) -> Syn {
     // budget of sources with no tenant and the host's are what a flood of
     // unknown sources exhausts, so it skips them.
     let shared = verified.is_none() || tenant != DEFAULT_TENANT;
-
     let source_limit = source_limit(&source, config, now);
     // The tenant's drop-counter slot, known once its bucket was looked up.
     let mut slot = None;
+    let Some(bucket) = known else {
+        let (verdict, notice, source_tat) = judge_unknown(
+            &source,
+            &source_limit,
+            config,
+            shared,
+            verified.is_some(),
+            tenant,
+            port,
+            now,
+            &mut slot,
+        );
+        if let Some(slot) = slot
+            && verdict != Counter::Admitted
+        {
+            count_tenant_drop(slot, verdict);
+        }
+        return Syn {
+            verdict,
+            notice,
+            tenant,
+            verified: verified.is_some(),
+            flags,
+            now,
+            source_tat,
+            source_limit,
+        };
+    };
+
     let verdict = if !charge(bucket, &source_limit, now) {
         Some((Counter::DropSource, EVENT_SOURCE_LIMIT))
     } else if shared && !charge_tenant(tenant, now, &mut slot) {
@@ -671,6 +700,135 @@ fn count_tenant_drop(slot: u32, verdict: Counter) {
     }
 }
 
+/// Judges a SYN from a source with no bucket, in the order that makes a
+/// flood of new sources cheap: its own (fresh, so full) bucket would
+/// admit it unless its limit admits nothing, so the shared budgets are
+/// charged first, and the bucket is inserted, already charged, only when
+/// the SYN is admitted. A refused SYN costs a lookup and a compare or
+/// two; it leaves state behind only when it is reported, so that the
+/// source's next crossings within the interval are not reported again.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn judge_unknown(
+    source: &SourceKey,
+    limit: &RateLimit,
+    config: &GuardConfig,
+    shared: bool,
+    verified: bool,
+    tenant: u32,
+    port: u16,
+    now: u64,
+    slot: &mut Option<u32>,
+) -> (Counter, Notice, u64) {
+    let fresh = if limit.is_unlimited() {
+        Some(BucketState::default())
+    } else {
+        gcra_admit(limit, 0, now).map(|tat_ns| BucketState {
+            tat_ns,
+            last_event_ns: 0,
+        })
+    };
+    let Some(fresh) = fresh else {
+        // A limit that admits nothing is a strict budget the daemon set for
+        // this very source: its bucket records the crossing for the
+        // daemon's escalation ladder, reported or not, as a known one's.
+        let _ = SOURCE_BUCKETS.insert(source, BucketState::default(), BPF_NOEXIST);
+        let notice = match SOURCE_BUCKETS.get_ptr_mut(source) {
+            Some(bucket) => notify(
+                &config.events,
+                bucket,
+                source,
+                EVENT_SOURCE_LIMIT,
+                tenant,
+                port,
+                now,
+            ),
+            None => Notice::None,
+        };
+        return (Counter::DropSource, notice, 0);
+    };
+    let refused = if shared && !charge_tenant(tenant, now, slot) {
+        Some((Counter::DropTenant, EVENT_TENANT_LIMIT))
+    } else if !verified && !charge_global(&config.global, now) {
+        Some((Counter::DropGlobal, EVENT_GLOBAL_LIMIT))
+    } else {
+        None
+    };
+    if let Some((counter, reason)) = refused {
+        // With cookies on, this SYN is about to be answered (see
+        // `cookies::answer`): its source is charged as a known one's
+        // would be, so that no source is sent more SYN-ACKs than its own
+        // budget allows, whoever it spoofs. With cookies off, a refused
+        // SYN leaves nothing behind.
+        if config.flags & CONFIG_SYN_COOKIES != 0 && tenant == DEFAULT_TENANT && !verified {
+            let _ = SOURCE_BUCKETS.insert(source, fresh, BPF_NOEXIST);
+            if let Some(bucket) = SOURCE_BUCKETS.get_ptr_mut(source) {
+                let notice = notify(&config.events, bucket, source, reason, tenant, port, now);
+                return (counter, notice, fresh.tat_ns);
+            }
+        }
+        let notice = notify_unknown(&config.events, fresh, source, reason, tenant, port, now);
+        return (counter, notice, fresh.tat_ns);
+    }
+    // Another CPU may have inserted the source meanwhile: NOEXIST keeps
+    // its state, and this SYN is charged to it like any known source's.
+    if SOURCE_BUCKETS.insert(source, fresh, BPF_NOEXIST).is_err()
+        && let Some(bucket) = SOURCE_BUCKETS.get_ptr_mut(source)
+        && !charge(bucket, limit, now)
+    {
+        return (
+            Counter::DropSource,
+            notify(
+                &config.events,
+                bucket,
+                source,
+                EVENT_SOURCE_LIMIT,
+                tenant,
+                port,
+                now,
+            ),
+            0,
+        );
+    }
+    (Counter::Admitted, Notice::None, fresh.tat_ns)
+}
+
+/// [`notify`] for a source with no bucket: the host's event budget is
+/// checked first, so a flood of new sources that spent it costs a
+/// compare; a source that is reported gets a bucket (`fresh`, charged for
+/// this SYN) that remembers when.
+#[inline(always)]
+fn notify_unknown(
+    events: &RateLimit,
+    fresh: BucketState,
+    source: &SourceKey,
+    reason: u32,
+    tenant: u32,
+    port: u16,
+    now: u64,
+) -> Notice {
+    if !charge_event(events, now) {
+        return Notice::Suppressed;
+    }
+    // Charged for this SYN, as a known source's bucket would have been.
+    let reported = BucketState {
+        last_event_ns: now,
+        ..fresh
+    };
+    let _ = SOURCE_BUCKETS.insert(source, reported, BPF_NOEXIST);
+    let event = LimitEvent {
+        source: *source,
+        reason,
+        tenant,
+        port: port as u32,
+        time_ns: now,
+    };
+    if EVENTS.output::<LimitEvent>(&event, 0).is_err() {
+        return Notice::Lost;
+    }
+    Notice::Sent
+}
+
 #[inline(always)]
 fn mask_v6(addr: [u8; 16], prefix_len: u32) -> [u8; 16] {
     let mut out = [0u8; 16];
@@ -689,6 +847,9 @@ fn mask_v6(addr: [u8; 16], prefix_len: u32) -> [u8; 16] {
     out
 }
 
+/// A source's bucket, inserted if missing: only the floor program wants
+/// that; the guard inserts buckets for admitted sources only.
+#[cfg(feature = "bench")]
 #[inline(always)]
 fn bucket_for(source: &SourceKey) -> Option<*mut BucketState> {
     if let Some(p) = SOURCE_BUCKETS.get_ptr_mut(source) {

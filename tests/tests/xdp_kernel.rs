@@ -1598,3 +1598,54 @@ fn syn_drops_are_counted_per_tenant() {
     assert_eq!(got(b), Some((0, 1)));
     assert_eq!(got(DEFAULT_TENANT), Some((1, 0)));
 }
+
+/// How many sources have a SYN bucket.
+fn source_buckets(x: &XdpUnderTest) -> usize {
+    let path = x.paths().map_pin(guard_common::maps::SOURCE_BUCKETS);
+    let data = aya::maps::MapData::from_pin(&path).expect("the per-source map is pinned");
+    let map: aya::maps::HashMap<_, guard_common::SourceKey, guard_common::BucketState> =
+        aya::maps::Map::from_map_data(data)
+            .unwrap()
+            .try_into()
+            .unwrap();
+    map.keys().filter_map(Result::ok).count()
+}
+
+/// A flood of new sources that the shared budget refuses (cookies off)
+/// leaves no per-source state behind, so it never evicts a known source's
+/// bucket: only admitted and reported sources get one. With cookies on,
+/// each answered source is charged, as the cookie tests above require.
+#[test]
+fn refused_new_sources_leave_no_source_state() {
+    let mut x = guard();
+    set_config(&mut x, |c| {
+        c.source = RateLimit::per_second(50, 100);
+        // One crossing described; the rest only counted.
+        c.events = RateLimit::per_second(1, 1);
+    });
+    x.maps
+        .sync_tenant_limits(&[(DEFAULT_TENANT, RateLimit::per_second(1, 1))])
+        .unwrap();
+    expect(&x, &syn4(v4(1)), verdict::PASS, admitted());
+    assert_eq!(source_buckets(&x), 1, "the admitted source has a bucket");
+    let new = |i: u32| syn4(Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 0, 0)) + i));
+    for i in 0..200 {
+        assert_eq!(x.run(&new(i)), verdict::DROP, "the shared budget is spent");
+    }
+    assert_eq!(
+        source_buckets(&x),
+        2,
+        "the admitted source and the one reported crossing, not 200 refused sources"
+    );
+    // A known source is judged as before: its own bucket, then the
+    // shared budget.
+    assert_eq!(x.run(&syn4(v4(1))), verdict::DROP);
+
+    // The first may be let through to refresh the listener's cookies.
+    cookies_on(&mut x);
+    let answered = (1000..1010)
+        .filter(|i| x.run(&new(*i)) == verdict::TX)
+        .count();
+    assert!(answered >= 9, "cookies answer refused new sources");
+    assert_eq!(source_buckets(&x), 12, "answered sources are charged");
+}

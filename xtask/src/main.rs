@@ -20,6 +20,7 @@
 //!   veth pair it creates and removes: the interactive playground.
 //! - `bench`: benchmarks (`bench xdp`, `bench proxy`, all by default),
 //!   written to `BENCHMARKS.md`; `test` runs each once with `--quick`.
+//!   `bench flood` (root) floods guard, nftables and syncookies alone live.
 //! - `fuzz`: the protocol parsers under libFuzzer, checking their contract.
 //! - `install`: the release binary, the systemd unit, the example config
 //!   and the operator docs ([`install`]).
@@ -43,6 +44,8 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "iproute2",
     "hping3",
     "netsniff-ng",
+    // The flood benchmark's per-source limit to compare guard with.
+    "nftables",
     "tcpdump",
     "ethtool",
     // The status page's test loads it in a real headless browser.
@@ -109,7 +112,7 @@ enum Task {
     },
     /// Run the benchmarks and write BENCHMARKS.md.
     Bench {
-        /// Which: `proxy`, `xdp`, or `all` (the default).
+        /// Which: `proxy`, `xdp`, `all` (the default; both) or `flood`.
         which: Option<String>,
         /// A reduced run that only checks the benchmark still works; its
         /// report goes to target/bench-quick, not BENCHMARKS.md.
@@ -687,6 +690,23 @@ const BENCHMARKS: &[Benchmark] = &[
     },
 ];
 
+/// Live floods on a veth pair: guard beside nftables and syncookies alone
+/// (`tests/src/bin/bench_flood.rs`, results in `docs/bench-xdp.md`).
+fn bench_flood(quick: bool) -> anyhow::Result<()> {
+    if !is_root() {
+        bail!("the flood benchmark creates namespaces and runs guard's XDP: run as root");
+    }
+    // It runs the real daemon, built like the benchmark.
+    check(Command::new("cargo").args(["build", "--release", "-p", "guard"]))?;
+    let args: Vec<String> = if quick {
+        vec!["--quick".into()]
+    } else {
+        Vec::new()
+    };
+    print!("{}", run_bench_binary("bench-flood", &args)?);
+    Ok(())
+}
+
 /// Where a full run's charts go, beside `BENCHMARKS.md`, which links them
 /// by this name.
 const CHARTS_DIR: &str = "benchmarks";
@@ -698,12 +718,15 @@ const CHARTS_DIR: &str = "benchmarks";
 /// A quick run writes under `target/bench-quick` (charts in `charts/`
 /// there) and leaves `BENCHMARKS.md` alone.
 fn bench(which: &str, quick: bool, runs: Option<usize>) -> anyhow::Result<()> {
+    if which == "flood" {
+        return bench_flood(quick);
+    }
     let chosen: Vec<&Benchmark> = BENCHMARKS
         .iter()
         .filter(|b| which == "all" || which == b.name)
         .collect();
     if chosen.is_empty() {
-        bail!("unknown benchmark `{which}`: try `proxy`, `xdp` or `all`");
+        bail!("unknown benchmark `{which}`: try `proxy`, `xdp`, `all` or `flood`");
     }
     check(Command::new("cargo").args(["build", "--release", "-p", "guard"]))?;
     let dir = workspace_root().join(if quick {

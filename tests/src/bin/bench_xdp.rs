@@ -36,6 +36,8 @@ struct Plan {
     /// Most SYNs one live flood sends, and its longest time.
     live_flood: u64,
     live_seconds: u64,
+    /// Runs of the ratio comparison, each reported on its own line.
+    ratio_runs: usize,
 }
 
 impl Plan {
@@ -46,6 +48,7 @@ impl Plan {
                 rounds: o.runs.unwrap_or(3),
                 live_flood: 200_000,
                 live_seconds: 1,
+                ratio_runs: 1,
             }
         } else {
             Self {
@@ -53,10 +56,15 @@ impl Plan {
                 rounds: o.runs.unwrap_or(9),
                 live_flood: 3_000_000,
                 live_seconds: 5,
+                ratio_runs: 7,
             }
         }
     }
 }
+
+/// Timed single runs per case in each ratio run: enough for a stable
+/// median of whole-nanosecond durations.
+const SINGLES: usize = 5_000;
 
 fn frame(src: Ipv4Addr, protocol: u8, l4: Vec<u8>) -> Vec<u8> {
     let dst = Ipv4Addr::new(203, 0, 113, 1);
@@ -73,6 +81,12 @@ fn tcp(src: Ipv4Addr, syn: bool) -> Vec<u8> {
     }
     .build(src.into(), dst, b"get k\r\n");
     frame(src, proto::TCP, seg)
+}
+
+/// The median of whole-ns figures.
+fn median_of(mut v: Vec<u64>) -> u64 {
+    v.sort_unstable();
+    v[v.len() / 2]
 }
 
 /// The `plan.rounds` figures (ns per frame) of `run` and of the empty
@@ -229,7 +243,12 @@ fn main() {
     charts.chart("xdp-floor", &floor);
     print!("{}", charts.markdown());
 
-    live_floods(&plan);
+    ratio_runs(&plan, &mut x, &admitted, &non_syn);
+    // `cargo xtask bench flood` measures live floods against references;
+    // these are guard's own figures (XDP time per SYN, events, cookies).
+    if !std::env::args().any(|a| a == "--no-live") {
+        live_floods(&plan);
+    }
 }
 
 /// Single runs per program for [`cookie_cost`].
@@ -444,5 +463,206 @@ fn live_floods(plan: &Plan) {
                 r.log_lines.map_or("-".to_string(), |l| l.to_string()),
             );
         }
+    }
+}
+
+/// One run of the issue's three ratios, each against a reference measured
+/// in the same run on the same machine.
+struct RatioRun {
+    /// A judged SYN from a known source, charged and passed (ns, 2 M repeats).
+    known: u64,
+    /// `guard_floor` reading the clock, finding an LRU bucket and swapping it.
+    floor: u64,
+    /// A non-SYN TCP frame through the guard.
+    non_syn: u64,
+    /// The empty program over a frame of the same size.
+    empty: u64,
+    /// Median single run: a SYN from a source never seen before, during a
+    /// flood that has emptied the shared budget.
+    new_source: u64,
+    /// Median single run: a SYN from a hot source its own bucket drops.
+    hot: u64,
+    /// Median single run of the empty program.
+    empty_single: u64,
+    /// Of the new-source SYNs, the share dropped (the rest refilled tokens).
+    new_dropped: f64,
+    /// Of the hot source's SYNs, the share dropped.
+    hot_dropped: f64,
+}
+
+/// Sources never used before in this process: 10.128.0.0 upwards, so each
+/// frame makes the guard look up (and today insert) a per-source bucket.
+struct FreshSources(u32);
+
+impl FreshSources {
+    fn next_syn(&mut self) -> Vec<u8> {
+        let addr = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 0, 0)) + self.0);
+        self.0 += 1;
+        tcp(addr, true)
+    }
+}
+
+/// The daemon's default budgets (`[xdp]` in guard.example.toml), cookies
+/// off so that a refused SYN is dropped (a cookie-answered one has its own
+/// row above).
+fn defaults_config(x: &mut XdpUnderTest) {
+    x.maps
+        .set_config(&GuardConfig {
+            source: RateLimit::per_second(50, 100),
+            global: RateLimit::per_second(20_000, 40_000),
+            events: RateLimit::per_second(200, 400),
+            ipv6_prefix_len: 64,
+            flags: 0,
+        })
+        .unwrap();
+    x.maps
+        .sync_tenant_limits(&[(DEFAULT_TENANT, RateLimit::per_second(2_000, 4_000))])
+        .unwrap();
+}
+
+/// Limits that never drop, so every bucket of a known source is charged.
+fn charge_everything(x: &mut XdpUnderTest) {
+    let huge = RateLimit::per_second(1_000_000_000, 1_000_000_000);
+    x.maps
+        .set_config(&GuardConfig {
+            source: huge,
+            global: huge,
+            events: RateLimit::per_second(200, 400),
+            ipv6_prefix_len: 64,
+            flags: 0,
+        })
+        .unwrap();
+    x.maps
+        .sync_tenant_limits(&[(DEFAULT_TENANT, huge)])
+        .unwrap();
+}
+
+/// The new-source case cannot repeat one frame (the second run would find
+/// the source known), so it is timed one `BPF_PROG_TEST_RUN` per frame.
+/// The kernel times only the program run inside the syscall, but a single
+/// run carries the timer's own reads and a cache the syscall path has
+/// stirred: the hot-source SYN and the empty program are therefore timed
+/// the same way, interleaved frame by frame, and compared with it.
+fn ratio_run(
+    plan: &Plan,
+    x: &mut XdpUnderTest,
+    fresh: &mut FreshSources,
+    known_syn: &[u8],
+    non_syn: &[u8],
+) -> RatioRun {
+    charge_everything(x);
+    let mut floor_frame = known_syn.to_vec();
+    floor_frame[0] = FLOOR_CLOCK | FLOOR_CAS;
+    let (v, known) = x.run_program(PROGRAM_GUARD, known_syn, plan.repeat);
+    assert_eq!(v, verdict::PASS, "the known source is admitted");
+    let floor = x.run_program(PROGRAM_FLOOR, &floor_frame, plan.repeat).1;
+    let non_syn_ns = x.run_program(PROGRAM_GUARD, non_syn, plan.repeat).1;
+    let empty = x.run_program(PROGRAM_PASS, known_syn, plan.repeat).1;
+
+    // A flood of new sources with the daemon's defaults: it spends the
+    // shared budget of sources with no tenant and the event budget, then
+    // every further new source is dropped by the shared budget.
+    defaults_config(x);
+    for _ in 0..SINGLES {
+        x.run(&fresh.next_syn());
+    }
+    let hot_syn = tcp(Ipv4Addr::new(198, 51, 100, 9), true);
+    for _ in 0..200 {
+        x.run(&hot_syn);
+    }
+    let (mut new, mut hot, mut empty_single) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut dropped, mut hot_dropped) = (0, 0);
+    for _ in 0..SINGLES {
+        let (v, ns) = x.run_program(PROGRAM_GUARD, &fresh.next_syn(), 1);
+        dropped += usize::from(v == verdict::DROP);
+        new.push(ns);
+        // Its bucket refills 50 tokens a second, so a rare one passes.
+        let (v, ns) = x.run_program(PROGRAM_GUARD, &hot_syn, 1);
+        hot_dropped += usize::from(v == verdict::DROP);
+        hot.push(ns);
+        empty_single.push(x.run_program(PROGRAM_PASS, &hot_syn, 1).1);
+    }
+    RatioRun {
+        known,
+        floor,
+        non_syn: non_syn_ns,
+        empty,
+        new_source: median_of(new),
+        hot: median_of(hot),
+        empty_single: median_of(empty_single),
+        new_dropped: dropped as f64 / SINGLES as f64,
+        hot_dropped: hot_dropped as f64 / SINGLES as f64,
+    }
+}
+
+/// The issue's targets as ratios, one line per run, then their ranges.
+fn ratio_runs(plan: &Plan, x: &mut XdpUnderTest, known_syn: &[u8], non_syn: &[u8]) {
+    let mut fresh = FreshSources(0);
+    // Fill the per-source map first, so every new source below evicts one,
+    // as it does in a long random-source flood.
+    defaults_config(x);
+    for _ in 0..guard_common::SOURCE_BUCKETS_CAPACITY as usize + SINGLES {
+        x.run(&fresh.next_syn());
+    }
+    println!();
+    println!(
+        "ratios, each against a reference from the same run: known SYN (charged, passed) / \
+         floor \"clock + LRU lookup + CAS\" and non-SYN / empty program at {} repeats; \
+         new-source SYN (the daemon's default budgets, the shared one emptied, the per-source \
+         map full, cookies off) / hot source's dropped SYN as medians of {SINGLES} single runs \
+         each, interleaved with the empty program's single runs",
+        plan.repeat
+    );
+    println!();
+    println!(
+        "| run | known SYN ns | floor ns | known / floor (≤ 1.0) | non-SYN ns | empty ns | \
+         non-SYN / empty (≤ 1.3) | new source ns (dropped) | hot source ns (dropped) | empty single ns | \
+         new / hot (≤ 1.5) |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let ratio = |a: u64, b: u64| a as f64 / b.max(1) as f64;
+    let mut got: [Vec<f64>; 3] = Default::default();
+    for run in 1..=plan.ratio_runs {
+        let r = ratio_run(plan, x, &mut fresh, known_syn, non_syn);
+        let rs = [
+            ratio(r.known, r.floor),
+            ratio(r.non_syn, r.empty),
+            ratio(r.new_source, r.hot),
+        ];
+        println!(
+            "| {run} | {} | {} | {:.2}× | {} | {} | {:.2}× | {} ({:.1} %) | {} ({:.1} %) | {} | {:.2}× |",
+            r.known,
+            r.floor,
+            rs[0],
+            r.non_syn,
+            r.empty,
+            rs[1],
+            r.new_source,
+            r.new_dropped * 100.0,
+            r.hot,
+            r.hot_dropped * 100.0,
+            r.empty_single,
+            rs[2],
+        );
+        for (g, v) in got.iter_mut().zip(rs) {
+            g.push(v);
+        }
+    }
+    println!();
+    for ((name, target), v) in [
+        ("known SYN / floor", 1.0),
+        ("non-SYN / empty", 1.3),
+        ("new source / hot dropped", 1.5),
+    ]
+    .into_iter()
+    .zip(&got)
+    {
+        let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = v.iter().copied().fold(0.0, f64::max);
+        let held = v.iter().filter(|r| **r <= target).count();
+        println!(
+            "{name}: {lo:.2}–{hi:.2}× over {} runs, target ≤ {target}× held in {held}",
+            v.len()
+        );
     }
 }
