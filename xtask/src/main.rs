@@ -800,7 +800,9 @@ fn write_report(dir: &Path) -> anyhow::Result<()> {
          measured in the same run, and a figure repeated over runs is shown as its range and \
          median, never its best. Charts are in `{CHARTS_DIR}/`. `cargo xtask test` runs each \
          benchmark once in a reduced mode (`--quick`) so none stops working unnoticed; that \
-         run asserts nothing about speed.\n\n",
+         run asserts nothing about speed. Live SYN floods against nftables and syncookies \
+         alone (`cargo xtask bench flood`, root) are in \
+         [docs/bench-xdp.md](docs/bench-xdp.md).\n\n",
         machine()
     );
     for b in BENCHMARKS {
