@@ -761,7 +761,24 @@ fn judge_unknown(
         // budget allows, whoever it spoofs. With cookies off, a refused
         // SYN leaves nothing behind.
         if config.flags & CONFIG_SYN_COOKIES != 0 && tenant == DEFAULT_TENANT && !verified {
-            let _ = SOURCE_BUCKETS.insert(source, fresh, BPF_NOEXIST);
+            // Another CPU may have inserted the source meanwhile: its
+            // bucket is charged as a known source's would be, and a spent
+            // one gets no cookie (`cookies::answer` skips `drop_source`).
+            if SOURCE_BUCKETS.insert(source, fresh, BPF_NOEXIST).is_err()
+                && let Some(bucket) = SOURCE_BUCKETS.get_ptr_mut(source)
+                && !charge(bucket, limit, now)
+            {
+                let notice = notify(
+                    &config.events,
+                    bucket,
+                    source,
+                    EVENT_SOURCE_LIMIT,
+                    tenant,
+                    port,
+                    now,
+                );
+                return (Counter::DropSource, notice, 0);
+            }
             if let Some(bucket) = SOURCE_BUCKETS.get_ptr_mut(source) {
                 let notice = notify(&config.events, bucket, source, reason, tenant, port, now);
                 return (counter, notice, fresh.tat_ns);

@@ -244,7 +244,7 @@ impl GuardMaps {
     /// never skips a map that holds something.
     fn raise_flag(&mut self, flag: u32) -> anyhow::Result<()> {
         let mut c = self.config()?;
-        if c.flags & flag == 0 {
+        if c.flags & flag != flag {
             c.flags |= flag;
             self.config.set(0, c, 0)?;
         }
@@ -254,6 +254,28 @@ impl GuardMaps {
     /// Clears the `CONFIG_HAS_*` flag of every map found empty, so the
     /// program stops searching it.
     pub fn refresh_flags(&mut self) -> anyhow::Result<()> {
+        let has = self.maps_holding();
+        let mut c = self.config()?;
+        // Only clear: a flag raised meanwhile by another writer stays.
+        let cleared = c.flags & CONFIG_HAS_MASK & !has;
+        if cleared != 0 {
+            c.flags &= !cleared;
+            self.config.set(0, c, 0)?;
+            // Another process (an operator command, the admin endpoint's
+            // trace) may have added an entry and raised its flag between
+            // the look at the maps and the write, which then cleared it:
+            // an entry added before the write is seen now, and its flag
+            // raised again.
+            let again = self.maps_holding() & cleared;
+            if again != 0 {
+                self.raise_flag(again)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The `CONFIG_HAS_*` flags of the maps that hold anything.
+    fn maps_holding(&self) -> u32 {
         let mut has = 0;
         if self.deny_v4.keys().next().is_some() {
             has |= CONFIG_HAS_DENY_V4;
@@ -282,14 +304,7 @@ impl GuardMaps {
         if self.trace_v6.keys().next().is_some() {
             has |= CONFIG_HAS_TRACE_V6;
         }
-        let mut c = self.config()?;
-        // Only clear: a flag raised meanwhile by another writer stays.
-        let cleared = c.flags & CONFIG_HAS_MASK & !has;
-        if cleared != 0 {
-            c.flags &= !cleared;
-            self.config.set(0, c, 0)?;
-        }
-        Ok(())
+        has
     }
 
     /// Makes the protected-listener map and the port table hold exactly
