@@ -126,10 +126,20 @@ pub async fn serve(listener: TcpListener, sources: Sources, token: Option<String
     if let Ok(addr) = listener.local_addr() {
         info!("admin endpoint on http://{addr}/ (/metrics, /status, /healthz, /readyz, /trace)");
     }
-    let sampling = tokio::spawn(sample(admin.clone(), sources, history));
+    // Aborted with this future too: the daemon aborts `serve` itself, at
+    // an await, where a line after `accept` would never run.
+    let _sampling = AbortOnDrop(tokio::spawn(sample(admin.clone(), sources, history)));
     let app = router(admin);
     accept(listener, app).await;
-    sampling.abort();
+}
+
+/// Aborts its task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 async fn take(sources: Arc<Sources>, history: Arc<Mutex<History>>) -> Rendered {
