@@ -71,7 +71,12 @@ const SPECS: &[Spec] = &[
         what: "requests the tenants within their budgets wanted and were not served",
         mechanism: "budgets",
         figure: unserved_of_others,
-        before_at_least: 200.0,
+        // Measured before: 306 to 3,766 requests (quick and full runs; the
+        // quick script's other tenants want about 1,200 in the phase, and
+        // nutcracker on an idle machine loses the fewest), so 100 (8 % of
+        // what they want) says the incident hurt without failing a run
+        // where it hurt less.
+        before_at_least: 100.0,
         divisor: 4.0,
         after_floor: 0.0,
     },
