@@ -390,6 +390,9 @@ fn reload(
     trace_ring: &Arc<ebpf::trace::TraceRing>,
 ) -> anyhow::Result<Config> {
     let new = args.resolve()?;
+    // Built before anything is applied: a configuration the registry
+    // refuses leaves the XDP side as it was, not half reloaded.
+    let registry = tenants.load().reload(&new)?;
     if let Some((guard, control, _, report, trace_logger)) = xdp {
         if new.xdp.interfaces.is_empty() {
             bail!("the new configuration has no interfaces");
@@ -406,7 +409,7 @@ fn reload(
         report.send_replace(report_settings(&new));
         ebpf::cookies::check_kernel(new.xdp.syn_cookies);
     }
-    tenants.reload(&new)?;
+    tenants.store(registry);
     warn_small_bursts(tenants, &new);
     let registry = tenants.load();
     // Warned about on its own, beyond the reload line's "other proxy
